@@ -1,0 +1,2 @@
+//! weft-agent binary.
+fn main() {}

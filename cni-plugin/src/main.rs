@@ -1,0 +1,2 @@
+//! The `weft` CNI plugin.
+fn main() {}

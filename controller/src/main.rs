@@ -1,0 +1,2 @@
+//! weft-controller binary.
+fn main() {}

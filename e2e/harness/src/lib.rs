@@ -1,0 +1,1 @@
+//! Test support for Weft: a real control plane and namespace nodes.
