@@ -1,0 +1,22 @@
+# The two commands of the README's quick start, plus the benchmarks.
+.PHONY: demo demo-plugin test bench cleanup
+
+## Run the demo (needs root): see README "Quick start".
+demo:
+	scripts/demo
+
+## The CNI plugin alone, driven as a container runtime drives it (needs root).
+demo-plugin:
+	scripts/demo-plugin
+
+## Run every test (needs root): unit, netns integration and end-to-end.
+test:
+	scripts/test
+
+## Run the benchmarks (release builds), figures go to the README's Performance section.
+bench:
+	scripts/bench
+
+## Remove what a crashed test or demo run left behind.
+cleanup:
+	cargo run -q -p weft-e2e --bin weft-e2e -- cleanup
