@@ -1,0 +1,548 @@
+//! The `weft` binary run as a container runtime runs it, inside a node
+//! namespace, against pod namespaces made with `ip netns add`. Needs root;
+//! skips otherwise. The root namespace is never touched.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
+
+use support::{ping, pod_addresses, root_or_skip, Invocation, NamedNetns, Node, Reply};
+
+#[test]
+fn two_pods_reach_each_other_and_the_gateway_on_both_families() -> Result<()> {
+    if !root_or_skip("two_pods_reach_each_other_and_the_gateway_on_both_families") {
+        return Ok(());
+    }
+    let node = Node::new("ping")?;
+    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    let reply_a = node.add("pod-a", &a)?.ok()?;
+    let reply_b = node.add("pod-b", &b)?.ok()?;
+    let (addrs_a, addrs_b) = (reply_a.addresses(), reply_b.addresses());
+    ensure!(
+        addrs_a.len() == 2 && addrs_b.len() == 2,
+        "{addrs_a:?} {addrs_b:?}"
+    );
+    ensure!(
+        pod_addresses(&a, "eth0")? == addrs_a,
+        "pod a has what ADD reported"
+    );
+
+    let host = |cidr: &str| cidr.split('/').next().unwrap_or_default().to_owned();
+    for (from, to) in [(&a, &addrs_b), (&b, &addrs_a)] {
+        for address in to {
+            ensure!(ping(from, &host(address))?, "ping {address} failed");
+        }
+    }
+    for gateway in ["10.123.4.1", "fd12:3:4:5::1"] {
+        ensure!(ping(&a, gateway)?, "ping gateway {gateway} failed");
+    }
+    ensure!(
+        a.exec_ok(&["ip", "link", "show", "lo"])?.contains("UP"),
+        "lo is up"
+    );
+    ensure!(
+        a.exec_ok(&["ip", "link", "show", "eth0"])?
+            .contains("mtu 1450"),
+        "pod MTU from the node file"
+    );
+    let bridge = node.netns.exec_ok(&["ip", "-d", "link", "show", "weft0"])?;
+    ensure!(bridge.contains("mtu 1450"), "bridge MTU: {bridge}");
+    let host_veth = node
+        .host_veths()?
+        .into_iter()
+        .next()
+        .context("a host veth")?;
+    let port = node
+        .netns
+        .exec_ok(&["ip", "-d", "link", "show", &host_veth])?;
+    ensure!(
+        port.contains("hairpin on"),
+        "hairpin on the host port: {port}"
+    );
+    let forwarding = node
+        .netns
+        .exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"])?;
+    ensure!(
+        forwarding.trim() == "1",
+        "forwarding on in the node namespace"
+    );
+    Ok(())
+}
+
+#[test]
+fn fifty_concurrent_adds_get_fifty_distinct_addresses() -> Result<()> {
+    if !root_or_skip("fifty_concurrent_adds_get_fifty_distinct_addresses") {
+        return Ok(());
+    }
+    let node = Node::new("conc")?;
+    let pods: Vec<NamedNetns> = (0..50)
+        .map(|i| node.pod(&format!("p{i}")))
+        .collect::<Result<_>>()?;
+    let config = node.config("1.1.0", json!({}));
+    let containers: Vec<String> = (0..50).map(|i| format!("conc-{i}")).collect();
+    let children = pods
+        .iter()
+        .zip(&containers)
+        .map(|(pod, container)| {
+            node.spawn(
+                &Invocation::attach("ADD", container, Some(pod.path())),
+                &config,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut addresses = BTreeSet::new();
+    for child in children {
+        let output = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        ensure!(output.status.success(), "ADD failed: {stdout}");
+        let result: serde_json::Value = serde_json::from_str(&stdout)?;
+        for ip in result["ips"].as_array().context("ips")? {
+            addresses.insert(ip["address"].as_str().context("address")?.to_owned());
+        }
+    }
+    ensure!(
+        addresses.len() == 100,
+        "50 IPv4 + 50 IPv6 distinct: {}",
+        addresses.len()
+    );
+    ensure!(node.allocations()?.len() == 100, "100 allocations on disk");
+    ensure!(node.host_veths()?.len() == 50, "50 host veths");
+    Ok(())
+}
+
+#[test]
+fn del_frees_the_address_and_the_veth_and_twice_is_fine() -> Result<()> {
+    if !root_or_skip("del_frees_the_address_and_the_veth_and_twice_is_fine") {
+        return Ok(());
+    }
+    let node = Node::new("del")?;
+    // A /30 has exactly one pod address, so reuse is observable.
+    node.write_node_file(&["10.123.4.0/30"], 1450)?;
+    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    ensure!(node.add("del-a", &a)?.ok()?.addresses() == ["10.123.4.2/30"]);
+    ensure!(node.host_veths()?.len() == 1);
+
+    node.del("del-a", Some(a.path()))?.ok()?;
+    ensure!(node.host_veths()?.is_empty(), "host veth removed");
+    ensure!(node.allocations()?.is_empty(), "address released");
+    ensure!(
+        pod_addresses(&a, "eth0")?.is_empty(),
+        "pod end gone with the pair"
+    );
+    node.del("del-a", Some(a.path()))?.ok()?;
+
+    ensure!(
+        node.add("del-b", &b)?.ok()?.addresses() == ["10.123.4.2/30"],
+        "freed address reusable"
+    );
+    Ok(())
+}
+
+#[test]
+fn del_succeeds_after_the_netns_is_gone_and_for_unknown_containers() -> Result<()> {
+    if !root_or_skip("del_succeeds_after_the_netns_is_gone_and_for_unknown_containers") {
+        return Ok(());
+    }
+    let node = Node::new("gone")?;
+    let a = node.pod("a")?;
+    let path = a.path();
+    node.add("gone-a", &a)?.ok()?;
+    drop(a);
+    node.del("gone-a", Some(path.clone()))?.ok()?;
+    ensure!(
+        node.host_veths()?.is_empty(),
+        "host veth removed without the netns"
+    );
+    ensure!(
+        node.allocations()?.is_empty(),
+        "address released without the netns"
+    );
+    node.del("never-added", Some(path))?.ok()?;
+    node.del("never-added", None)?.ok()?;
+
+    let fresh = Node::without_node_file("gone2")?;
+    fresh.del("never-added", None)?.ok()?;
+    Ok(())
+}
+
+#[test]
+fn check_passes_then_names_a_route_removed_by_hand() -> Result<()> {
+    if !root_or_skip("check_passes_then_names_a_route_removed_by_hand") {
+        return Ok(());
+    }
+    let node = Node::new("check")?;
+    let a = node.pod("a")?;
+    let added = node.add("check-a", &a)?.ok()?;
+    let config = node.config("1.1.0", json!({ "prevResult": added.json }));
+    let check = Invocation::attach("CHECK", "check-a", Some(a.path()));
+    let ok = node.invoke(&check, &config)?.ok()?;
+    ensure!(ok.stdout.is_empty(), "CHECK prints nothing on success");
+
+    a.exec_ok(&["ip", "route", "del", "default"])?;
+    let failed = node.invoke(&check, &config)?;
+    ensure!(failed.status != 0, "CHECK must fail");
+    ensure!(failed.error_code() == Some(102), "{failed:?}");
+    ensure!(
+        failed
+            .error_msg()
+            .contains("route 0.0.0.0/0 via 10.123.4.1 is missing"),
+        "{}",
+        failed.error_msg()
+    );
+    Ok(())
+}
+
+#[test]
+fn gc_frees_everything_not_in_valid_attachments() -> Result<()> {
+    if !root_or_skip("gc_frees_everything_not_in_valid_attachments") {
+        return Ok(());
+    }
+    let node = Node::new("gc")?;
+    let pods: Vec<NamedNetns> = ["a", "b", "c"]
+        .iter()
+        .map(|p| node.pod(p))
+        .collect::<Result<_>>()?;
+    let mut kept = Vec::new();
+    for (pod, container) in pods.iter().zip(["gc-a", "gc-b", "gc-c"]) {
+        let reply = node.add(container, pod)?.ok()?;
+        if container == "gc-a" {
+            kept = reply.addresses();
+        }
+    }
+    let valid = json!({
+        "cni.dev/valid-attachments": [{ "containerID": "gc-a", "ifname": "eth0" }],
+    });
+    node.invoke(&Invocation::verb("GC"), &node.config("1.1.0", valid))?
+        .ok()?;
+    let left: Vec<String> = node
+        .allocations()?
+        .into_iter()
+        .map(|(ip, owner)| {
+            ensure!(owner.starts_with("gc-a\n"), "{ip} still owned by {owner:?}");
+            Ok(ip)
+        })
+        .collect::<Result<_>>()?;
+    ensure!(
+        left.len() == 2,
+        "only gc-a's two addresses remain: {left:?}"
+    );
+    ensure!(node.host_veths()?.len() == 1, "only gc-a's veth remains");
+    ensure!(pod_addresses(&pods[0], "eth0")? == kept, "gc-a untouched");
+    ensure!(
+        ping(&pods[0], "10.123.4.1")?,
+        "gc-a still reaches its gateway"
+    );
+    Ok(())
+}
+
+#[test]
+fn status_is_50_until_the_node_file_exists() -> Result<()> {
+    if !root_or_skip("status_is_50_until_the_node_file_exists") {
+        return Ok(());
+    }
+    let node = Node::without_node_file("status")?;
+    let config = node.config("1.1.0", json!({}));
+    let not_ready = node.invoke(&Invocation::verb("STATUS"), &config)?;
+    ensure!(
+        not_ready.status == 50 && not_ready.error_code() == Some(50),
+        "{not_ready:?}"
+    );
+    ensure!(
+        not_ready.error_msg().contains("weft-agent"),
+        "{}",
+        not_ready.error_msg()
+    );
+
+    node.write_node_file(&["10.123.4.0/24"], 1450)?;
+    let ready = node.invoke(&Invocation::verb("STATUS"), &config)?.ok()?;
+    ensure!(ready.stdout.is_empty());
+    Ok(())
+}
+
+/// Runs `invocation` and checks it fails with `code`, prints only spec error
+/// JSON, and changes nothing on the node.
+fn fails_without_change(
+    node: &Node,
+    invocation: &Invocation,
+    stdin: &str,
+    code: u64,
+    mentions: &str,
+) -> Result<Reply> {
+    let before = node.snapshot()?;
+    let reply = node.invoke(invocation, stdin)?;
+    ensure!(reply.status != 0, "must exit non-zero: {reply:?}");
+    ensure!(
+        reply.error_code() == Some(code),
+        "want code {code}: {reply:?}"
+    );
+    ensure!(
+        reply.json["cniVersion"].is_string(),
+        "error JSON has cniVersion"
+    );
+    ensure!(
+        reply.error_msg().contains(mentions),
+        "msg should name {mentions}: {}",
+        reply.error_msg()
+    );
+    ensure!(
+        node.snapshot()? == before,
+        "host changed by a failed {invocation:?}"
+    );
+    Ok(reply)
+}
+
+#[test]
+fn bad_input_gets_spec_errors_and_changes_nothing() -> Result<()> {
+    if !root_or_skip("bad_input_gets_spec_errors_and_changes_nothing") {
+        return Ok(());
+    }
+    let node = Node::new("bad")?;
+    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    node.add("bad-a", &a)?.ok()?;
+    let config = node.config("1.1.0", json!({}));
+    let add_b = Invocation::attach("ADD", "bad-b", Some(b.path()));
+
+    fails_without_change(&node, &add_b, "{not json", 6, "JSON")?;
+    fails_without_change(
+        &node,
+        &Invocation {
+            command: None,
+            ..add_b.clone()
+        },
+        &config,
+        4,
+        "CNI_COMMAND",
+    )?;
+    fails_without_change(
+        &node,
+        &Invocation {
+            ifname: None,
+            ..add_b.clone()
+        },
+        &config,
+        4,
+        "CNI_IFNAME",
+    )?;
+    let future = node.config("9.9.9", json!({}));
+    fails_without_change(&node, &add_b, &future, 1, "cniVersion")?;
+    let missing = Invocation::attach(
+        "ADD",
+        "bad-b",
+        Some("/var/run/netns/wt-no-such-netns".into()),
+    );
+    fails_without_change(&node, &missing, &config, 4, "CNI_NETNS")?;
+    let outside = node.config("1.1.0", json!({ "subnet": "10.200.0.0/24" }));
+    fails_without_change(&node, &add_b, &outside, 7, "subnet")?;
+    let taken = Invocation::attach("ADD", "bad-other", Some(a.path()));
+    fails_without_change(&node, &taken, &config, 4, "CNI_IFNAME")?;
+    let unknown_arg = Invocation {
+        args: Some("FOO=bar"),
+        ..add_b.clone()
+    };
+    fails_without_change(&node, &unknown_arg, &config, 4, "IgnoreUnknown")?;
+
+    let waiting = Node::without_node_file("bad2")?;
+    let c = waiting.pod("c")?;
+    let add_c = Invocation::attach("ADD", "bad-c", Some(c.path()));
+    fails_without_change(
+        &waiting,
+        &add_c,
+        &waiting.config("1.1.0", json!({})),
+        11,
+        "weft-agent",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn exhausted_range_is_an_error_that_changes_nothing() -> Result<()> {
+    if !root_or_skip("exhausted_range_is_an_error_that_changes_nothing") {
+        return Ok(());
+    }
+    let node = Node::new("full")?;
+    node.write_node_file(&["10.123.4.0/30"], 1450)?;
+    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    node.add("full-a", &a)?.ok()?;
+    let add_b = Invocation::attach("ADD", "full-b", Some(b.path()));
+    fails_without_change(
+        &node,
+        &add_b,
+        &node.config("1.1.0", json!({})),
+        100,
+        "no free address",
+    )?;
+    ensure!(
+        b.exec(&["ip", "link", "show", "eth0"])?.status.code() != Some(0),
+        "no eth0 in pod b"
+    );
+    Ok(())
+}
+
+#[test]
+fn result_is_rendered_in_the_config_version_and_chained() -> Result<()> {
+    if !root_or_skip("result_is_rendered_in_the_config_version_and_chained") {
+        return Ok(());
+    }
+    let node = Node::new("ver")?;
+    let version = node.invoke(&Invocation::verb("VERSION"), "")?.ok()?;
+    ensure!(
+        version.json["supportedVersions"] == json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]),
+        "{}",
+        version.stdout
+    );
+
+    let cases = [
+        ("0.3.1", true, false),
+        ("1.0.0", false, false),
+        ("1.1.0", false, true),
+    ];
+    for (i, (cni_version, ips_have_version, has_mtu)) in cases.into_iter().enumerate() {
+        let pod = node.pod(&format!("v{i}"))?;
+        let container = format!("ver-{i}");
+        let reply = node
+            .invoke(
+                &Invocation::attach("ADD", &container, Some(pod.path())),
+                &node.config(cni_version, json!({})),
+            )?
+            .ok()?;
+        let result = &reply.json;
+        ensure!(result["cniVersion"] == cni_version, "{result}");
+        ensure!(
+            result["ips"][0].get("version").is_some() == ips_have_version,
+            "{result}"
+        );
+        ensure!(
+            result["interfaces"][2].get("mtu").is_some() == has_mtu,
+            "{result}"
+        );
+        ensure!(
+            result["interfaces"][2]["sandbox"] == pod.path().as_str(),
+            "{result}"
+        );
+        ensure!(result["ips"][0]["interface"] == 2, "{result}");
+    }
+
+    // In a conflist after another plugin, with runtime extras and CNI_ARGS.
+    let pod = node.pod("chain")?;
+    let prev = json!({
+        "cniVersion": "1.1.0",
+        "interfaces": [{ "name": "earlier0" }],
+        "ips": [{ "address": "192.0.2.7/24", "interface": 0 }],
+    });
+    let config = node.config(
+        "1.1.0",
+        json!({ "prevResult": prev, "runtimeConfig": { "mac": "0a:58:00:00:00:42" } }),
+    );
+    let invocation = Invocation {
+        args: Some("IgnoreUnknown=1;K8S_POD_NAME=web;K8S_POD_NAMESPACE=default;FOO=bar"),
+        ..Invocation::attach("ADD", "ver-chain", Some(pod.path()))
+    };
+    let chained = node.invoke(&invocation, &config)?.ok()?.json;
+    ensure!(chained["interfaces"][0]["name"] == "earlier0", "{chained}");
+    ensure!(
+        chained["interfaces"][3]["mac"] == "0a:58:00:00:00:42",
+        "{chained}"
+    );
+    ensure!(chained["ips"][0]["address"] == "192.0.2.7/24", "{chained}");
+    ensure!(chained["ips"][1]["interface"] == 3, "{chained}");
+    Ok(())
+}
+
+#[test]
+fn killed_adds_leak_nothing_and_double_assign_nothing() -> Result<()> {
+    if !root_or_skip("killed_adds_leak_nothing_and_double_assign_nothing") {
+        return Ok(());
+    }
+    let node = Node::new("kill")?;
+    let config = node.config("1.1.0", json!({}));
+    // Warm up so the bridge exists and the kills land in the per-pod work.
+    let warm = node.pod("warm")?;
+    node.add("kill-warm", &warm)?.ok()?;
+
+    let rounds = 20;
+    let pods: Vec<NamedNetns> = (0..rounds)
+        .map(|i| node.pod(&format!("k{i}")))
+        .collect::<Result<_>>()?;
+    let containers: Vec<String> = (0..rounds).map(|i| format!("kill-{i}")).collect();
+    for (i, (pod, container)) in pods.iter().zip(&containers).enumerate() {
+        let mut child = node.spawn(
+            &Invocation::attach("ADD", container, Some(pod.path())),
+            &config,
+        )?;
+        // Spread the kills over the invocation's life, from before it
+        // starts reading stdin to after it is done.
+        std::thread::sleep(Duration::from_micros(600 * i as u64));
+        let _ = child.kill();
+        child.wait()?;
+    }
+
+    // No address has two owners, and an address configured in a pod is the
+    // one IPAM records for that pod.
+    let owners: BTreeMap<String, String> = node.allocations()?.into_iter().collect();
+    for (pod, container) in pods.iter().zip(&containers) {
+        for address in pod_addresses(pod, "eth0")? {
+            let ip = address.split('/').next().unwrap_or_default();
+            let owner = owners
+                .get(ip)
+                .with_context(|| format!("{ip} in {} is unrecorded", pod.name()))?;
+            ensure!(
+                owner.starts_with(&format!("{container}\n")),
+                "{ip} in {container} belongs to {owner:?}"
+            );
+        }
+    }
+
+    // A retried ADD works and returns the address already recorded.
+    let mut seen = BTreeSet::new();
+    for (pod, container) in pods.iter().zip(&containers) {
+        let recorded: Vec<String> = owners
+            .iter()
+            .filter(|(_, owner)| owner.starts_with(&format!("{container}\n")))
+            .map(|(ip, _)| ip.clone())
+            .collect();
+        let reply = node.add(container, pod)?.ok()?;
+        for address in reply.addresses() {
+            let ip = address.split('/').next().unwrap_or_default().to_owned();
+            // A kill between the two families' claims records only the
+            // first, so compare per family.
+            let same_family: Vec<&String> = recorded
+                .iter()
+                .filter(|r| r.contains(':') == ip.contains(':'))
+                .collect();
+            ensure!(
+                same_family.is_empty() || same_family.contains(&&ip),
+                "{container} got {ip}, had {recorded:?}"
+            );
+            ensure!(seen.insert(ip.clone()), "{ip} handed out twice");
+        }
+    }
+
+    // DEL of everything, then GC, leave nothing behind.
+    for (pod, container) in pods.iter().zip(&containers) {
+        node.del(container, Some(pod.path()))?.ok()?;
+    }
+    node.del("kill-warm", Some(warm.path()))?.ok()?;
+    let none_valid = node.config("1.1.0", json!({ "cni.dev/valid-attachments": [] }));
+    node.invoke(&Invocation::verb("GC"), &none_valid)?.ok()?;
+    ensure!(
+        node.host_veths()?.is_empty(),
+        "veths left: {:?}",
+        node.host_veths()?
+    );
+    ensure!(
+        node.allocations()?.is_empty(),
+        "addresses left: {:?}",
+        node.allocations()?
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(node.ipam_dir())?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".tmp"))
+        .collect();
+    ensure!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    Ok(())
+}

@@ -1,0 +1,391 @@
+//! Test fixtures: a node namespace with its node file and IPAM directory,
+//! pod namespaces, and the `weft` binary run the way a runtime runs it.
+//!
+//! Every namespace is removed by `Drop`, which also runs while a failing
+//! test unwinds; names carry the test process id and a per-test tag so
+//! tests can run in parallel.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+
+/// The plugin binary under test.
+pub const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+/// The network name every test config uses.
+pub const NETWORK: &str = "weftnet";
+
+/// True when the tests can create namespaces; prints why not otherwise.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped {test}: needs root to create network namespaces");
+    false
+}
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+pub struct NamedNetns {
+    name: String,
+}
+
+impl NamedNetns {
+    /// Creates `wt-<pid>-<suffix>`.
+    pub fn create(suffix: &str) -> Result<Self> {
+        let name = format!("wt-{}-{suffix}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        Ok(Self { name })
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The path a runtime passes as CNI_NETNS.
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .with_context(|| format!("running {args:?} in {}", self.name))
+    }
+
+    /// Runs a command inside the namespace and returns its stdout; fails
+    /// if it exits non-zero.
+    pub fn exec_ok(&self, args: &[&str]) -> Result<String> {
+        let output = self.exec(args)?;
+        ensure!(
+            output.status.success(),
+            "{args:?} in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        // The namespace's processes (pings) have exited by now; plugin runs
+        // are waited for by the code that started them.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// What one plugin run printed and how it exited.
+#[derive(Debug)]
+pub struct Reply {
+    /// Exit status (-1 when killed).
+    pub status: i32,
+    /// Stdout parsed as JSON; `Null` when stdout was empty.
+    pub json: Value,
+    /// Stdout as printed.
+    pub stdout: String,
+    /// Stderr, for failure messages.
+    pub stderr: String,
+}
+
+impl Reply {
+    fn from_output(output: Output) -> Result<Self> {
+        let stdout = String::from_utf8(output.stdout).context("stdout is not UTF-8")?;
+        let json = if stdout.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout)
+                .with_context(|| format!("stdout is not only JSON: {stdout:?}"))?
+        };
+        Ok(Self {
+            status: output.status.code().unwrap_or(-1),
+            json,
+            stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    /// Fails unless the run succeeded.
+    pub fn ok(self) -> Result<Self> {
+        ensure!(
+            self.status == 0,
+            "plugin failed with {}: {} / {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        Ok(self)
+    }
+
+    /// The spec error code of a failed run.
+    pub fn error_code(&self) -> Option<u64> {
+        self.json["code"].as_u64()
+    }
+
+    /// The error message of a failed run.
+    pub fn error_msg(&self) -> &str {
+        self.json["msg"].as_str().unwrap_or_default()
+    }
+
+    /// The pod interface addresses of an ADD result, in result order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.json["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip["address"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// One invocation's `CNI_*` environment.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation<'a> {
+    /// CNI_COMMAND; unset when `None`.
+    pub command: Option<&'a str>,
+    /// CNI_CONTAINERID
+    pub container: Option<&'a str>,
+    /// CNI_IFNAME
+    pub ifname: Option<&'a str>,
+    /// CNI_NETNS
+    pub netns: Option<String>,
+    /// CNI_ARGS
+    pub args: Option<&'a str>,
+}
+
+impl<'a> Invocation<'a> {
+    /// A verb on attachment (`container`, eth0) in `netns`.
+    pub fn attach(command: &'a str, container: &'a str, netns: Option<String>) -> Self {
+        Self {
+            command: Some(command),
+            container: Some(container),
+            ifname: Some("eth0"),
+            netns,
+            args: None,
+        }
+    }
+
+    /// A verb without attachment (GC, STATUS, VERSION).
+    pub fn verb(command: &'a str) -> Self {
+        Self {
+            command: Some(command),
+            ..Self::default()
+        }
+    }
+}
+
+/// A node: its namespace (where the plugin runs and the bridge lives) and a
+/// directory with the node file and the IPAM data.
+pub struct Node {
+    /// The node namespace.
+    pub netns: NamedNetns,
+    tag: String,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// A node namespace for test `tag` with a dual-stack node file.
+    pub fn new(tag: &str) -> Result<Self> {
+        let node = Self::without_node_file(tag)?;
+        node.write_node_file(&["10.123.4.0/24", "fd12:3:4:5::/64"], 1450)?;
+        Ok(node)
+    }
+
+    /// A node namespace whose agent has not written the node file yet.
+    pub fn without_node_file(tag: &str) -> Result<Self> {
+        Ok(Self {
+            netns: NamedNetns::create(&format!("{tag}-node"))?,
+            tag: tag.to_owned(),
+            dir: tempfile::tempdir().context("creating the node's directory")?,
+        })
+    }
+
+    /// Writes the node file as the agent would.
+    pub fn write_node_file(&self, pod_cidrs: &[&str], mtu: u32) -> Result<()> {
+        let file = json!({
+            "nodeName": format!("node-{}", self.tag),
+            "podCidrs": pod_cidrs,
+            "clusterCidrs": ["10.123.0.0/16", "fd12:3::/32"],
+            "mtu": mtu,
+        });
+        std::fs::write(self.node_file(), file.to_string()).context("writing the node file")
+    }
+
+    /// Where the node file lives.
+    pub fn node_file(&self) -> PathBuf {
+        self.dir.path().join("node.json")
+    }
+
+    /// The IPAM store of the test network.
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.dir.path().join("ipam").join(NETWORK)
+    }
+
+    /// A pod namespace of this node.
+    pub fn pod(&self, name: &str) -> Result<NamedNetns> {
+        NamedNetns::create(&format!("{}-{name}", self.tag))
+    }
+
+    /// The plugin config in `version`, with `extra` keys merged in.
+    pub fn config(&self, version: &str, extra: Value) -> String {
+        let mut config = json!({
+            "cniVersion": version,
+            "name": NETWORK,
+            "type": "weft",
+            "nodeFile": self.node_file(),
+            "dataDir": self.dir.path().join("ipam"),
+        });
+        if let (Some(config), Value::Object(extra)) = (config.as_object_mut(), extra) {
+            config.extend(extra);
+        }
+        config.to_string()
+    }
+
+    /// Starts the plugin inside the node namespace, exactly as a runtime
+    /// would (environment + stdin), without waiting for it.
+    pub fn spawn(&self, invocation: &Invocation, stdin: &str) -> Result<Child> {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", self.netns.name(), WEFT])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let pairs = [
+            ("CNI_COMMAND", invocation.command.map(str::to_owned)),
+            ("CNI_CONTAINERID", invocation.container.map(str::to_owned)),
+            ("CNI_IFNAME", invocation.ifname.map(str::to_owned)),
+            ("CNI_NETNS", invocation.netns.clone()),
+            ("CNI_ARGS", invocation.args.map(str::to_owned)),
+            ("CNI_PATH", Some("/opt/cni/bin".to_owned())),
+        ];
+        for (key, value) in pairs {
+            if let Some(value) = value {
+                command.env(key, value);
+            }
+        }
+        let mut child = command.spawn().context("starting weft")?;
+        let mut input = child.stdin.take().context("weft's stdin")?;
+        // A plugin killed early closes its stdin; that is not a test failure.
+        let _ = input.write_all(stdin.as_bytes());
+        Ok(child)
+    }
+
+    /// Runs the plugin and waits for its reply.
+    pub fn invoke(&self, invocation: &Invocation, stdin: &str) -> Result<Reply> {
+        let child = self.spawn(invocation, stdin)?;
+        Reply::from_output(child.wait_with_output().context("waiting for weft")?)
+    }
+
+    /// ADD of (`container`, eth0) into `pod` with the default 1.1.0 config.
+    pub fn add(&self, container: &str, pod: &NamedNetns) -> Result<Reply> {
+        self.invoke(
+            &Invocation::attach("ADD", container, Some(pod.path())),
+            &self.config("1.1.0", json!({})),
+        )
+    }
+
+    /// DEL of (`container`, eth0), optionally with a namespace path.
+    pub fn del(&self, container: &str, netns: Option<String>) -> Result<Reply> {
+        self.invoke(
+            &Invocation::attach("DEL", container, netns),
+            &self.config("1.1.0", json!({})),
+        )
+    }
+
+    /// Names of the links in the node namespace.
+    pub fn links(&self) -> Result<BTreeSet<String>> {
+        let out = self.netns.exec_ok(&["ip", "-o", "link", "show"])?;
+        Ok(out
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect())
+    }
+
+    /// Host veth names in the node namespace.
+    pub fn host_veths(&self) -> Result<BTreeSet<String>> {
+        Ok(self
+            .links()?
+            .into_iter()
+            .filter(|name| name.starts_with("veth"))
+            .collect())
+    }
+
+    /// Allocated addresses and their owner file contents.
+    pub fn allocations(&self) -> Result<Vec<(String, String)>> {
+        let dir = self.ipam_dir();
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir).context("listing the IPAM store")? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.parse::<std::net::IpAddr>().is_ok() {
+                let owner = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                found.push((name, owner));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Everything a failed invocation must leave unchanged: links with
+    /// their addresses and routes in the node namespace, and the IPAM store.
+    pub fn snapshot(&self) -> Result<String> {
+        let links = self.netns.exec_ok(&["ip", "-o", "addr", "show"])?;
+        let routes = self
+            .netns
+            .exec_ok(&["ip", "route", "show", "table", "all"])?;
+        let store = self.allocations()?;
+        Ok(format!("{links}\n{routes}\n{store:?}"))
+    }
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    ensure!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// IPv4 addresses of `ifname` in `pod`, as `a.b.c.d/len`.
+pub fn pod_addresses(pod: &NamedNetns, ifname: &str) -> Result<Vec<String>> {
+    let out = pod.exec(&["ip", "-o", "addr", "show", "dev", ifname])?;
+    if !out.status.success() {
+        return Ok(Vec::new());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet" || *w == "inet6")?;
+            words.next().map(str::to_owned)
+        })
+        .filter(|address| !address.starts_with("fe80"))
+        .collect())
+}
+
+/// Pings `address` once from `pod`; true if a reply came back.
+pub fn ping(pod: &NamedNetns, address: &str) -> Result<bool> {
+    let family = if address.contains(':') { "-6" } else { "-4" };
+    Ok(pod
+        .exec(&["ping", family, "-c", "1", "-W", "5", address])?
+        .status
+        .success())
+}

@@ -1,0 +1,169 @@
+//! Network namespaces: open one by path, check that it exists, and run code
+//! inside it.
+//!
+//! Entering a namespace changes the calling *thread*. Doing that on a thread
+//! that also runs other work (a tokio worker, the plugin's main thread) would
+//! leak the namespace into that work, so [`Netns::run_in`] always uses a
+//! dedicated, short-lived thread.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sched::{setns, CloneFlags};
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC, PROC_SUPER_MAGIC};
+
+/// Why a network namespace could not be opened or entered.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// Nothing exists at the path (the runtime removed the namespace, or the
+    /// path is wrong).
+    #[error("network namespace {path} does not exist")]
+    Missing {
+        /// The path that was opened.
+        path: PathBuf,
+    },
+    /// The path exists but is not a network-namespace file.
+    #[error("{path} is not a network namespace file (expected an nsfs bind mount such as /var/run/netns/NAME or /proc/PID/ns/net)")]
+    NotNetns {
+        /// The path that was opened.
+        path: PathBuf,
+    },
+    /// The path could not be opened for another reason (permissions, …).
+    #[error("opening network namespace {path}: {source}")]
+    Open {
+        /// The path that was opened.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// `setns(2)` refused to enter the namespace.
+    #[error("entering network namespace {path}: {errno}")]
+    Enter {
+        /// The namespace being entered.
+        path: PathBuf,
+        /// The kernel's answer.
+        errno: Errno,
+    },
+    /// The dedicated thread could not be started.
+    #[error("starting a thread to enter network namespace {path}: {source}")]
+    Thread {
+        /// The namespace being entered.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// An open handle on a network namespace. Holding the file keeps the
+/// namespace alive even if its bind mount is removed meanwhile.
+#[derive(Debug)]
+pub struct Netns {
+    path: PathBuf,
+    file: File,
+}
+
+impl Netns {
+    /// Opens the network namespace at `path` (for example
+    /// `/var/run/netns/NAME` or `/proc/PID/ns/net`) and checks that it is one.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, NetnsError> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => NetnsError::Missing { path: path.clone() },
+            _ => NetnsError::Open {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        // A bind-mounted namespace reports nsfs; very old kernels report
+        // procfs for /proc/PID/ns/* files. Anything else is a plain file or
+        // directory that happens to sit at that path.
+        let magic = fstatfs(&file)
+            .map_err(|errno| NetnsError::Open {
+                path: path.clone(),
+                source: errno.into(),
+            })?
+            .filesystem_type();
+        if magic != NSFS_MAGIC && magic != PROC_SUPER_MAGIC {
+            return Err(NetnsError::NotNetns { path });
+        }
+        Ok(Self { path, file })
+    }
+
+    /// Whether a network namespace can be opened at `path`.
+    pub fn exists(path: impl AsRef<Path>) -> bool {
+        Self::open(path).is_ok()
+    }
+
+    /// The path this namespace was opened from (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` on a new thread that has entered this namespace and
+    /// returns its result. The calling thread never changes namespace.
+    ///
+    /// A panic in `work` is propagated to the caller.
+    pub fn run_in<T, F>(&self, work: F) -> Result<T, NetnsError>
+    where
+        T: Send,
+        F: FnOnce() -> T + Send,
+    {
+        std::thread::scope(|scope| {
+            let worker = std::thread::Builder::new()
+                .name("netns".into())
+                .spawn_scoped(scope, || {
+                    setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|errno| {
+                        NetnsError::Enter {
+                            path: self.path.clone(),
+                            errno,
+                        }
+                    })?;
+                    Ok(work())
+                })
+                .map_err(|source| NetnsError::Thread {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_path_is_reported_as_missing() {
+        let err = Netns::open("/nonexistent/weft-netns").unwrap_err();
+        assert!(matches!(err, NetnsError::Missing { .. }), "{err}");
+        assert!(!Netns::exists("/nonexistent/weft-netns"));
+    }
+
+    #[test]
+    fn regular_file_is_not_a_netns() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let err = Netns::open(file.path()).unwrap_err();
+        assert!(matches!(err, NetnsError::NotNetns { .. }), "{err}");
+    }
+
+    #[test]
+    fn own_namespace_opens_and_runs_work() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: entering a network namespace needs root");
+            return;
+        }
+        let netns = Netns::open("/proc/self/ns/net").unwrap();
+        assert_eq!(netns.run_in(|| 40 + 2).unwrap(), 42);
+    }
+}
