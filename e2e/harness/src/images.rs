@@ -1,0 +1,225 @@
+//! Container images for kubelet nodes, made offline because no registry is
+//! reachable: a pause image for pod sandboxes and a busybox image for test
+//! pods, each written as an OCI archive (`ctr images import` reads it).
+//!
+//! The archives are assembled by hand, with `tar` and `sha256sum`: an OCI
+//! layout is one layer tarball, a config and a manifest addressed by digest,
+//! and an index naming the image. Tools like buildah would do the same but
+//! leave state on the host (`/var/lib/containers`, `/etc/cni/net.d`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::node::go_arch;
+use crate::underlay::run;
+
+/// The pod sandbox image every kubelet node's containerd is configured with.
+pub const PAUSE_IMAGE: &str = "localhost/weft-e2e/pause:v1";
+
+/// A test image with Debian's static busybox: `sh`, `ping`, `wget`, `nc`,
+/// `httpd`, `ip`, … on `PATH`. Pods using it need `imagePullPolicy:
+/// IfNotPresent` or `Never` (no registry).
+pub const BUSYBOX_IMAGE: &str = "localhost/weft-e2e/busybox:v1";
+
+/// Where Debian's `busybox-static` puts busybox.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The source of the pause binary.
+const PAUSE_SOURCE: &str = include_str!("../images/pause.c");
+
+/// The images built for one run.
+pub(crate) struct NodeImages {
+    /// The static pause binary, also the init of every kubelet node.
+    pub(crate) pause_binary: PathBuf,
+    /// OCI archives to import on every node.
+    pub(crate) archives: Vec<PathBuf>,
+}
+
+/// Builds the pause and busybox images into `dir` (about a second).
+pub(crate) fn build(dir: &Path) -> Result<NodeImages> {
+    let pause_root = dir.join("pause-rootfs");
+    std::fs::create_dir_all(&pause_root)
+        .with_context(|| format!("creating {}", pause_root.display()))?;
+    let source = dir.join("pause.c");
+    std::fs::write(&source, PAUSE_SOURCE)
+        .with_context(|| format!("writing {}", source.display()))?;
+    let pause_binary = pause_root.join("pause");
+    run(Command::new("cc")
+        .args(["-Os", "-static", "-s", "-o"])
+        .arg(&pause_binary)
+        .arg(&source))
+    .context("compiling the pause binary (install a C compiler and static libc: apt-get install build-essential)")?;
+    let pause = dir.join("pause.oci.tar");
+    write_oci_archive(
+        &pause_root,
+        PAUSE_IMAGE,
+        json!({ "Entrypoint": ["/pause"] }),
+        &pause,
+    )?;
+
+    let busybox_root = dir.join("busybox-rootfs");
+    let bin = busybox_root.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    // A dynamic busybox would need a libc in the image.
+    if Command::new("ldd")
+        .arg(BUSYBOX)
+        .output()
+        .is_ok_and(|output| output.status.success())
+    {
+        bail!("{BUSYBOX} is dynamically linked; install the static one: apt-get install busybox-static");
+    }
+    std::fs::copy(BUSYBOX, bin.join("busybox")).with_context(|| {
+        format!("copying {BUSYBOX} (install it: apt-get install busybox-static)")
+    })?;
+    let applets = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .with_context(|| format!("listing the applets of {BUSYBOX}"))?;
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet))
+                .with_context(|| format!("linking applet {applet}"))?;
+        }
+    }
+    let busybox = dir.join("busybox.oci.tar");
+    write_oci_archive(
+        &busybox_root,
+        BUSYBOX_IMAGE,
+        json!({ "Cmd": ["sh"], "Env": ["PATH=/bin"] }),
+        &busybox,
+    )?;
+    Ok(NodeImages {
+        pause_binary,
+        archives: vec![pause, busybox],
+    })
+}
+
+/// A content-addressed blob of an OCI layout.
+struct Blob {
+    digest: String,
+    size: u64,
+}
+
+/// Writes `rootfs` as a one-layer image named `reference`, with `config` as
+/// the image's runtime configuration, to the OCI archive `out`.
+fn write_oci_archive(
+    rootfs: &Path,
+    reference: &str,
+    config: serde_json::Value,
+    out: &Path,
+) -> Result<()> {
+    let layout = out.with_extension("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256"))
+        .with_context(|| format!("creating {}", layout.display()))?;
+    let layer_file = layout.join("layer.tar");
+    // Fixed owner and times: the same rootfs always gives the same digest.
+    run(Command::new("tar")
+        .args([
+            "--create",
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+        ])
+        .arg("--file")
+        .arg(&layer_file)
+        .arg("--directory")
+        .arg(rootfs)
+        .arg("."))
+    .with_context(|| format!("packing the layer of {reference}"))?;
+    let layer = add_blob(&layout, &layer_file)?;
+    let image_config = json!({
+        "architecture": go_arch(),
+        "os": "linux",
+        "config": config,
+        "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
+    });
+    let config_blob = add_json_blob(&layout, &image_config)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_blob.digest,
+            "size": config_blob.size,
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer.digest,
+            "size": layer.size,
+        }],
+    });
+    let manifest_blob = add_json_blob(&layout, &manifest)?;
+    // containerd names the imported image after these annotations.
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_blob.digest,
+            "size": manifest_blob.size,
+            "annotations": {
+                "io.containerd.image.name": reference,
+                "org.opencontainers.image.ref.name": reference,
+            },
+        }],
+    });
+    write_json(&layout.join("index.json"), &index)?;
+    write_json(
+        &layout.join("oci-layout"),
+        &json!({ "imageLayoutVersion": "1.0.0" }),
+    )?;
+    run(Command::new("tar")
+        .arg("--create")
+        .arg("--file")
+        .arg(out)
+        .arg("--directory")
+        .arg(&layout)
+        .args(["oci-layout", "index.json", "blobs"]))
+    .with_context(|| format!("writing the archive of {reference}"))?;
+    std::fs::remove_dir_all(&layout).with_context(|| format!("removing {}", layout.display()))
+}
+
+/// Moves `file` into the layout's blobs under its digest.
+fn add_blob(layout: &Path, file: &Path) -> Result<Blob> {
+    let output = Command::new("sha256sum")
+        .arg(file)
+        .output()
+        .context("running sha256sum (coreutils)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let Some(hex) = text
+        .split_whitespace()
+        .next()
+        .filter(|_| output.status.success())
+    else {
+        bail!(
+            "sha256sum {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("reading the size of {}", file.display()))?
+        .len();
+    let target = layout.join("blobs/sha256").join(hex);
+    std::fs::rename(file, &target)
+        .with_context(|| format!("moving {} into the layout", file.display()))?;
+    Ok(Blob {
+        digest: format!("sha256:{hex}"),
+        size,
+    })
+}
+
+fn add_json_blob(layout: &Path, value: &serde_json::Value) -> Result<Blob> {
+    let file = layout.join("blob.json");
+    write_json(&file, value)?;
+    add_blob(layout, &file)
+}
+
+fn write_json(file: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_vec(value).context("encoding JSON")?;
+    std::fs::write(file, text).with_context(|| format!("writing {}", file.display()))
+}

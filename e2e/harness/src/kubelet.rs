@@ -1,0 +1,134 @@
+//! The kubelet of a kubelet node: registers its Node, runs pods through the
+//! node's containerd, and serves exec and logs to the apiserver.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use serde_json::json;
+
+use crate::cluster::RunGuard;
+use crate::containerd;
+use crate::control_plane::{tail, write_kubeconfig, Credentials, Pki};
+use crate::machine::NodeMachine;
+use crate::node::ClusterNode;
+use crate::process::ProcessHandle;
+
+/// How long a kubelet may take to register its Node.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The kubelet configuration for `node`.
+///
+/// Choices forced by the machine: cgroup v1 (`failCgroupV1: false`), the
+/// cgroupfs driver (no systemd), a cgroup root of the node's own (all nodes
+/// share the cgroup tree), no swap check, no image garbage collection (the
+/// images cannot be pulled back) and eviction thresholds low enough that a
+/// busy disk never taints the node. No cluster DNS runs, and the node has no
+/// resolv.conf to hand to pods.
+fn config(node: &ClusterNode, machine: &NodeMachine, ca_cert: &Path) -> serde_json::Value {
+    json!({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "authentication": {
+            "anonymous": { "enabled": false },
+            "webhook": { "enabled": true },
+            "x509": { "clientCAFile": ca_cert },
+        },
+        "authorization": { "mode": "Webhook" },
+        "containerRuntimeEndpoint": format!("unix://{}", containerd::SOCKET),
+        "cgroupDriver": "cgroupfs",
+        "cgroupRoot": machine.cgroup_root,
+        "failCgroupV1": false,
+        "failSwapOn": false,
+        "readOnlyPort": 0,
+        "clusterDomain": "cluster.local",
+        "resolvConf": "",
+        "maxPods": 30,
+        "serializeImagePulls": false,
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "evictionHard": {
+            "memory.available": "50Mi",
+            "nodefs.available": "1%",
+            "nodefs.inodesFree": "1%",
+            "imagefs.available": "1%",
+        },
+        // Readiness shows soon after the network plugin is installed.
+        "nodeStatusUpdateFrequency": "4s",
+        // No systemd-logind to take inhibitor locks from.
+        "shutdownGracePeriod": "0s",
+        "shutdownGracePeriodCriticalPods": "0s",
+        "address": node.underlay_ip().to_string(),
+    })
+}
+
+/// Starts the node's kubelet (`<node>-kubelet`) with a client certificate
+/// of its own (`system:node:<name>`, so the Node authorizer applies) and
+/// waits until it has registered its Node.
+pub(crate) async fn start(
+    run: &RunGuard,
+    client: &kube::Client,
+    node: &ClusterNode,
+    machine: &NodeMachine,
+    pki: &Pki,
+    apiserver: std::net::SocketAddr,
+    kubelet_binary: &Path,
+) -> Result<ProcessHandle> {
+    let user = format!("system:node:{}", node.name);
+    let certificate = pki.issue_client(
+        &format!("kubelet-{}", node.name),
+        &format!("/O=system:nodes/CN={user}"),
+    )?;
+    let kubeconfig = node.state_dir.join("kubelet.kubeconfig");
+    write_kubeconfig(
+        &kubeconfig,
+        apiserver,
+        &pki.ca_cert,
+        &user,
+        Credentials::Certificate {
+            cert: &certificate.cert,
+            key: &certificate.key,
+        },
+    )?;
+    let config_file = node.state_dir.join("kubelet-config.json");
+    let text = serde_json::to_string_pretty(&config(node, machine, &pki.ca_cert))
+        .context("encoding the kubelet configuration")?;
+    std::fs::write(&config_file, text)
+        .with_context(|| format!("writing {}", config_file.display()))?;
+
+    let mut command = machine.command(kubelet_binary);
+    command
+        .arg(format!("--config={}", config_file.display()))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--hostname-override={}", node.name))
+        .arg(format!("--node-ip={}", node.underlay_ip()))
+        .arg("--v=1");
+    let kubelet = run.spawn(Some(&node.name), &format!("{}-kubelet", node.name), command)?;
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let deadline = Instant::now() + REGISTER_TIMEOUT;
+    loop {
+        if !kubelet.is_running() {
+            bail!(
+                "the kubelet of {} exited ({:?}); the end of {}:\n{}",
+                node.name,
+                kubelet.exit_status(),
+                kubelet.log_path().display(),
+                tail(&kubelet.log(), 30)
+            );
+        }
+        if let Ok(Some(_)) = nodes.get_opt(&node.name).await {
+            return Ok(kubelet);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the kubelet of {} did not register its Node within {REGISTER_TIMEOUT:?}; see {}",
+                node.name,
+                kubelet.log_path().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,181 @@
+//! `weft-e2e`: bring a test cluster up in the foreground, tear it down, or
+//! clean up after crashed runs.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use weft_e2e::{cleanup_leftovers, stop_held_clusters, Cluster, ClusterSpec, NodeKind};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A real kube-apiserver + etcd and network-namespace nodes for Weft (needs root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Action,
+}
+
+#[derive(Subcommand)]
+enum Action {
+    /// Bring up a cluster, print its kubeconfig path on stdout, and keep it
+    /// up until Ctrl-C, SIGTERM or `weft-e2e down`; then tear it down.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// How many of the nodes sit on the second underlay subnet, behind a router.
+        #[arg(long, default_value_t = 0)]
+        routed: usize,
+        /// MTU of the underlay links.
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// Do not create Node objects (for trying out the controller's own registration flow).
+        #[arg(long)]
+        no_register: bool,
+        /// Run containerd and a kubelet on every node (which then registers
+        /// itself), plus kube-controller-manager and kube-scheduler.
+        #[arg(long, conflicts_with = "no_register")]
+        kubelet: bool,
+        /// An image archive (OCI or docker) to import on every kubelet node;
+        /// repeatable.
+        #[arg(long = "image", value_name = "ARCHIVE", requires = "kubelet")]
+        images: Vec<PathBuf>,
+        /// Return once the cluster is up, leaving it running in the background
+        /// until `weft-e2e down`; its messages go to the file named on stderr.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Tear down every cluster held by a running `weft-e2e up`.
+    Down,
+    /// Remove namespaces, processes and run directories left by crashed runs.
+    Cleanup,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_client=off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Action::Up { detach: true, .. } => detach(),
+        Action::Up {
+            nodes,
+            routed,
+            mtu,
+            no_register,
+            kubelet,
+            images,
+            detach: false,
+        } => {
+            up(ClusterSpec {
+                nodes,
+                routed_nodes: routed,
+                underlay_mtu: mtu,
+                register_nodes: !no_register && !kubelet,
+                node_kind: match kubelet {
+                    true => NodeKind::Kubelet,
+                    false => NodeKind::Namespace,
+                },
+                images,
+            })
+            .await
+        }
+        Action::Down => {
+            let stopped = stop_held_clusters()?;
+            eprintln!("stopped {} cluster(s) {stopped:?}", stopped.len());
+            Ok(())
+        }
+        Action::Cleanup => cleanup_leftovers(),
+    }
+}
+
+/// Runs this same `up` command without `--detach` as a background process
+/// in its own process group (so the terminal's Ctrl-C does not reach it),
+/// and returns once it prints the kubeconfig path.
+fn detach() -> Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--detach")
+        .collect();
+    let log = std::env::temp_dir().join(format!("weft-e2e-up.{}.log", std::process::id()));
+    let mut child =
+        std::process::Command::new(std::env::current_exe().context("locating weft-e2e")?)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).with_context(|| format!("creating {}", log.display()))?)
+            .process_group(0)
+            .spawn()
+            .context("starting weft-e2e up in the background")?;
+    let mut kubeconfig = String::new();
+    BufReader::new(child.stdout.take().context("stdout of weft-e2e up")?)
+        .read_line(&mut kubeconfig)
+        .context("reading the kubeconfig path")?;
+    if kubeconfig.trim().is_empty() {
+        let status = child.wait()?;
+        bail!("weft-e2e up failed ({status}); see {}", log.display());
+    }
+    eprintln!(
+        "cluster up (pid {}); messages in {}; `weft-e2e down` tears it down",
+        child.id(),
+        log.display()
+    );
+    println!("{}", kubeconfig.trim());
+    Ok(())
+}
+
+async fn up(spec: ClusterSpec) -> Result<()> {
+    // Installed before the (possibly long) start, so a Ctrl-C during it
+    // still unwinds through the cluster's teardown instead of killing us.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let started = std::time::Instant::now();
+    let cluster = tokio::select! {
+        cluster = Cluster::start(spec) => cluster?,
+        _ = terminate.recv() => return Ok(()),
+        _ = interrupt.recv() => return Ok(()),
+    };
+    cluster.mark_held_by_cli()?;
+    eprintln!(
+        "cluster {} up in {:.1} s",
+        cluster.run_id(),
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!("run directory (logs): {}", cluster.run_dir().display());
+    for node in cluster.nodes() {
+        eprintln!(
+            "  {:<8} {:<16} {:?} segment, netns {}",
+            node.name, node.underlay_address, node.segment, node.netns
+        );
+    }
+    eprintln!(
+        "  outside  {:<16} netns {}",
+        cluster.outside().address,
+        cluster.outside().netns
+    );
+    eprintln!(
+        "try: kubectl --kubeconfig {} get nodes -o wide",
+        cluster.kubeconfig().display()
+    );
+    eprintln!("Ctrl-C or `weft-e2e down` tears it down");
+    // stdout carries only the path, for scripts.
+    println!("{}", cluster.kubeconfig().display());
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    eprintln!("tearing down");
+    cluster.stop().await
+}

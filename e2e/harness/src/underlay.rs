@@ -1,0 +1,216 @@
+//! The underlay network: namespaces, veths, bridges and addresses, made with
+//! iproute2 inside the run's own namespaces only.
+//!
+//! Layout (all in namespaces; nothing in the root namespace):
+//! ```text
+//!   node-0 ──┐                                 ┌── node-2 (routed)
+//!   node-1 ──┤ bridge seg-main    bridge seg-routed ├── …
+//!   outside ─┤  172.31.1.0/24      172.31.2.0/24    │
+//!            └──── router (.1 on both, forwarding) ─┘
+//! ```
+//! The bridges live in the `fabric` namespace. Every node and the outside
+//! namespace have a default route via the router address of their segment.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
+
+/// The addresses of one underlay segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SegmentAddressing {
+    /// The segment's subnet.
+    pub(crate) subnet: Ipv4Net,
+    /// The bridge in the fabric namespace.
+    pub(crate) bridge: &'static str,
+    /// The router's interface name (in the router namespace) on this segment.
+    pub(crate) router_link: &'static str,
+}
+
+impl SegmentAddressing {
+    /// The router's address on this segment, every member's default gateway.
+    pub(crate) fn gateway(&self) -> Ipv4Addr {
+        self.host(1)
+    }
+
+    /// The address `host` (counted from the network address) with the prefix.
+    pub(crate) fn host(&self, host: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.network()) + host)
+    }
+
+    pub(crate) fn with_prefix(&self, address: Ipv4Addr) -> Ipv4Net {
+        Ipv4Net::new(address, self.subnet.prefix_len()).expect("prefix of a valid subnet")
+    }
+}
+
+/// Runs `ip` with `args`; the error carries the command line and its stderr.
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+/// Runs a command to completion, failing with its stderr if it fails.
+pub(crate) fn run(command: &mut Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?} (is iproute2 installed?)"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Names of all network namespaces `ip netns` knows.
+pub(crate) fn list_netns() -> Result<Vec<String>> {
+    let output = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .context("running ip netns list (is iproute2 installed?)")?;
+    if !output.status.success() {
+        bail!(
+            "ip netns list failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    // Lines look like "name" or "name (id: 3)".
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Creates a namespace with its loopback up (the apiserver forwarder listens
+/// on 127.0.0.1 in node namespaces; pods expect a working `lo` too).
+pub(crate) fn add_netns(name: &str) -> Result<()> {
+    ip(&["netns", "add", name])?;
+    ip(&["-n", name, "link", "set", "lo", "up"])
+}
+
+/// Kills every process inside a namespace, then deletes it. Deleting alone
+/// would only unmount its name while the processes keep it alive.
+pub(crate) fn delete_netns_with_processes(name: &str) -> Result<()> {
+    let output = Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .with_context(|| format!("listing processes in namespace {name}"))?;
+    for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            // Gone already is fine: it may have been one of our process groups.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    ip(&["netns", "delete", name]).with_context(|| format!("deleting namespace {name}"))
+}
+
+/// Writes a sysctl inside a namespace (`/proc/sys/net` is per namespace).
+pub(crate) fn set_sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        netns,
+        "sh",
+        "-c",
+        &format!("echo {value} > {path}"),
+    ]))
+    .with_context(|| format!("setting {key}={value} in namespace {netns}"))
+}
+
+/// The fabric namespace with one bridge per segment.
+pub(crate) fn create_fabric(fabric: &str, segments: &[SegmentAddressing], mtu: u32) -> Result<()> {
+    add_netns(fabric)?;
+    let mtu = mtu.to_string();
+    for segment in segments {
+        ip(&[
+            "-n",
+            fabric,
+            "link",
+            "add",
+            segment.bridge,
+            "mtu",
+            &mtu,
+            "type",
+            "bridge",
+        ])?;
+        ip(&["-n", fabric, "link", "set", segment.bridge, "up"])?;
+    }
+    Ok(())
+}
+
+/// Connects namespace `netns` to a segment's bridge: a veth named `inner`
+/// inside `netns`, its peer `port` plugged into the bridge in `fabric`. The
+/// pair is created in the fabric namespace with the peer placed directly in
+/// `netns`, so it never appears in the root namespace.
+pub(crate) fn attach(
+    fabric: &str,
+    segment: &SegmentAddressing,
+    port: &str,
+    netns: &str,
+    inner: &str,
+    address: Ipv4Net,
+    mtu: u32,
+) -> Result<()> {
+    let mtu = mtu.to_string();
+    let address = address.to_string();
+    ip(&[
+        "-n", fabric, "link", "add", port, "mtu", &mtu, "type", "veth", "peer", "name", inner,
+        "mtu", &mtu, "netns", netns,
+    ])
+    .with_context(|| format!("creating the underlay veth of {netns}"))?;
+    ip(&[
+        "-n",
+        fabric,
+        "link",
+        "set",
+        port,
+        "master",
+        segment.bridge,
+        "up",
+    ])?;
+    ip(&["-n", netns, "addr", "add", &address, "dev", inner])?;
+    ip(&["-n", netns, "link", "set", inner, "up"])
+}
+
+/// Gives a namespace its default route via the segment's router.
+pub(crate) fn default_route(netns: &str, segment: &SegmentAddressing) -> Result<()> {
+    ip(&[
+        "-n",
+        netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &segment.gateway().to_string(),
+    ])
+}
+
+/// The router namespace: one leg on every segment, forwarding on.
+pub(crate) fn create_router(
+    router: &str,
+    fabric: &str,
+    segments: &[SegmentAddressing],
+    mtu: u32,
+) -> Result<()> {
+    add_netns(router)?;
+    for segment in segments {
+        let port = format!("rt-{}", segment.router_link);
+        attach(
+            fabric,
+            segment,
+            &port,
+            router,
+            segment.router_link,
+            segment.with_prefix(segment.gateway()),
+            mtu,
+        )?;
+    }
+    set_sysctl(router, "net.ipv4.ip_forward", "1")
+}

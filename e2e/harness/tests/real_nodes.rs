@@ -1,0 +1,743 @@
+//! Weft deployed the way a cluster operator deploys it, on three nodes that
+//! each run containerd and a kubelet: installed from `manifests/` and, in a
+//! second run, with `helm install`; agents Running everywhere, the init
+//! container's plugin installed, nodes Ready with their slices, a Deployment
+//! spread over the nodes whose pods reach each other by pod IP, each node
+//! reaching its pods; then the uninstall, and a teardown that leaves nothing
+//! on the host. Also: a run killed outright leaves nothing once cleaned up.
+//! Needs root, containerd and runc.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams};
+use tokio::sync::Mutex;
+use weft_e2e::{cleanup_leftovers, Cluster, ClusterNode, ClusterSpec, BUSYBOX_IMAGE};
+
+/// The tests here take turns: a few kubelets at a time is all two cores carry.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Guards against a hang, not a timing assertion: on a loaded two-core
+/// machine each wait below usually ends within seconds.
+const HANG_GUARD: Duration = Duration::from_secs(240);
+
+/// The kernel tunables the kubelet would set; they are global, so the host's
+/// values must be the same after the test as before.
+const KUBELET_TUNABLES: [&str; 6] = [
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+
+/// The test Deployment: one busybox web server per node (required
+/// anti-affinity), answering with its pod name.
+const TEST_DEPLOYMENT: &str = "web";
+const TEST_PORT: u16 = 8080;
+
+#[derive(Debug)]
+enum Install {
+    /// `kubectl apply -f manifests/` (namespace kube-system).
+    Manifests,
+    /// `helm install weft charts/weft` into its own namespace.
+    Helm { helm: PathBuf },
+}
+
+impl Install {
+    fn namespace(&self) -> &'static str {
+        match self {
+            Install::Manifests => "kube-system",
+            Install::Helm { .. } => "weft-system",
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_on_kubelet_nodes_carries_pod_traffic_across_nodes_and_uninstalls() -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let repo = repo.canonicalize().context("locating the repository")?;
+    for tool in ["containerd", "runc", "kubectl"] {
+        ensure!(
+            command_exists(tool),
+            "{tool} not found: kubelet nodes need Debian's containerd and runc (apt-get install containerd runc) and kubectl"
+        );
+    }
+    let started = Instant::now();
+    let image = script_output(&repo, "packaging/build-image.sh")?;
+    let helm = script_output(&repo, "packaging/build-helm.sh")?;
+    let build_time = started.elapsed();
+    let host = HostState::read()?;
+
+    let mut timings = vec![("image and helm builds".to_owned(), build_time)];
+    for install in [
+        Install::Manifests,
+        Install::Helm {
+            helm: PathBuf::from(&helm),
+        },
+    ] {
+        let flow_started = Instant::now();
+        let run = flow(&repo, Path::new(&image), &install)
+            .await
+            .with_context(|| format!("the flow installing with {install:?}"))?;
+        timings.push((format!("flow with {install:?}"), flow_started.elapsed()));
+        assert_run_left_nothing(&run)?;
+    }
+    let after = HostState::read()?;
+    ensure!(
+        after == host,
+        "the host changed: before {host:?}, after {after:?}"
+    );
+    for (what, time) in &timings {
+        eprintln!("real-nodes: {what}: {:.1} s", time.as_secs_f64());
+    }
+    eprintln!("real-nodes: total {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_with_kubelet_nodes_leaves_nothing_after_cleanup() -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut up = Command::new(env!("CARGO_BIN_EXE_weft-e2e"))
+        .args(["up", "--kubelet", "--nodes", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting weft-e2e up")?;
+    let mut kubeconfig = String::new();
+    BufReader::new(up.stdout.take().context("stdout of weft-e2e up")?)
+        .read_line(&mut kubeconfig)
+        .context("reading the kubeconfig path")?;
+    if kubeconfig.trim().is_empty() {
+        let status = up.wait()?;
+        bail!("weft-e2e up --kubelet failed ({status}); run it by hand to see why");
+    }
+    let kubeconfig = PathBuf::from(kubeconfig.trim());
+    let dir = kubeconfig.parent().context("the run directory")?.to_owned();
+    let run = RunTraces {
+        id: dir
+            .file_name()
+            .context("the run id")?
+            .to_string_lossy()
+            .into_owned(),
+        dir,
+    };
+    // A container running when the owner dies: a shim, a pause process and
+    // a workload, with mounts, inside the node. Host network: no CNI here.
+    let kubectl = Kubectl { kubeconfig };
+    kubectl.apply_stdin(
+        &serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": "sleeper", "namespace": "default" },
+            "spec": {
+                "hostNetwork": true,
+                "tolerations": [{ "operator": "Exists" }],
+                "containers": [{
+                    "name": "sleeper",
+                    "image": BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["sleep", "3600"],
+                }],
+            },
+        })
+        .to_string(),
+    )?;
+    eventually("the sleeper pod Running", || async {
+        let phase = kubectl.run(&["get", "pod", "sleeper", "-o", "jsonpath={.status.phase}"])?;
+        Ok((phase == "Running").then_some(()))
+    })
+    .await?;
+
+    up.kill().context("killing weft-e2e up")?;
+    up.wait().context("reaping weft-e2e up")?;
+    // Everything dies with the owner (parent-death signals down to each
+    // node's init, whose exit ends its PID namespace) ...
+    eventually("every process of the killed run gone", || async {
+        Ok(run_processes(&run.dir).is_empty().then_some(()))
+    })
+    .await?;
+    // ... and cleanup removes what stays: namespaces, cgroups, files.
+    cleanup_leftovers()?;
+    assert_run_left_nothing(&run)
+}
+
+/// Processes whose command line or mounts mention a run directory.
+fn run_processes(dir: &Path) -> Vec<u32> {
+    let dir = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let mounts =
+                std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(&dir) || mounts.contains(&dir)
+        })
+        .collect()
+}
+
+/// What a finished run must not leave: identified by its id and directory.
+struct RunTraces {
+    id: String,
+    dir: PathBuf,
+}
+
+/// One whole flow on a fresh cluster; returns what identifies the run, for
+/// the leftover checks after its teardown.
+async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces> {
+    let phase = Phases::start();
+    // One node behind the underlay's router: its pods' traffic must cross
+    // an L3 hop, so only the overlay carries it.
+    let cluster = Cluster::start(ClusterSpec {
+        routed_nodes: 1,
+        ..ClusterSpec::kubelet_nodes(3, vec![image.to_owned()])
+    })
+    .await?;
+    let run = RunTraces {
+        id: cluster.run_id(),
+        dir: cluster.run_dir().to_owned(),
+    };
+    let client = cluster.client().await?;
+    phase.done("three kubelet nodes registered, one behind a router");
+    let kubectl = Kubectl::new(&cluster);
+
+    match install {
+        Install::Manifests => {
+            kubectl.run(&["apply", "-f", &repo.join("manifests").display().to_string()])?;
+        }
+        Install::Helm { helm } => {
+            helm_command(helm, &cluster)
+                .args(["install", "weft"])
+                .arg(repo.join("charts/weft"))
+                .args(["--namespace", install.namespace(), "--create-namespace"])
+                .output_checked()?;
+        }
+    }
+    let namespace = install.namespace();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let agents = ListParams::default().labels("app.kubernetes.io/component=agent");
+    let node_names: BTreeSet<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    eventually("an agent pod Running and ready on every node", || async {
+        let list = pods.list(&agents).await?;
+        let ready: BTreeSet<String> = list
+            .items
+            .iter()
+            .filter(|pod| is_ready(pod))
+            .filter_map(|pod| pod.spec.as_ref()?.node_name.clone())
+            .collect();
+        Ok((ready == node_names).then_some(()))
+    })
+    .await?;
+    phase.done("agents Running on every node");
+
+    // The init container ran to completion and left the plugin and the
+    // conflist in each node's own /opt/cni/bin and /etc/cni/net.d.
+    for pod in pods.list(&agents).await?.items {
+        let init = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .and_then(|statuses| statuses.first())
+            .and_then(|status| status.state.as_ref()?.terminated.as_ref())
+            .map(|terminated| terminated.exit_code);
+        ensure!(
+            init == Some(0),
+            "the init container of {} did not finish cleanly: {init:?}",
+            pod.metadata.name.unwrap_or_default()
+        );
+    }
+    for node in cluster.nodes() {
+        for file in ["/opt/cni/bin/weft", "/etc/cni/net.d/10-weft.conflist"] {
+            ensure!(
+                node_has_file(node, file)?,
+                "{} has no {file} after the init container ran",
+                node.name
+            );
+        }
+    }
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually("every node Ready", || async {
+        let list = nodes.list(&ListParams::default()).await?;
+        Ok((list.items.len() == 3 && list.items.iter().all(node_is_ready)).then_some(()))
+    })
+    .await?;
+    phase.done("nodes Ready");
+
+    // Each node shows its own slice of the cluster CIDR.
+    let slices = kubectl.run(&[
+        "get",
+        "nodes",
+        "-o",
+        r"custom-columns=NAME:.metadata.name,SLICE:.metadata.annotations.weft\.dev/pod-cidr",
+        "--no-headers",
+    ])?;
+    eprintln!("real-nodes: kubectl get nodes (slices):\n{slices}");
+    let cluster_cidr: ipnet::Ipv4Net = "10.244.0.0/16".parse()?;
+    let mut seen = BTreeSet::new();
+    for line in slices.lines() {
+        let [name, slice] = line.split_whitespace().collect::<Vec<_>>()[..] else {
+            bail!("unexpected line in the node list: {line:?}");
+        };
+        let slice: ipnet::Ipv4Net = slice
+            .parse()
+            .with_context(|| format!("node {name} shows no slice: {line:?}"))?;
+        ensure!(
+            cluster_cidr.contains(&slice) && seen.insert(slice),
+            "node {name}'s slice {slice} is outside {cluster_cidr} or shared"
+        );
+    }
+
+    kubectl.apply_stdin(&test_deployment())?;
+    let test_pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let selector = ListParams::default().labels(&format!("app={TEST_DEPLOYMENT}"));
+    // Pod name -> (node, pod IP).
+    let placed: BTreeMap<String, (String, IpAddr)> =
+        eventually("a test pod Running on every node", || async {
+            let list = test_pods.list(&selector).await?;
+            let placed: BTreeMap<String, (String, IpAddr)> = list
+                .items
+                .iter()
+                .filter(|pod| is_ready(pod))
+                .filter_map(|pod| {
+                    let node = pod.spec.as_ref()?.node_name.clone()?;
+                    let ip = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+                    Some((pod.metadata.name.clone()?, (node, ip)))
+                })
+                .collect();
+            let spread: BTreeSet<&String> = placed.values().map(|(node, _)| node).collect();
+            Ok((placed.len() == 3 && spread.len() == 3).then_some(placed))
+        })
+        .await?;
+    phase.done("test Deployment Running, one pod per node");
+
+    // Pod to pod across nodes, by pod IP: ICMP and a TCP request whose
+    // answer names the pod that served it.
+    for (from, (from_node, _)) in &placed {
+        for (to, (to_node, to_ip)) in &placed {
+            if from == to {
+                continue;
+            }
+            kubectl
+                .run(&["exec", from, "--", "ping", "-c1", "-W3", &to_ip.to_string()])
+                .with_context(|| {
+                    format!("pinging {to} ({to_ip}, {to_node}) from {from} ({from_node})")
+                })?;
+            let request =
+                format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {to_ip} {TEST_PORT}");
+            let answer = kubectl.run(&["exec", from, "--", "sh", "-c", &request])?;
+            ensure!(
+                answer.contains(to.as_str()),
+                "{from} ({from_node}) asked {to} ({to_ip}, {to_node}) over HTTP and got: {answer}"
+            );
+        }
+    }
+    // Each node reaches the pods on it.
+    for (pod, (node_name, ip)) in &placed {
+        let node = cluster.node(node_name).context("the pod's node")?;
+        ensure!(
+            node.ping(*ip),
+            "{node_name} cannot ping its pod {pod} ({ip})"
+        );
+    }
+    phase.done("pod-to-pod traffic across nodes and node-to-pod checked");
+
+    // Uninstall: the workload first (its pods' CNI DEL needs the plugin),
+    // then Weft.
+    kubectl.run(&["delete", "deployment", TEST_DEPLOYMENT, "--wait=true"])?;
+    eventually("the test pods gone", || async {
+        Ok(test_pods
+            .list(&selector)
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    match install {
+        Install::Manifests => {
+            kubectl.run(&[
+                "delete",
+                "-f",
+                &repo.join("manifests").display().to_string(),
+                "--wait=true",
+            ])?;
+        }
+        Install::Helm { helm } => {
+            helm_command(helm, &cluster)
+                .args(["uninstall", "weft", "--namespace", namespace, "--wait"])
+                .output_checked()?;
+        }
+    }
+    let every_weft_pod = ListParams::default().labels("app.kubernetes.io/name=weft");
+    eventually("every Weft pod gone", || async {
+        Ok(pods
+            .list(&every_weft_pod)
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    phase.done("uninstalled");
+
+    // The agents saw their DaemonSet go and removed Weft's node state.
+    for node in cluster.nodes() {
+        let left = WeftLeftovers::on(node)?;
+        ensure!(
+            left.is_empty(),
+            "{} keeps Weft state after the uninstall: {left:?}",
+            node.name
+        );
+    }
+
+    cluster.stop().await?;
+    phase.done("torn down");
+    Ok(run)
+}
+
+/// The test Deployment's manifest.
+fn test_deployment() -> String {
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": TEST_DEPLOYMENT, "namespace": "default" },
+        "spec": {
+            "replicas": 3,
+            "selector": { "matchLabels": { "app": TEST_DEPLOYMENT } },
+            "template": {
+                "metadata": { "labels": { "app": TEST_DEPLOYMENT } },
+                "spec": {
+                    "affinity": { "podAntiAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": [{
+                            "labelSelector": { "matchLabels": { "app": TEST_DEPLOYMENT } },
+                            "topologyKey": "kubernetes.io/hostname",
+                        }],
+                    }},
+                    // httpd as PID 1 ignores SIGTERM; nothing to drain anyway.
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "web",
+                        "image": BUSYBOX_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["sh", "-c", format!(
+                            "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {TEST_PORT} -h /www"
+                        )],
+                        "readinessProbe": { "tcpSocket": { "port": TEST_PORT }, "periodSeconds": 1 },
+                    }],
+                },
+            },
+        },
+    })
+    .to_string()
+}
+
+/// Weft's state found on a node after the uninstall.
+#[derive(Debug, Default)]
+struct WeftLeftovers {
+    /// Links named like Weft's (`weft.1`, `weft0`) and pod veths.
+    links: Vec<String>,
+    /// Routes with Weft's protocol number.
+    routes: Vec<String>,
+    /// nftables tables named `weft`.
+    tables: Vec<String>,
+    /// The plugin, the conflist and the node file.
+    files: Vec<String>,
+}
+
+impl WeftLeftovers {
+    fn on(node: &ClusterNode) -> Result<Self> {
+        let run_in_node = |program: &str, args: &[&str]| -> Result<String> {
+            let mut command = node.command(program);
+            command.args(args);
+            command.output_checked()
+        };
+        let links = run_in_node("ip", &["-o", "link", "show"])?
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .filter(|name| name.starts_with("weft") || name.starts_with("veth"))
+            .collect();
+        let protocol = podnet::agent::ROUTE_PROTOCOL.to_string();
+        let mut routes = Vec::new();
+        for family in ["-4", "-6"] {
+            routes.extend(
+                run_in_node(
+                    "ip",
+                    &[family, "route", "show", "table", "all", "proto", &protocol],
+                )?
+                .lines()
+                .map(str::to_owned),
+            );
+        }
+        let tables = run_in_node("nft", &["list", "tables"])?
+            .lines()
+            .filter(|line| line.split_whitespace().last() == Some("weft"))
+            .map(str::to_owned)
+            .collect();
+        let mut files = Vec::new();
+        for file in [
+            "/opt/cni/bin/weft",
+            "/etc/cni/net.d/10-weft.conflist",
+            podnet::nodefile::DEFAULT_NODE_FILE,
+        ] {
+            if node_has_file(node, file)? {
+                files.push(file.to_owned());
+            }
+        }
+        Ok(Self {
+            links,
+            routes,
+            tables,
+            files,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.links.is_empty()
+            && self.routes.is_empty()
+            && self.tables.is_empty()
+            && self.files.is_empty()
+    }
+}
+
+/// Whether a file exists inside the node (its own mount namespace).
+fn node_has_file(node: &ClusterNode, file: &str) -> Result<bool> {
+    let machine = node
+        .machine
+        .as_ref()
+        .context("a kubelet node has a machine")?;
+    Ok(machine
+        .command("test")
+        .args(["-e", file])
+        .status()
+        .with_context(|| format!("looking for {file} on {}", node.name))?
+        .success())
+}
+
+/// After a run's teardown: none of its processes, network namespaces, mount
+/// namespaces (seen through any process's mounts), cgroups or files.
+fn assert_run_left_nothing(run: &RunTraces) -> Result<()> {
+    let dir = run.dir.display().to_string();
+    let mut found: Vec<String> = run_processes(&run.dir)
+        .into_iter()
+        .map(|pid| format!("process {pid} (its command line or mounts name {dir})"))
+        .collect();
+    let prefix = format!("we2e-{}-", run.id);
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output_checked()?;
+    found.extend(
+        netns
+            .lines()
+            .filter(|line| line.starts_with(&prefix))
+            .map(|line| format!("network namespace {line}")),
+    );
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        for cgroup in std::fs::read_dir(hierarchy.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if cgroup.file_name().to_string_lossy().starts_with(&prefix) {
+                found.push(format!("cgroup {}", cgroup.path().display()));
+            }
+        }
+    }
+    if run.dir.exists() {
+        found.push(format!("run directory {dir}"));
+    }
+    ensure!(found.is_empty(), "run {} left behind: {found:#?}", run.id);
+    Ok(())
+}
+
+/// Host-wide state the test must not change.
+#[derive(Debug, PartialEq, Eq)]
+struct HostState {
+    tunables: Vec<(String, String)>,
+    /// The root network namespace's firewall (iptables-nft shows here too).
+    ruleset: String,
+}
+
+impl HostState {
+    fn read() -> Result<Self> {
+        let tunables = KUBELET_TUNABLES
+            .iter()
+            .map(|key| {
+                let value = std::fs::read_to_string(format!("/proc/sys/{key}"))
+                    .with_context(|| format!("reading /proc/sys/{key}"))?;
+                Ok((key.to_string(), value.trim().to_owned()))
+            })
+            .collect::<Result<_>>()?;
+        let ruleset = Command::new("nft")
+            .args(["list", "ruleset"])
+            .output_checked()?;
+        Ok(Self { tunables, ruleset })
+    }
+}
+
+/// Runs kubectl with the cluster's admin kubeconfig.
+struct Kubectl {
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    fn new(cluster: &Cluster) -> Self {
+        Self {
+            kubeconfig: cluster.kubeconfig().to_owned(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new("kubectl");
+        command.arg("--kubeconfig").arg(&self.kubeconfig);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        self.command().args(args).output_checked()
+    }
+
+    fn apply_stdin(&self, manifest: &str) -> Result<()> {
+        let file = self.kubeconfig.with_file_name("test-deployment.json");
+        std::fs::write(&file, manifest).with_context(|| format!("writing {}", file.display()))?;
+        self.run(&["apply", "-f", &file.display().to_string()])?;
+        Ok(())
+    }
+}
+
+/// helm against the cluster, with its cache and config inside the run
+/// directory rather than the user's home.
+fn helm_command(helm: &Path, cluster: &Cluster) -> Command {
+    let home = cluster.run_dir().join("helm");
+    let mut command = Command::new(helm);
+    command
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig())
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    command
+}
+
+/// Runs one of the repository's scripts that print a path on stdout.
+fn script_output(repo: &Path, script: &str) -> Result<String> {
+    let output = Command::new("bash")
+        .arg(repo.join(script))
+        .current_dir(repo)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {script}"))?;
+    ensure!(
+        output.status.success(),
+        "{script} failed ({}); its output above says why",
+        output.status
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn command_exists(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// A command's stdout, or an error with its stderr.
+trait OutputChecked {
+    fn output_checked(&mut self) -> Result<String>;
+}
+
+impl OutputChecked for Command {
+    fn output_checked(&mut self) -> Result<String> {
+        let shown = format!("{self:?}");
+        let output = self.output().with_context(|| format!("running {shown}"))?;
+        ensure!(
+            output.status.success(),
+            "{shown} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+fn node_is_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// Polls `check` until it yields a value; fails after [`HANG_GUARD`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("gave up after {HANG_GUARD:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Prints how long each phase of a flow took (figures for the report, not
+/// assertions).
+struct Phases {
+    started: Instant,
+    last: std::cell::Cell<Instant>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            started: now,
+            last: std::cell::Cell::new(now),
+        }
+    }
+
+    fn done(&self, what: &str) {
+        let now = Instant::now();
+        eprintln!(
+            "real-nodes: {what}: +{:.1} s ({:.1} s since the start)",
+            (now - self.last.get()).as_secs_f64(),
+            (now - self.started).as_secs_f64()
+        );
+        self.last.set(now);
+    }
+}

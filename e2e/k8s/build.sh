@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Builds the Kubernetes binaries the e2e harness runs from their published Go
+# modules, into a cache outside the repository keyed by version, and prints that
+# cache directory on stdout (logs go to stderr).
+#
+# Usage: build.sh [COMPONENT...]   (default: every component below)
+# The namespace-node tests need only kube-apiserver and etcd; the real-node tests
+# (kubelet + containerd per node) need all five. Each binary is built once and
+# moved into the cache on its own, so asking for more later builds only the
+# missing ones.
+#
+# A warm cache returns at once. Parallel callers (several `cargo test` binaries)
+# serialise on a lock, so the binaries are built once.
+#
+# Environment:
+#   WEFT_E2E_CACHE  cache root (default /var/cache/weft-e2e)
+#   GO              go binary (default: `go` on PATH, else /usr/local/go/bin/go)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# The versions are the ones pinned in the two go.mod files beside this script.
+module_version() {
+  awk -v m="$2" '$1 == m { print $2; exit } $1 == "require" && $2 == m { print $3; exit }' "$here/$1/go.mod"
+}
+k8s_version="$(module_version kubernetes k8s.io/kubernetes)"
+etcd_version="$(module_version etcd go.etcd.io/etcd/server/v3)"
+[[ -n "$k8s_version" && -n "$etcd_version" ]] || { echo "build.sh: cannot read versions from go.mod files in $here" >&2; exit 1; }
+
+k8s_minor="${k8s_version#v1.}"; k8s_minor="${k8s_minor%%.*}"
+k8s_ldflags="-s -w \
+ -X k8s.io/component-base/version.gitVersion=$k8s_version \
+ -X k8s.io/component-base/version.gitMajor=1 \
+ -X k8s.io/component-base/version.gitMinor=$k8s_minor \
+ -X k8s.io/component-base/version.gitTreeState=clean"
+
+# One line per binary: name, module directory (beside this script), package, ldflags.
+# Adding kubelet, kube-scheduler or kube-controller-manager is one more line here;
+# -mod=mod lets go add the extra requirements to go.mod/go.sum on first build.
+components=(
+  "kube-apiserver          kubernetes k8s.io/kubernetes/cmd/kube-apiserver          $k8s_ldflags"
+  "etcd                    etcd       go.etcd.io/etcd/server/v3                     -s -w"
+  "kube-controller-manager kubernetes k8s.io/kubernetes/cmd/kube-controller-manager $k8s_ldflags"
+  "kube-scheduler          kubernetes k8s.io/kubernetes/cmd/kube-scheduler          $k8s_ldflags"
+  "kubelet                 kubernetes k8s.io/kubernetes/cmd/kubelet                 $k8s_ldflags"
+)
+
+cache_root="${WEFT_E2E_CACHE:-/var/cache/weft-e2e}"
+cache="$cache_root/k8s-$k8s_version-etcd-$etcd_version"
+
+# The components asked for, checked against the list above.
+wanted=("$@")
+if [[ ${#wanted[@]} -eq 0 ]]; then
+  for line in "${components[@]}"; do wanted+=("${line%% *}"); done
+fi
+for name in "${wanted[@]}"; do
+  known=no
+  for line in "${components[@]}"; do [[ "${line%% *}" == "$name" ]] && known=yes; done
+  [[ $known == yes ]] || { echo "build.sh: unknown component '$name'; known: $(printf '%s ' "${components[@]%% *}")" >&2; exit 2; }
+done
+
+# A binary is in the cache only once fully built (it is moved in last), so
+# presence is the completion mark.
+missing() {
+  local name
+  for name in "${wanted[@]}"; do [[ -x "$cache/$name" ]] || echo "$name"; done
+}
+
+if [[ -z "$(missing)" ]]; then
+  echo "$cache"
+  exit 0
+fi
+
+go_bin="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
+[[ -x "$go_bin" ]] || { echo "build.sh: no go toolchain found (set GO=/path/to/go)" >&2; exit 1; }
+
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.build-$k8s_version-$etcd_version.lock"
+flock 9
+# Another caller may have built some or all of them while this one waited.
+mapfile -t to_build < <(missing)
+if [[ ${#to_build[@]} -eq 0 ]]; then
+  echo "$cache"
+  exit 0
+fi
+
+mkdir -p "$cache"
+chmod 755 "$cache"
+staging="$(mktemp -d "$cache_root/.staging.XXXXXX")"
+trap 'rm -rf "$staging"' EXIT
+
+# The machine has two cores shared with other work.
+export GOMAXPROCS="${GOMAXPROCS:-2}"
+export GOFLAGS="${GOFLAGS:--mod=mod}"
+export CGO_ENABLED=0
+
+start=$SECONDS
+for line in "${components[@]}"; do
+  read -r name dir package ldflags <<<"$line"
+  [[ " ${to_build[*]} " == *" $name "* ]] || continue
+  echo "build.sh: building $name ($package) ..." >&2
+  t=$SECONDS
+  (cd "$here/$dir" && "$go_bin" build -p 2 -trimpath -ldflags="$ldflags" -o "$staging/$name" "$package")
+  mv "$staging/$name" "$cache/$name"
+  echo "build.sh: $name built in $((SECONDS - t)) s" >&2
+done
+
+echo "build.sh: ${to_build[*]} ready in $cache after $((SECONDS - start)) s" >&2
+echo "$cache"
