@@ -1,0 +1,823 @@
+//! Network-namespace integration tests of the agent's data plane, without an
+//! API server: two or three "nodes" (namespaces joined by veths to a fabric
+//! bridge namespace) programmed through the same `Dataplane` the agent uses,
+//! verified by `ip`/`bridge` dumps and by pings through the tunnel.
+//!
+//! Needs root; skipped otherwise. Every namespace is removed on success and
+//! on failure (drop guards).
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use ipnet::IpNet;
+use podnet::agent::config::{AgentConfig, Backend, ConfigLayer};
+use podnet::agent::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
+use podnet::agent::install::{
+    install_conflist, install_plugin, render_conflist, CONFLIST_NAME, PLUGIN_NAME,
+};
+use podnet::agent::masquerade::{MasqueradeTable, TableChange};
+use podnet::agent::offload::{set_tx_checksum, tx_checksum};
+use podnet::agent::overlay::{desired_state, DesiredState};
+use podnet::agent::peer::{LocalNode, Peer, VtepMac};
+use podnet::agent::uninstall::{tear_down, TeardownReport};
+use podnet::cni::DEFAULT_BRIDGE;
+use podnet::netlink::{Netlink, VxlanChange};
+use podnet::netns::Netns;
+use serde_json::Value;
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root to create network namespaces");
+            return Ok(());
+        }
+    };
+}
+
+/// Runs a command, failing with its stderr.
+fn run(args: &[&str]) -> Result<String> {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A network namespace named `wt-<pid>-<tag>`, deleted on drop.
+struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    fn new(tag: &str) -> Result<Self> {
+        let name = format!("wt-{}-{tag}", std::process::id());
+        // A leftover of a crashed earlier run with the same pid would block us.
+        let _ = run(&["ip", "netns", "del", &name]);
+        run(&["ip", "netns", "add", &name])?;
+        let namespace = Namespace { name };
+        namespace.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(namespace)
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    fn json(&self, args: &[&str]) -> Result<Vec<Value>> {
+        let text = self.exec(args)?;
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        serde_json::from_str(&text).with_context(|| format!("parsing {args:?}: {text}"))
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// An underlay: a fabric namespace with a bridge, and node namespaces with
+/// `eth0` on it at 172.31.0.(10+i)/24.
+struct Fabric {
+    nodes: Vec<Namespace>,
+    // Dropped last: the veths' fabric ends vanish with the node namespaces.
+    _fabric: Namespace,
+}
+
+impl Fabric {
+    fn new(test: &str, nodes: usize) -> Result<Self> {
+        let fabric = Namespace::new(&format!("{test}-f"))?;
+        fabric.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        fabric.exec(&["ip", "link", "set", "br0", "up"])?;
+        let mut namespaces = Vec::new();
+        for i in 0..nodes {
+            let node = Namespace::new(&format!("{test}-{i}"))?;
+            let port = format!("p{i}");
+            fabric.exec(&[
+                "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &node.name,
+            ])?;
+            fabric.exec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+            node.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", underlay_ip(i)),
+                "dev",
+                "eth0",
+            ])?;
+            node.exec(&["ip", "link", "set", "eth0", "up"])?;
+            namespaces.push(node);
+        }
+        Ok(Fabric {
+            nodes: namespaces,
+            _fabric: fabric,
+        })
+    }
+}
+
+fn underlay_ip(node: usize) -> IpAddr {
+    format!("172.31.0.{}", 10 + node).parse().unwrap()
+}
+
+fn slice(node: usize) -> IpNet {
+    format!("10.244.{node}.0/24").parse().unwrap()
+}
+
+fn mac(node: usize) -> VtepMac {
+    VtepMac::new([0x0a, 0x58, 0, 0, 0, node as u8 + 1])
+}
+
+fn peer(node: usize) -> Peer {
+    Peer {
+        node_name: format!("node-{node}"),
+        pod_cidrs: vec![slice(node)],
+        public_ip: underlay_ip(node),
+        vtep_mac: Some(mac(node)),
+    }
+}
+
+fn local(node: usize) -> LocalNode {
+    LocalNode {
+        name: format!("node-{node}"),
+        pod_cidrs: vec![slice(node)],
+        underlay: IpNet::new(underlay_ip(node), 24).unwrap(),
+    }
+}
+
+fn vtep(node: usize, vni: u32) -> Vtep {
+    Vtep {
+        vni,
+        port: 8472,
+        local: underlay_ip(node),
+        underlay_index: 0,
+        mac: mac(node),
+        mtu: 1450,
+        addresses: vec![IpNet::new(slice(node).network(), 32).unwrap()],
+    }
+}
+
+/// Opens the node's data plane and sets up its VTEP on `eth0`.
+async fn vtep_dataplane(
+    namespace: &Namespace,
+    node: usize,
+    vni: u32,
+) -> Result<(Dataplane, VxlanChange)> {
+    let netlink = Netlink::in_netns(&Netns::open(namespace.path())?)?;
+    let eth0 = netlink
+        .link_by_name("eth0")
+        .await?
+        .context("eth0 missing")?;
+    let mut dataplane = Dataplane::new(netlink);
+    let change = dataplane
+        .ensure_vtep(&Vtep {
+            underlay_index: eth0.index,
+            ..vtep(node, vni)
+        })
+        .await?;
+    Ok((dataplane, change))
+}
+
+fn desired(backend: Backend, node: usize, peers: &[usize]) -> DesiredState {
+    let peers: Vec<Peer> = peers.iter().map(|&p| peer(p)).collect();
+    desired_state(backend, &local(node), &peers)
+}
+
+/// `proto 87` routes as "dst via gateway dev" lines, sorted.
+fn weft_routes(namespace: &Namespace) -> Result<Vec<String>> {
+    let mut routes: Vec<String> = namespace
+        .json(&["ip", "-j", "route", "show", "proto", "87"])?
+        .iter()
+        .map(|r| {
+            format!(
+                "{} via {} dev {}{}",
+                r["dst"].as_str().unwrap_or("?"),
+                r["gateway"].as_str().unwrap_or("-"),
+                r["dev"].as_str().unwrap_or("?"),
+                if r["flags"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|x| x == "onlink"))
+                {
+                    " onlink"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect();
+    routes.sort();
+    Ok(routes)
+}
+
+fn weft_neighbours(namespace: &Namespace) -> Result<Vec<String>> {
+    let mut found: Vec<String> = namespace
+        .json(&[
+            "ip",
+            "-j",
+            "neigh",
+            "show",
+            "dev",
+            VXLAN_DEVICE,
+            "nud",
+            "permanent",
+        ])?
+        .iter()
+        .map(|n| {
+            format!(
+                "{} {}",
+                n["dst"].as_str().unwrap_or("?"),
+                n["lladdr"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn weft_fdb(namespace: &Namespace) -> Result<Vec<String>> {
+    let mut found: Vec<String> = namespace
+        .json(&["bridge", "-j", "fdb", "show", "dev", VXLAN_DEVICE])?
+        .iter()
+        .filter(|f| f.get("dst").is_some())
+        .map(|f| {
+            format!(
+                "{} {}",
+                f["mac"].as_str().unwrap_or("?"),
+                f["dst"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn ping(namespace: &Namespace, target: &str) -> bool {
+    namespace
+        .exec(&["ping", "-c", "1", "-W", "2", target])
+        .is_ok()
+}
+
+#[tokio::test]
+async fn vxlan_peers_are_programmed_in_order_and_carry_traffic() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("vx", 3)?;
+    let mut planes = Vec::new();
+    for (i, node) in fabric.nodes.iter().enumerate() {
+        let (plane, change) = vtep_dataplane(node, i, 1).await?;
+        ensure!(change == VxlanChange::Created, "node {i}: {change:?}");
+        planes.push(plane);
+    }
+    for (i, plane) in planes.iter().enumerate() {
+        let others: Vec<usize> = (0..3).filter(|&p| p != i).collect();
+        let report = plane
+            .reconcile(&desired(Backend::Vxlan, i, &others))
+            .await?;
+        ensure!(report.failed.is_empty(), "{:?}", report.failed);
+        ensure!(
+            report.applied.len() == 6,
+            "2 peers x (neighbour, fdb, route): {:?}",
+            report.applied
+        );
+    }
+
+    let node0 = &fabric.nodes[0];
+    assert_eq!(
+        weft_routes(node0)?,
+        vec![
+            "10.244.1.0/24 via 10.244.1.0 dev weft.1 onlink",
+            "10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink"
+        ]
+    );
+    assert_eq!(
+        weft_neighbours(node0)?,
+        vec![
+            "10.244.1.0 0a:58:00:00:00:02",
+            "10.244.2.0 0a:58:00:00:00:03"
+        ]
+    );
+    assert_eq!(
+        weft_fdb(node0)?,
+        vec![
+            "0a:58:00:00:00:02 172.31.0.11",
+            "0a:58:00:00:00:03 172.31.0.12"
+        ]
+    );
+    let link = &node0.json(&["ip", "-j", "-d", "link", "show", VXLAN_DEVICE])?[0];
+    let info = &link["linkinfo"]["info_data"];
+    assert_eq!(info["id"], 1);
+    assert_eq!(info["port"], 8472);
+    assert_eq!(info["local"], "172.31.0.10");
+    assert_eq!(info["learning"], false);
+    assert_eq!(link["mtu"], 1450);
+    assert_eq!(link["address"], "0a:58:00:00:00:01");
+
+    // Through the tunnel: node 0 to the VTEP addresses of nodes 1 and 2.
+    assert!(
+        ping(node0, "10.244.1.0"),
+        "node 0 cannot reach node 1 over vxlan"
+    );
+    assert!(
+        ping(node0, "10.244.2.0"),
+        "node 0 cannot reach node 2 over vxlan"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn stale_entries_and_foreign_routes_are_handled() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("st", 1)?;
+    let node = &fabric.nodes[0];
+    let (plane, _) = vtep_dataplane(node, 0, 1).await?;
+    plane
+        .reconcile(&desired(Backend::Vxlan, 0, &[1, 2, 3]))
+        .await?;
+    // Left by an earlier run (our protocol) and by someone else (boot).
+    node.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.9.0/24",
+        "via",
+        "172.31.0.99",
+        "proto",
+        "87",
+    ])?;
+    node.exec(&["ip", "route", "add", "10.99.0.0/24", "via", "172.31.0.98"])?;
+
+    let report = plane.reconcile(&desired(Backend::Vxlan, 0, &[1])).await?;
+    ensure!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(
+        weft_routes(node)?,
+        vec!["10.244.1.0/24 via 10.244.1.0 dev weft.1 onlink"]
+    );
+    assert_eq!(weft_neighbours(node)?, vec!["10.244.1.0 0a:58:00:00:00:02"]);
+    assert_eq!(weft_fdb(node)?, vec!["0a:58:00:00:00:02 172.31.0.11"]);
+    ensure!(
+        node.exec(&["ip", "route", "show", "10.99.0.0/24"])?
+            .contains("172.31.0.98"),
+        "a route Weft does not own was touched"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn drift_is_repaired_and_a_second_run_changes_nothing() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("dr", 1)?;
+    let node = &fabric.nodes[0];
+    let wanted = desired(Backend::Vxlan, 0, &[1, 2]);
+    let (plane, _) = vtep_dataplane(node, 0, 1).await?;
+    plane.reconcile(&wanted).await?;
+    let before = (weft_routes(node)?, weft_neighbours(node)?, weft_fdb(node)?);
+    let index_before =
+        node.json(&["ip", "-j", "link", "show", VXLAN_DEVICE])?[0]["ifindex"].clone();
+
+    node.exec(&["ip", "route", "del", "10.244.2.0/24"])?;
+    node.exec(&["ip", "neigh", "del", "10.244.1.0", "dev", VXLAN_DEVICE])?;
+    let report = plane.reconcile(&wanted).await?;
+    ensure!(report.applied.len() == 2, "repairs: {:?}", report.applied);
+    assert_eq!(
+        (weft_routes(node)?, weft_neighbours(node)?, weft_fdb(node)?),
+        before
+    );
+
+    // A restarted agent: a fresh socket, same settings.
+    let (restarted, change) = vtep_dataplane(node, 0, 1).await?;
+    assert_eq!(change, VxlanChange::Reused);
+    let report = restarted.reconcile(&wanted).await?;
+    ensure!(
+        report.applied.is_empty(),
+        "an idempotent run changed {:?}",
+        report.applied
+    );
+    let index_after = node.json(&["ip", "-j", "link", "show", VXLAN_DEVICE])?[0]["ifindex"].clone();
+    assert_eq!(index_before, index_after, "the device was recreated");
+    assert_eq!(
+        (weft_routes(node)?, weft_neighbours(node)?, weft_fdb(node)?),
+        before
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn changed_settings_recreate_the_device_with_the_same_mac() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("re", 1)?;
+    let node = &fabric.nodes[0];
+    vtep_dataplane(node, 0, 1).await?;
+    let (plane, change) = vtep_dataplane(node, 0, 7).await?;
+    assert_eq!(change, VxlanChange::Recreated);
+    let link = &node.json(&["ip", "-j", "-d", "link", "show", VXLAN_DEVICE])?[0];
+    assert_eq!(link["linkinfo"]["info_data"]["id"], 7);
+    assert_eq!(link["address"], "0a:58:00:00:00:01");
+    assert_eq!(plane.existing_vtep_mac().await?, Some(mac(0)));
+    let addresses = node.json(&["ip", "-j", "-4", "addr", "show", "dev", VXLAN_DEVICE])?;
+    assert_eq!(addresses[0]["addr_info"][0]["local"], "10.244.0.0");
+    Ok(())
+}
+
+#[tokio::test]
+async fn host_gw_routes_via_the_peer_address_and_carry_traffic() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("hg", 2)?;
+    for (i, node) in fabric.nodes.iter().enumerate() {
+        // Stands in for a pod on the node.
+        node.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.244.{i}.5/32"),
+            "dev",
+            "lo",
+        ])?;
+        let plane = Dataplane::new(Netlink::in_netns(&Netns::open(node.path())?)?);
+        let report = plane
+            .reconcile(&desired(Backend::HostGw, i, &[1 - i]))
+            .await?;
+        ensure!(report.failed.is_empty(), "{:?}", report.failed);
+    }
+    let node0 = &fabric.nodes[0];
+    assert_eq!(
+        weft_routes(node0)?,
+        vec!["10.244.1.0/24 via 172.31.0.11 dev eth0"]
+    );
+    assert!(
+        node0.exec(&["ip", "link", "show", VXLAN_DEVICE]).is_err(),
+        "host-gw made a vxlan device"
+    );
+    assert!(
+        ping(node0, "10.244.1.5"),
+        "node 0 cannot reach node 1's slice via host-gw"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn masquerade_table_is_applied_kept_and_restored() -> Result<()> {
+    require_root!();
+    let node = Namespace::new("nft")?;
+    let netns = Netns::open(node.path())?;
+    let cluster: Vec<IpNet> = vec!["10.244.0.0/16".parse()?, "fd00:10:244::/56".parse()?];
+    let exempt: Vec<IpNet> = vec!["192.168.0.0/16".parse()?];
+    let mut table = MasqueradeTable::new(&cluster, &exempt);
+
+    assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Replaced);
+    assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Unchanged);
+
+    let listing = node.exec(&["nft", "-j", "list", "table", "inet", "weft"])?;
+    let parsed: Value = serde_json::from_str(&listing)?;
+    let items = parsed["nftables"].as_array().context("nftables array")?;
+    let chain = items
+        .iter()
+        .find_map(|i| i.get("chain"))
+        .context("no chain in the table")?;
+    assert_eq!(chain["hook"], "postrouting");
+    assert_eq!(chain["type"], "nat");
+    let rules: Vec<&Value> = items.iter().filter_map(|i| i.get("rule")).collect();
+    assert_eq!(
+        rules.len(),
+        3,
+        "kube-proxy exemption + one masquerade rule per family"
+    );
+    let text = listing.to_string();
+    assert!(text.contains("\"masquerade\""), "{text}");
+    assert!(text.contains("fully-random"), "{text}");
+    let sets: Vec<&Value> = items.iter().filter_map(|i| i.get("set")).collect();
+    assert_eq!(sets.len(), 2);
+
+    // Removed (or edited) by someone: the next ensure puts it back.
+    node.exec(&["nft", "delete", "table", "inet", "weft"])?;
+    assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Replaced);
+    node.exec(&["nft", "flush", "chain", "inet", "weft", "postrouting"])?;
+    assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Replaced);
+    assert!(node
+        .exec(&["nft", "list", "table", "inet", "weft"])?
+        .contains("masquerade"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn tx_checksum_offload_can_be_turned_off_on_the_vtep() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("cs", 1)?;
+    let node = &fabric.nodes[0];
+    vtep_dataplane(node, 0, 1).await?;
+    let netns = Netns::open(node.path())?;
+    netns.run_in(|| set_tx_checksum(VXLAN_DEVICE, false))??;
+    assert!(!netns.run_in(|| tx_checksum(VXLAN_DEVICE))??);
+    let features = node.exec(&["ip", "-d", "link", "show", VXLAN_DEVICE])?;
+    ensure!(features.contains("vxlan"), "{features}");
+    netns.run_in(|| set_tx_checksum(VXLAN_DEVICE, true))??;
+    assert!(netns.run_in(|| tx_checksum(VXLAN_DEVICE))??);
+    Ok(())
+}
+
+/// A child process killed and reaped on drop.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET path` on 127.0.0.1:9465 inside the namespace; `None` while nothing
+/// listens.
+fn http_get(netns: &Netns, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let request = format!("GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n");
+    netns
+        .run_in(move || -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9465")?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .ok()?
+        .ok()
+}
+
+#[tokio::test]
+async fn agent_without_an_api_server_leaves_the_data_plane_alone() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("api", 1)?;
+    let node = &fabric.nodes[0];
+    // What an earlier agent run programmed.
+    let (plane, _) = vtep_dataplane(node, 0, 1).await?;
+    plane
+        .reconcile(&desired(Backend::Vxlan, 0, &[1, 2]))
+        .await?;
+    let before = (weft_routes(node)?, weft_neighbours(node)?, weft_fdb(node)?);
+
+    // Nothing listens on port 1 of the node's loopback.
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: https://127.0.0.1:1\n    insecure-skip-tls-verify: true\ncontexts:\n- name: gone\n  context:\n    cluster: gone\n    user: nobody\ncurrent-context: gone\nusers:\n- name: nobody\n  user:\n    token: none\n",
+    )?;
+    let log = dir.path().join("agent.log");
+    let agent = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.name,
+            env!("CARGO_BIN_EXE_weft-agent"),
+        ])
+        .args(["--node-name", "node-0", "--cluster-cidr", "10.244.0.0/16"])
+        .arg("--metrics-address=127.0.0.1:9465")
+        .arg("--cni-bin-dir")
+        .arg(dir.path().join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(dir.path().join("net.d"))
+        .arg("--node-file")
+        .arg(dir.path().join("node.json"))
+        .env("KUBECONFIG", &kubeconfig)
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let _agent = Running(agent);
+
+    let netns = Netns::open(node.path())?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)?.contains("watching nodes failed") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent never tried the API server: {}",
+            std::fs::read_to_string(&log)?
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let healthz = http_get(&netns, "/healthz").context("no /healthz")?;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    let readyz = http_get(&netns, "/readyz").context("no /readyz")?;
+    assert!(
+        readyz.starts_with("HTTP/1.1 503"),
+        "ready without ever programming: {readyz}"
+    );
+    assert_eq!(
+        (weft_routes(node)?, weft_neighbours(node)?, weft_fdb(node)?),
+        before
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn dual_stack_slices_share_one_tunnel() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("ds", 2)?;
+    let slice_v6 = |node: usize| -> IpNet { format!("fd00:10:244:{node}::/64").parse().unwrap() };
+    for (i, node) in fabric.nodes.iter().enumerate() {
+        let netlink = Netlink::in_netns(&Netns::open(node.path())?)?;
+        let eth0 = netlink.link_by_name("eth0").await?.context("eth0")?;
+        let mut plane = Dataplane::new(netlink);
+        plane
+            .ensure_vtep(&Vtep {
+                underlay_index: eth0.index,
+                addresses: vec![
+                    IpNet::new(slice(i).network(), 32)?,
+                    IpNet::new(slice_v6(i).network(), 128)?,
+                ],
+                ..vtep(i, 1)
+            })
+            .await?;
+        let local = LocalNode {
+            pod_cidrs: vec![slice(i), slice_v6(i)],
+            ..local(i)
+        };
+        let other = Peer {
+            pod_cidrs: vec![slice(1 - i), slice_v6(1 - i)],
+            ..peer(1 - i)
+        };
+        let report = plane
+            .reconcile(&desired_state(Backend::Vxlan, &local, &[other]))
+            .await?;
+        ensure!(report.failed.is_empty(), "{:?}", report.failed);
+    }
+    let node0 = &fabric.nodes[0];
+    let routes = node0.exec(&["ip", "-6", "route", "show", "proto", "87"])?;
+    ensure!(
+        routes.contains("fd00:10:244:1::/64 via fd00:10:244:1:: dev weft.1"),
+        "{routes}"
+    );
+    assert_eq!(
+        weft_neighbours(node0)?,
+        vec![
+            "10.244.1.0 0a:58:00:00:00:02",
+            "fd00:10:244:1:: 0a:58:00:00:00:02"
+        ]
+    );
+    // One FDB entry carries both families.
+    assert_eq!(weft_fdb(node0)?, vec!["0a:58:00:00:00:02 172.31.0.11"]);
+    assert!(ping(node0, "fd00:10:244:1::"), "no IPv6 through the tunnel");
+    assert!(ping(node0, "10.244.1.0"), "no IPv4 through the tunnel");
+    Ok(())
+}
+
+/// Runs the uninstall teardown inside `namespace` (netlink and `nft` both
+/// act on the calling thread's namespace, so it gets a thread of its own).
+fn tear_down_in(namespace: &Namespace, config: &AgentConfig) -> Result<TeardownReport> {
+    let netns = Netns::open(namespace.path())?;
+    netns.run_in(|| -> Result<TeardownReport> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let netlink = Netlink::current()?;
+            Ok(tear_down(&netlink, config).await)
+        })
+    })?
+}
+
+fn link_names(namespace: &Namespace) -> Result<Vec<String>> {
+    Ok(namespace
+        .json(&["ip", "-j", "link", "show"])?
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .collect())
+}
+
+#[tokio::test]
+async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("un", 2)?;
+    let node = &fabric.nodes[0];
+    let files = tempfile::tempdir()?;
+    let source = files.path().join("weft-build");
+    std::fs::write(&source, b"\x7fELF weft plugin")?;
+    let config = AgentConfig::from_layer(
+        ConfigLayer {
+            cluster_cidr: Some("10.244.0.0/16".parse()?),
+            cluster_cidr_v6: Some("fd00:10:244::/56".parse()?),
+            cni_bin_dir: Some(files.path().join("bin")),
+            cni_conf_dir: Some(files.path().join("net.d")),
+            cni_plugin_source: Some(source.clone()),
+            node_file: Some(files.path().join("run/node.json")),
+            ..ConfigLayer::default()
+        },
+        &files.path().join("weft-agent"),
+    )?;
+
+    // A programmed node: weft.1 with a peer (neighbour, FDB, route), an IPv6
+    // proto-87 route, weft0, the nft table and the node's files.
+    let (dataplane, _) = vtep_dataplane(node, 0, 1).await?;
+    let report = dataplane
+        .reconcile(&desired(Backend::Vxlan, 0, &[1]))
+        .await?;
+    ensure!(report.failed.is_empty(), "{:?}", report.failed);
+    node.exec(&[
+        "ip",
+        "addr",
+        "add",
+        "fd00:31::10/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    node.exec(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "fd00:10:244:1::/64",
+        "via",
+        "fd00:31::11",
+        "dev",
+        "eth0",
+        "proto",
+        "87",
+    ])?;
+    node.exec(&["ip", "link", "add", DEFAULT_BRIDGE, "type", "bridge"])?;
+    let mut table = MasqueradeTable::new(&config.cluster_cidrs, &[]);
+    Netns::open(node.path())?.run_in(|| table.ensure())??;
+    install_plugin(&config.cni_plugin_source, &config.cni_bin_dir)?;
+    install_conflist(&config.cni_conf_dir, &render_conflist(&config.node_file))?;
+    std::fs::create_dir_all(files.path().join("run"))?;
+    std::fs::write(&config.node_file, "{}")?;
+    // What is not Weft's: a link, a route, an nft table and a conflist.
+    node.exec(&["ip", "link", "add", "other0", "type", "bridge"])?;
+    node.exec(&[
+        "ip",
+        "route",
+        "add",
+        "192.0.2.0/24",
+        "via",
+        "172.31.0.11",
+        "proto",
+        "static",
+    ])?;
+    node.exec(&["nft", "add", "table", "inet", "other"])?;
+    let other_conflist = config.cni_conf_dir.join("20-other.conflist");
+    std::fs::write(&other_conflist, "{}")?;
+    ensure!(!weft_routes(node)?.is_empty() && !weft_fdb(node)?.is_empty());
+
+    let report = tear_down_in(node, &config)?;
+    ensure!(report.errors.is_empty(), "{:?}", report.errors);
+    ensure!(report.kept.is_empty(), "{:?}", report.kept);
+    let links = link_names(node)?;
+    ensure!(
+        !links
+            .iter()
+            .any(|l| l == VXLAN_DEVICE || l == DEFAULT_BRIDGE),
+        "Weft links left: {links:?}"
+    );
+    ensure!(
+        node.exec(&["ip", "-4", "route", "show", "proto", "87"])?
+            .trim()
+            .is_empty()
+            && node
+                .exec(&["ip", "-6", "route", "show", "proto", "87"])?
+                .trim()
+                .is_empty(),
+        "proto 87 routes left"
+    );
+    let tables = node.exec(&["nft", "list", "tables"])?;
+    ensure!(!tables.contains("inet weft"), "nft table left: {tables}");
+    for path in [
+        config.cni_conf_dir.join(CONFLIST_NAME),
+        config.cni_bin_dir.join(PLUGIN_NAME),
+        config.node_file.clone(),
+    ] {
+        ensure!(!path.exists(), "{} left", path.display());
+    }
+    // Untouched.
+    ensure!(links.iter().any(|l| l == "other0") && links.iter().any(|l| l == "eth0"));
+    ensure!(node
+        .exec(&["ip", "route", "show", "192.0.2.0/24"])?
+        .contains("via 172.31.0.11"));
+    ensure!(tables.contains("inet other"), "{tables}");
+    ensure!(other_conflist.exists() && source.exists());
+
+    // Again: nothing left to do. A `weft` binary that is not the agent's
+    // copy stays.
+    std::fs::write(config.cni_bin_dir.join(PLUGIN_NAME), b"someone else's weft")?;
+    let again = tear_down_in(node, &config)?;
+    ensure!(
+        again.removed.is_empty() && again.errors.is_empty(),
+        "second teardown did something: {again:?}"
+    );
+    ensure!(again.kept.len() == 1, "{:?}", again.kept);
+    ensure!(config.cni_bin_dir.join(PLUGIN_NAME).exists());
+    Ok(())
+}

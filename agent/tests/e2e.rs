@@ -1,0 +1,332 @@
+//! End to end on the e2e harness: a real kube-apiserver, the real
+//! `weft-controller`, a real `weft-agent` per node (ServiceAccount bound to
+//! `agent/rbac.yaml`), and pods made with the real `weft` plugin from the
+//! conflist the agent installed. Three nodes: two on the main underlay
+//! segment, one behind the router.
+//!
+//! Needs root and the harness's control-plane binaries (built on first use).
+//! Waits poll with generous deadlines; the only deadline that is part of
+//! an assertion is the "routes of a deleted node go within 5 s".
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::DeleteParams;
+use kube::Api;
+use nix::libc;
+use podnet::netns::Netns;
+
+mod testbed;
+
+use testbed::{output, ping_all, vxlan_ifindex, weft_routes, Overlay, OverlaySpec};
+
+/// The bound for a deleted node's routes to disappear everywhere.
+const NODE_DELETION_BOUND: Duration = Duration::from_secs(5);
+const VXLAN_PORT: u16 = 8472;
+
+/// A raw packet socket opened inside a namespace, on one interface.
+struct Capture {
+    socket: OwnedFd,
+}
+
+impl Capture {
+    fn open(netns_path: &Path, interface: &str) -> Result<Self> {
+        let netns = Netns::open(netns_path)?;
+        let interface = interface.to_string();
+        netns.run_in(move || -> Result<Self> {
+            let index = nix::net::if_::if_nametoindex(interface.as_str())
+                .with_context(|| format!("no {interface}"))?;
+            let protocol = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2); the descriptor is owned right away.
+            let raw = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from(protocol),
+                )
+            };
+            ensure!(
+                raw >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: `raw` is a fresh descriptor nobody else owns.
+            let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+            let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            address.sll_family = libc::AF_PACKET as u16;
+            address.sll_protocol = protocol;
+            address.sll_ifindex = index as i32;
+            // SAFETY: the address is a valid sockaddr_ll of the given size.
+            let bound = unsafe {
+                libc::bind(
+                    socket.as_raw_fd(),
+                    (&address as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            ensure!(
+                bound == 0,
+                "binding to {interface}: {}",
+                std::io::Error::last_os_error()
+            );
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            // SAFETY: SO_RCVTIMEO takes a timeval of this size.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            Ok(Capture { socket })
+        })?
+    }
+
+    /// Reads frames until `wanted` accepts one or `deadline` passes.
+    fn find<T>(&self, deadline: Duration, mut wanted: impl FnMut(&[u8]) -> Option<T>) -> Option<T> {
+        let start = Instant::now();
+        let mut buffer = vec![0u8; 65536];
+        while start.elapsed() < deadline {
+            // SAFETY: the buffer is valid for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    0,
+                )
+            };
+            if n > 0 {
+                if let Some(found) = wanted(&buffer[..n as usize]) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+}
+
+fn ipv4_pair(packet: &SlicedPacket<'_>) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    match &packet.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            Some((ip.header().source_addr(), ip.header().destination_addr()))
+        }
+        _ => None,
+    }
+}
+
+/// The outer and inner IPv4 addresses of a VXLAN frame.
+fn vxlan_frame(frame: &[u8]) -> Option<((Ipv4Addr, Ipv4Addr), (Ipv4Addr, Ipv4Addr))> {
+    let outer = SlicedPacket::from_ethernet(frame).ok()?;
+    let Some(TransportSlice::Udp(udp)) = &outer.transport else {
+        return None;
+    };
+    let payload = udp.payload();
+    // The VXLAN header is 8 bytes; its I flag says a VNI is present.
+    if udp.destination_port() != VXLAN_PORT || payload.len() < 8 || payload[0] & 0x08 == 0 {
+        return None;
+    }
+    let inner = SlicedPacket::from_ethernet(&payload[8..]).ok()?;
+    Some((ipv4_pair(&outer)?, ipv4_pair(&inner)?))
+}
+
+/// The addresses of a plain (not tunnelled) ICMP echo request.
+fn icmp_echo_request(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let packet = SlicedPacket::from_ethernet(frame).ok()?;
+    match &packet.transport {
+        Some(TransportSlice::Icmpv4(icmp)) if icmp.type_u8() == 8 => ipv4_pair(&packet),
+        _ => None,
+    }
+}
+
+fn v4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => panic!("the e2e cluster is IPv4"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vxlan_overlay_end_to_end() -> Result<()> {
+    require_root!();
+    let mut overlay = Overlay::start(OverlaySpec::default()).await?;
+    overlay.start_agents()?;
+    overlay.wait_programmed(2).await?;
+    let pods = overlay.add_pods()?;
+    ping_all(&pods, &overlay)?;
+    let (node0, node1) = (overlay.node(0), overlay.node(1));
+    let (pod0, pod1) = (v4(pods[0].ip().unwrap()), v4(pods[1].ip().unwrap()));
+
+    // On the underlay: VXLAN from node 0 to node 1 carrying the pod addresses.
+    let capture = Capture::open(&node1.netns_path(), &node1.underlay_link)?;
+    let pinger = std::thread::spawn({
+        let mut command = pods[0].command("ping");
+        command.args(["-c", "5", "-i", "0.2", &pod1.to_string()]);
+        move || command.output()
+    });
+    let tunnelled = capture.find(Duration::from_secs(10), |frame| {
+        vxlan_frame(frame).filter(|(_, inner)| *inner == (pod0, pod1))
+    });
+    pinger.join().expect("ping thread")?;
+    let (outer, _) =
+        tunnelled.context("no VXLAN frame with the pods' addresses on node 1's underlay")?;
+    assert_eq!(outer, (node0.underlay_ip(), node1.underlay_ip()));
+
+    // The receiving pod sees the sender's own address: no NAT between pods.
+    let capture = Capture::open(&pods[1].netns_path(), weft_e2e::POD_INTERFACE)?;
+    assert!(pods[0].ping(IpAddr::V4(pod1)));
+    let seen = capture.find(Duration::from_secs(5), icmp_echo_request);
+    assert_eq!(
+        seen,
+        Some((pod0, pod1)),
+        "pod 1 saw the echo from another address"
+    );
+
+    // Outside the cluster: masqueraded to the node's address.
+    let outside = overlay.cluster.outside().clone();
+    let capture = Capture::open(
+        &PathBuf::from(format!("/var/run/netns/{}", outside.netns)),
+        "eth0",
+    )?;
+    assert!(
+        pods[0].ping(IpAddr::V4(outside.ip())),
+        "pod 0 cannot reach the outside"
+    );
+    let seen = capture.find(Duration::from_secs(5), |frame| {
+        icmp_echo_request(frame).filter(|(_, dst)| *dst == outside.ip())
+    });
+    assert_eq!(
+        seen.map(|(src, _)| src),
+        Some(node0.underlay_ip()),
+        "not masqueraded to node 0's address"
+    );
+
+    // Agents restart under continuous ping: nothing lost, nothing recreated.
+    let index_before = vxlan_ifindex(&node0)?;
+    let mut ping = pods[0].command("ping");
+    ping.args(["-c", "150", "-i", "0.05", "-W", "1", &pod1.to_string()]);
+    let pinger = std::thread::spawn(move || ping.output());
+    std::thread::sleep(Duration::from_secs(1));
+    overlay.restart_agent(&node0)?;
+    overlay.restart_agent(&node1)?;
+    let result = pinger.join().expect("ping thread")?;
+    let summary = String::from_utf8_lossy(&result.stdout).into_owned();
+    assert!(
+        summary.contains("150 packets transmitted, 150 received"),
+        "packets lost during restart:\n{summary}"
+    );
+    overlay.wait_programmed(2).await?;
+    assert_eq!(
+        vxlan_ifindex(&node0)?,
+        index_before,
+        "the restart recreated weft.1"
+    );
+    for agent in overlay.agents.values() {
+        assert!(!agent.log().contains("Recreated"), "{}", agent.log());
+    }
+
+    // A deleted Node's routes leave every other node within the bound.
+    let slices = overlay.slices().await?;
+    let gone = slices.get("node-2").context("node-2 has no slice")?.clone();
+    let nodes: Api<Node> = Api::all(overlay.admin.clone());
+    nodes.delete("node-2", &DeleteParams::default()).await?;
+    let deleted_at = Instant::now();
+    for node in [&node0, &node1] {
+        while weft_routes(node)?.contains_key(&gone) {
+            assert!(
+                deleted_at.elapsed() < NODE_DELETION_BOUND,
+                "{} still routes {gone} {NODE_DELETION_BOUND:?} after the Node was deleted\n{}",
+                node.name,
+                overlay.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(
+        pods[0].ping(IpAddr::V4(pod1)),
+        "pod-to-pod broke after the deletion"
+    );
+    overlay.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_gw_routes_peers_on_the_segment() -> Result<()> {
+    require_root!();
+    let mut overlay = Overlay::start(OverlaySpec {
+        backend: "host-gw",
+        ..OverlaySpec::default()
+    })
+    .await?;
+    overlay.start_agents()?;
+    // node 0 routes to node 1 only: node 2 is behind the router.
+    overlay.wait_programmed(1).await?;
+    let slices = overlay.slices().await?;
+    let routes = weft_routes(&overlay.node(0))?;
+    let node1 = overlay.node(1);
+    assert_eq!(
+        routes.get(&slices["node-1"]),
+        Some(&format!("via {} dev eth0", node1.underlay_ip()))
+    );
+    assert!(!routes.contains_key(&slices["node-2"]));
+    let mut link = overlay.node(0).command("ip");
+    link.args(["link", "show", "weft.1"]);
+    assert!(output(link).is_err(), "host-gw created weft.1");
+
+    let pods = overlay.add_pods()?;
+    ping_all(&pods[..2], &overlay)?;
+    overlay.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_routing_uses_host_gw_on_the_segment_and_vxlan_beyond() -> Result<()> {
+    require_root!();
+    let mut overlay = Overlay::start(OverlaySpec {
+        backend: "direct",
+        ..OverlaySpec::default()
+    })
+    .await?;
+    overlay.start_agents()?;
+    overlay.wait_programmed(2).await?;
+    let slices = overlay.slices().await?;
+    let routes = weft_routes(&overlay.node(0))?;
+    let node1 = overlay.node(1);
+    assert_eq!(
+        routes.get(&slices["node-1"]),
+        Some(&format!("via {} dev eth0", node1.underlay_ip()))
+    );
+    let node2_vtep = slices["node-2"]
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        routes.get(&slices["node-2"]),
+        Some(&format!("via {node2_vtep} dev weft.1"))
+    );
+
+    let pods = overlay.add_pods()?;
+    ping_all(&pods, &overlay)?;
+
+    // Same segment: the pods' packets cross the underlay unencapsulated.
+    let (pod0, pod1) = (v4(pods[0].ip().unwrap()), v4(pods[1].ip().unwrap()));
+    let capture = Capture::open(&node1.netns_path(), &node1.underlay_link)?;
+    assert!(pods[0].ping(IpAddr::V4(pod1)));
+    let seen = capture.find(Duration::from_secs(5), icmp_echo_request);
+    assert_eq!(
+        seen,
+        Some((pod0, pod1)),
+        "pod traffic to node 1 was not routed directly"
+    );
+    overlay.cluster.stop().await
+}

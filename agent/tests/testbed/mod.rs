@@ -1,0 +1,435 @@
+//! The agents' test bed on the e2e harness: a real kube-apiserver, the real
+//! `weft-controller`, a real `weft-agent` per node under a ServiceAccount
+//! bound to `agent/rbac.yaml`, and pods made with the real `weft` plugin from
+//! the conflist the agent installed. Shared by the end-to-end tests and the
+//! benchmarks.
+
+#![allow(dead_code)] // each test or bench binary uses a different part
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use podnet::netns::Netns;
+use serde::Deserialize;
+use serde_json::Value;
+use weft_e2e::{Cluster, ClusterNode, ClusterSpec, Pod, ProcessHandle};
+
+/// The cluster CIDR the controller and the agents are given by default.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// Deadline for anything expected "soon"; never an assertion on speed.
+pub const PATIENCE: Duration = Duration::from_secs(180);
+/// Where each agent serves /healthz, /readyz and /metrics, in its node's namespace.
+pub const METRICS_PORT: u16 = 9465;
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::testbed::is_root() {
+            eprintln!("skipped: needs root for the e2e harness");
+            return Ok(());
+        }
+    };
+}
+
+/// Builds (if needed) a binary of another workspace package into the same
+/// target directory and profile as this test, and returns its path.
+pub fn workspace_binary(package: &str, name: &str) -> Result<PathBuf> {
+    let agent = Path::new(env!("CARGO_BIN_EXE_weft-agent"));
+    let profile_dir = agent.parent().context("agent binary has a directory")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("profile directory has a parent")?;
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--quiet", "--package", package, "--bin", name])
+        .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().with_context(|| format!("building {name}"))?;
+    ensure!(status.success(), "building {name} failed");
+    Ok(profile_dir.join(name))
+}
+
+/// Polls `check` every 200 ms until it yields a value or `deadline` passes.
+pub fn wait_for<T>(
+    deadline: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if start.elapsed() > deadline {
+            bail!("gave up after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn output(mut command: Command) -> Result<String> {
+    let shown = format!("{command:?}");
+    let out = command
+        .output()
+        .with_context(|| format!("running {shown}"))?;
+    ensure!(
+        out.status.success(),
+        "{shown} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Weft's routes on a node, as `destination -> "via <gw> dev <dev>"`.
+pub fn weft_routes(node: &ClusterNode) -> Result<BTreeMap<String, String>> {
+    let mut command = node.command("ip");
+    command.args(["-j", "route", "show", "proto", "87"]);
+    let text = output(command)?;
+    let routes: Vec<Value> = if text.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_str(&text)?
+    };
+    Ok(routes
+        .iter()
+        .map(|r| {
+            let dst = r["dst"].as_str().unwrap_or("?").to_string();
+            let via = format!(
+                "via {} dev {}",
+                r["gateway"].as_str().unwrap_or("-"),
+                r["dev"].as_str().unwrap_or("?")
+            );
+            (dst, via)
+        })
+        .collect())
+}
+
+pub fn vxlan_ifindex(node: &ClusterNode) -> Result<u64> {
+    let mut command = node.command("ip");
+    command.args(["-j", "link", "show", "weft.1"]);
+    let links: Vec<Value> = serde_json::from_str(&output(command)?)?;
+    links
+        .first()
+        .and_then(|l| l["ifindex"].as_u64())
+        .context("weft.1 has no ifindex")
+}
+
+/// `GET /readyz` on the node's agent, from inside the node's namespace.
+pub fn agent_ready(node: &ClusterNode) -> Result<bool> {
+    let netns = Netns::open(node.netns_path())?;
+    let answer = netns.run_in(|| -> std::io::Result<String> {
+        let address = ([127, 0, 0, 1], METRICS_PORT).into();
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })?;
+    Ok(answer.is_ok_and(|response| response.starts_with("HTTP/1.1 200")))
+}
+
+/// What to bring up.
+#[derive(Debug, Clone)]
+pub struct OverlaySpec {
+    /// The agents' backend.
+    pub backend: &'static str,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// How many of them (the last ones) sit behind the router.
+    pub routed_nodes: usize,
+    /// The cluster CIDR given to the controller and the agents.
+    pub cluster_cidr: &'static str,
+    /// Whether to run the controller (without it, tests set slices).
+    pub controller: bool,
+}
+
+impl Default for OverlaySpec {
+    /// vxlan, three nodes of which one is routed, with the controller.
+    fn default() -> Self {
+        OverlaySpec {
+            backend: "vxlan",
+            nodes: 3,
+            routed_nodes: 1,
+            cluster_cidr: CLUSTER_CIDR,
+            controller: true,
+        }
+    }
+}
+
+/// A harness cluster with the controller, an agent per node once
+/// [`Overlay::start_agents`] ran, and one pod per node once
+/// [`Overlay::add_pods`] ran.
+pub struct Overlay {
+    pub cluster: Cluster,
+    pub admin: Client,
+    pub spec: OverlaySpec,
+    pub plugin: PathBuf,
+    agent: PathBuf,
+    agent_kubeconfig: PathBuf,
+    pub agents: BTreeMap<String, ProcessHandle>,
+    /// Extra environment for agents started from now on.
+    pub agent_env: Vec<(String, String)>,
+    starts: usize,
+    _controller: Option<ProcessHandle>,
+}
+
+impl Overlay {
+    /// Control plane, agent RBAC and (per the spec) the controller.
+    pub async fn start(spec: OverlaySpec) -> Result<Self> {
+        let plugin = workspace_binary("weft-cni", "weft")?;
+        let controller = workspace_binary("weft-controller", "weft-controller")?;
+        let cluster = Cluster::start(ClusterSpec {
+            nodes: spec.nodes,
+            routed_nodes: spec.routed_nodes,
+            ..ClusterSpec::default()
+        })
+        .await?;
+        let admin = cluster.client().await?;
+        let namespaces: Api<Namespace> = Api::all(admin.clone());
+        let deadline = Instant::now() + PATIENCE;
+        while namespaces.get_opt("kube-system").await?.is_none() {
+            ensure!(
+                Instant::now() < deadline,
+                "namespace kube-system never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        apply_agent_rbac(&admin).await?;
+        let agent_kubeconfig = cluster
+            .service_account_kubeconfig("kube-system", "weft-agent")
+            .await?;
+
+        let controller = if spec.controller {
+            let mut command = Command::new(controller);
+            command
+                .args([
+                    "--cluster-cidr",
+                    spec.cluster_cidr,
+                    "--metrics-address",
+                    "127.0.0.1:0",
+                ])
+                .env("KUBECONFIG", cluster.kubeconfig())
+                .env("RUST_LOG", "info");
+            Some(cluster.spawn_host("weft-controller", command)?)
+        } else {
+            None
+        };
+        Ok(Overlay {
+            cluster,
+            admin,
+            spec,
+            plugin,
+            agent: PathBuf::from(env!("CARGO_BIN_EXE_weft-agent")),
+            agent_kubeconfig,
+            agents: BTreeMap::new(),
+            agent_env: Vec::new(),
+            starts: 0,
+            _controller: controller,
+        })
+    }
+
+    /// Starts an agent on every node.
+    pub fn start_agents(&mut self) -> Result<()> {
+        for node in self.cluster.nodes().to_vec() {
+            self.start_agent(&node)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent on `node` with the spec's backend and cluster CIDR.
+    pub fn start_agent(&mut self, node: &ClusterNode) -> Result<()> {
+        let state = &node.state_dir;
+        let mut command = Command::new(&self.agent);
+        command
+            .args([
+                "--backend",
+                self.spec.backend,
+                "--cluster-cidr",
+                self.spec.cluster_cidr,
+                "--resync-seconds",
+                "5",
+            ])
+            .arg("--cni-bin-dir")
+            .arg(state.join("bin"))
+            .arg("--cni-conf-dir")
+            .arg(state.join("net.d"))
+            .arg("--node-file")
+            .arg(state.join("node.json"))
+            .arg("--cni-plugin-source")
+            .arg(&self.plugin)
+            .arg(format!("--metrics-address=127.0.0.1:{METRICS_PORT}"))
+            .env("NODE_NAME", &node.name)
+            .env("KUBECONFIG", &self.agent_kubeconfig)
+            .env("RUST_LOG", "info")
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)));
+        self.starts += 1;
+        let name = format!("weft-agent-{}-{}", node.name, self.starts);
+        let process = self.cluster.spawn_on_node(node, &name, command)?;
+        self.agents.insert(node.name.clone(), process);
+        Ok(())
+    }
+
+    /// Stops the agent on `node` (SIGTERM) and starts a new one.
+    pub fn restart_agent(&mut self, node: &ClusterNode) -> Result<()> {
+        if let Some(old) = self.agents.remove(&node.name) {
+            old.kill()?;
+        }
+        self.start_agent(node)
+    }
+
+    /// The `index`th node.
+    pub fn node(&self, index: usize) -> ClusterNode {
+        self.cluster.nodes()[index].clone()
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.agents
+            .values()
+            .map(|agent| format!("--- {}\n{}", agent.name(), agent.log()))
+            .collect()
+    }
+
+    /// Every node's slice, from the controller's annotation.
+    pub async fn slices(&self) -> Result<BTreeMap<String, String>> {
+        let nodes: Api<Node> = Api::all(self.admin.clone());
+        let mut slices = BTreeMap::new();
+        for node in nodes.list(&Default::default()).await? {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            if let Some(slice) = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("weft.dev/pod-cidr"))
+            {
+                slices.insert(name, slice.clone());
+            }
+        }
+        Ok(slices)
+    }
+
+    /// Waits until every agent reports ready and set its Node condition,
+    /// and node 0 holds `expected_routes` routes.
+    pub async fn wait_programmed(&self, expected_routes: usize) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.admin.clone());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let mut up = 0;
+            for node in nodes.list(&Default::default()).await? {
+                let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
+                if conditions.iter().any(|c| {
+                    c.type_ == "NetworkUnavailable"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("WeftIsUp")
+                }) {
+                    up += 1;
+                }
+            }
+            let routes = weft_routes(&self.node(0))?.len();
+            let ready = self
+                .cluster
+                .nodes()
+                .iter()
+                .all(|n| agent_ready(n).unwrap_or(false));
+            if up == self.spec.nodes && ready && routes == expected_routes {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agents not programmed after {PATIENCE:?} ({up}/{} nodes up, ready {ready}, node-0 has {routes} routes)\n{}", self.spec.nodes, self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// One pod per node, configured from the conflist the node's agent
+    /// installed (plus an IPAM directory of the node's own).
+    pub fn add_pods(&self) -> Result<Vec<Pod>> {
+        let mut pods = Vec::new();
+        for node in self.cluster.nodes() {
+            let conflist_path = node.state_dir.join("net.d/10-weft.conflist");
+            let conflist: Value = serde_json::from_str(&std::fs::read_to_string(&conflist_path)?)?;
+            let mut netconf = conflist["plugins"][0].clone();
+            netconf["cniVersion"] = conflist["cniVersion"].clone();
+            netconf["name"] = conflist["name"].clone();
+            netconf["dataDir"] = Value::from(node.state_dir.join("ipam").display().to_string());
+            let pod = node.add_pod(&self.plugin, &netconf.to_string(), "web")?;
+            pods.push(pod);
+        }
+        Ok(pods)
+    }
+}
+
+/// Applies `agent/rbac.yaml`.
+pub async fn apply_agent_rbac(admin: &Client) -> Result<()> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rbac.yaml"))?;
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(document)?;
+        let kind = value["kind"].as_str().unwrap_or_default().to_string();
+        let json = serde_json::to_value(&value)?;
+        match kind.as_str() {
+            "ServiceAccount" => {
+                let api: Api<ServiceAccount> = Api::namespaced(admin.clone(), "kube-system");
+                api.create(&PostParams::default(), &serde_json::from_value(json)?)
+                    .await?;
+            }
+            "ClusterRole" => {
+                let api: Api<ClusterRole> = Api::all(admin.clone());
+                api.create(&PostParams::default(), &serde_json::from_value(json)?)
+                    .await?;
+            }
+            "ClusterRoleBinding" => {
+                let api: Api<ClusterRoleBinding> = Api::all(admin.clone());
+                api.create(&PostParams::default(), &serde_json::from_value(json)?)
+                    .await?;
+            }
+            "Role" => {
+                let api: Api<Role> = Api::namespaced(admin.clone(), "kube-system");
+                api.create(&PostParams::default(), &serde_json::from_value(json)?)
+                    .await?;
+            }
+            "RoleBinding" => {
+                let api: Api<RoleBinding> = Api::namespaced(admin.clone(), "kube-system");
+                api.create(&PostParams::default(), &serde_json::from_value(json)?)
+                    .await?;
+            }
+            other => bail!("agent/rbac.yaml has a {other}, which this test does not apply"),
+        }
+    }
+    Ok(())
+}
+
+/// Every pod pings every other pod (polled: peers appear as their agents
+/// publish).
+pub fn ping_all(pods: &[Pod], overlay: &Overlay) -> Result<()> {
+    for from in pods {
+        for to in pods {
+            if from.name == to.name && from.netns == to.netns {
+                continue;
+            }
+            let target = to.ip().context("pod without address")?;
+            wait_for(
+                PATIENCE,
+                &format!("{} to reach {target}", from.netns),
+                || Ok(from.ping(target).then_some(())),
+            )
+            .with_context(|| overlay.logs())?;
+        }
+    }
+    Ok(())
+}

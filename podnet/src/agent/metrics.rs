@@ -1,0 +1,122 @@
+//! The agent's Prometheus metrics, registered under `weft_agent_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use super::dataplane::ApplyReport;
+use super::overlay::Operation;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabel {
+    error: &'static str,
+}
+
+/// Everything the agent counts.
+#[derive(Clone, Debug)]
+pub struct AgentMetrics {
+    peers: Gauge,
+    routes: Gauge,
+    skipped: Gauge,
+    reconcile_duration: Histogram,
+    netlink_operations: Family<OperationLabel, Counter>,
+    errors: Family<ErrorLabel, Counter>,
+}
+
+impl AgentMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = AgentMetrics {
+            peers: Gauge::default(),
+            routes: Gauge::default(),
+            skipped: Gauge::default(),
+            // 100 µs .. ~6 s: a no-op diff up to programming thousands of peers.
+            reconcile_duration: Histogram::new(exponential_buckets(0.0001, 3.0, 11)),
+            netlink_operations: Family::default(),
+            errors: Family::default(),
+        };
+        let registry = registry.sub_registry_with_prefix("weft_agent");
+        registry.register(
+            "peers",
+            "Other nodes known with a public IP",
+            metrics.peers.clone(),
+        );
+        registry.register(
+            "routes",
+            "Peer slice routes in the desired state",
+            metrics.routes.clone(),
+        );
+        registry.register(
+            "skipped_peer_slices",
+            "Peer slices not programmed (no VTEP MAC yet, unreachable for host-gw, conflicts)",
+            metrics.skipped.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile: dump, diff and apply",
+            metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "netlink_operations",
+            "Neighbour, FDB and route changes sent to the kernel, by operation and result",
+            metrics.netlink_operations.clone(),
+        );
+        registry.register("errors", "Failures, by kind", metrics.errors.clone());
+        metrics
+    }
+
+    /// Records the size of the desired state.
+    pub fn record_state(&self, peers: usize, routes: usize, skipped: usize) {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.peers.set(count(peers));
+        self.routes.set(count(routes));
+        self.skipped.set(count(skipped));
+    }
+
+    /// Records one reconcile's duration and kernel operations.
+    pub fn record_apply(&self, seconds: f64, report: &ApplyReport) {
+        self.reconcile_duration.observe(seconds);
+        let count = |operation: &Operation, result: &'static str| {
+            self.netlink_operations
+                .get_or_create(&OperationLabel {
+                    operation: operation_name(operation),
+                    result,
+                })
+                .inc();
+        };
+        report.applied.iter().for_each(|op| count(op, "ok"));
+        report.failed.iter().for_each(|(op, _)| count(op, "error"));
+        report
+            .held_back
+            .iter()
+            .for_each(|op| count(op, "held_back"));
+        if !report.failed.is_empty() {
+            self.record_error("netlink");
+        }
+    }
+
+    /// Counts one failure of kind `error`.
+    pub fn record_error(&self, error: &'static str) {
+        self.errors.get_or_create(&ErrorLabel { error }).inc();
+    }
+}
+
+fn operation_name(operation: &Operation) -> &'static str {
+    match operation {
+        Operation::SetNeighbour(_) => "set_neighbour",
+        Operation::SetFdb(_) => "set_fdb",
+        Operation::SetRoute(_) => "set_route",
+        Operation::DeleteRoute(_) => "delete_route",
+        Operation::DeleteFdb(_) => "delete_fdb",
+        Operation::DeleteNeighbour(_) => "delete_neighbour",
+    }
+}
