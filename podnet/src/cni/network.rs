@@ -162,19 +162,10 @@ fn family(conf: &NetConf, node: &NodeConfig, subnet: IpNet) -> Result<FamilyNetw
 mod tests {
     use super::*;
 
+    /// The dual-stack node the node-file tests parse too.
     fn node() -> NodeConfig {
-        NodeConfig {
-            node_name: "node-a".into(),
-            pod_cidrs: vec![
-                "10.244.1.0/24".parse().unwrap(),
-                "fd00:10:244:1::/64".parse().unwrap(),
-            ],
-            cluster_cidrs: vec![
-                "10.244.0.0/16".parse().unwrap(),
-                "fd00:10:244::/56".parse().unwrap(),
-            ],
-            mtu: 1450,
-        }
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node-dual.json");
+        NodeConfig::load(std::path::Path::new(fixture)).unwrap()
     }
 
     fn conf(extra: serde_json::Value) -> NetConf {
