@@ -37,37 +37,5 @@ cache_root="${WEFT_PACKAGING_CACHE:-/var/cache/weft-packaging}"
 cache="$cache_root/helm-$helm_version"
 binary="$cache/helm"
 
-if [[ -x "$binary" ]]; then
-  echo "$binary"
-  exit 0
-fi
-
-go_bin="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
-[[ -x "$go_bin" ]] || { echo "build-helm.sh: no go toolchain found (set GO=/path/to/go)" >&2; exit 1; }
-
-mkdir -p "$cache_root"
-exec 9>"$cache_root/.build-helm-$helm_version.lock"
-flock 9
-# Another caller may have finished the build while this one waited for the lock.
-if [[ -x "$binary" ]]; then
-  echo "$binary"
-  exit 0
-fi
-
-staging="$(mktemp -d "$cache_root/.staging.XXXXXX")"
-trap 'rm -rf "$staging"' EXIT
-
-# The machine has two cores shared with other work.
-export GOMAXPROCS="${GOMAXPROCS:-2}"
-export GOFLAGS="${GOFLAGS:--mod=readonly}"
-export CGO_ENABLED=0
-
-start=$SECONDS
-echo "build-helm.sh: building helm $helm_version ..." >&2
-(cd "$here/helm" && "$go_bin" build -p 2 -trimpath -ldflags="$ldflags" -o "$staging/helm" helm.sh/helm/v3/cmd/helm)
-chmod 755 "$staging"
-rm -rf "$cache"
-mv "$staging" "$cache"
-trap - EXIT
-echo "build-helm.sh: helm $helm_version ready in $cache after $((SECONDS - start)) s" >&2
+"$here/../scripts/go-build-cached" "$here/helm" helm.sh/helm/v3/cmd/helm "$binary" "$ldflags"
 echo "$binary"

@@ -59,51 +59,13 @@ for name in "${wanted[@]}"; do
   [[ $known == yes ]] || { echo "build.sh: unknown component '$name'; known: $(printf '%s ' "${components[@]%% *}")" >&2; exit 2; }
 done
 
-# A binary is in the cache only once fully built (it is moved in last), so
-# presence is the completion mark.
-missing() {
-  local name
-  for name in "${wanted[@]}"; do [[ -x "$cache/$name" ]] || echo "$name"; done
-}
-
-if [[ -z "$(missing)" ]]; then
-  echo "$cache"
-  exit 0
-fi
-
-go_bin="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
-[[ -x "$go_bin" ]] || { echo "build.sh: no go toolchain found (set GO=/path/to/go)" >&2; exit 1; }
-
-mkdir -p "$cache_root"
-exec 9>"$cache_root/.build-$k8s_version-$etcd_version.lock"
-flock 9
-# Another caller may have built some or all of them while this one waited.
-mapfile -t to_build < <(missing)
-if [[ ${#to_build[@]} -eq 0 ]]; then
-  echo "$cache"
-  exit 0
-fi
-
-mkdir -p "$cache"
-chmod 755 "$cache"
-staging="$(mktemp -d "$cache_root/.staging.XXXXXX")"
-trap 'rm -rf "$staging"' EXIT
-
-# The machine has two cores shared with other work.
-export GOMAXPROCS="${GOMAXPROCS:-2}"
+# scripts/go-build-cached builds each missing binary once (under a lock, moved
+# into the cache only when complete) and returns at once for a present one.
+# -mod=mod lets go add a new component's requirements to go.mod/go.sum.
 export GOFLAGS="${GOFLAGS:--mod=mod}"
-export CGO_ENABLED=0
-
-start=$SECONDS
 for line in "${components[@]}"; do
   read -r name dir package ldflags <<<"$line"
-  [[ " ${to_build[*]} " == *" $name "* ]] || continue
-  echo "build.sh: building $name ($package) ..." >&2
-  t=$SECONDS
-  (cd "$here/$dir" && "$go_bin" build -p 2 -trimpath -ldflags="$ldflags" -o "$staging/$name" "$package")
-  mv "$staging/$name" "$cache/$name"
-  echo "build.sh: $name built in $((SECONDS - t)) s" >&2
+  [[ " ${wanted[*]} " == *" $name "* ]] || continue
+  "$here/../../scripts/go-build-cached" "$here/$dir" "$package" "$cache/$name" "$ldflags"
 done
-
-echo "build.sh: ${to_build[*]} ready in $cache after $((SECONDS - start)) s" >&2
 echo "$cache"
