@@ -1,8 +1,9 @@
 //! ADD and DEL latency of `weft` against Debian's reference `bridge` +
 //! `host-local` plugins with an equivalent config, measured in one run.
 //!
-//! Run as root: `cargo bench -p weft-cni` (builds `weft` with the release
-//! profile). Each cycle makes a fresh pod namespace outside the timed part,
+//! Run as root: `cargo bench -p weft-cni`. It measures `weft` as it ships,
+//! built by `packaging/build-plugin.sh` (release, static; the reference
+//! plugins are static Go binaries too). Each cycle makes a fresh pod namespace outside the timed part,
 //! times ADD and DEL of one plugin (the process spawn included, as a runtime
 //! pays it), and removes the namespace; the two plugins alternate cycles so
 //! drift on the machine hits both alike. Both run inside a node namespace,
@@ -20,7 +21,8 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sched::{setns, CloneFlags};
 use serde_json::json;
 
-const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+/// Builds the shipped plugin and prints its path.
+const BUILD_PLUGIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/build-plugin.sh");
 /// Where Debian's containernetworking-plugins installs the reference plugins.
 const REFERENCE_DIR: &str = "/usr/lib/cni";
 const WARMUP_CYCLES: usize = 5;
@@ -134,6 +136,17 @@ fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
+/// The plugin binary as packaging builds it.
+fn shipped_plugin() -> Result<PathBuf> {
+    let output = Command::new(BUILD_PLUGIN)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {BUILD_PLUGIN}"))?;
+    ensure!(output.status.success(), "{BUILD_PLUGIN} failed");
+    let path = String::from_utf8(output.stdout).context("plugin path is not UTF-8")?;
+    Ok(PathBuf::from(path.trim()))
+}
+
 fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: the ADD/DEL benchmark needs root to create network namespaces");
@@ -170,7 +183,7 @@ fn main() -> Result<()> {
     let mut plugins = [
         Plugin {
             label: "weft",
-            binary: WEFT.into(),
+            binary: shipped_plugin()?,
             config: json!({
                 "cniVersion": "1.0.0",
                 "name": "weftbench",

@@ -3,8 +3,9 @@
 //!
 //! Entering a namespace changes the calling *thread*. Doing that on a thread
 //! that also runs other work (a tokio worker, the plugin's main thread) would
-//! leak the namespace into that work, so [`Netns::run_in`] always uses a
-//! dedicated, short-lived thread.
+//! leak the namespace into that work, so [`Netns::run_in`] uses a dedicated,
+//! short-lived thread, and [`Netns::run_here`], for a single system call,
+//! steps in and back out before anything else can run on the thread.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -101,6 +102,28 @@ impl Netns {
         &self.path
     }
 
+    /// Runs `work` on the calling thread moved into this namespace, and
+    /// moves the thread back before returning, panics included. For short,
+    /// synchronous work such as opening a socket, where [`Netns::run_in`]'s
+    /// thread would cost more than the work: `work` must not hand control to
+    /// anything that expects the thread's own namespace (no `.await`).
+    ///
+    /// A thread that cannot return would go on in the wrong namespace, so
+    /// that aborts the process.
+    pub fn run_here<T>(&self, work: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        const OWN: &str = "/proc/thread-self/ns/net";
+        let home = File::open(OWN).map_err(|source| NetnsError::Open {
+            path: OWN.into(),
+            source,
+        })?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|errno| NetnsError::Enter {
+            path: self.path.clone(),
+            errno,
+        })?;
+        let _return = ReturnTo { home };
+        Ok(work())
+    }
+
     /// Runs `work` on a new thread that has entered this namespace and
     /// returns its result. The calling thread never changes namespace.
     ///
@@ -130,6 +153,22 @@ impl Netns {
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+}
+
+/// The calling thread's own namespace, re-entered on drop.
+struct ReturnTo {
+    home: File,
+}
+
+impl Drop for ReturnTo {
+    fn drop(&mut self) {
+        if let Err(errno) = setns(self.home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // Anything this thread did next would happen in the wrong
+            // namespace, on the wrong host interfaces.
+            eprintln!("cannot return to the thread's own network namespace: {errno}; aborting");
+            std::process::abort();
+        }
     }
 }
 
@@ -165,5 +204,31 @@ mod tests {
         }
         let netns = Netns::open("/proc/self/ns/net").unwrap();
         assert_eq!(netns.run_in(|| 40 + 2).unwrap(), 42);
+        assert_eq!(netns.run_here(|| 40 + 2).unwrap(), 42);
+    }
+
+    #[test]
+    fn run_here_returns_the_thread_to_its_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: entering a network namespace needs root");
+            return;
+        }
+        let own = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        let home = own();
+        let name = format!("wt-{}-netns-here", std::process::id());
+        let status = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let path = format!("/var/run/netns/{name}");
+        let inside = Netns::open(&path).unwrap().run_here(own);
+        let after = own();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
+        let inside = inside.unwrap();
+        assert_ne!(inside, home, "work ran in the target namespace");
+        assert_eq!(after, home, "the thread came back");
     }
 }

@@ -184,6 +184,7 @@ mod tests {
             mac: None,
             controller: None,
             alias: None,
+            peer_index: None,
         }
     }
 

@@ -33,6 +33,9 @@ pub struct Link {
     pub controller: Option<u32>,
     /// The link's alias (`ip link set … alias`), used to mark ownership.
     pub alias: Option<String>,
+    /// For a veth end, the index of the other end in that end's namespace
+    /// (`IFLA_LINK`); for stacked devices, the lower device's.
+    pub peer_index: Option<u32>,
 }
 
 impl Link {
@@ -46,6 +49,7 @@ impl Link {
             mac: None,
             controller: None,
             alias: None,
+            peer_index: None,
         };
         for attribute in message.attributes {
             match attribute {
@@ -54,6 +58,7 @@ impl Link {
                 LinkAttribute::Address(mac) => link.mac = Some(mac),
                 LinkAttribute::Controller(index) => link.controller = Some(index),
                 LinkAttribute::IfAlias(alias) => link.alias = Some(alias),
+                LinkAttribute::Link(index) => link.peer_index = Some(index),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(kind) = info {
@@ -89,6 +94,9 @@ pub struct VethPair<'a> {
     pub peer_name: &'a str,
     /// Namespace the peer end is created in.
     pub peer_netns: &'a Netns,
+    /// Hardware address for the local end; the kernel picks a random one
+    /// when `None`.
+    pub mac: Option<&'a [u8]>,
     /// Hardware address for the peer end; the kernel picks a random one
     /// when `None`.
     pub peer_mac: Option<&'a [u8]>,
@@ -227,6 +235,9 @@ impl Netlink {
             .mtu(pair.mtu)
             .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)));
+        if let Some(mac) = pair.mac {
+            local = local.address(mac.to_vec());
+        }
         if let Some(controller) = pair.controller {
             local = local.controller(controller);
         }
@@ -268,13 +279,6 @@ impl Netlink {
             .await
     }
 
-    /// Sets a link's alias, which Weft uses to record who owns a device.
-    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<(), NetlinkError> {
-        let change = LinkUnspec::new_with_index(index).alias(alias).build();
-        self.set_link(change, "setting the alias of link index", index)
-            .await
-    }
-
     async fn set_link(
         &self,
         change: LinkMessage,
@@ -289,13 +293,22 @@ impl Netlink {
             .map_err(|error| self.error(operation, object, error))
     }
 
-    /// Sets the hairpin flag of a bridge port, which lets a pod reach itself
-    /// through a service address that the bridge sends back out the same
-    /// port.
-    pub async fn set_hairpin(&self, port_index: u32, hairpin: bool) -> Result<(), NetlinkError> {
-        let change = LinkBridgePort::new(port_index)
+    /// Sets a bridge port's alias, which Weft uses to record who owns a
+    /// device, and its hairpin flag, which lets a pod reach itself through a
+    /// service address that the bridge sends back out the same port. One
+    /// request: the kernel applies the alias and the port data together.
+    pub async fn set_bridge_port(
+        &self,
+        port_index: u32,
+        alias: &str,
+        hairpin: bool,
+    ) -> Result<(), NetlinkError> {
+        let mut change = LinkBridgePort::new(port_index)
             .append_info_data(InfoBridgePort::HairpinMode(hairpin))
             .build();
+        change
+            .attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
         self.handle
             .link()
             .set_port(change)
@@ -303,7 +316,7 @@ impl Netlink {
             .await
             .map_err(|error| {
                 self.error(
-                    "setting hairpin mode on bridge port index",
+                    "setting the alias and hairpin mode of bridge port index",
                     port_index,
                     error,
                 )

@@ -2,9 +2,10 @@
 //!
 //! A [`Netlink`] is "the rtnetlink socket of namespace X". A netlink socket
 //! belongs for its whole life to the namespace it was *created* in, so the
-//! socket for another namespace is created on a dedicated thread that has
-//! entered it ([`Netns::run_in`]); the connection is then driven on the
-//! caller's tokio runtime. No tokio thread ever changes namespace.
+//! socket for another namespace is created by a thread that steps into it
+//! for that one system call and straight back ([`Netns::run_here`]); the
+//! connection is then driven on the caller's tokio runtime. No task ever
+//! runs while a thread is in another namespace.
 //!
 //! Every operation is idempotent where the kernel allows it: "already there"
 //! (EEXIST) and "already gone" (ENODEV, ENOENT, ESRCH) are returned as
@@ -20,6 +21,7 @@ mod neigh;
 mod route;
 #[cfg(test)]
 mod tests;
+mod unregister;
 mod vxlan;
 
 use std::fmt;
@@ -36,6 +38,7 @@ pub use link::{Link, VethPair};
 pub use neigh::PermanentNeighbour;
 pub use netlink_packet_route::route::{RouteProtocol, RouteScope};
 pub use route::{IpFamily, Route};
+pub use unregister::delete_link_unlisted;
 pub use vxlan::{VxlanAttributes, VxlanChange, VxlanLink, VxlanSettings};
 
 /// The rtnetlink socket of one network namespace.
@@ -151,7 +154,7 @@ impl Netlink {
         Ok(Self::connect(socket, namespace))
     }
 
-    /// The rtnetlink socket of `netns`, created inside it on a dedicated
+    /// The rtnetlink socket of `netns`, created inside it by the calling
     /// thread.
     ///
     /// Must be called from within a tokio runtime, which drives the
@@ -159,7 +162,7 @@ impl Netlink {
     pub fn in_netns(netns: &Netns) -> Result<Self, NetlinkError> {
         let namespace = format!("network namespace {}", netns.path().display());
         let socket = netns
-            .run_in(|| Socket::new(NETLINK_ROUTE))?
+            .run_here(|| Socket::new(NETLINK_ROUTE))?
             .map_err(|source| NetlinkError::Socket {
                 namespace: namespace.clone(),
                 source,

@@ -97,6 +97,7 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
         name: "wtveth0",
         peer_name: "eth0",
         peer_netns: &pod_ns,
+        mac: Some(&[0x02, 0x58, 10, 77, 0, 2]),
         peer_mac: Some(&[0x0a, 0x58, 10, 77, 0, 2]),
         mtu: 1450,
         controller: Some(bridge.index),
@@ -116,8 +117,10 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
         (host.controller, host.mtu, host.up),
         (Some(bridge.index), 1450, true)
     );
-    on_node.set_hairpin(host.index, true).await.unwrap();
-    on_node.set_alias(host.index, "weft test").await.unwrap();
+    on_node
+        .set_bridge_port(host.index, "weft test", true)
+        .await
+        .unwrap();
     let host = on_node.link_by_index(host.index).await.unwrap().unwrap();
     assert_eq!(host.alias.as_deref(), Some("weft test"));
     let eth0 = in_pod.link_by_name("eth0").await.unwrap().unwrap();
@@ -129,6 +132,12 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
         (1450, true, Some("veth"))
     );
     assert_eq!(eth0.mac_text(), "0a:58:0a:4d:00:02");
+    assert_eq!(host.mac_text(), "02:58:0a:4d:00:02");
+    // Each end names the other, across the namespace boundary.
+    assert_eq!(
+        (eth0.peer_index, host.peer_index),
+        (Some(host.index), Some(eth0.index))
+    );
     assert!(on_node.link_by_name("eth0").await.unwrap().is_none());
 
     // Routes in the pod: default via the gateway, dumped back, removed twice.
@@ -206,4 +215,44 @@ async fn non_bridge_link_is_not_reused_as_bridge() {
     assert!(matches!(err, NetlinkError::WrongKind { .. }), "{err}");
     let missing = on_node.set_up(4242).await.unwrap_err();
     assert_eq!(missing.errno(), Some(Errno::ENODEV), "{missing}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn unlisted_delete_removes_both_ends_before_returning() {
+    if !is_root() {
+        return;
+    }
+    let node = TestNetns::create("unlist-node");
+    let pod = TestNetns::create("unlist-pod");
+    let (node_ns, pod_ns) = (node.open(), pod.open());
+    let on_node = Netlink::in_netns(&node_ns).unwrap();
+    let in_pod = Netlink::in_netns(&pod_ns).unwrap();
+    let pair = VethPair {
+        name: "wtunlist0",
+        peer_name: "eth0",
+        peer_netns: &pod_ns,
+        mac: None,
+        peer_mac: None,
+        mtu: 1500,
+        controller: None,
+    };
+    assert_eq!(on_node.create_veth(&pair).await.unwrap(), Outcome::Created);
+    let host = on_node.link_by_name("wtunlist0").await.unwrap().unwrap();
+
+    let removal = node_ns
+        .run_in(|| delete_link_unlisted(host.index))
+        .unwrap()
+        .unwrap();
+    assert_eq!(removal, Removal::Removed);
+    // Gone from both namespaces by the time the call returned, and the
+    // name is free for a new pair at once.
+    assert_eq!(on_node.link_by_index(host.index).await.unwrap(), None);
+    assert_eq!(in_pod.link_by_name("eth0").await.unwrap(), None);
+    assert_eq!(on_node.create_veth(&pair).await.unwrap(), Outcome::Created);
+
+    let again = node_ns
+        .run_in(|| delete_link_unlisted(host.index))
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, Removal::AlreadyGone);
 }

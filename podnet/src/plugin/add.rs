@@ -237,9 +237,14 @@ impl PodWiring<'_> {
 
     /// Creates the pair, replacing a leftover of an earlier, interrupted ADD
     /// of this same attachment. Returns the host end and the pod end.
+    ///
+    /// The host end is created with a MAC of our choosing and found through
+    /// the pod end's peer index, so one lookup serves both ends.
     async fn create_veth(&self, bridge: &Link) -> Result<(Link, Link), CniError> {
+        let host_mac = self.host_veth.mac();
         let pair = VethPair {
             name: &self.host_veth.name,
+            mac: Some(&host_mac),
             peer_name: &self.attachment.ifname,
             peer_netns: self.netns,
             peer_mac: self.pod_mac.as_ref().map(|mac| mac.octets()),
@@ -268,27 +273,38 @@ impl PodWiring<'_> {
                 ),
             ));
         }
-        let host = self
-            .required_link(self.node_nl, &self.host_veth.name)
-            .await?;
-        self.node_nl
-            .set_alias(host.index, &self.host_veth.alias)
-            .await
-            .map_err(kernel_error)?;
-        if self.network.hairpin_mode {
-            self.node_nl
-                .set_hairpin(host.index, true)
-                .await
-                .map_err(kernel_error)?;
-        }
         let pod = self
             .required_link(self.pod_nl, &self.attachment.ifname)
             .await?;
+        let host_index = pod.peer_index.ok_or_else(|| {
+            CniError::new(
+                CODE_KERNEL,
+                format!(
+                    "the kernel did not report the host end of {} in CNI_NETNS: retry the ADD",
+                    self.attachment.ifname
+                ),
+            )
+        })?;
+        self.node_nl
+            .set_bridge_port(host_index, &self.host_veth.alias, self.network.hairpin_mode)
+            .await
+            .map_err(kernel_error)?;
         self.pod_nl
             .set_up(LOOPBACK_INDEX)
             .await
             .map_err(kernel_error)?;
         self.pod_nl.set_up(pod.index).await.map_err(kernel_error)?;
+        let host = Link {
+            index: host_index,
+            name: self.host_veth.name.clone(),
+            kind: Some("veth".into()),
+            mtu: self.network.mtu,
+            up: true,
+            mac: Some(host_mac.to_vec()),
+            controller: Some(bridge.index),
+            alias: Some(self.host_veth.alias.clone()),
+            peer_index: Some(pod.index),
+        };
         Ok((host, Link { up: true, ..pod }))
     }
 

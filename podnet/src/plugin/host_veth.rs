@@ -3,7 +3,7 @@
 //! records its owner, so Weft never deletes a device it did not make.
 
 use crate::cni::{Attachment, CniError, ErrorCode};
-use crate::netlink::{Link, Netlink, NetlinkError, Removal};
+use crate::netlink::{delete_link_unlisted, Link, Netlink, NetlinkError, Removal};
 
 /// Prefix of every host veth name.
 const NAME_PREFIX: &str = "veth";
@@ -63,6 +63,16 @@ impl HostVeth {
         ))
     }
 
+    /// The hardware address the device is created with: locally
+    /// administered, unicast, and derived from the owner like the name, so
+    /// ADD knows it without asking the kernel and a repeated ADD gets the
+    /// same one.
+    pub fn mac(&self) -> [u8; 6] {
+        let [_, _, first, rest @ ..] = fnv1a64(self.alias.as_bytes()).to_be_bytes();
+        let [second, third, fourth, fifth, sixth] = rest;
+        [(first & 0xfc) | 0x02, second, third, fourth, fifth, sixth]
+    }
+
     /// Whether `link` (found under this name) is this attachment's device.
     /// A link without alias counts as ours: an ADD killed between creating
     /// the pair and setting the alias leaves exactly that.
@@ -72,11 +82,15 @@ impl HostVeth {
             .is_none_or(|alias| alias == self.alias)
     }
 
-    /// Deletes the device if it exists and is ours; a device of another
-    /// owner under this name is left alone.
+    /// Deletes the device (and so the pod end) if it exists and is ours; a
+    /// device of another owner under this name is left alone. `node` is the
+    /// socket of the plugin's own namespace, where the deletion is made.
+    ///
+    /// Returns once the pair is unlisted, without waiting the further 12–30
+    /// ms the kernel takes to free it.
     pub async fn remove(&self, node: &Netlink) -> Result<Removal, NetlinkError> {
         match node.link_by_name(&self.name).await? {
-            Some(link) if self.owns(&link) => node.delete_link(link.index).await,
+            Some(link) if self.owns(&link) => delete_link_unlisted(link.index),
             Some(link) => {
                 tracing::warn!(
                     name = %self.name,
@@ -133,6 +147,21 @@ mod tests {
     }
 
     #[test]
+    fn mac_is_stable_unicast_and_locally_administered() {
+        let veth = HostVeth::of("weft", &attachment("abc123", "eth0"));
+        let mac = veth.mac();
+        assert_eq!(
+            mac,
+            HostVeth::of("weft", &attachment("abc123", "eth0")).mac()
+        );
+        assert_eq!(mac[0] & 0x03, 0x02, "{mac:02x?}");
+        assert_ne!(
+            mac,
+            HostVeth::of("weft", &attachment("abc124", "eth0")).mac()
+        );
+    }
+
+    #[test]
     fn ownership_follows_the_alias() {
         let veth = HostVeth::of("weft", &attachment("abc123", "eth0"));
         let mut link = Link {
@@ -144,6 +173,7 @@ mod tests {
             mac: None,
             controller: None,
             alias: None,
+            peer_index: None,
         };
         assert!(veth.owns(&link));
         link.alias = Some(veth.alias.clone());
