@@ -37,12 +37,28 @@ fi
 
 start=$SECONDS
 work="$(mktemp -d /tmp/weft-image.XXXXXX)"
-# A throwaway store: nothing is left in /var/lib/containers.
+# A throwaway store and network config dir, so nothing lands in
+# /var/lib/containers or /etc/cni (where buildah would put its cni.lock).
 storage=(--root "$work/storage" --runroot "$work/run" --storage-driver vfs)
+mkdir -p "$work/cni-plugins"
+cat >"$work/containers.conf" <<CONF
+[network]
+network_backend = "cni"
+network_config_dir = "$work/cni"
+cni_plugin_dirs = ["$work/cni-plugins"]
+CONF
+export CONTAINERS_CONF="$work/containers.conf"
+# buildah has no option for its blob-info cache, which it always keeps under
+# /var/lib/containers/cache: remove it afterwards unless it was there before.
+blob_cache=/var/lib/containers/cache
+[[ -e /var/lib/containers ]] && had_containers_dir=1 || had_containers_dir=""
+[[ -e "$blob_cache" ]] && had_blob_cache=1 || had_blob_cache=""
 container=""
 cleanup() {
   [[ -z "$container" ]] || buildah "${storage[@]}" rm "$container" >/dev/null 2>&1 || true
   rm -rf "$work"
+  [[ -n "$had_blob_cache" ]] || rm -rf "$blob_cache"
+  [[ -n "$had_containers_dir" ]] || rmdir /var/lib/containers 2>/dev/null || true
 }
 trap cleanup EXIT
 
