@@ -139,6 +139,20 @@ fn del_frees_the_address_and_the_veth_and_twice_is_fine() -> Result<()> {
         node.add("del-b", &b)?.ok()?.addresses() == ["10.123.4.2/30"],
         "freed address reusable"
     );
+    // A runtime may hand DEL a cached result it damaged; DEL does not need
+    // it and still cleans up.
+    node.invoke(
+        &Invocation::attach("DEL", "del-b", Some(b.path())),
+        &node.config(
+            "1.1.0",
+            json!({ "prevResult": { "ips": [{ "address": "x" }] } }),
+        ),
+    )?
+    .ok()?;
+    ensure!(
+        node.host_veths()?.is_empty() && node.allocations()?.is_empty(),
+        "DEL with a damaged prevResult cleaned up"
+    );
     Ok(())
 }
 

@@ -62,7 +62,24 @@ impl NetConf {
     /// unsupported or missing `cniVersion` → code 1; a wrong field → code 7
     /// naming the field and the fix.
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
-        let value = decode(stdin)?;
+        Self::from_value(decode(stdin)?)
+    }
+
+    /// [`NetConf::parse`] for DEL, which must clean up even when the result
+    /// the runtime cached from ADD comes back damaged: DEL does not use
+    /// `prevResult`, so it is left unread rather than allowed to fail the
+    /// verb.
+    pub fn parse_without_prev_result(stdin: &[u8]) -> Result<NetConf, CniError> {
+        let mut value = decode(stdin)?;
+        if let Some(object) = value.as_object_mut() {
+            if object.remove("prevResult").is_some() {
+                tracing::debug!("prevResult not read: DEL does not use it");
+            }
+        }
+        Self::from_value(value)
+    }
+
+    fn from_value(value: Value) -> Result<NetConf, CniError> {
         let mut conf = FieldReader::new(value, "").map_err(|e| {
             CniError::new(
                 ErrorCode::Decode,
@@ -293,6 +310,14 @@ mod tests {
 
     fn rejected(stdin: &[u8]) -> CniError {
         NetConf::parse(stdin).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn del_parses_past_a_damaged_prev_result() {
+        let stdin = with(serde_json::json!({"prevResult": {"ips": [{"address": "x"}]}}));
+        assert!(NetConf::parse(&stdin).is_err());
+        let conf = NetConf::parse_without_prev_result(&stdin).unwrap();
+        assert_eq!((conf.name.as_str(), conf.prev_result), ("weft", None));
     }
 
     #[test]

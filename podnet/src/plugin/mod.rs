@@ -70,7 +70,10 @@ where
     if invocation.command == Command::Version {
         return Ok(version_json());
     }
-    let conf = NetConf::parse(stdin)?;
+    let conf = match invocation.command {
+        Command::Del => NetConf::parse_without_prev_result(stdin)?,
+        _ => NetConf::parse(stdin)?,
+    };
     require_version(invocation.command, conf.cni_version)?;
     tracing::debug!(command = %invocation.command, network = %conf.name, "invoked");
     let runtime = tokio::runtime::Builder::new_current_thread()
