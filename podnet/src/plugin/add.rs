@@ -9,6 +9,7 @@
 
 use std::net::IpAddr;
 
+use futures::future::try_join_all;
 use ipnet::IpNet;
 
 use super::host_veth::HostVeth;
@@ -150,26 +151,41 @@ impl PodWiring<'_> {
         let bridge = self.ensure_bridge().await?;
         enable_forwarding(self.network)?;
         let (host, pod) = self.create_veth(&bridge).await?;
-        for (family, ip) in self.network.families.iter().zip(ips) {
+        // Requests on one socket are carried out in the order they are sent,
+        // so everything left is sent before the first answer is awaited:
+        // the pod's interfaces come up before its addresses are added, and
+        // the addresses before the routes through the gateway.
+        let port = self.node_nl.set_bridge_port(
+            host.index,
+            &self.host_veth.alias,
+            self.network.hairpin_mode,
+        );
+        let loopback_up = self.pod_nl.set_up(LOOPBACK_INDEX);
+        let pod_up = self.pod_nl.set_up(pod.index);
+        let addresses = try_join_all(self.network.families.iter().zip(ips).map(|(family, ip)| {
             let address = IpNet::new(*ip, family.subnet.prefix_len())
                 .expect("an address from IPAM fits its subnet's prefix length");
-            self.pod_nl
-                .ensure_address(pod.index, address)
-                .await
-                .map_err(kernel_error)?;
-        }
-        for family in &self.network.families {
-            for destination in &family.route_dsts {
-                let route = Route {
+            self.pod_nl.ensure_address(pod.index, address)
+        }));
+        let routes: Vec<Route> = self
+            .network
+            .families
+            .iter()
+            .flat_map(|family| {
+                family.route_dsts.iter().map(|destination| Route {
                     gateway: Some(family.gateway),
                     output_interface: Some(pod.index),
                     ..Route::new(*destination)
-                };
-                if self.pod_nl.add_route(&route).await.map_err(kernel_error)?
-                    == Outcome::AlreadyPresent
-                {
-                    tracing::warn!(%route, "pod already had this route; keeping it");
-                }
+                })
+            })
+            .collect();
+        let added = try_join_all(routes.iter().map(|route| self.pod_nl.add_route(route)));
+        let (_, _, _, _, outcomes) =
+            futures::try_join!(port, loopback_up, pod_up, addresses, added)
+                .map_err(kernel_error)?;
+        for (route, outcome) in routes.iter().zip(outcomes) {
+            if outcome == Outcome::AlreadyPresent {
+                tracing::warn!(%route, "pod already had this route; keeping it");
             }
         }
 
@@ -285,15 +301,6 @@ impl PodWiring<'_> {
                 ),
             )
         })?;
-        self.node_nl
-            .set_bridge_port(host_index, &self.host_veth.alias, self.network.hairpin_mode)
-            .await
-            .map_err(kernel_error)?;
-        self.pod_nl
-            .set_up(LOOPBACK_INDEX)
-            .await
-            .map_err(kernel_error)?;
-        self.pod_nl.set_up(pod.index).await.map_err(kernel_error)?;
         let host = Link {
             index: host_index,
             name: self.host_veth.name.clone(),
@@ -305,7 +312,7 @@ impl PodWiring<'_> {
             alias: Some(self.host_veth.alias.clone()),
             peer_index: Some(pod.index),
         };
-        Ok((host, Link { up: true, ..pod }))
+        Ok((host, pod))
     }
 
     /// The host name is taken: by this attachment's own device from an
