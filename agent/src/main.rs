@@ -105,8 +105,15 @@ impl Args {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads, so they share the one arena.
+    podnet::daemon::use_one_malloc_arena();
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     podnet::daemon::init_logging();
     let args = Args::parse();
     let file = match &args.config {

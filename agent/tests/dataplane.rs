@@ -18,7 +18,9 @@ use podnet::agent::install::{
 };
 use podnet::agent::masquerade::{MasqueradeTable, TableChange};
 use podnet::agent::offload::{set_tx_checksum, tx_checksum};
-use podnet::agent::overlay::{desired_state, DesiredState};
+use podnet::agent::overlay::{
+    desired_state, DesiredState, FdbEntry, Neighbour, NextHop, Operation, OverlayRoute,
+};
 use podnet::agent::peer::{LocalNode, Peer, VtepMac};
 use podnet::agent::uninstall::{tear_down, TeardownReport};
 use podnet::cni::DEFAULT_BRIDGE;
@@ -377,6 +379,60 @@ async fn stale_entries_and_foreign_routes_are_handled() -> Result<()> {
             .contains("172.31.0.98"),
         "a route Weft does not own was touched"
     );
+    Ok(())
+}
+
+/// A route goes in only after its VTEP's neighbour and FDB entry: when the
+/// kernel refuses one of those, the route through that VTEP is held back
+/// (it would lead nowhere) and every other peer is programmed in full.
+#[tokio::test]
+async fn routes_through_a_refused_vtep_are_held_back() -> Result<()> {
+    require_root!();
+    let fabric = Fabric::new("hb", 1)?;
+    let node = &fabric.nodes[0];
+    let (plane, _) = vtep_dataplane(node, 0, 1).await?;
+    let vtep_ip = |peer: usize| slice(peer).network();
+    let route = |peer: usize| {
+        Operation::SetRoute(OverlayRoute {
+            destination: slice(peer),
+            next_hop: NextHop::Vtep(vtep_ip(peer)),
+        })
+    };
+    // An IPv4 VTEP cannot send to an IPv6 remote: the kernel answers
+    // EAFNOSUPPORT to peer 2's FDB entry.
+    let refused = FdbEntry {
+        mac: mac(2),
+        remote: "fd00:31::12".parse()?,
+    };
+    let operations: Vec<Operation> = [1, 2]
+        .map(|peer| {
+            Operation::SetNeighbour(Neighbour {
+                ip: vtep_ip(peer),
+                mac: mac(peer),
+            })
+        })
+        .into_iter()
+        .chain([
+            Operation::SetFdb(FdbEntry {
+                mac: mac(1),
+                remote: underlay_ip(1),
+            }),
+            Operation::SetFdb(refused),
+            route(1),
+            route(2),
+        ])
+        .collect();
+
+    let report = plane.apply(&operations).await?;
+    let failed: Vec<Operation> = report.failed.iter().map(|(op, _)| *op).collect();
+    assert_eq!(failed, vec![Operation::SetFdb(refused)]);
+    assert_eq!(report.held_back, vec![route(2)]);
+    assert_eq!(report.applied.len(), 4, "{:?}", report.applied);
+    assert_eq!(
+        weft_routes(node)?,
+        vec!["10.244.1.0/24 via 10.244.1.0 dev weft.1 onlink"]
+    );
+    assert_eq!(weft_fdb(node)?, vec!["0a:58:00:00:00:02 172.31.0.11"]);
     Ok(())
 }
 

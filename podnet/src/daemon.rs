@@ -1,5 +1,5 @@
 //! Process plumbing the two long-running components (controller and agent)
-//! share: logging and the shutdown signal.
+//! share: logging, the allocator setting and the shutdown signal.
 
 use std::io::IsTerminal;
 
@@ -14,6 +14,24 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// Keeps the C allocator to one arena for the whole process.
+///
+/// glibc gives every thread that allocates an arena of its own (up to eight
+/// per core), and what a thread frees stays in its arena for its own later
+/// use. The agent receives the node list on one tokio worker and reconciles
+/// on another, so each arena kept a peak's worth: at 5,000 peers the agent
+/// stayed at 29 MiB resident where one arena needs 20 MiB. Allocation is
+/// not what these daemons spend their time on, so the shared arena's lock
+/// costs nothing measurable. Call it before any thread is started.
+pub fn use_one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX is one
+    // it documents, and it takes effect for threads that allocate later.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+    }
 }
 
 /// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
