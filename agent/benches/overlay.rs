@@ -1,13 +1,18 @@
-//! The agent's benchmarks, on the e2e harness (root required, release build):
+//! The agent's benchmarks, on the e2e harness (root required, release
+//! build). Each measures weft-agent and, as its peer in the same run,
+//! flanneld (`--kube-subnet-mgr`, built from its Go module by
+//! `e2e/flannel/build.sh`), with the same harness, parameters and clock:
 //!
 //! - `convergence`: 10 real agents; a Node object appears through the API;
 //!   time until its route is in every agent's kernel, p50/p99.
 //! - `scale`: 1,000 and 5,000 peers (Node objects created through the API
 //!   before the agent starts); time from the agent's cache being ready to
 //!   every route programmed, and the agent's RSS.
-//! - `dataplane`: pod-to-pod TCP throughput across two nodes (iperf3) over
-//!   vxlan and host-gw, each beside the same node pair's underlay throughput
-//!   measured in the same run.
+//! - `dataplane`: pod-to-pod TCP throughput across two nodes (iperf3), per
+//!   backend (vxlan, host-gw) on a cluster of its own whose pods were made
+//!   under that backend, beside the same node pair's underlay throughput:
+//!   several rounds that alternate underlay and pod-to-pod runs, reported as
+//!   medians.
 //!
 //! `cargo bench -p weft-agent` runs all three; `cargo bench -p weft-agent --
 //! scale` (or `convergence`, `dataplane`) runs one.
@@ -22,22 +27,31 @@ use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::Api;
-use podnet::agent::ROUTE_PROTOCOL;
-use podnet::netlink::{IpFamily, Netlink, Route, RouteProtocol};
+use kube::{Api, Client};
+use podnet::netlink::{IpFamily, Netlink, Route};
 use podnet::netns::Netns;
 use serde_json::{json, Value};
-use weft_e2e::ClusterNode;
+use weft_e2e::{Cluster, ClusterNode, Pod, ProcessHandle};
 
 #[path = "../tests/testbed/mod.rs"]
 mod testbed;
 
+#[path = "overlay/flannel.rs"]
+mod flannel;
+
+use flannel::Flannel;
 use testbed::{output, Overlay, OverlaySpec, PATIENCE};
 
 /// Samples of the convergence benchmark.
 const CONVERGENCE_SAMPLES: usize = 50;
 /// Seconds of each iperf3 run.
 const IPERF_SECONDS: &str = "5";
+/// Rounds of the dataplane comparison per backend. The machine is shared:
+/// one run of each path swings by 20% with other processes' load, which a
+/// median over interleaved rounds absorbs.
+const DATAPLANE_ROUNDS: usize = 5;
+/// Lines of each agent's log shown when a benchmark fails.
+const LOG_TAIL_LINES: usize = 40;
 
 fn main() -> Result<()> {
     if !testbed::is_root() {
@@ -55,49 +69,200 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async {
         if wanted("convergence") {
-            convergence().await?;
+            convergence::<Weft>().await?;
+            convergence::<Flannel>().await?;
         }
         if wanted("scale") {
             for peers in [1_000, 5_000] {
-                scale(peers).await?;
+                scale::<Weft>(peers).await?;
+                scale::<Flannel>(peers).await?;
             }
         }
         if wanted("dataplane") {
-            dataplane().await?;
+            for backend in ["vxlan", "host-gw"] {
+                dataplane::<Weft>(backend).await?;
+                dataplane::<Flannel>(backend).await?;
+            }
         }
         Ok(())
     })
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+/// An overlay agent under measurement: weft-agent, or flanneld as its
+/// peer. Each runs on harness nodes with the same underlay; the benchmarks
+/// see them only through the API and the nodes' kernels.
+trait Contender: Sized {
+    /// Name in the printed figures.
+    const LABEL: &'static str;
+
+    /// A cluster of `nodes` namespace nodes, on one underlay segment, whose
+    /// agents will run `backend` in `cluster_cidr`; no agent runs yet.
+    async fn start(nodes: usize, backend: &'static str, cluster_cidr: &'static str)
+        -> Result<Self>;
+
+    fn cluster(&self) -> &Cluster;
+
+    fn admin(&self) -> Client;
+
+    /// Gives `node` its pod slice, as the contender's allocator would
+    /// (weft-controller; kube-controller-manager for flannel).
+    async fn assign_slice(&self, node: &ClusterNode, slice: IpNet) -> Result<()>;
+
+    fn start_agent(&mut self, node: &ClusterNode) -> Result<()>;
+
+    /// The running agent processes.
+    fn agents(&self) -> Vec<&ProcessHandle>;
+
+    /// A Node object as a running agent of this kind leaves it: slice,
+    /// public IP, VTEP MAC.
+    fn peer_node(name: &str, slice: IpNet, public_ip: IpAddr, mac: [u8; 6]) -> Node;
+
+    /// When the agent logged that its Node cache was complete.
+    fn cache_ready_at(log: &str) -> Option<SystemTime>;
+
+    /// A pod on `node`, wired the way this contender's CNI setup wires it.
+    fn add_pod(&self, node: &ClusterNode) -> Result<Pod>;
+
+    async fn stop(self) -> Result<()>;
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+/// Every agent's log tail and state, for failure messages.
+fn logs<C: Contender>(contender: &C) -> String {
+    contender
+        .agents()
+        .into_iter()
+        .map(|agent| {
+            let log = agent.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+            let state = match agent.exit_status() {
+                Some(status) => format!("exited: {status}"),
+                None => "running".to_string(),
+            };
+            format!(
+                "--- {} ({state}, {})\n{tail}\n",
+                agent.name(),
+                agent.log_path().display()
+            )
+        })
+        .collect()
 }
 
-/// A Node object as a running agent and the controller leave it: slice,
-/// public IP, VTEP MAC.
-fn peer_node(name: &str, slice: IpNet, public_ip: IpAddr, mac: [u8; 6]) -> Node {
-    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+/// Fails with the logs if an agent has exited: a dead one would otherwise
+/// only show as a wait running out.
+fn ensure_running<C: Contender>(contender: &C) -> Result<()> {
+    if contender.agents().iter().all(|agent| agent.is_running()) {
+        Ok(())
+    } else {
+        bail!("a {} exited\n{}", C::LABEL, logs(contender))
+    }
+}
+
+/// weft-agent, slices given by the benchmark as weft-controller would.
+struct Weft(Overlay);
+
+impl Contender for Weft {
+    const LABEL: &'static str = "weft";
+
+    async fn start(
+        nodes: usize,
+        backend: &'static str,
+        cluster_cidr: &'static str,
+    ) -> Result<Self> {
+        Ok(Weft(
+            Overlay::start(OverlaySpec {
+                backend,
+                nodes,
+                routed_nodes: 0,
+                cluster_cidr,
+                controller: false,
+            })
+            .await?,
+        ))
+    }
+
+    fn cluster(&self) -> &Cluster {
+        &self.0.cluster
+    }
+
+    fn admin(&self) -> Client {
+        self.0.admin.clone()
+    }
+
+    async fn assign_slice(&self, node: &ClusterNode, slice: IpNet) -> Result<()> {
+        let patch =
+            json!({ "metadata": { "annotations": { "weft.dev/pod-cidr": slice.to_string() } } });
+        patch_node(&self.0.admin, node, &patch).await
+    }
+
+    fn start_agent(&mut self, node: &ClusterNode) -> Result<()> {
+        self.0.start_agent(node)
+    }
+
+    fn agents(&self) -> Vec<&ProcessHandle> {
+        self.0.agents.values().collect()
+    }
+
+    fn peer_node(name: &str, slice: IpNet, public_ip: IpAddr, mac: [u8; 6]) -> Node {
+        node_object(
+            name,
+            slice,
+            [
+                ("weft.dev/pod-cidr", slice.to_string()),
+                ("weft.dev/public-ip", public_ip.to_string()),
+                ("weft.dev/backend-type", "vxlan".to_string()),
+                (
+                    "weft.dev/backend-data",
+                    json!({ "vtepMAC": mac_text(mac) }).to_string(),
+                ),
+            ],
+        )
+    }
+
+    /// weft-agent logs RFC 3339 timestamps first on each line.
+    fn cache_ready_at(log: &str) -> Option<SystemTime> {
+        let line = log
+            .lines()
+            .find(|line| line.contains("node list complete"))?;
+        let stamp = line.split_whitespace().next()?;
+        let timestamp = k8s_openapi::jiff::Timestamp::from_str(stamp).ok()?;
+        Some(SystemTime::from(timestamp))
+    }
+
+    /// The real `weft` plugin from the conflist the node's agent installed.
+    fn add_pod(&self, node: &ClusterNode) -> Result<Pod> {
+        self.0.add_pod(node)
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.0.cluster.stop().await
+    }
+}
+
+/// Merges `patch` into `node`'s Node object.
+async fn patch_node(admin: &Client, node: &ClusterNode, patch: &Value) -> Result<()> {
+    let nodes: Api<Node> = Api::all(admin.clone());
+    nodes
+        .patch(&node.name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .with_context(|| format!("patching Node {}", node.name))?;
+    Ok(())
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// A Node object with `slice` in its spec and the given annotations.
+fn node_object<const N: usize>(name: &str, slice: IpNet, annotations: [(&str, String); N]) -> Node {
     Node {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             annotations: Some(
-                [
-                    ("weft.dev/pod-cidr", slice.to_string()),
-                    ("weft.dev/public-ip", public_ip.to_string()),
-                    ("weft.dev/backend-type", "vxlan".to_string()),
-                    (
-                        "weft.dev/backend-data",
-                        json!({ "vtepMAC": mac }).to_string(),
-                    ),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+                annotations
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
             ),
             ..ObjectMeta::default()
         },
@@ -110,13 +275,25 @@ fn peer_node(name: &str, slice: IpNet, public_ip: IpAddr, mac: [u8; 6]) -> Node 
     }
 }
 
-/// The IPv4 destinations of Weft's routes in a node's main table.
-async fn weft_destinations(netlink: &Netlink) -> Result<Vec<IpNet>> {
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The peer slices a node's kernel routes: main-table IPv4 routes through
+/// a gateway to a destination inside the cluster CIDR. Both agents add
+/// exactly these (via the peer's VTEP address, onlink, for vxlan; via its
+/// node address for host-gw); the node's own slice is a connected route.
+async fn routed_slices(netlink: &Netlink, cluster_cidr: IpNet) -> Result<Vec<IpNet>> {
     Ok(netlink
         .routes(IpFamily::V4, Route::MAIN_TABLE)
         .await?
         .into_iter()
-        .filter(|r| r.protocol == RouteProtocol::from(ROUTE_PROTOCOL))
+        .filter(|r| r.gateway.is_some() && cluster_cidr.contains(&r.destination))
         .map(|r| r.destination)
         .collect())
 }
@@ -125,26 +302,49 @@ async fn node_netlink(node: &ClusterNode) -> Result<Netlink> {
     Ok(Netlink::in_netns(&Netns::open(node.netns_path())?)?)
 }
 
-async fn convergence() -> Result<()> {
-    let mut overlay = Overlay::start(OverlaySpec {
-        nodes: 10,
-        routed_nodes: 0,
-        ..OverlaySpec::default()
-    })
-    .await?;
-    overlay.start_agents()?;
-    overlay.wait_programmed(9).await?;
+/// A cluster of `nodes` with an agent on each, node `i` owning
+/// `10.244.i.0/24`, once every node routes to every other.
+async fn meshed<C: Contender>(nodes: usize, backend: &'static str) -> Result<C> {
+    let mut contender = C::start(nodes, backend, testbed::CLUSTER_CIDR).await?;
+    let cluster_cidr: IpNet = testbed::CLUSTER_CIDR.parse()?;
     let mut sockets = Vec::new();
-    for node in overlay.cluster.nodes() {
+    for (index, node) in contender.cluster().nodes().to_vec().iter().enumerate() {
+        contender
+            .assign_slice(node, format!("10.244.{index}.0/24").parse()?)
+            .await?;
+        contender.start_agent(node)?;
         sockets.push(node_netlink(node).await?);
     }
-    let nodes: Api<Node> = Api::all(overlay.admin.clone());
+    let deadline = Instant::now() + PATIENCE;
+    for socket in &sockets {
+        while routed_slices(socket, cluster_cidr).await?.len() < nodes - 1 {
+            ensure_running(&contender)?;
+            ensure!(
+                Instant::now() < deadline,
+                "{} never meshed the {nodes} nodes\n{}",
+                C::LABEL,
+                logs(&contender)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(contender)
+}
+
+async fn convergence<C: Contender>() -> Result<()> {
+    let contender = meshed::<C>(10, "vxlan").await?;
+    let cluster_cidr: IpNet = testbed::CLUSTER_CIDR.parse()?;
+    let mut sockets = Vec::new();
+    for node in contender.cluster().nodes() {
+        sockets.push(node_netlink(node).await?);
+    }
+    let nodes: Api<Node> = Api::all(contender.admin());
     let mut everywhere = Vec::new();
     let mut each = Vec::new();
     for i in 0..CONVERGENCE_SAMPLES {
         let name = format!("bench-peer-{i}");
         let slice: IpNet = format!("10.244.{}.0/24", 200 + i).parse()?;
-        let node = peer_node(
+        let node = C::peer_node(
             &name,
             slice,
             format!("172.31.1.{}", 100 + i).parse()?,
@@ -154,14 +354,19 @@ async fn convergence() -> Result<()> {
         nodes.create(&PostParams::default(), &node).await?;
         let mut pending: Vec<usize> = (0..sockets.len()).collect();
         while !pending.is_empty() {
-            ensure!(
-                created.elapsed() < PATIENCE,
-                "route to {slice} never reached every node\n{}",
-                overlay.logs()
-            );
+            if created.elapsed() > PATIENCE {
+                ensure_running(&contender)?;
+                bail!(
+                    "route to {slice} never reached every node\n{}",
+                    logs(&contender)
+                );
+            }
             let mut still = Vec::new();
             for index in pending {
-                if weft_destinations(&sockets[index]).await?.contains(&slice) {
+                if routed_slices(&sockets[index], cluster_cidr)
+                    .await?
+                    .contains(&slice)
+                {
                     each.push(created.elapsed());
                 } else {
                     still.push(index);
@@ -173,7 +378,7 @@ async fn convergence() -> Result<()> {
         everywhere.push(created.elapsed());
         nodes.delete(&name, &DeleteParams::default()).await?;
         for socket in &sockets {
-            while weft_destinations(socket).await?.contains(&slice) {
+            while routed_slices(socket, cluster_cidr).await?.contains(&slice) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -181,21 +386,14 @@ async fn convergence() -> Result<()> {
     everywhere.sort();
     each.sort();
     println!(
-        "convergence (10 agents, {CONVERGENCE_SAMPLES} Node creations): route on every agent p50 {} p99 {}; on one agent p50 {} p99 {}",
+        "convergence, {} (10 agents, {CONVERGENCE_SAMPLES} Node creations): route on every agent p50 {} p99 {}; on one agent p50 {} p99 {}",
+        C::LABEL,
         ms(percentile(&everywhere, 50.0)),
         ms(percentile(&everywhere, 99.0)),
         ms(percentile(&each, 50.0)),
         ms(percentile(&each, 99.0)),
     );
-    overlay.cluster.stop().await
-}
-
-/// The wall-clock time of the first agent log line containing `message`.
-fn logged_at(log: &str, message: &str) -> Option<SystemTime> {
-    let line = log.lines().find(|line| line.contains(message))?;
-    let stamp = line.split_whitespace().next()?;
-    let timestamp = k8s_openapi::jiff::Timestamp::from_str(stamp).ok()?;
-    Some(SystemTime::from(timestamp))
+    contender.stop().await
 }
 
 fn status_kib(pid: u32, field: &str) -> Result<u64> {
@@ -211,21 +409,15 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
         .parse()?)
 }
 
-async fn scale(peers: usize) -> Result<()> {
-    let mut overlay = Overlay::start(OverlaySpec {
-        nodes: 1,
-        routed_nodes: 0,
-        cluster_cidr: "10.0.0.0/8",
-        controller: false,
-        ..OverlaySpec::default()
-    })
-    .await?;
-    let node = overlay.node(0);
-    let nodes: Api<Node> = Api::all(overlay.admin.clone());
-    let own = json!({ "metadata": { "annotations": { "weft.dev/pod-cidr": "10.255.255.0/24" } } });
-    nodes
-        .patch(&node.name, &PatchParams::default(), &Patch::Merge(&own))
+async fn scale<C: Contender>(peers: usize) -> Result<()> {
+    const CLUSTER_CIDR: &str = "10.0.0.0/8";
+    let mut contender = C::start(1, "vxlan", CLUSTER_CIDR).await?;
+    let node = contender.cluster().nodes()[0].clone();
+    // The node's own slice is set before the clock starts.
+    contender
+        .assign_slice(&node, "10.255.255.0/24".parse()?)
         .await?;
+    let nodes: Api<Node> = Api::all(contender.admin());
 
     let creating = Instant::now();
     let results: Vec<Result<Node, kube::Error>> = futures::stream::iter(0..peers)
@@ -238,7 +430,7 @@ async fn scale(peers: usize) -> Result<()> {
                 let public_ip: IpAddr = format!("100.64.{}.{}", i / 256, i % 256)
                     .parse()
                     .expect("valid address");
-                let node = peer_node(
+                let node = C::peer_node(
                     &format!("peer-{i}"),
                     slice,
                     public_ip,
@@ -255,38 +447,45 @@ async fn scale(peers: usize) -> Result<()> {
     }
     let creation = creating.elapsed();
 
-    let started = Instant::now();
-    overlay.start_agent(&node)?;
     let netlink = node_netlink(&node).await?;
-    while weft_destinations(&netlink).await?.len() < peers {
+    let cluster_cidr: IpNet = CLUSTER_CIDR.parse()?;
+    let started = Instant::now();
+    contender.start_agent(&node)?;
+    while routed_slices(&netlink, cluster_cidr).await?.len() < peers {
         if started.elapsed() > PATIENCE {
             bail!(
                 "{peers} routes not programmed after {PATIENCE:?}\n{}",
-                overlay.logs()
+                logs(&contender)
             );
         }
+        ensure_running(&contender)?;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let programmed_wall = SystemTime::now();
     let programmed = started.elapsed();
-    let agent = overlay.agents.get(&node.name).context("agent handle")?;
-    let log = agent.log();
-    let cache_ready = logged_at(&log, "node list complete")
-        .context("no 'node list complete' in the agent log")?;
+    let agent = contender.agents()[0];
+    let cache_ready = C::cache_ready_at(&agent.log()).with_context(|| {
+        format!(
+            "{} logged no 'node cache complete' line\n{}",
+            C::LABEL,
+            logs(&contender)
+        )
+    })?;
     let after_cache = programmed_wall
         .duration_since(cache_ready)
         .unwrap_or_default();
     let rss = status_kib(agent.pid(), "VmRSS:")?;
     let hwm = status_kib(agent.pid(), "VmHWM:")?;
     println!(
-        "scale ({peers} peers): Node objects created in {:.1} s; agent start -> all routes {}; cache ready -> all routes {}; agent RSS {:.1} MiB (peak {:.1} MiB)",
+        "scale, {} ({peers} peers): Node objects created in {:.1} s; agent start -> all routes {}; cache ready -> all routes {}; agent RSS {:.1} MiB (peak {:.1} MiB)",
+        C::LABEL,
         creation.as_secs_f64(),
         ms(programmed),
         ms(after_cache),
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0,
     );
-    overlay.cluster.stop().await
+    contender.stop().await
 }
 
 /// Received bits per second of a TCP iperf3 run to `server_ip`, with the
@@ -338,23 +537,87 @@ fn gbit(bits: f64) -> String {
     format!("{:.2} Gbit/s", bits / 1e9)
 }
 
-async fn dataplane() -> Result<()> {
-    let mut overlay = Overlay::start(OverlaySpec {
-        nodes: 2,
-        routed_nodes: 0,
-        ..OverlaySpec::default()
-    })
-    .await?;
-    overlay.start_agents()?;
-    overlay.wait_programmed(1).await?;
-    let pods = overlay.add_pods()?;
-    let (node0, node1) = (overlay.node(0), overlay.node(1));
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    }
+}
+
+/// Pod-to-pod throughput beside the underlay's, from rounds that each
+/// measure both paths back to back.
+struct Comparison {
+    underlay: Vec<f64>,
+    pod_to_pod: Vec<f64>,
+}
+
+impl Comparison {
+    /// Runs `rounds` rounds. The order within a round alternates so that
+    /// neither path always runs right after the other's load spike or lull.
+    fn measure(
+        rounds: usize,
+        underlay: impl Fn() -> Result<f64>,
+        pod_to_pod: impl Fn() -> Result<f64>,
+    ) -> Result<Self> {
+        let mut comparison = Comparison {
+            underlay: Vec::new(),
+            pod_to_pod: Vec::new(),
+        };
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                comparison.underlay.push(underlay()?);
+                comparison.pod_to_pod.push(pod_to_pod()?);
+            } else {
+                comparison.pod_to_pod.push(pod_to_pod()?);
+                comparison.underlay.push(underlay()?);
+            }
+        }
+        Ok(comparison)
+    }
+
+    /// Each round's pod-to-pod / underlay ratio: the two runs of a round
+    /// share the machine's load of that moment.
+    fn ratios(&self) -> Vec<f64> {
+        self.pod_to_pod
+            .iter()
+            .zip(&self.underlay)
+            .map(|(pod, underlay)| pod / underlay)
+            .collect()
+    }
+
+    /// "P Gbit/s vs underlay U Gbit/s = R x (rounds lo-hi)", medians.
+    fn summary(&self) -> String {
+        let ratios = self.ratios();
+        let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let highest = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!(
+            "{} vs underlay {} = {:.2}x (rounds {lowest:.2}-{highest:.2})",
+            gbit(median(&self.pod_to_pod)),
+            gbit(median(&self.underlay)),
+            median(&ratios),
+        )
+    }
+}
+
+/// Two nodes running `backend`, a pod on each made under it (so with the
+/// MTU that backend gives pods), and the two paths between the nodes.
+async fn dataplane<C: Contender>(backend: &'static str) -> Result<()> {
+    let contender = meshed::<C>(2, backend).await?;
+    let nodes = contender.cluster().nodes().to_vec();
+    let pods = nodes
+        .iter()
+        .map(|node| contender.add_pod(node))
+        .collect::<Result<Vec<_>>>()?;
     let pod1_ip = pods[1].ip().context("pod without address")?;
     let underlay = || {
         iperf(
-            node1.command("iperf3"),
-            || node0.command("iperf3"),
-            IpAddr::V4(node1.underlay_ip()),
+            nodes[1].command("iperf3"),
+            || nodes[0].command("iperf3"),
+            IpAddr::V4(nodes[1].underlay_ip()),
         )
     };
     let pod_to_pod = || {
@@ -364,37 +627,11 @@ async fn dataplane() -> Result<()> {
             pod1_ip,
         )
     };
-
-    let underlay_vxlan = underlay()?;
-    let vxlan = pod_to_pod()?;
-
-    overlay.spec.backend = "host-gw";
-    for node in [&node0, &node1] {
-        overlay.restart_agent(node)?;
-    }
-    let deadline = Instant::now() + PATIENCE;
-    while !testbed::weft_routes(&node0)?
-        .values()
-        .any(|via| via.ends_with("dev eth0"))
-    {
-        ensure!(
-            Instant::now() < deadline,
-            "host-gw route never appeared\n{}",
-            overlay.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let underlay_host_gw = underlay()?;
-    let host_gw = pod_to_pod()?;
-
+    let comparison = Comparison::measure(DATAPLANE_ROUNDS, underlay, pod_to_pod)?;
     println!(
-        "dataplane (pod-to-pod TCP, iperf3 {IPERF_SECONDS} s): vxlan {} vs underlay {} = {:.2}x; host-gw {} vs underlay {} = {:.2}x",
-        gbit(vxlan),
-        gbit(underlay_vxlan),
-        vxlan / underlay_vxlan,
-        gbit(host_gw),
-        gbit(underlay_host_gw),
-        host_gw / underlay_host_gw,
+        "dataplane, {} {backend} (pod-to-pod TCP, iperf3 {IPERF_SECONDS} s, medians of {DATAPLANE_ROUNDS} interleaved rounds): {}",
+        C::LABEL,
+        comparison.summary(),
     );
-    overlay.cluster.stop().await
+    contender.stop().await
 }

@@ -144,6 +144,29 @@ pub fn agent_ready(node: &ClusterNode) -> Result<bool> {
     Ok(answer.is_ok_and(|response| response.starts_with("HTTP/1.1 200")))
 }
 
+/// A harness cluster of `nodes` namespace nodes (the last `routed_nodes`
+/// behind the router) and an admin client, once the API server has made
+/// the `kube-system` namespace that agents' ServiceAccounts live in.
+pub async fn start_cluster(nodes: usize, routed_nodes: usize) -> Result<(Cluster, Client)> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes,
+        routed_nodes,
+        ..ClusterSpec::default()
+    })
+    .await?;
+    let admin = cluster.client().await?;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let deadline = Instant::now() + PATIENCE;
+    while namespaces.get_opt("kube-system").await?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "namespace kube-system never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((cluster, admin))
+}
+
 /// What to bring up.
 #[derive(Debug, Clone)]
 pub struct OverlaySpec {
@@ -194,22 +217,7 @@ impl Overlay {
     pub async fn start(spec: OverlaySpec) -> Result<Self> {
         let plugin = workspace_binary("weft-cni", "weft")?;
         let controller = workspace_binary("weft-controller", "weft-controller")?;
-        let cluster = Cluster::start(ClusterSpec {
-            nodes: spec.nodes,
-            routed_nodes: spec.routed_nodes,
-            ..ClusterSpec::default()
-        })
-        .await?;
-        let admin = cluster.client().await?;
-        let namespaces: Api<Namespace> = Api::all(admin.clone());
-        let deadline = Instant::now() + PATIENCE;
-        while namespaces.get_opt("kube-system").await?.is_none() {
-            ensure!(
-                Instant::now() < deadline,
-                "namespace kube-system never appeared"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let (cluster, admin) = start_cluster(spec.nodes, spec.routed_nodes).await?;
         apply_agent_rbac(&admin).await?;
         let agent_kubeconfig = cluster
             .service_account_kubeconfig("kube-system", "weft-agent")
@@ -357,21 +365,25 @@ impl Overlay {
         }
     }
 
-    /// One pod per node, configured from the conflist the node's agent
-    /// installed (plus an IPAM directory of the node's own).
+    /// One pod per node (see [`Overlay::add_pod`]).
     pub fn add_pods(&self) -> Result<Vec<Pod>> {
-        let mut pods = Vec::new();
-        for node in self.cluster.nodes() {
-            let conflist_path = node.state_dir.join("net.d/10-weft.conflist");
-            let conflist: Value = serde_json::from_str(&std::fs::read_to_string(&conflist_path)?)?;
-            let mut netconf = conflist["plugins"][0].clone();
-            netconf["cniVersion"] = conflist["cniVersion"].clone();
-            netconf["name"] = conflist["name"].clone();
-            netconf["dataDir"] = Value::from(node.state_dir.join("ipam").display().to_string());
-            let pod = node.add_pod(&self.plugin, &netconf.to_string(), "web")?;
-            pods.push(pod);
-        }
-        Ok(pods)
+        self.cluster
+            .nodes()
+            .iter()
+            .map(|node| self.add_pod(node))
+            .collect()
+    }
+
+    /// A pod on `node`, configured from the conflist the node's agent
+    /// installed (plus an IPAM directory of the node's own).
+    pub fn add_pod(&self, node: &ClusterNode) -> Result<Pod> {
+        let conflist_path = node.state_dir.join("net.d/10-weft.conflist");
+        let conflist: Value = serde_json::from_str(&std::fs::read_to_string(&conflist_path)?)?;
+        let mut netconf = conflist["plugins"][0].clone();
+        netconf["cniVersion"] = conflist["cniVersion"].clone();
+        netconf["name"] = conflist["name"].clone();
+        netconf["dataDir"] = Value::from(node.state_dir.join("ipam").display().to_string());
+        node.add_pod(&self.plugin, &netconf.to_string(), "web")
     }
 }
 
