@@ -6,7 +6,6 @@ use std::mem;
 use std::net::IpAddr;
 
 use futures::StreamExt;
-
 use ipnet::IpNet;
 
 use super::overlay::{
