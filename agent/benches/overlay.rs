@@ -303,8 +303,9 @@ async fn node_netlink(node: &ClusterNode) -> Result<Netlink> {
 }
 
 /// A cluster of `nodes` with an agent on each, node `i` owning
-/// `10.244.i.0/24`, once every node routes to every other.
-async fn meshed<C: Contender>(nodes: usize, backend: &'static str) -> Result<C> {
+/// `10.244.i.0/24`, once every node routes to every other; with a netlink
+/// socket in each node, in node order.
+async fn meshed<C: Contender>(nodes: usize, backend: &'static str) -> Result<(C, Vec<Netlink>)> {
     let mut contender = C::start(nodes, backend, testbed::CLUSTER_CIDR).await?;
     let cluster_cidr: IpNet = testbed::CLUSTER_CIDR.parse()?;
     let mut sockets = Vec::new();
@@ -328,16 +329,12 @@ async fn meshed<C: Contender>(nodes: usize, backend: &'static str) -> Result<C> 
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    Ok(contender)
+    Ok((contender, sockets))
 }
 
 async fn convergence<C: Contender>() -> Result<()> {
-    let contender = meshed::<C>(10, "vxlan").await?;
+    let (contender, sockets) = meshed::<C>(10, "vxlan").await?;
     let cluster_cidr: IpNet = testbed::CLUSTER_CIDR.parse()?;
-    let mut sockets = Vec::new();
-    for node in contender.cluster().nodes() {
-        sockets.push(node_netlink(node).await?);
-    }
     let nodes: Api<Node> = Api::all(contender.admin());
     let mut everywhere = Vec::new();
     let mut each = Vec::new();
@@ -606,7 +603,7 @@ impl Comparison {
 /// Two nodes running `backend`, a pod on each made under it (so with the
 /// MTU that backend gives pods), and the two paths between the nodes.
 async fn dataplane<C: Contender>(backend: &'static str) -> Result<()> {
-    let contender = meshed::<C>(2, backend).await?;
+    let (contender, _) = meshed::<C>(2, backend).await?;
     let nodes = contender.cluster().nodes().to_vec();
     let pods = nodes
         .iter()
