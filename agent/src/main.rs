@@ -1,10 +1,10 @@
 //! weft-agent: programs Weft's overlay on the node it runs on.
 //!
 //! Parses flags, environment and the config file, sets up logging, and runs
-//! [`podnet::agent::run`] until SIGTERM or Ctrl-C. Stopping the agent leaves
+//! [`weft_agent::run`] until SIGTERM or Ctrl-C. Stopping the agent leaves
 //! the data plane in place: pods keep their connectivity while it restarts.
 //! Only when its DaemonSet (`--daemonset`) is gone does it remove Weft from
-//! the node (see [`podnet::agent::uninstall`]).
+//! the node (see [`weft_agent::uninstall`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use ipnet::IpNet;
-use podnet::agent::config::{AgentConfig, Backend, ChecksumOffload, ConfigLayer};
-use podnet::agent::uninstall::OwnDaemonSet;
+use weft_agent::config::{AgentConfig, Backend, ChecksumOffload, ConfigLayer};
+use weft_agent::uninstall::OwnDaemonSet;
 
 /// Programs the pod network on this node (flags > environment > config file > defaults).
 #[derive(Debug, Parser)]
@@ -107,14 +107,14 @@ impl Args {
 
 fn main() -> anyhow::Result<()> {
     // Before the runtime starts its threads, so they share the one arena.
-    podnet::daemon::use_one_malloc_arena();
+    weft_daemon::process::use_one_malloc_arena();
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")?
         .block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {
-    podnet::daemon::init_logging();
+    weft_daemon::process::init_logging();
     let args = Args::parse();
     let file = match &args.config {
         Some(path) => {
@@ -136,12 +136,12 @@ async fn run() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    podnet::agent::run(
+    weft_agent::run(
         config,
         args.node_name,
         own_daemonset,
         client,
-        podnet::daemon::shutdown_signal(),
+        weft_daemon::process::shutdown_signal(),
     )
     .await
     .context("running the agent")

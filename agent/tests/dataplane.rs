@@ -11,22 +11,23 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use ipnet::IpNet;
-use podnet::agent::config::{AgentConfig, Backend, ConfigLayer};
-use podnet::agent::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
-use podnet::agent::install::{
+use serde_json::Value;
+use weft::annotations::VtepMac;
+use weft::netlink::{Netlink, VxlanChange};
+use weft::netns::Netns;
+use weft::DEFAULT_BRIDGE;
+use weft_agent::config::{AgentConfig, Backend, ConfigLayer};
+use weft_agent::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
+use weft_agent::install::{
     install_conflist, install_plugin, render_conflist, CONFLIST_NAME, PLUGIN_NAME,
 };
-use podnet::agent::masquerade::{MasqueradeTable, TableChange};
-use podnet::agent::offload::{set_tx_checksum, tx_checksum};
-use podnet::agent::overlay::{
+use weft_agent::masquerade::{MasqueradeTable, TableChange};
+use weft_agent::offload::{set_tx_checksum, tx_checksum};
+use weft_agent::overlay::{
     desired_state, DesiredState, FdbEntry, Neighbour, NextHop, Operation, OverlayRoute,
 };
-use podnet::agent::peer::{LocalNode, Peer, VtepMac};
-use podnet::agent::uninstall::{tear_down, TeardownReport};
-use podnet::cni::DEFAULT_BRIDGE;
-use podnet::netlink::{Netlink, VxlanChange};
-use podnet::netns::Netns;
-use serde_json::Value;
+use weft_agent::peer::{LocalNode, Peer};
+use weft_agent::uninstall::{tear_down, TeardownReport};
 
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()

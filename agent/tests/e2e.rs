@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::DeleteParams;
 use kube::Api;
 use nix::libc;
-use podnet::netns::Netns;
+use weft::netns::Netns;
 
 mod testbed;
 
@@ -34,6 +34,8 @@ struct Capture {
     socket: OwnedFd,
 }
 
+// A raw packet socket has no safe wrapper in nix.
+#[allow(unsafe_code)]
 impl Capture {
     fn open(netns_path: &Path, interface: &str) -> Result<Self> {
         let netns = Netns::open(netns_path)?;

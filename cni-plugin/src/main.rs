@@ -9,22 +9,22 @@ use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use podnet::cni::{CniError, CniVersion, ErrorCode};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
+use weft_cni::cni::{CniError, CniVersion, ErrorCode};
 
 fn main() -> ExitCode {
     init_logging();
     let mut stdin = Vec::new();
     let reply = match std::io::stdin().read_to_end(&mut stdin) {
-        Ok(_) => podnet::plugin::run(std::env::vars(), &stdin),
+        Ok(_) => weft_cni::plugin::run(std::env::vars(), &stdin),
         Err(error) => {
             let error = CniError::new(
                 ErrorCode::Io,
                 "cannot read the network config from stdin: the runtime must pass it on stdin",
             )
             .with_details(error.to_string());
-            podnet::plugin::Reply {
+            weft_cni::plugin::Reply {
                 stdout: error.to_json(CniVersion::LATEST),
                 exit_status: error.exit_status(),
             }

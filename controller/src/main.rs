@@ -1,7 +1,7 @@
 //! weft-controller: gives every Node a pod CIDR slice of the cluster CIDR.
 //!
 //! Parses flags, environment and the config file, sets up logging, and runs
-//! [`podnet::controller::run`] until SIGTERM or Ctrl-C.
+//! [`weft_controller::run`] until SIGTERM or Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use ipnet::IpNet;
-use podnet::controller::{leader, ControllerSettings};
+use weft_controller::{leader, ControllerSettings};
 
 /// Hands every Node a pod CIDR slice of the cluster CIDR (flags > environment > config file > defaults).
 #[derive(Debug, Parser)]
@@ -61,7 +61,7 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    podnet::daemon::init_logging();
+    weft_daemon::process::init_logging();
     let args = Args::parse();
     let file = match &args.config {
         Some(path) => ControllerSettings::from_file(path)?,
@@ -71,11 +71,11 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    podnet::controller::run(
+    weft_controller::run(
         client,
         config,
         leader::default_identity(),
-        podnet::daemon::shutdown_signal(),
+        weft_daemon::process::shutdown_signal(),
     )
     .await
     .context("running the controller")

@@ -8,9 +8,9 @@ use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use podnet::agent::config::{AgentConfig, ConfigLayer};
-use podnet::agent::install::render_conflist;
-use podnet::controller::{ControllerConfig, ControllerSettings};
+use weft_agent::config::{AgentConfig, ConfigLayer};
+use weft_agent::install::render_conflist;
+use weft_controller::{ControllerConfig, ControllerSettings};
 use weft_packaging::{
     chart_dir, helm, helm_command, plain_manifests, render_into, rendered_files, repo_root, run,
     Rendered,
@@ -220,7 +220,7 @@ fn every_render_configures_components_that_agree() -> Result<()> {
         // where the agent would write it.
         check(
             conflist == render_conflist(&agent.node_file),
-            "10-weft.conflist differs from what weft-agent writes (podnet::agent::install::render_conflist)",
+            "10-weft.conflist differs from what weft-agent writes (weft_agent::install::render_conflist)",
         )?;
         let daemon_set: DaemonSet = rendered.object("weft-agent")?;
         let spec = pod_spec(daemon_set.spec.map(|s| s.template))?;

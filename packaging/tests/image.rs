@@ -13,8 +13,8 @@ use anyhow::{ensure, Context, Result};
 use ipnet::IpNet;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
-use podnet::agent::masquerade::render_ruleset;
 use serde_json::Value;
+use weft_agent::masquerade::render_ruleset;
 use weft_packaging::{plain_manifests, repo_root, run, Rendered};
 
 /// Reads a JSON blob of an unpacked OCI layout by digest.

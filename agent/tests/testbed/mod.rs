@@ -18,9 +18,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::PostParams;
 use kube::{Api, Client};
-use podnet::netns::Netns;
 use serde::Deserialize;
 use serde_json::Value;
+use weft::netns::Netns;
 use weft_e2e::{Cluster, ClusterNode, ClusterSpec, Pod, ProcessHandle};
 
 /// The cluster CIDR the controller and the agents are given by default.

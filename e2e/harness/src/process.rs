@@ -177,6 +177,8 @@ impl Launcher {
     }
 
     /// Starts `command` as `name`, stdout and stderr appended to `log`.
+    // pre_exec (prctl in the child before exec) is unsafe by signature.
+    #[allow(unsafe_code)]
     pub(crate) fn spawn(
         &self,
         name: &str,

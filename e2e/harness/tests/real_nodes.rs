@@ -470,7 +470,7 @@ impl WeftLeftovers {
             .map(|name| name.split('@').next().unwrap_or(name).to_owned())
             .filter(|name| name.starts_with("weft") || name.starts_with("veth"))
             .collect();
-        let protocol = podnet::agent::ROUTE_PROTOCOL.to_string();
+        let protocol = weft_agent::ROUTE_PROTOCOL.to_string();
         let mut routes = Vec::new();
         for family in ["-4", "-6"] {
             routes.extend(
@@ -491,7 +491,7 @@ impl WeftLeftovers {
         for file in [
             "/opt/cni/bin/weft",
             "/etc/cni/net.d/10-weft.conflist",
-            podnet::nodefile::DEFAULT_NODE_FILE,
+            weft::nodefile::DEFAULT_NODE_FILE,
         ] {
             if node_has_file(node, file)? {
                 files.push(file.to_owned());

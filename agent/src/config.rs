@@ -1,0 +1,508 @@
+//! The agent's configuration: YAML file keys, and the layering of file,
+//! environment and flags over the defaults.
+//!
+//! The YAML keys are the Helm chart values' keys (camelCase, like the
+//! controller's `clusterCidr`):
+//!
+//! | key                 | default                | meaning |
+//! |---------------------|------------------------|---------|
+//! | `backend`           | `vxlan`                | `vxlan`, `host-gw` or `direct` (host-gw to peers on the same underlay subnet, vxlan to the rest) |
+//! | `vni`               | `1`                    | VXLAN network identifier of `weft.1` |
+//! | `port`              | `8472`                 | VXLAN UDP destination port |
+//! | `mtu`               | underlay MTU − overhead| MTU of `weft.1` and of pods (written to the node file) |
+//! | `iface`             | the InternalIP's link  | underlay interface by name |
+//! | `ifaceRegex`        | —                      | underlay interface by regular expression on the name (first match in index order) |
+//! | `resyncSeconds`     | `60`                   | period of the full reconcile that repairs drift |
+//! | `clusterCidr`       | required               | the cluster's IPv4 pod CIDR (same key and value as the controller's) |
+//! | `clusterCidrV6`     | —                      | the cluster's IPv6 pod CIDR when dual-stack |
+//! | `noMasqueradeCidrs` | `[]`                   | destinations that pods reach with their own address |
+//! | `checksumOffload`   | `auto`                 | tx checksum offload on `weft.1`: `auto` (off on affected kernels), `on`, `off` |
+//! | `cniBinDir`         | `/opt/cni/bin`         | where the `weft` plugin binary is installed |
+//! | `cniConfDir`        | `/etc/cni/net.d`       | where the conflist is installed |
+//! | `cniPluginSource`   | `weft` beside the agent| the plugin binary to install |
+//! | `nodeFile`          | `/run/weft/node.json`  | the node file the plugin reads |
+//! | `metricsAddress`    | `0.0.0.0:9465`         | `/healthz`, `/readyz`, `/metrics` |
+//!
+//! Precedence: flags > environment (`WEFT_*`) > file > defaults. The binary
+//! turns flags and environment into a [`ConfigLayer`]; this module merges the
+//! layers and validates the result once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// How the agent reaches peers' slices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// Every peer through the `weft.1` VXLAN tunnel.
+    #[default]
+    Vxlan,
+    /// Plain routes via each peer's node address; needs every node on one L2
+    /// segment.
+    HostGw,
+    /// host-gw to peers on this node's underlay subnet, vxlan to the rest.
+    Direct,
+}
+
+impl Backend {
+    /// The name used in config and in the `weft.dev/backend-type` annotation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+            Backend::HostGw => "host-gw",
+            Backend::Direct => "direct",
+        }
+    }
+
+    /// Whether this backend needs the `weft.1` VXLAN device.
+    pub fn uses_vxlan(self) -> bool {
+        !matches!(self, Backend::HostGw)
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vxlan" => Ok(Backend::Vxlan),
+            "host-gw" => Ok(Backend::HostGw),
+            "direct" => Ok(Backend::Direct),
+            other => Err(ConfigError::invalid(
+                "backend",
+                other,
+                "use vxlan, host-gw or direct",
+            )),
+        }
+    }
+}
+
+/// Whether tx checksum offload stays on for `weft.1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChecksumOffload {
+    /// Off on kernels known to corrupt VXLAN UDP checksums under NAT, on
+    /// elsewhere (see [`crate::offload`]).
+    #[default]
+    Auto,
+    /// Always leave the kernel's default (offload on).
+    On,
+    /// Always turn it off (costs throughput, always correct).
+    Off,
+}
+
+impl std::str::FromStr for ChecksumOffload {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ChecksumOffload::Auto),
+            "on" => Ok(ChecksumOffload::On),
+            "off" => Ok(ChecksumOffload::Off),
+            other => Err(ConfigError::invalid(
+                "checksumOffload",
+                other,
+                "use auto, on or off",
+            )),
+        }
+    }
+}
+
+/// A bad configuration value. The message names the key and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is out of range or malformed.
+    #[error("config key {key}: {value:?} is invalid: {fix}")]
+    Invalid {
+        /// The YAML key (the flag is its kebab-case form).
+        key: &'static str,
+        /// The rejected value.
+        value: String,
+        /// What to write instead.
+        fix: &'static str,
+    },
+    /// A required value is missing everywhere.
+    #[error("config key {key} is required: {fix}")]
+    Missing {
+        /// The YAML key.
+        key: &'static str,
+        /// Where to set it.
+        fix: &'static str,
+    },
+    /// The config file is not valid YAML for these keys.
+    #[error(
+        "config file {path}: {message} (keys are camelCase, e.g. clusterCidr, noMasqueradeCidrs)"
+    )]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, value: impl ToString, fix: &'static str) -> Self {
+        ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            fix,
+        }
+    }
+}
+
+/// One source of settings (file, environment or flags): every key optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(missing_docs)] // Each field is the key of the same name in the module table.
+pub struct ConfigLayer {
+    pub backend: Option<Backend>,
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub mtu: Option<u32>,
+    pub iface: Option<String>,
+    pub iface_regex: Option<String>,
+    pub resync_seconds: Option<u64>,
+    pub cluster_cidr: Option<IpNet>,
+    pub cluster_cidr_v6: Option<IpNet>,
+    pub no_masquerade_cidrs: Option<Vec<IpNet>>,
+    pub checksum_offload: Option<ChecksumOffload>,
+    pub cni_bin_dir: Option<PathBuf>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_plugin_source: Option<PathBuf>,
+    pub node_file: Option<PathBuf>,
+    pub metrics_address: Option<SocketAddr>,
+}
+
+impl ConfigLayer {
+    /// Parses the YAML config file's text; `path` only names it in errors.
+    pub fn from_yaml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(ConfigLayer::default());
+        }
+        serde_yaml::from_str(text).map_err(|error| ConfigError::File {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        })
+    }
+
+    /// This layer with every key that `higher` sets taken from `higher`.
+    pub fn overlaid_with(self, higher: ConfigLayer) -> ConfigLayer {
+        ConfigLayer {
+            backend: higher.backend.or(self.backend),
+            vni: higher.vni.or(self.vni),
+            port: higher.port.or(self.port),
+            mtu: higher.mtu.or(self.mtu),
+            iface: higher.iface.or(self.iface),
+            iface_regex: higher.iface_regex.or(self.iface_regex),
+            resync_seconds: higher.resync_seconds.or(self.resync_seconds),
+            cluster_cidr: higher.cluster_cidr.or(self.cluster_cidr),
+            cluster_cidr_v6: higher.cluster_cidr_v6.or(self.cluster_cidr_v6),
+            no_masquerade_cidrs: higher.no_masquerade_cidrs.or(self.no_masquerade_cidrs),
+            checksum_offload: higher.checksum_offload.or(self.checksum_offload),
+            cni_bin_dir: higher.cni_bin_dir.or(self.cni_bin_dir),
+            cni_conf_dir: higher.cni_conf_dir.or(self.cni_conf_dir),
+            cni_plugin_source: higher.cni_plugin_source.or(self.cni_plugin_source),
+            node_file: higher.node_file.or(self.node_file),
+            metrics_address: higher.metrics_address.or(self.metrics_address),
+        }
+    }
+}
+
+/// The agent's validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// How peers are reached.
+    pub backend: Backend,
+    /// VXLAN network identifier (24 bits).
+    pub vni: u32,
+    /// VXLAN UDP destination port.
+    pub port: u16,
+    /// MTU override for `weft.1` and pods; `None` derives it from the
+    /// underlay.
+    pub mtu: Option<u32>,
+    /// Underlay interface by name.
+    pub iface: Option<String>,
+    /// Underlay interface by regular expression (validated here).
+    pub iface_regex: Option<String>,
+    /// Period of the full reconcile.
+    pub resync: Duration,
+    /// The cluster's pod CIDRs (IPv4 first, then IPv6 when dual-stack).
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Destinations never masqueraded.
+    pub no_masquerade_cidrs: Vec<IpNet>,
+    /// Checksum offload policy for `weft.1`.
+    pub checksum_offload: ChecksumOffload,
+    /// Directory the plugin binary is installed into.
+    pub cni_bin_dir: PathBuf,
+    /// Directory the conflist is installed into.
+    pub cni_conf_dir: PathBuf,
+    /// The plugin binary to install.
+    pub cni_plugin_source: PathBuf,
+    /// The node file path.
+    pub node_file: PathBuf,
+    /// Address of the health and metrics server.
+    pub metrics_address: SocketAddr,
+}
+
+/// Default VXLAN UDP port: the Linux kernel's and flannel's, so existing
+/// firewall rules for flannel keep working.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+
+impl AgentConfig {
+    /// Validates the merged layers (`layer` is file overlaid with env and
+    /// flags). `agent_binary` is the running agent's path, whose directory
+    /// holds the plugin binary by default.
+    pub fn from_layer(layer: ConfigLayer, agent_binary: &Path) -> Result<Self, ConfigError> {
+        let vni = layer.vni.unwrap_or(1);
+        if !(1..=0x00ff_ffff).contains(&vni) {
+            return Err(ConfigError::invalid(
+                "vni",
+                vni,
+                "use a VXLAN network identifier from 1 to 16777215",
+            ));
+        }
+        let port = layer.port.unwrap_or(DEFAULT_VXLAN_PORT);
+        if port == 0 {
+            return Err(ConfigError::invalid(
+                "port",
+                port,
+                "use a UDP port from 1 to 65535 (default 8472)",
+            ));
+        }
+        if let Some(mtu) = layer.mtu {
+            if !(1280..=65535).contains(&mtu) {
+                return Err(ConfigError::invalid(
+                    "mtu",
+                    mtu,
+                    "use 1280..=65535 (IPv6 needs 1280), or leave it unset to derive it from the underlay",
+                ));
+            }
+        }
+        if let Some(pattern) = &layer.iface_regex {
+            if regex::Regex::new(pattern).is_err() {
+                return Err(ConfigError::invalid(
+                    "ifaceRegex",
+                    pattern,
+                    "write a valid regular expression (Rust regex syntax), e.g. ^eth[0-9]+$",
+                ));
+            }
+        }
+        let resync_seconds = layer.resync_seconds.unwrap_or(60);
+        if resync_seconds == 0 {
+            return Err(ConfigError::invalid(
+                "resyncSeconds",
+                resync_seconds,
+                "use a period of at least 1 second (default 60)",
+            ));
+        }
+        let cluster_cidr = layer.cluster_cidr.ok_or(ConfigError::Missing {
+            key: "clusterCidr",
+            fix: "set it to the controller's cluster CIDR with --cluster-cidr, WEFT_CLUSTER_CIDR or clusterCidr in the config file",
+        })?;
+        if !matches!(cluster_cidr, IpNet::V4(_)) {
+            return Err(ConfigError::invalid(
+                "clusterCidr",
+                cluster_cidr,
+                "use an IPv4 CIDR here and put the IPv6 one in clusterCidrV6",
+            ));
+        }
+        let mut cluster_cidrs = vec![cluster_cidr.trunc()];
+        if let Some(v6) = layer.cluster_cidr_v6 {
+            if !matches!(v6, IpNet::V6(_)) {
+                return Err(ConfigError::invalid(
+                    "clusterCidrV6",
+                    v6,
+                    "use an IPv6 CIDR, e.g. fd00:10:244::/56",
+                ));
+            }
+            cluster_cidrs.push(v6.trunc());
+        }
+        let cni_plugin_source = layer
+            .cni_plugin_source
+            .unwrap_or_else(|| agent_binary.parent().unwrap_or(Path::new("/")).join("weft"));
+        Ok(AgentConfig {
+            backend: layer.backend.unwrap_or_default(),
+            vni,
+            port,
+            mtu: layer.mtu,
+            iface: layer.iface,
+            iface_regex: layer.iface_regex,
+            resync: Duration::from_secs(resync_seconds),
+            cluster_cidrs,
+            no_masquerade_cidrs: layer
+                .no_masquerade_cidrs
+                .unwrap_or_default()
+                .into_iter()
+                .map(|cidr| cidr.trunc())
+                .collect(),
+            checksum_offload: layer.checksum_offload.unwrap_or_default(),
+            cni_bin_dir: layer
+                .cni_bin_dir
+                .unwrap_or_else(|| PathBuf::from("/opt/cni/bin")),
+            cni_conf_dir: layer
+                .cni_conf_dir
+                .unwrap_or_else(|| PathBuf::from("/etc/cni/net.d")),
+            cni_plugin_source,
+            node_file: layer
+                .node_file
+                .unwrap_or_else(|| PathBuf::from("/run/weft/node.json")),
+            metrics_address: layer
+                .metrics_address
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9465))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> ConfigLayer {
+        ConfigLayer {
+            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            ..ConfigLayer::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_every_unset_key() {
+        let config = AgentConfig::from_layer(minimal(), Path::new("/usr/bin/weft-agent")).unwrap();
+        assert_eq!(config.backend, Backend::Vxlan);
+        assert_eq!(config.vni, 1);
+        assert_eq!(config.port, 8472);
+        assert_eq!(config.resync, Duration::from_secs(60));
+        assert_eq!(config.checksum_offload, ChecksumOffload::Auto);
+        assert_eq!(config.cni_plugin_source, PathBuf::from("/usr/bin/weft"));
+        assert_eq!(config.node_file, PathBuf::from("/run/weft/node.json"));
+        assert_eq!(config.cni_bin_dir, PathBuf::from("/opt/cni/bin"));
+        assert_eq!(config.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+    }
+
+    #[test]
+    fn yaml_keys_are_camel_case_and_unknown_keys_rejected() {
+        let text = "backend: host-gw\nvni: 7\nport: 4789\nresyncSeconds: 5\nclusterCidr: 10.244.0.0/16\nclusterCidrV6: fd00:10:244::/56\nnoMasqueradeCidrs: [192.168.0.0/16]\nchecksumOffload: 'off'\nifaceRegex: ^eth\n";
+        let layer = ConfigLayer::from_yaml(Path::new("agent.yaml"), text).unwrap();
+        let config = AgentConfig::from_layer(layer, Path::new("/a/weft-agent")).unwrap();
+        assert_eq!(config.backend, Backend::HostGw);
+        assert_eq!(config.vni, 7);
+        assert_eq!(config.port, 4789);
+        assert_eq!(config.cluster_cidrs.len(), 2);
+        assert_eq!(config.checksum_offload, ChecksumOffload::Off);
+        assert_eq!(config.no_masquerade_cidrs.len(), 1);
+
+        let error = ConfigLayer::from_yaml(Path::new("agent.yaml"), "cluster_cidr: 10.0.0.0/8")
+            .unwrap_err();
+        assert!(error.to_string().contains("agent.yaml"), "{error}");
+        assert!(error.to_string().contains("cluster_cidr"), "{error}");
+    }
+
+    #[test]
+    fn higher_layers_win_key_by_key() {
+        let file = ConfigLayer {
+            vni: Some(5),
+            port: Some(4789),
+            ..minimal()
+        };
+        let flags = ConfigLayer {
+            vni: Some(9),
+            ..ConfigLayer::default()
+        };
+        let merged = file.overlaid_with(flags);
+        assert_eq!(merged.vni, Some(9));
+        assert_eq!(merged.port, Some(4789));
+        assert!(merged.cluster_cidr.is_some());
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_fix() {
+        let cases: Vec<(ConfigLayer, &str)> = vec![
+            (
+                ConfigLayer {
+                    vni: Some(0),
+                    ..minimal()
+                },
+                "vni",
+            ),
+            (
+                ConfigLayer {
+                    vni: Some(1 << 24),
+                    ..minimal()
+                },
+                "vni",
+            ),
+            (
+                ConfigLayer {
+                    port: Some(0),
+                    ..minimal()
+                },
+                "port",
+            ),
+            (
+                ConfigLayer {
+                    mtu: Some(500),
+                    ..minimal()
+                },
+                "mtu",
+            ),
+            (
+                ConfigLayer {
+                    resync_seconds: Some(0),
+                    ..minimal()
+                },
+                "resyncSeconds",
+            ),
+            (
+                ConfigLayer {
+                    iface_regex: Some("(".into()),
+                    ..minimal()
+                },
+                "ifaceRegex",
+            ),
+            (
+                ConfigLayer {
+                    cluster_cidr: None,
+                    ..minimal()
+                },
+                "clusterCidr",
+            ),
+            (
+                ConfigLayer {
+                    cluster_cidr: Some("fd00::/48".parse().unwrap()),
+                    ..minimal()
+                },
+                "clusterCidrV6",
+            ),
+            (
+                ConfigLayer {
+                    cluster_cidr_v6: Some("10.0.0.0/8".parse().unwrap()),
+                    ..minimal()
+                },
+                "clusterCidrV6",
+            ),
+        ];
+        for (layer, key) in cases {
+            let error = AgentConfig::from_layer(layer, Path::new("/a/weft-agent")).unwrap_err();
+            assert!(error.to_string().contains(key), "{error} should name {key}");
+        }
+    }
+
+    #[test]
+    fn enum_values_parse_from_flag_text() {
+        assert_eq!("direct".parse::<Backend>().unwrap(), Backend::Direct);
+        assert!("udp"
+            .parse::<Backend>()
+            .unwrap_err()
+            .to_string()
+            .contains("backend"));
+        assert_eq!(
+            "on".parse::<ChecksumOffload>().unwrap(),
+            ChecksumOffload::On
+        );
+        assert!("maybe".parse::<ChecksumOffload>().is_err());
+    }
+}

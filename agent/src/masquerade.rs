@@ -1,0 +1,298 @@
+//! Pod egress masquerade: the nftables table `inet weft`.
+//!
+//! Pods keep their own address towards other pods (every node routes the
+//! cluster CIDR), but the world outside the cluster cannot route back to pod
+//! addresses, so traffic from the cluster CIDR to anywhere else leaves with
+//! the node's address. Exceptions: destinations in the no-masquerade list,
+//! multicast, and packets kube-proxy already marked for its own masquerade
+//! (mark `0x4000/0x4000`), which would otherwise be rewritten twice.
+//!
+//! The table is applied with the `nft` CLI as one transaction that creates
+//! the table if missing, deletes it and recreates it whole: the kernel swaps
+//! old for new atomically, so there is never a moment without rules (a flush
+//! followed by re-adding would open one).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use ipnet::IpNet;
+
+use weft::netlink::Removal;
+
+/// The nftables family and name of Weft's table.
+pub const TABLE: &str = "inet weft";
+
+/// kube-proxy's masquerade mark (its `--masquerade-bit` default, bit 14).
+pub const KUBE_PROXY_MASQUERADE_MARK: u32 = 0x4000;
+
+/// Why the table could not be read or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum MasqueradeError {
+    /// `nft` could not be run at all.
+    #[error("running nft to {action}: {source} (install the nftables package)")]
+    Spawn {
+        /// What it was run for.
+        action: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// `nft` ran and refused.
+    #[error("nft failed to {action} (exit {status}): {stderr}")]
+    Nft {
+        /// What it was run for.
+        action: &'static str,
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+}
+
+/// Renders the whole transaction for `nft -f`: create-if-missing, delete,
+/// recreate. `cluster_cidrs` holds one IPv4 and optionally one IPv6 CIDR.
+pub fn render_ruleset(cluster_cidrs: &[IpNet], no_masquerade: &[IpNet]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{\n"
+    ));
+    out.push_str(
+        "\tcomment \"Weft pod egress masquerade, owned by weft-agent: replaced as a whole\"\n",
+    );
+    let mut rules = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let Some(cluster) = cluster_cidrs.iter().find(|c| family.holds(c.addr())) else {
+            continue;
+        };
+        // The set always holds the cluster CIDR (pod-to-pod is never
+        // masqueraded) and multicast; auto-merge lets user entries overlap.
+        let mut exempt = vec![*cluster, family.multicast()];
+        exempt.extend(no_masquerade.iter().filter(|c| family.holds(c.addr())));
+        let elements: Vec<String> = exempt.iter().map(|c| c.trunc().to_string()).collect();
+        out.push_str(&format!(
+            "\tset no-masquerade-{v} {{\n\t\ttype {t}\n\t\tflags interval\n\t\tauto-merge\n\t\telements = {{ {e} }}\n\t}}\n",
+            v = family.suffix(),
+            t = family.set_type(),
+            e = elements.join(", "),
+        ));
+        rules.push(format!(
+            "\t\t{p} saddr {cluster} {p} daddr != @no-masquerade-{v} masquerade random,fully-random\n",
+            p = family.keyword(),
+            cluster = cluster.trunc(),
+            v = family.suffix(),
+        ));
+    }
+    out.push_str(
+        "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    out.push_str(&format!(
+        "\t\tmeta mark & {KUBE_PROXY_MASQUERADE_MARK:#010x} == {KUBE_PROXY_MASQUERADE_MARK:#010x} return comment \"kube-proxy masquerades these itself\"\n"
+    ));
+    for rule in rules {
+        out.push_str(&rule);
+    }
+    out.push_str("\t}\n}\n");
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn holds(self, addr: IpAddr) -> bool {
+        matches!(
+            (self, addr),
+            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+        )
+    }
+
+    fn multicast(self) -> IpNet {
+        match self {
+            Family::V4 => "224.0.0.0/4".parse().expect("valid literal"),
+            Family::V6 => "ff00::/8".parse().expect("valid literal"),
+        }
+    }
+
+    fn keyword(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    fn set_type(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        }
+    }
+}
+
+/// Keeps the table equal to one rendered ruleset, in the network namespace
+/// of the calling thread (child processes inherit it).
+#[derive(Debug, Clone)]
+pub struct MasqueradeTable {
+    ruleset: String,
+    /// `nft list table` right after the last apply: the kernel's own
+    /// rendering of our rules, compared on resync to detect drift.
+    applied_listing: Option<String>,
+}
+
+/// What [`MasqueradeTable::ensure`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableChange {
+    /// The table already matched.
+    Unchanged,
+    /// The table was missing or different and has been replaced.
+    Replaced,
+}
+
+impl MasqueradeTable {
+    /// The table for these CIDRs; nothing is applied yet.
+    pub fn new(cluster_cidrs: &[IpNet], no_masquerade: &[IpNet]) -> Self {
+        MasqueradeTable {
+            ruleset: render_ruleset(cluster_cidrs, no_masquerade),
+            applied_listing: None,
+        }
+    }
+
+    /// The rendered transaction.
+    pub fn ruleset(&self) -> &str {
+        &self.ruleset
+    }
+
+    /// Applies the ruleset unless the kernel's table is exactly what the last
+    /// apply left (a missing, edited or foreign table is replaced).
+    /// Blocking: runs `nft`.
+    pub fn ensure(&mut self) -> Result<TableChange, MasqueradeError> {
+        // Any failure to list (typically: no such table) means "not ours".
+        let current = list_table().ok();
+        if current.is_some() && current == self.applied_listing {
+            return Ok(TableChange::Unchanged);
+        }
+        run_nft(&["-f", "-"], Some(&self.ruleset), "replace table inet weft")?;
+        self.applied_listing = Some(list_table()?);
+        Ok(TableChange::Replaced)
+    }
+}
+
+/// The kernel's current `inet weft` table as `nft list table` prints it.
+pub fn list_table() -> Result<String, MasqueradeError> {
+    run_nft(
+        &["list", "table", "inet", "weft"],
+        None,
+        "list table inet weft",
+    )
+}
+
+/// Deletes the table if it is there, as one transaction that declares the
+/// table first: a missing table is no error, and no error text has to be
+/// matched. Blocking: runs `nft`.
+pub fn delete_table() -> Result<Removal, MasqueradeError> {
+    // Listing fails when the table is missing; if nft itself is missing,
+    // the delete below says so.
+    let existed = list_table().is_ok();
+    let transaction = format!("table {TABLE}\ndelete table {TABLE}\n");
+    run_nft(&["-f", "-"], Some(&transaction), "delete table inet weft")?;
+    Ok(if existed {
+        Removal::Removed
+    } else {
+        Removal::AlreadyGone
+    })
+}
+
+fn run_nft(
+    args: &[&str],
+    stdin: Option<&str>,
+    action: &'static str,
+) -> Result<String, MasqueradeError> {
+    let spawn_error = |source| MasqueradeError::Spawn { action, source };
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).map_err(spawn_error)?;
+    }
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    if !output.status.success() {
+        return Err(MasqueradeError::Nft {
+            action,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn transaction_creates_deletes_then_recreates() {
+        let text = render_ruleset(&nets(&["10.244.0.0/16"]), &[]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "table inet weft");
+        assert_eq!(lines[1], "delete table inet weft");
+        assert_eq!(lines[2], "table inet weft {");
+        assert!(!text.contains("flush"));
+    }
+
+    #[test]
+    fn ipv4_only_masquerades_cluster_sources_leaving_the_cluster() {
+        let text = render_ruleset(
+            &nets(&["10.244.0.0/16"]),
+            &nets(&["192.168.0.0/16", "fd00::/8"]),
+        );
+        assert!(
+            text.contains("elements = { 10.244.0.0/16, 224.0.0.0/4, 192.168.0.0/16 }"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "ip saddr 10.244.0.0/16 ip daddr != @no-masquerade-v4 masquerade random,fully-random"
+        ));
+        assert!(text.contains("meta mark & 0x00004000 == 0x00004000 return"));
+        // An IPv6 no-masquerade entry without an IPv6 cluster CIDR is moot.
+        assert!(!text.contains("ip6"), "{text}");
+        // The kube-proxy exemption comes before any masquerade rule.
+        assert!(text.find("meta mark").unwrap() < text.find("masquerade random").unwrap());
+    }
+
+    #[test]
+    fn dual_stack_gets_a_set_and_rule_per_family() {
+        let text = render_ruleset(
+            &nets(&["10.244.0.0/16", "fd00:10:244::/56"]),
+            &nets(&["2001:db8::/32"]),
+        );
+        assert!(text.contains("set no-masquerade-v6"));
+        assert!(
+            text.contains("elements = { fd00:10:244::/56, ff00::/8, 2001:db8::/32 }"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "ip6 saddr fd00:10:244::/56 ip6 daddr != @no-masquerade-v6 masquerade random,fully-random"
+        ));
+    }
+}

@@ -1,0 +1,586 @@
+//! Desired state, diff, plan: what the kernel should hold for the peers, and
+//! the ordered operations that take the kernel there.
+//!
+//! Pure: the agent fills a [`KernelState`] from netlink dumps of what Weft
+//! owns (entries on `weft.1`, routes with [`crate::ROUTE_PROTOCOL`]),
+//! asks [`plan`] for the difference, and applies it in the order given.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::config::Backend;
+use super::peer::{vtep_address, LocalNode, Peer};
+use weft::annotations::VtepMac;
+
+/// A permanent neighbour on `weft.1`: a peer's VTEP address → its VTEP MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Neighbour {
+    /// The peer slice's VTEP address.
+    pub ip: IpAddr,
+    /// The peer's VTEP MAC.
+    pub mac: VtepMac,
+}
+
+/// A permanent forwarding-database entry on `weft.1`: a peer's VTEP MAC → the
+/// underlay address its tunnel packets are sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FdbEntry {
+    /// The peer's VTEP MAC.
+    pub mac: VtepMac,
+    /// The peer's public (underlay) address.
+    pub remote: IpAddr,
+}
+
+/// How a peer's slice is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NextHop {
+    /// Through the tunnel: via the peer's VTEP address, onlink on `weft.1`.
+    Vtep(IpAddr),
+    /// host-gw: via the peer's node address on the underlay.
+    Underlay(IpAddr),
+}
+
+/// A route Weft owns, to one peer slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OverlayRoute {
+    /// The peer's slice.
+    pub destination: IpNet,
+    /// Where it goes.
+    pub next_hop: NextHop,
+}
+
+/// Why a peer (or one of its slices) gets no entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// VXLAN is needed but the peer has published no VTEP MAC yet.
+    NoVtepMac,
+    /// host-gw is configured but the peer is not on this node's underlay
+    /// subnet, so a route via its address cannot work.
+    NotOnUnderlaySubnet,
+    /// The address families do not fit: a host-gw route needs a next hop of
+    /// the slice's family, a tunnel needs a remote of the underlay's family.
+    AddressFamily,
+    /// The slice or VTEP MAC is already taken by this node or another peer
+    /// (listed first by name); the controller reports duplicate slices.
+    Conflict,
+}
+
+/// A peer slice that is not programmed, and why (logged, counted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedPeer {
+    /// The peer's node name.
+    pub node_name: String,
+    /// The slice concerned.
+    pub slice: IpNet,
+    /// Why.
+    pub reason: SkipReason,
+}
+
+/// Everything the kernel should hold for the current peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// VTEP address → MAC.
+    pub neighbours: BTreeMap<IpAddr, VtepMac>,
+    /// MAC → remote.
+    pub fdb: BTreeMap<VtepMac, IpAddr>,
+    /// Slice → next hop.
+    pub routes: BTreeMap<IpNet, NextHop>,
+    /// Peer slices left out, with the reason.
+    pub skipped: Vec<SkippedPeer>,
+}
+
+/// What a netlink dump found of the entries Weft owns. Lists, not maps: the
+/// kernel may hold duplicates (e.g. several FDB remotes for one MAC) that the
+/// plan must remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    /// Permanent neighbours on `weft.1`.
+    pub neighbours: Vec<Neighbour>,
+    /// FDB entries with a remote on `weft.1`.
+    pub fdb: Vec<FdbEntry>,
+    /// Routes carrying Weft's protocol number.
+    pub routes: Vec<OverlayRoute>,
+}
+
+/// One kernel change. `Set*` is a netlink replace (create or update in
+/// place), `Delete*` treats "already gone" as success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Create or update a neighbour.
+    SetNeighbour(Neighbour),
+    /// Create or update an FDB entry.
+    SetFdb(FdbEntry),
+    /// Create or update a route.
+    SetRoute(OverlayRoute),
+    /// Remove a route.
+    DeleteRoute(OverlayRoute),
+    /// Remove an FDB entry.
+    DeleteFdb(FdbEntry),
+    /// Remove a neighbour.
+    DeleteNeighbour(Neighbour),
+}
+
+/// Computes the entries this node should hold for `peers` with `backend`.
+///
+/// vxlan: per peer slice a neighbour (VTEP address → MAC) and a route via
+/// that VTEP address onlink on `weft.1`, plus one FDB entry (MAC → public IP)
+/// per peer. host-gw: a route via the peer's public IP, for peers on this
+/// node's underlay subnet and slices of the public IP's family. direct:
+/// host-gw where host-gw works, vxlan otherwise.
+pub fn desired_state<'a>(
+    backend: Backend,
+    local: &LocalNode,
+    peers: impl IntoIterator<Item = &'a Peer>,
+) -> DesiredState {
+    let mut state = DesiredState::default();
+    let mut claimed_slices: BTreeSet<IpNet> = local.pod_cidrs.iter().copied().collect();
+    for peer in peers {
+        if peer.node_name == local.name {
+            continue;
+        }
+        let same_subnet = local.shares_underlay_subnet(peer.public_ip);
+        for slice in &peer.pod_cidrs {
+            let slice = slice.trunc();
+            let skip = |reason| SkippedPeer {
+                node_name: peer.node_name.clone(),
+                slice,
+                reason,
+            };
+            if claimed_slices.iter().any(|taken| overlaps(taken, &slice)) {
+                state.skipped.push(skip(SkipReason::Conflict));
+                continue;
+            }
+            let host_gw_fits = same_subnet && same_family(&slice.addr(), &peer.public_ip);
+            let result = match backend {
+                Backend::HostGw if host_gw_fits => Ok(NextHop::Underlay(peer.public_ip)),
+                Backend::HostGw if !same_subnet => Err(SkipReason::NotOnUnderlaySubnet),
+                Backend::HostGw => Err(SkipReason::AddressFamily),
+                Backend::Direct if host_gw_fits => Ok(NextHop::Underlay(peer.public_ip)),
+                Backend::Vxlan | Backend::Direct => tunnel_to(&mut state, local, peer, &slice),
+            };
+            match result {
+                Ok(next_hop) => {
+                    claimed_slices.insert(slice);
+                    state.routes.insert(slice, next_hop);
+                }
+                Err(reason) => state.skipped.push(skip(reason)),
+            }
+        }
+    }
+    state
+}
+
+/// Adds the neighbour and FDB entry that carry `slice` of `peer` through the
+/// tunnel, and returns the route's next hop.
+fn tunnel_to(
+    state: &mut DesiredState,
+    local: &LocalNode,
+    peer: &Peer,
+    slice: &IpNet,
+) -> Result<NextHop, SkipReason> {
+    let mac = peer.vtep_mac.ok_or(SkipReason::NoVtepMac)?;
+    if !same_family(&local.underlay.addr(), &peer.public_ip) {
+        return Err(SkipReason::AddressFamily);
+    }
+    match state.fdb.get(&mac) {
+        Some(remote) if *remote != peer.public_ip => return Err(SkipReason::Conflict),
+        _ => {}
+    }
+    let vtep = vtep_address(slice);
+    state.fdb.insert(mac, peer.public_ip);
+    state.neighbours.insert(vtep, mac);
+    Ok(NextHop::Vtep(vtep))
+}
+
+fn same_family(a: &IpAddr, b: &IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The operations that take `current` to `desired`, in a safe order:
+/// creations and in-place updates first (neighbours, then FDB entries, then
+/// routes, so a route never points at a VTEP the kernel cannot resolve), then
+/// removals in reverse (routes, FDB entries, neighbours). An empty plan means
+/// the kernel already matches.
+pub fn plan(desired: &DesiredState, current: &KernelState) -> Vec<Operation> {
+    let mut operations = Vec::new();
+
+    let wanted_neighbours: BTreeSet<Neighbour> = desired
+        .neighbours
+        .iter()
+        .map(|(&ip, &mac)| Neighbour { ip, mac })
+        .collect();
+    let wanted_fdb: BTreeSet<FdbEntry> = desired
+        .fdb
+        .iter()
+        .map(|(&mac, &remote)| FdbEntry { mac, remote })
+        .collect();
+    let wanted_routes: BTreeSet<OverlayRoute> = desired
+        .routes
+        .iter()
+        .map(|(&destination, &next_hop)| OverlayRoute {
+            destination,
+            next_hop,
+        })
+        .collect();
+    let present_neighbours: BTreeSet<Neighbour> = current.neighbours.iter().copied().collect();
+    let present_fdb: BTreeSet<FdbEntry> = current.fdb.iter().copied().collect();
+    let present_routes: BTreeSet<OverlayRoute> = current.routes.iter().copied().collect();
+
+    operations.extend(
+        wanted_neighbours
+            .difference(&present_neighbours)
+            .map(|&n| Operation::SetNeighbour(n)),
+    );
+    operations.extend(
+        wanted_fdb
+            .difference(&present_fdb)
+            .map(|&f| Operation::SetFdb(f)),
+    );
+    operations.extend(
+        wanted_routes
+            .difference(&present_routes)
+            .map(|&r| Operation::SetRoute(r)),
+    );
+    // A stale entry whose key is still wanted was just replaced in place;
+    // deleting it by its old value then finds nothing, or removes a
+    // duplicate the kernel held beside the replaced one.
+    operations.extend(
+        present_routes
+            .difference(&wanted_routes)
+            .filter(|r| !replaced_in_place(desired, &present_routes, r))
+            .map(|&r| Operation::DeleteRoute(r)),
+    );
+    operations.extend(
+        present_fdb
+            .difference(&wanted_fdb)
+            .map(|&f| Operation::DeleteFdb(f)),
+    );
+    operations.extend(
+        present_neighbours
+            .difference(&wanted_neighbours)
+            .filter(|n| !desired.neighbours.contains_key(&n.ip))
+            .map(|&n| Operation::DeleteNeighbour(n)),
+    );
+    operations
+}
+
+/// Whether the plan's `SetRoute` for the same destination turns the stale
+/// route `stale` into the wanted one. A route replace rewrites the route with
+/// the same destination and metric, and a later delete by the old next hop
+/// would find nothing; a stale duplicate beside an already correct route
+/// must go, though.
+fn replaced_in_place(
+    desired: &DesiredState,
+    present: &BTreeSet<OverlayRoute>,
+    stale: &OverlayRoute,
+) -> bool {
+    match desired.routes.get(&stale.destination) {
+        Some(&next_hop) => !present.contains(&OverlayRoute {
+            destination: stale.destination,
+            next_hop,
+        }),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn mac(last: u8) -> VtepMac {
+        VtepMac::new([0x0a, 0x58, 0, 0, 0, last])
+    }
+
+    fn local() -> LocalNode {
+        LocalNode {
+            name: "node-a".into(),
+            pod_cidrs: vec![net("10.244.0.0/24"), net("fd00:10:244::/64")],
+            underlay: net("172.31.0.10/24"),
+        }
+    }
+
+    fn peer(name: &str, slices: &[&str], public_ip: &str, vtep: Option<u8>) -> Peer {
+        Peer {
+            node_name: name.into(),
+            pod_cidrs: slices.iter().map(|s| net(s)).collect(),
+            public_ip: ip(public_ip),
+            vtep_mac: vtep.map(mac),
+        }
+    }
+
+    /// Two peers on the local subnet (one dual-stack), one behind a router.
+    fn peers() -> Vec<Peer> {
+        vec![
+            peer(
+                "node-b",
+                &["10.244.1.0/24", "fd00:10:244:1::/64"],
+                "172.31.0.11",
+                Some(1),
+            ),
+            peer("node-c", &["10.244.2.0/24"], "172.31.1.12", Some(2)),
+        ]
+    }
+
+    #[test]
+    fn vxlan_gives_neighbour_fdb_and_onlink_route_per_slice() {
+        let state = desired_state(Backend::Vxlan, &local(), &peers());
+        assert_eq!(state.neighbours.len(), 3);
+        assert_eq!(state.neighbours[&ip("10.244.1.0")], mac(1));
+        assert_eq!(state.neighbours[&ip("fd00:10:244:1::")], mac(1));
+        assert_eq!(state.neighbours[&ip("10.244.2.0")], mac(2));
+        assert_eq!(state.fdb.len(), 2);
+        assert_eq!(state.fdb[&mac(1)], ip("172.31.0.11"));
+        assert_eq!(state.fdb[&mac(2)], ip("172.31.1.12"));
+        assert_eq!(
+            state.routes[&net("10.244.1.0/24")],
+            NextHop::Vtep(ip("10.244.1.0"))
+        );
+        assert_eq!(
+            state.routes[&net("fd00:10:244:1::/64")],
+            NextHop::Vtep(ip("fd00:10:244:1::"))
+        );
+        assert!(state.skipped.is_empty());
+    }
+
+    #[test]
+    fn host_gw_routes_via_node_ip_and_skips_what_it_cannot_reach() {
+        let state = desired_state(Backend::HostGw, &local(), &peers());
+        assert!(state.neighbours.is_empty());
+        assert!(state.fdb.is_empty());
+        assert_eq!(state.routes.len(), 1);
+        assert_eq!(
+            state.routes[&net("10.244.1.0/24")],
+            NextHop::Underlay(ip("172.31.0.11"))
+        );
+        let reasons: Vec<_> = state
+            .skipped
+            .iter()
+            .map(|s| (s.node_name.as_str(), s.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("node-b", SkipReason::AddressFamily),
+                ("node-c", SkipReason::NotOnUnderlaySubnet)
+            ]
+        );
+    }
+
+    #[test]
+    fn direct_uses_host_gw_on_the_subnet_and_vxlan_beyond() {
+        let state = desired_state(Backend::Direct, &local(), &peers());
+        assert_eq!(
+            state.routes[&net("10.244.1.0/24")],
+            NextHop::Underlay(ip("172.31.0.11"))
+        );
+        // The IPv6 slice cannot use an IPv4 next hop: it rides the tunnel.
+        assert_eq!(
+            state.routes[&net("fd00:10:244:1::/64")],
+            NextHop::Vtep(ip("fd00:10:244:1::"))
+        );
+        assert_eq!(
+            state.routes[&net("10.244.2.0/24")],
+            NextHop::Vtep(ip("10.244.2.0"))
+        );
+        assert_eq!(state.fdb.len(), 2);
+        assert!(!state.neighbours.contains_key(&ip("10.244.1.0")));
+    }
+
+    #[test]
+    fn peers_without_mac_conflicting_or_self_are_skipped() {
+        let peers = vec![
+            peer("node-a", &["10.244.9.0/24"], "172.31.0.10", Some(9)),
+            peer("node-b", &["10.244.1.0/24"], "172.31.0.11", None),
+            peer("node-c", &["10.244.0.0/25"], "172.31.0.12", Some(3)),
+            peer("node-d", &["10.244.4.0/24"], "172.31.0.13", Some(4)),
+            peer("node-e", &["10.244.5.0/24"], "172.31.0.14", Some(4)),
+            peer("node-f", &["10.244.4.0/24"], "172.31.0.15", Some(6)),
+        ];
+        let state = desired_state(Backend::Vxlan, &local(), &peers);
+        let reasons: Vec<_> = state
+            .skipped
+            .iter()
+            .map(|s| (s.node_name.as_str(), s.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("node-b", SkipReason::NoVtepMac),
+                ("node-c", SkipReason::Conflict),
+                ("node-e", SkipReason::Conflict),
+                ("node-f", SkipReason::Conflict),
+            ]
+        );
+        assert_eq!(
+            state.routes.keys().collect::<Vec<_>>(),
+            vec![&net("10.244.4.0/24")]
+        );
+    }
+
+    #[test]
+    fn tunnel_needs_a_remote_of_the_underlay_family() {
+        let peers = vec![peer("node-b", &["10.244.1.0/24"], "fd00:31::11", Some(1))];
+        let state = desired_state(Backend::Vxlan, &local(), &peers);
+        assert_eq!(state.skipped[0].reason, SkipReason::AddressFamily);
+        assert!(state.fdb.is_empty());
+    }
+
+    fn kernel_of(state: &DesiredState) -> KernelState {
+        KernelState {
+            neighbours: state
+                .neighbours
+                .iter()
+                .map(|(&ip, &mac)| Neighbour { ip, mac })
+                .collect(),
+            fdb: state
+                .fdb
+                .iter()
+                .map(|(&mac, &remote)| FdbEntry { mac, remote })
+                .collect(),
+            routes: state
+                .routes
+                .iter()
+                .map(|(&destination, &next_hop)| OverlayRoute {
+                    destination,
+                    next_hop,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn empty_kernel_gets_neighbours_then_fdb_then_routes() {
+        let desired = desired_state(Backend::Vxlan, &local(), &peers());
+        let ops = plan(&desired, &KernelState::default());
+        assert_eq!(ops.len(), 3 + 2 + 3);
+        let kinds: Vec<u8> = ops
+            .iter()
+            .map(|op| match op {
+                Operation::SetNeighbour(_) => 0,
+                Operation::SetFdb(_) => 1,
+                Operation::SetRoute(_) => 2,
+                _ => 9,
+            })
+            .collect();
+        assert!(kinds.windows(2).all(|w| w[0] <= w[1]), "{kinds:?}");
+        assert!(!kinds.contains(&9));
+    }
+
+    #[test]
+    fn matching_kernel_needs_nothing() {
+        let desired = desired_state(Backend::Direct, &local(), &peers());
+        assert!(plan(&desired, &kernel_of(&desired)).is_empty());
+    }
+
+    #[test]
+    fn deleted_peer_is_removed_route_first() {
+        let before = desired_state(Backend::Vxlan, &local(), &peers());
+        let after = desired_state(Backend::Vxlan, &local(), &peers()[..1]);
+        let ops = plan(&after, &kernel_of(&before));
+        assert_eq!(
+            ops,
+            vec![
+                Operation::DeleteRoute(OverlayRoute {
+                    destination: net("10.244.2.0/24"),
+                    next_hop: NextHop::Vtep(ip("10.244.2.0")),
+                }),
+                Operation::DeleteFdb(FdbEntry {
+                    mac: mac(2),
+                    remote: ip("172.31.1.12")
+                }),
+                Operation::DeleteNeighbour(Neighbour {
+                    ip: ip("10.244.2.0"),
+                    mac: mac(2)
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn changed_mac_and_ip_are_updated_in_place() {
+        let before = desired_state(Backend::Vxlan, &local(), &peers());
+        let mut moved = peers();
+        moved[1].vtep_mac = Some(mac(7));
+        moved[1].public_ip = ip("172.31.1.99");
+        let after = desired_state(Backend::Vxlan, &local(), &moved);
+        let ops = plan(&after, &kernel_of(&before));
+        assert_eq!(
+            ops,
+            vec![
+                // The neighbour keeps its address and gets the new MAC.
+                Operation::SetNeighbour(Neighbour {
+                    ip: ip("10.244.2.0"),
+                    mac: mac(7)
+                }),
+                Operation::SetFdb(FdbEntry {
+                    mac: mac(7),
+                    remote: ip("172.31.1.99")
+                }),
+                Operation::DeleteFdb(FdbEntry {
+                    mac: mac(2),
+                    remote: ip("172.31.1.12")
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn changed_next_hop_is_replaced_not_deleted() {
+        let before = desired_state(Backend::Vxlan, &local(), &peers());
+        let after = desired_state(Backend::Direct, &local(), &peers());
+        let ops = plan(&after, &kernel_of(&before));
+        assert!(ops.contains(&Operation::SetRoute(OverlayRoute {
+            destination: net("10.244.1.0/24"),
+            next_hop: NextHop::Underlay(ip("172.31.0.11")),
+        })));
+        assert!(
+            !ops.iter().any(|op| matches!(op, Operation::DeleteRoute(_))),
+            "{ops:?}"
+        );
+        // The now unused IPv4 VTEP neighbour of node-b goes.
+        assert!(ops.contains(&Operation::DeleteNeighbour(Neighbour {
+            ip: ip("10.244.1.0"),
+            mac: mac(1)
+        })));
+    }
+
+    #[test]
+    fn drift_is_repaired_and_strays_removed() {
+        let desired = desired_state(Backend::Vxlan, &local(), &peers());
+        let mut kernel = kernel_of(&desired);
+        let lost = kernel.routes.remove(0);
+        let stray = FdbEntry {
+            mac: mac(1),
+            remote: ip("172.31.0.200"),
+        };
+        kernel.fdb.push(stray);
+        let duplicate = OverlayRoute {
+            destination: net("10.244.2.0/24"),
+            next_hop: NextHop::Vtep(ip("10.244.2.1")),
+        };
+        kernel.routes.push(duplicate);
+        let ops = plan(&desired, &kernel);
+        assert_eq!(
+            ops,
+            vec![
+                Operation::SetRoute(lost),
+                Operation::DeleteRoute(duplicate),
+                Operation::DeleteFdb(stray)
+            ]
+        );
+    }
+}

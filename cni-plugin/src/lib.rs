@@ -1,0 +1,12 @@
+//! The `weft` CNI plugin as a library; `main.rs` only reads stdin, calls
+//! [`plugin::run`] and writes its reply.
+//!
+//! - [`cni`]: the spec's types: the network config, the `CNI_*`
+//!   environment, results in every supported version, error JSON.
+//! - [`ipam`]: the crash-safe on-disk address store of one network.
+//! - [`plugin`]: the verbs (ADD, DEL, CHECK, GC, STATUS, VERSION) over the
+//!   bridge, the veth pair and the pod's network namespace.
+
+pub mod cni;
+pub mod ipam;
+pub mod plugin;

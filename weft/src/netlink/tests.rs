@@ -1,0 +1,186 @@
+//! Netlink tests against real namespaces made with `ip netns add`; they
+//! need root (see `weft_testing::root_available`).
+
+use ipnet::IpNet;
+use weft_testing::TestNetns;
+
+use super::*;
+use crate::ip::IpFamily;
+
+fn is_root() -> bool {
+    weft_testing::root_available("netlink tests create network namespaces")
+}
+
+/// Opens a test namespace's handle.
+fn open(ns: &TestNetns) -> Netns {
+    Netns::open(ns.path()).unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bridge_veth_addresses_routes_in_namespaces() {
+    if !is_root() {
+        return;
+    }
+    let node = TestNetns::create("nl-node");
+    let pod = TestNetns::create("nl-pod");
+    let (node_ns, pod_ns) = (open(&node), open(&pod));
+    let on_node = Netlink::in_netns(&node_ns).unwrap();
+    let in_pod = Netlink::in_netns(&pod_ns).unwrap();
+
+    // Bridge: created once, reused the second time with a new MTU.
+    let bridge = on_node
+        .ensure_bridge("wtbr0", 1400, Some([0x0a, 0x58, 10, 77, 0, 1]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (bridge.up, bridge.mtu, bridge.kind.as_deref()),
+        (true, 1400, Some("bridge"))
+    );
+    assert_eq!(bridge.mac_text(), "0a:58:0a:4d:00:01");
+    let again = on_node.ensure_bridge("wtbr0", 1450, None).await.unwrap();
+    assert_eq!((again.index, again.mtu), (bridge.index, 1450));
+    assert!(on_node.link_by_name("wtbr0").await.unwrap().unwrap().up);
+
+    // Addresses are idempotent; IPv6 is usable at once (nodad).
+    let v4: IpNet = "10.77.0.1/24".parse().unwrap();
+    let v6: IpNet = "fd77::1/64".parse().unwrap();
+    assert_eq!(
+        on_node.ensure_address(bridge.index, v4).await.unwrap(),
+        Outcome::Created
+    );
+    assert_eq!(
+        on_node.ensure_address(bridge.index, v4).await.unwrap(),
+        Outcome::AlreadyPresent
+    );
+    assert_eq!(
+        on_node.ensure_address(bridge.index, v6).await.unwrap(),
+        Outcome::Created
+    );
+    let found = on_node.addresses(Some(bridge.index)).await.unwrap();
+    assert!(found.iter().any(|a| a.address == v4), "{found:?}");
+    assert!(found.iter().any(|a| a.address == v6), "{found:?}");
+
+    // Veth: peer created inside the pod namespace under its final name.
+    let pair = VethPair {
+        name: "wtveth0",
+        peer_name: "eth0",
+        peer_netns: &pod_ns,
+        mac: Some(&[0x02, 0x58, 10, 77, 0, 2]),
+        peer_mac: Some(&[0x0a, 0x58, 10, 77, 0, 2]),
+        mtu: 1450,
+        controller: Some(bridge.index),
+    };
+    assert_eq!(on_node.create_veth(&pair).await.unwrap(), Outcome::Created);
+    assert_eq!(
+        on_node.create_veth(&pair).await.unwrap(),
+        Outcome::AlreadyPresent
+    );
+    let host = on_node.link_by_name("wtveth0").await.unwrap().unwrap();
+    let bridge_now = on_node.link_by_index(bridge.index).await.unwrap().unwrap();
+    assert_eq!(
+        bridge_now.mac, bridge.mac,
+        "a port must not change the bridge MAC"
+    );
+    assert_eq!(
+        (host.controller, host.mtu, host.up),
+        (Some(bridge.index), 1450, true)
+    );
+    on_node
+        .set_bridge_port(host.index, "weft test", true)
+        .await
+        .unwrap();
+    let host = on_node.link_by_index(host.index).await.unwrap().unwrap();
+    assert_eq!(host.alias.as_deref(), Some("weft test"));
+    let eth0 = in_pod.link_by_name("eth0").await.unwrap().unwrap();
+    assert!(!eth0.up);
+    in_pod.set_up(eth0.index).await.unwrap();
+    let eth0 = in_pod.link_by_index(eth0.index).await.unwrap().unwrap();
+    assert_eq!(
+        (eth0.mtu, eth0.up, eth0.kind.as_deref()),
+        (1450, true, Some("veth"))
+    );
+    assert_eq!(eth0.mac_text(), "0a:58:0a:4d:00:02");
+    assert_eq!(host.mac_text(), "02:58:0a:4d:00:02");
+    // Each end names the other, across the namespace boundary.
+    assert_eq!(
+        (eth0.peer_index, host.peer_index),
+        (Some(host.index), Some(eth0.index))
+    );
+    assert!(on_node.link_by_name("eth0").await.unwrap().is_none());
+
+    // Routes in the pod: default via the gateway, dumped back, removed twice.
+    in_pod
+        .ensure_address(eth0.index, "10.77.0.2/24".parse().unwrap())
+        .await
+        .unwrap();
+    let default = Route::default_via("10.77.0.1".parse().unwrap());
+    assert_eq!(in_pod.add_route(&default).await.unwrap(), Outcome::Created);
+    assert_eq!(
+        in_pod.add_route(&default).await.unwrap(),
+        Outcome::AlreadyPresent
+    );
+    let routes = in_pod
+        .routes(IpFamily::V4, Route::MAIN_TABLE)
+        .await
+        .unwrap();
+    let dumped = routes
+        .iter()
+        .find(|r| r.destination.prefix_len() == 0)
+        .expect("default route dumped");
+    assert_eq!(dumped.gateway, default.gateway);
+    assert_eq!(dumped.output_interface, Some(eth0.index));
+    assert_eq!(
+        in_pod.delete_route(&default).await.unwrap(),
+        Removal::Removed
+    );
+    assert_eq!(
+        in_pod.delete_route(&default).await.unwrap(),
+        Removal::AlreadyGone
+    );
+
+    // An on-link route in its own table with our own protocol number.
+    let overlay = Route {
+        gateway: Some("10.99.0.0".parse().unwrap()),
+        output_interface: Some(eth0.index),
+        table: 1234,
+        protocol: RouteProtocol::Other(99),
+        onlink: true,
+        ..Route::new("10.99.0.0/24".parse().unwrap())
+    };
+    in_pod.replace_route(&overlay).await.unwrap();
+    in_pod.replace_route(&overlay).await.unwrap();
+    let routes = in_pod.routes(IpFamily::V4, 1234).await.unwrap();
+    assert_eq!(routes, vec![overlay.clone()]);
+    assert_eq!(
+        in_pod.delete_route(&overlay).await.unwrap(),
+        Removal::Removed
+    );
+
+    // Links go away once; the second removal reports it.
+    assert_eq!(
+        on_node.delete_link_by_name("wtveth0").await.unwrap(),
+        Removal::Removed
+    );
+    assert_eq!(
+        on_node.delete_link_by_name("wtveth0").await.unwrap(),
+        Removal::AlreadyGone
+    );
+    assert_eq!(
+        on_node.delete_link(host.index).await.unwrap(),
+        Removal::AlreadyGone
+    );
+    assert!(in_pod.link_by_name("eth0").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn non_bridge_link_is_not_reused_as_bridge() {
+    if !is_root() {
+        return;
+    }
+    let node = TestNetns::create("nl-kind");
+    let on_node = Netlink::in_netns(&open(&node)).unwrap();
+    let err = on_node.ensure_bridge("lo", 1500, None).await.unwrap_err();
+    assert!(matches!(err, NetlinkError::WrongKind { .. }), "{err}");
+    let missing = on_node.set_up(4242).await.unwrap_err();
+    assert_eq!(missing.errno(), Some(Errno::ENODEV), "{missing}");
+}
