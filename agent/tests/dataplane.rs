@@ -29,14 +29,9 @@ use weft_agent::overlay::{
 use weft_agent::peer::{LocalNode, Peer};
 use weft_agent::uninstall::{tear_down, TeardownReport};
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("skipped: needs root to create network namespaces");
+        if !weft_testing::root_available("creating network namespaces") {
             return Ok(());
         }
     };

@@ -150,8 +150,7 @@ fn shipped_plugin() -> Result<PathBuf> {
 }
 
 fn main() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: the ADD/DEL benchmark needs root to create network namespaces");
+    if !weft_testing::root_available("the ADD/DEL benchmark creates network namespaces") {
         return Ok(());
     }
     for plugin in ["bridge", "host-local"] {

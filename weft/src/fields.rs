@@ -16,6 +16,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
+    /// The error for `field`, with the problem and its fix in `problem`.
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         FieldError {
             field: field.into(),

@@ -198,8 +198,7 @@ mod tests {
 
     #[test]
     fn own_namespace_opens_and_runs_work() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: entering a network namespace needs root");
+        if !weft_testing::root_available("entering a network namespace") {
             return;
         }
         let netns = Netns::open("/proc/self/ns/net").unwrap();
@@ -209,8 +208,7 @@ mod tests {
 
     #[test]
     fn run_here_returns_the_thread_to_its_namespace() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: entering a network namespace needs root");
+        if !weft_testing::root_available("entering a network namespace") {
             return;
         }
         let own = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();

@@ -20,11 +20,7 @@ pub const NETWORK: &str = "weftnet";
 
 /// True when the tests can create namespaces; prints why not otherwise.
 pub fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped {test}: needs root to create network namespaces");
-    false
+    weft_testing::root_available(&format!("{test} creates network namespaces"))
 }
 
 /// A network namespace created with `ip netns add`, deleted on drop.
