@@ -18,6 +18,7 @@ use crate::cni::{
     Attachment, CniError, CniResult, ErrorCode, Interface, Invocation, IpConfig, MacAddress,
     NetConf, Network,
 };
+use weft::ip::{self, IpFamily};
 use weft::netlink::{Link, Netlink, Outcome, Route, VethPair};
 use weft::netns::Netns;
 
@@ -390,21 +391,16 @@ fn result_interface(link: &Link, sandbox: Option<String>) -> Interface {
 /// node's here.
 fn enable_forwarding(network: &Network) -> Result<(), CniError> {
     for family in &network.families {
-        let path = match family.gateway {
-            IpAddr::V4(_) => "/proc/sys/net/ipv4/ip_forward",
-            IpAddr::V6(_) => "/proc/sys/net/ipv6/conf/all/forwarding",
-        };
-        let io_error = |source: std::io::Error| {
+        ip::enable_forwarding(IpFamily::of_addr(family.gateway)).map_err(|error| {
             CniError::new(
                 ErrorCode::Io,
-                format!("cannot enable forwarding via {path}: run weft as root with /proc mounted"),
+                format!(
+                    "cannot enable forwarding via {}: run weft as root with /proc mounted",
+                    error.path
+                ),
             )
-            .with_details(source.to_string())
-        };
-        // Reading first keeps the common case (already on) free of writes.
-        if std::fs::read_to_string(path).map_err(io_error)?.trim() != "1" {
-            std::fs::write(path, "1").map_err(io_error)?;
-        }
+            .with_details(error.source.to_string())
+        })?;
     }
     Ok(())
 }
