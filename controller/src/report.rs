@@ -11,9 +11,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client, ResourceExt};
 
-use super::metrics::ControllerMetrics;
-use super::{Error, FIELD_MANAGER};
 use crate::allocator::{ClaimProblem, SlicePlan};
+use crate::metrics::ControllerMetrics;
+use crate::reconcile::{Error, FIELD_MANAGER};
 use weft::ip::IpFamily;
 
 /// Events about cluster-scoped objects live in this namespace (as the

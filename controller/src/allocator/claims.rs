@@ -1,0 +1,204 @@
+//! What a node already carries (`spec.podCIDRs`, Weft's annotations) and
+//! what is wrong with it. A problem names where the value was read and what
+//! an operator can do about it, since the controller never rewrites it.
+
+use std::fmt;
+
+use ipnet::IpNet;
+use weft::ip::IpFamily;
+
+/// Where a node's existing pod CIDR was read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimSource {
+    /// `spec.podCIDRs` (or `spec.podCIDR`), immutable once set.
+    Spec,
+    /// Weft's own annotation for the family.
+    Annotation(IpFamily),
+}
+
+impl fmt::Display for ClaimSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClaimSource::Spec => f.write_str("spec.podCIDRs"),
+            ClaimSource::Annotation(family) => {
+                write!(f, "annotation {}", weft::annotations::pod_cidr_key(*family))
+            }
+        }
+    }
+}
+
+impl ClaimSource {
+    /// What an operator can do about a bad value from this source.
+    fn fix(&self) -> &'static str {
+        match self {
+            ClaimSource::Spec => {
+                "spec.podCIDRs is immutable once set: delete the Node and let it re-register, or change the cluster CIDR/slice size to match"
+            }
+            ClaimSource::Annotation(_) => {
+                "remove the annotation and weft-controller allocates a slice"
+            }
+        }
+    }
+}
+
+/// The pod CIDRs a node already carries, as strings from the Node object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeClaims {
+    /// `spec.podCIDRs`, or `[spec.podCIDR]` when only the singular is set.
+    pub spec: Vec<String>,
+    /// The `weft.dev/pod-cidr` annotation.
+    pub annotation_v4: Option<String>,
+    /// The `weft.dev/pod-cidr-v6` annotation.
+    pub annotation_v6: Option<String>,
+}
+
+/// One family's claim: `spec` wins over the annotation, as the kubelet reads spec.
+pub(super) enum Claim {
+    None,
+    Unparseable(ClaimSource, String),
+    Cidr(ClaimSource, IpNet),
+}
+
+impl NodeClaims {
+    /// The first `spec` value that is not a CIDR at all.
+    pub(super) fn unparseable_spec(&self) -> Option<&str> {
+        self.spec
+            .iter()
+            .find(|value| value.parse::<IpNet>().is_err())
+            .map(String::as_str)
+    }
+
+    /// The node's claim for `family`.
+    pub(super) fn claim(&self, family: IpFamily) -> Claim {
+        let from_spec = self
+            .spec
+            .iter()
+            .filter_map(|value| value.parse::<IpNet>().ok())
+            .find(|net| IpFamily::of(net) == family);
+        if let Some(net) = from_spec {
+            return Claim::Cidr(ClaimSource::Spec, net);
+        }
+        let annotation = match family {
+            IpFamily::V4 => &self.annotation_v4,
+            IpFamily::V6 => &self.annotation_v6,
+        };
+        let source = ClaimSource::Annotation(family);
+        match annotation.as_deref().map(str::trim) {
+            None | Some("") => Claim::None,
+            Some(value) => match value.parse::<IpNet>() {
+                Ok(net) if IpFamily::of(&net) == family => Claim::Cidr(source, net),
+                _ => Claim::Unparseable(source, value.to_owned()),
+            },
+        }
+    }
+}
+
+/// Why a node's existing pod CIDR is left alone and reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimProblem {
+    /// Not a CIDR (or the wrong family for its annotation).
+    Unparseable {
+        /// Where the value was read.
+        source: ClaimSource,
+        /// The value as found.
+        value: String,
+    },
+    /// No address in common with the cluster CIDR.
+    OutsideCluster {
+        /// Where the value was read.
+        source: ClaimSource,
+        /// The claimed CIDR.
+        cidr: IpNet,
+        /// The cluster CIDR of its family.
+        cluster: IpNet,
+    },
+    /// Inside the cluster CIDR but not one aligned slice. The slices it covers
+    /// are not handed to anyone else while the node exists.
+    Misfit {
+        /// Where the value was read.
+        source: ClaimSource,
+        /// The claimed CIDR.
+        cidr: IpNet,
+        /// The slice prefix length of its family.
+        slice_prefix: u8,
+    },
+    /// Exactly a slice, but another node already holds it.
+    Duplicate {
+        /// Where the value was read.
+        source: ClaimSource,
+        /// The claimed slice.
+        cidr: IpNet,
+        /// The node that holds it.
+        owner: String,
+    },
+    /// Exactly a slice, but inside another node's misfit claim.
+    Overlap {
+        /// Where the value was read.
+        source: ClaimSource,
+        /// The claimed slice.
+        cidr: IpNet,
+        /// The node whose claim covers it.
+        owner: String,
+    },
+}
+
+impl ClaimProblem {
+    /// A PascalCase reason for Events and a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ClaimProblem::Unparseable { .. } => "PodCidrInvalid",
+            ClaimProblem::OutsideCluster { .. } => "PodCidrOutsideClusterCidr",
+            ClaimProblem::Misfit { .. } => "PodCidrMisaligned",
+            ClaimProblem::Duplicate { .. } => "PodCidrDuplicate",
+            ClaimProblem::Overlap { .. } => "PodCidrOverlap",
+        }
+    }
+}
+
+impl fmt::Display for ClaimProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClaimProblem::Unparseable { source, value } => write!(
+                f,
+                "{source} holds {value:?}, which is not a CIDR of the right family; {}",
+                source.fix()
+            ),
+            ClaimProblem::OutsideCluster {
+                source,
+                cidr,
+                cluster,
+            } => write!(
+                f,
+                "{source} holds {cidr}, outside the cluster CIDR {cluster}; {}",
+                source.fix()
+            ),
+            ClaimProblem::Misfit {
+                source,
+                cidr,
+                slice_prefix,
+            } => write!(
+                f,
+                "{source} holds {cidr}, which is not an aligned /{slice_prefix} slice of the cluster CIDR; its addresses are kept from other nodes; {}",
+                source.fix()
+            ),
+            ClaimProblem::Duplicate {
+                source,
+                cidr,
+                owner,
+            } => write!(
+                f,
+                "{source} holds {cidr}, which is already node {owner}'s slice; {}",
+                source.fix()
+            ),
+            ClaimProblem::Overlap {
+                source,
+                cidr,
+                owner,
+            } => write!(
+                f,
+                "{source} holds {cidr}, which lies inside node {owner}'s pod CIDR; {}",
+                source.fix()
+            ),
+        }
+    }
+}

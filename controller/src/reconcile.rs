@@ -1,0 +1,439 @@
+//! The controller's run: serve health and metrics, stand for election, and
+//! while leading reconcile every node's pod CIDR slices.
+//!
+//! Shape (kube-rs's "hard-mode" controller): a node watcher feeds a reflector
+//! store; once the store is ready the allocation map is rebuilt from what the
+//! nodes already carry; then [`kube::runtime::applier`] runs `reconcile`
+//! for every node event, which asks the [`PodCidrAllocator`] for the node's
+//! slices (desired state) and writes them only where the node differs.
+//! Deletions free slices and wake the nodes waiting for one.
+//!
+//! Only the replica holding the leader Lease (see [`crate::leader`]) runs any
+//! of that; losing the lease drops the whole term at once, and a new term
+//! starts from a fresh watch and a fresh rebuild, which is also how the
+//! controller catches up after the API server was away.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ApplierConfig, Error as ApplierError};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::{applier, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::registry::Registry;
+
+use crate::allocator::{Assignment, PodCidrAllocator};
+use crate::config::ControllerConfig;
+use crate::leader::{LeaderElection, LeaseTimings};
+use crate::metrics::ControllerMetrics;
+use crate::node::{claims_of, slice_patch};
+use crate::report::{exhaustion_findings, Finding, Reporter};
+use weft_daemon::serve::{self, Health, ServeError};
+
+/// Field manager of the controller's writes and `reportingController` of its Events.
+pub const FIELD_MANAGER: &str = "weft-controller";
+
+/// How often a healthy node is looked at again without any event.
+const RESYNC: Duration = Duration::from_secs(600);
+/// Fallback retry for a node waiting on a free slice (frees also wake it).
+const EXHAUSTED_RETRY: Duration = Duration::from_secs(30);
+/// Re-check for conflicted nodes, so a failed Event publish is retried.
+const CONFLICTED_RETRY: Duration = Duration::from_secs(300);
+/// Node reconciles in flight at once: bounds the write burst on the API server.
+const CONCURRENCY: u16 = 32;
+/// Standby retry after an API error, doubling up to the cap.
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// What can go wrong in the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing a node's slices failed.
+    #[error("writing the pod CIDR of node {node} failed: {source}")]
+    WriteNode {
+        /// The node.
+        node: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The node changed between read and write; the reconcile is retried.
+    #[error("node {node} changed since it was read; retrying on the new version")]
+    WriteConflict {
+        /// The node.
+        node: String,
+    },
+    /// Publishing an Event failed.
+    #[error("publishing the {reason} event for node {node} failed: {source}")]
+    PublishEvent {
+        /// The node.
+        node: String,
+        /// The Event reason.
+        reason: &'static str,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The health/metrics endpoint failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+impl Error {
+    /// A short label for the `reconcile_errors` metric.
+    fn label(&self) -> &'static str {
+        match self {
+            Error::WriteNode { .. } => "write_node",
+            Error::WriteConflict { .. } => "write_conflict",
+            Error::PublishEvent { .. } => "publish_event",
+            Error::Serve(_) => "serve",
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves: serves `/healthz`,
+/// `/readyz`, `/metrics`, stands for election and allocates while leading.
+/// On shutdown a held lease is released so a standby takes over at once.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    identity: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let mut registry = Registry::default();
+    let metrics = ControllerMetrics::register(&mut registry);
+    let health = Health::new();
+    let listener = serve::bind(config.metrics_address).await?;
+    let shutdown = shutdown.boxed().shared();
+    let server = tokio::spawn(serve::serve(
+        listener,
+        Arc::new(registry),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let mut election = LeaderElection::new(
+        client.clone(),
+        &config.lease_namespace,
+        &config.lease_name,
+        &identity,
+        LeaseTimings::default(),
+    );
+    tracing::info!(
+        identity,
+        lease = %format!("{}/{}", config.lease_namespace, config.lease_name),
+        cluster_cidr = %config.v4.cluster(),
+        cluster_cidr_v6 = ?config.v6.map(|plan| plan.cluster()),
+        "standing for election"
+    );
+    loop {
+        tokio::select! {
+            () = shutdown.clone() => break,
+            () = stand_by(&mut election, &health) => {}
+        }
+        tracing::info!(identity, "leading: allocating pod CIDRs");
+        metrics.set_leader(true);
+        let lost = tokio::select! {
+            () = shutdown.clone() => None,
+            lost = election.keep() => Some(lost),
+            never = lead(client.clone(), &config, &identity, &metrics) => match never {},
+        };
+        metrics.set_leader(false);
+        match lost {
+            Some(lost) => tracing::warn!(%lost, "stopped leading; standing by"),
+            None => {
+                if let Err(error) = election.release().await {
+                    tracing::warn!(%error, "could not release the leader lease; a standby takes over when it expires");
+                }
+                break;
+            }
+        }
+    }
+    tracing::info!("shut down");
+    match server.await {
+        Ok(result) => result.map_err(Error::from),
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+/// Returns once this replica holds the lease. Readiness means "talking to
+/// the API server": a standby is ready too, it just waits.
+async fn stand_by(election: &mut LeaderElection, health: &Health) {
+    let timings = election.timings();
+    let mut backoff = BACKOFF_START;
+    loop {
+        // A hung connection must not stall the standby past a lease duration.
+        let attempt = tokio::time::timeout(timings.renew_deadline, election.try_acquire_or_renew());
+        let problem = match attempt.await {
+            Ok(Ok(leading)) => {
+                health.set_ready(true);
+                if leading {
+                    return;
+                }
+                backoff = BACKOFF_START;
+                tokio::time::sleep(timings.retry_every).await;
+                continue;
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "the API server did not answer the lease request in time".to_owned(),
+        };
+        tracing::warn!(error = %problem, retry_in = ?backoff, "cannot reach the API server for the leader lease; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_CAP);
+    }
+}
+
+/// State shared by one leadership term's watcher and reconciles.
+struct Context {
+    nodes: Api<Node>,
+    store: Store<Node>,
+    config: ControllerConfig,
+    /// `None` until the store is ready and the map has been rebuilt from it.
+    allocator: Mutex<Option<PodCidrAllocator>>,
+    /// Reconcile requests: changed nodes, every node after a (re-)list, and
+    /// nodes waiting on a slice that just freed.
+    wake: mpsc::UnboundedSender<ObjectRef<Node>>,
+    metrics: ControllerMetrics,
+    reporter: Reporter,
+}
+
+/// One leadership term; runs until dropped.
+async fn lead(
+    client: Client,
+    config: &ControllerConfig,
+    identity: &str,
+    metrics: &ControllerMetrics,
+) -> Infallible {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let (store, writer) = reflector::store();
+    let (wake, requests) = mpsc::unbounded();
+    let context = Arc::new(Context {
+        nodes: nodes.clone(),
+        store: store.clone(),
+        config: config.clone(),
+        allocator: Mutex::new(None),
+        wake,
+        metrics: metrics.clone(),
+        reporter: Reporter::new(client, identity),
+    });
+    let watch = watcher(nodes, watcher::Config::default())
+        // Status (images, conditions) is most of a Node and none of our business.
+        .modify(|node| {
+            node.status = None;
+            node.managed_fields_mut().clear();
+        })
+        .default_backoff()
+        .reflect(writer)
+        .for_each({
+            let context = context.clone();
+            move |event| {
+                context.observe(event);
+                futures::future::ready(())
+            }
+        });
+    let apply = async {
+        if store.wait_until_ready().await.is_err() {
+            // The writer lives in `watch`, which runs as long as this term.
+            return futures::future::pending().await;
+        }
+        context.rebuild();
+        applier(
+            |node, context| Box::pin(reconcile(node, context)),
+            error_policy,
+            context.clone(),
+            store.clone(),
+            requests.map(Ok::<_, Infallible>),
+            ApplierConfig::default().concurrency(CONCURRENCY),
+        )
+        .for_each(|result| {
+            match result {
+                Ok(_) | Err(ApplierError::ReconcilerFailed(..)) => {}
+                // Requests for deleted nodes: the deletion already freed the slice.
+                Err(ApplierError::ObjectNotFound(node)) => {
+                    tracing::debug!(%node, "node gone before its reconcile")
+                }
+                Err(error) => tracing::warn!(%error, "node reconcile queue failed"),
+            }
+            futures::future::ready(())
+        })
+        .await;
+        futures::future::pending().await
+    };
+    tokio::join!(watch, apply).1
+}
+
+impl Context {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PodCidrAllocator>> {
+        // A panic while allocating is a bug; crashing and rebuilding from the
+        // nodes is safer than continuing from a half-updated map.
+        self.allocator.lock().expect("allocator lock poisoned")
+    }
+
+    fn observe(&self, event: watcher::Result<watcher::Event<Node>>) {
+        match event {
+            Ok(watcher::Event::Apply(node)) => {
+                // The receiver lives as long as the term; a send error means it is ending.
+                let _ = self.wake.unbounded_send(ObjectRef::from_obj(&node));
+            }
+            Ok(watcher::Event::Delete(node)) => self.forget(&node.name_any()),
+            Ok(watcher::Event::InitDone) => {
+                tracing::info!(nodes = self.store.len(), "node cache synced");
+                // A (re-)list reports nodes only once complete: the store
+                // swaps to the new list here, so this is when every node can
+                // be looked at, including ones created while the watch was down.
+                for node in self.store.state() {
+                    let _ = self.wake.unbounded_send(ObjectRef::from_obj(&*node));
+                }
+                // Nor does a re-list report nodes deleted while the watch was down.
+                let store = self.store.clone();
+                self.free_where(|allocator, now| {
+                    allocator.retain_nodes(|name| store.get(&ObjectRef::new(name)).is_some(), now)
+                });
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Err(error) => {
+                tracing::warn!(%error, "watching nodes failed; retrying with backoff (is the API server reachable?)")
+            }
+        }
+    }
+
+    fn forget(&self, node: &str) {
+        self.reporter.clear(node);
+        if self.free_where(|allocator, now| allocator.release(node, now)) {
+            tracing::info!(node, "node deleted: its pod CIDR is free");
+        }
+    }
+
+    /// Runs `free` on the allocator (once rebuilt); when it reports freed
+    /// space, wakes every waiting node. Returns what `free` returned.
+    fn free_where(&self, free: impl FnOnce(&mut PodCidrAllocator, Instant) -> bool) -> bool {
+        let mut guard = self.lock();
+        let Some(allocator) = guard.as_mut() else {
+            return false;
+        };
+        let freed = free(allocator, Instant::now());
+        if freed {
+            for node in allocator.waiting() {
+                let _ = self.wake.unbounded_send(ObjectRef::new(node));
+            }
+        }
+        self.metrics.record_usage(&allocator.usage());
+        freed
+    }
+
+    /// Builds the allocation map from the ready store: every node's existing
+    /// pod CIDRs, oldest node first (so the older of two claimants keeps a
+    /// contested slice), before any node is given a new one.
+    fn rebuild(&self) {
+        let mut nodes = self.store.state();
+        nodes.sort_by(|a, b| {
+            (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any()))
+        });
+        let mut allocator =
+            PodCidrAllocator::new(self.config.v4, self.config.v6, self.config.slice_hold);
+        for node in &nodes {
+            allocator.adopt_existing(&node.name_any(), &claims_of(node));
+        }
+        let usage = allocator.usage();
+        self.metrics.record_usage(&usage);
+        tracing::info!(
+            nodes = nodes.len(),
+            allocated = usage[0].allocated,
+            "rebuilt the allocation map from the nodes"
+        );
+        *self.lock() = Some(allocator);
+    }
+
+    /// The allocator's decision for `node`, made under the lock.
+    fn decide(&self, node: &Node) -> Option<Assignment> {
+        let name = node.name_any();
+        let mut guard = self.lock();
+        let allocator = guard.as_mut().expect("reconciles start after the rebuild");
+        let assignment = allocator.assign(&name, &claims_of(node), Instant::now());
+        // The node may have been deleted after this reconcile read it and
+        // before `assign` ran, in which case the deletion's release came too
+        // early. The store drops a node before its deletion is observed, so
+        // checking it now, after `assign`, closes that gap.
+        let gone = self.store.get(&ObjectRef::from_obj(node)).is_none();
+        if gone {
+            allocator.release(&name, Instant::now());
+        }
+        self.metrics.record_usage(&allocator.usage());
+        (!gone).then_some(assignment)
+    }
+
+    async fn reconcile_node(&self, node: &Node) -> Result<Action, Error> {
+        let name = node.name_any();
+        let Some(assignment) = self.decide(node) else {
+            return Ok(Action::await_change());
+        };
+        match assignment {
+            Assignment::Allocated(slices) => {
+                self.reporter.clear(&name);
+                if let Some(patch) = slice_patch(node, &slices) {
+                    let params = PatchParams {
+                        field_manager: Some(FIELD_MANAGER.to_owned()),
+                        ..PatchParams::default()
+                    };
+                    self.nodes
+                        .patch(&name, &params, &Patch::Merge(&patch))
+                        .await
+                        .map_err(|source| match &source {
+                            kube::Error::Api(status) if status.code == 409 => {
+                                Error::WriteConflict { node: name.clone() }
+                            }
+                            _ => Error::WriteNode {
+                                node: name.clone(),
+                                source,
+                            },
+                        })?;
+                    tracing::info!(
+                        pod_cidrs = %slices.to_vec().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                        "pod CIDR written"
+                    );
+                }
+                Ok(Action::requeue(RESYNC))
+            }
+            Assignment::Conflicted(problems) => {
+                let findings: Vec<Finding> = problems.into_iter().map(Finding::Claim).collect();
+                self.reporter.report(node, &findings, &self.metrics).await?;
+                Ok(Action::requeue(CONFLICTED_RETRY))
+            }
+            Assignment::Exhausted(families) => {
+                let findings = exhaustion_findings(&families, self.config.v4, self.config.v6);
+                self.reporter.report(node, &findings, &self.metrics).await?;
+                Ok(Action::requeue(EXHAUSTED_RETRY))
+            }
+        }
+    }
+}
+
+/// Desired slices for one node, applied where the node differs.
+#[tracing::instrument(skip_all, fields(node = %node.name_any()))]
+async fn reconcile(node: Arc<Node>, context: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = context.reconcile_node(&node).await;
+    context
+        .metrics
+        .record_reconcile(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Counts and logs a failed reconcile and retries it: soon for a write
+/// conflict (the watch brings the fresh node), later for anything else.
+fn error_policy(node: Arc<Node>, error: &Error, context: Arc<Context>) -> Action {
+    context.metrics.record_error(error.label());
+    if let Error::WriteConflict { .. } = error {
+        context.metrics.record_write_conflict();
+        tracing::debug!(node = %node.name_any(), %error, "write conflict");
+        return Action::requeue(Duration::from_millis(200));
+    }
+    tracing::warn!(node = %node.name_any(), %error, "reconcile failed; retrying in 5s");
+    Action::requeue(Duration::from_secs(5))
+}
