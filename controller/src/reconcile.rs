@@ -35,10 +35,8 @@ use crate::leader::{LeaderElection, LeaseTimings};
 use crate::metrics::ControllerMetrics;
 use crate::node::{claims_of, slice_patch};
 use crate::report::{exhaustion_findings, Finding, Reporter};
-use weft_daemon::serve::{self, Health, ServeError};
-
-/// Field manager of the controller's writes and `reportingController` of its Events.
-pub const FIELD_MANAGER: &str = "weft-controller";
+use crate::{Error, FIELD_MANAGER};
+use weft_daemon::serve::{self, Health};
 
 /// How often a healthy node is looked at again without any event.
 const RESYNC: Duration = Duration::from_secs(600);
@@ -51,52 +49,6 @@ const CONCURRENCY: u16 = 32;
 /// Standby retry after an API error, doubling up to the cap.
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
-
-/// What can go wrong in the controller.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Writing a node's slices failed.
-    #[error("writing the pod CIDR of node {node} failed: {source}")]
-    WriteNode {
-        /// The node.
-        node: String,
-        /// The client error.
-        #[source]
-        source: kube::Error,
-    },
-    /// The node changed between read and write; the reconcile is retried.
-    #[error("node {node} changed since it was read; retrying on the new version")]
-    WriteConflict {
-        /// The node.
-        node: String,
-    },
-    /// Publishing an Event failed.
-    #[error("publishing the {reason} event for node {node} failed: {source}")]
-    PublishEvent {
-        /// The node.
-        node: String,
-        /// The Event reason.
-        reason: &'static str,
-        /// The client error.
-        #[source]
-        source: kube::Error,
-    },
-    /// The health/metrics endpoint failed.
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-}
-
-impl Error {
-    /// A short label for the `reconcile_errors` metric.
-    fn label(&self) -> &'static str {
-        match self {
-            Error::WriteNode { .. } => "write_node",
-            Error::WriteConflict { .. } => "write_conflict",
-            Error::PublishEvent { .. } => "publish_event",
-            Error::Serve(_) => "serve",
-        }
-    }
-}
 
 /// Runs the controller until `shutdown` resolves: serves `/healthz`,
 /// `/readyz`, `/metrics`, stands for election and allocates while leading.

@@ -13,7 +13,7 @@ use kube::{Api, Client, ResourceExt};
 
 use crate::allocator::{ClaimProblem, SlicePlan};
 use crate::metrics::ControllerMetrics;
-use crate::reconcile::{Error, FIELD_MANAGER};
+use crate::{Error, FIELD_MANAGER};
 use weft::ip::IpFamily;
 
 /// Events about cluster-scoped objects live in this namespace (as the
