@@ -1,11 +1,10 @@
 //! The cluster: a control plane, an underlay, nodes, and everything started on
-//! them, with teardown that runs on `stop`, on drop and on panic.
+//! them. Its [`RunGuard`] tears it all down on `stop`, on drop and on panic.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -16,12 +15,13 @@ use crate::control_plane::{
     client_from_kubeconfig, write_kubeconfig, Binaries, ControlPlane, Credentials,
     KUBERNETES_SERVICE_IP, KUBERNETES_SERVICE_PORT,
 };
-use crate::forwarder::{ApiserverForwarder, NodeForward};
+use crate::exec::netns_path;
+use crate::forwarder::NodeForward;
 use crate::images::{self, NodeImages};
 use crate::node::{self, ClusterNode, Outside, Segment};
-use crate::process::{is_alive, signal_group, Launcher, ProcessHandle};
-use crate::run::{cleanup, Run};
-use crate::{containerd, kubelet, machine, underlay};
+use crate::process::ProcessHandle;
+use crate::run::{cleanup, Run, RunGuard};
+use crate::{cgroup, containerd, kubelet, machine, underlay};
 
 /// First host number of node addresses on a segment (.1 is the router).
 const FIRST_NODE_HOST: u32 = 10;
@@ -171,7 +171,7 @@ impl Cluster {
         let binaries = Binaries::locate(spec.node_kind == NodeKind::Kubelet).await?;
         let mut run = RunGuard::new(Run::create()?)?;
         let control_plane = ControlPlane::start(&run, &binaries).await?;
-        run.forwarder = Some(ApiserverForwarder::start(control_plane.apiserver)?);
+        run.start_forwarder(control_plane.apiserver)?;
 
         let (fabric, router, outside_netns) = {
             let state = run.run();
@@ -204,7 +204,7 @@ impl Cluster {
         // kubelets are made from there.
         run.forwarder()?.serve_egress(
             &control_plane.egress_socket,
-            &node::netns_path(&router).display().to_string(),
+            &netns_path(&router).display().to_string(),
         )?;
         let kubelet_support = match &binaries.node_components {
             Some(components) => {
@@ -482,7 +482,14 @@ impl Cluster {
                 .entry(node.name.clone())
                 .or_default()
                 .push(forward);
-            let machine = machine::start(&self.run, node, &support.images.pause_binary).await?;
+            let machine = machine::start(
+                &self.run,
+                &node.name,
+                &node.netns,
+                &node.state_dir,
+                &support.images.pause_binary,
+            )
+            .await?;
             node.machine = Some(machine.clone());
             containerd::start(&self.run, node, &machine).await?;
             for archive in support.images.archives.iter().chain(&self.spec.images) {
@@ -521,7 +528,7 @@ impl Cluster {
         }
         // A kubelet node's cgroup root is named after its network namespace;
         // it may exist even if the node failed before its machine was up.
-        machine::remove_cgroup_roots(|name| name == node.netns)?;
+        cgroup::remove_cgroup_roots(|name| name == node.netns)?;
         Ok(())
     }
 
@@ -571,165 +578,6 @@ fn copy_environment(from: &Command, to: &mut Command) {
     }
     if let Some(dir) = from.get_current_dir() {
         to.current_dir(dir);
-    }
-}
-
-/// Owns the run and everything that teardown undoes, so a failure halfway
-/// through [`Cluster::start`] is undone by the same code as a normal stop.
-pub(crate) struct RunGuard {
-    state: Mutex<Run>,
-    dir: PathBuf,
-    netns_prefix: String,
-    launcher: Option<Launcher>,
-    forwarder: Option<ApiserverForwarder>,
-    /// Every process started, with the node it runs on.
-    processes: Mutex<Vec<(Option<String>, ProcessHandle)>>,
-    torn_down: bool,
-}
-
-impl RunGuard {
-    fn new(run: Run) -> Result<Self> {
-        Ok(Self {
-            dir: run.dir().to_owned(),
-            netns_prefix: run.netns_name(""),
-            state: Mutex::new(run),
-            launcher: Some(Launcher::start()?),
-            forwarder: None,
-            processes: Mutex::new(Vec::new()),
-            torn_down: false,
-        })
-    }
-
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn run(&self) -> MutexGuard<'_, Run> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn processes(&self) -> MutexGuard<'_, Vec<(Option<String>, ProcessHandle)>> {
-        self.processes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn launcher(&self) -> Result<&Launcher> {
-        self.launcher.as_ref().context("the cluster is torn down")
-    }
-
-    fn forwarder(&self) -> Result<&ApiserverForwarder> {
-        self.forwarder.as_ref().context("the cluster is torn down")
-    }
-
-    pub(crate) fn spawn(
-        &self,
-        node: Option<&str>,
-        name: &str,
-        command: Command,
-    ) -> Result<ProcessHandle> {
-        if name.is_empty() || name.contains('/') {
-            bail!("process name `{name}` is not a file name; it names the log file, use letters, digits and dashes");
-        }
-        let log = self.dir.join(format!("{name}.log"));
-        let process = self.launcher()?.spawn(name, command, &log)?;
-        self.run().record_process(process.record())?;
-        self.processes()
-            .push((node.map(str::to_owned), process.clone()));
-        Ok(process)
-    }
-
-    fn kill_node_processes(&self, node: &str) -> Result<()> {
-        let on_node: Vec<ProcessHandle> = {
-            let mut processes = self.processes();
-            let (on_node, rest) = processes
-                .drain(..)
-                .partition(|(n, _)| n.as_deref() == Some(node));
-            *processes = rest;
-            on_node.into_iter().map(|(_, p)| p).collect()
-        };
-        for process in on_node {
-            process.kill()?;
-            self.run().forget_process(&process.record())?;
-        }
-        Ok(())
-    }
-
-    /// Undoes everything, collecting errors instead of stopping at the first.
-    /// With `keep_logs` the run directory stays, less the etcd data.
-    fn teardown(&mut self, keep_logs: bool) -> Result<()> {
-        if self.torn_down {
-            return Ok(());
-        }
-        self.torn_down = true;
-        let mut errors: Vec<anyhow::Error> = Vec::new();
-        // Yours first, the control plane (started first) last, so components
-        // never see the apiserver vanish under them while still running.
-        let processes: Vec<ProcessHandle> =
-            self.processes().drain(..).rev().map(|(_, p)| p).collect();
-        for process in processes {
-            if let Err(e) = process.kill() {
-                errors.push(e.context(format!("stopping {}", process.name())));
-            }
-        }
-        // Anything recorded but never tracked (a start that failed halfway).
-        for record in self.run().state_processes() {
-            if is_alive(&record) {
-                if let Err(e) = signal_group(
-                    nix::unistd::Pid::from_raw(record.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                ) {
-                    errors.push(e);
-                }
-            }
-        }
-        // Its listeners hold the node namespaces open.
-        self.forwarder.take();
-        match underlay::list_netns() {
-            Ok(all) => {
-                for netns in all.iter().filter(|n| n.starts_with(&self.netns_prefix)) {
-                    if let Err(e) = underlay::delete_netns_with_processes(netns) {
-                        errors.push(e);
-                    }
-                }
-            }
-            Err(e) => errors.push(e),
-        }
-        // Kubelet nodes' cgroups, once the processes in them are gone.
-        let cgroup_prefix = self.netns_prefix.clone();
-        if let Err(e) = machine::remove_cgroup_roots(|name| name.starts_with(&cgroup_prefix)) {
-            errors.push(e);
-        }
-        // Last: the launcher's exit would SIGKILL any child still alive.
-        self.launcher.take();
-        let mut run = self.run();
-        if errors.is_empty() {
-            let removed = match keep_logs {
-                true => run.remove_dir(true).and_then(|()| run.mark_finished()),
-                false => run.remove_dir(false),
-            };
-            if let Err(e) = removed {
-                errors.push(e);
-            }
-        }
-        if keep_logs {
-            eprintln!("weft-e2e: run directory kept: {}", self.dir.display());
-        }
-        match errors.len() {
-            0 => Ok(()),
-            _ => bail!(
-                "teardown of {} left something behind (`weft-e2e cleanup` removes it once this process exits):\n{}",
-                self.dir.display(),
-                errors.iter().map(|e| format!("  {e:#}")).collect::<Vec<_>>().join("\n")
-            ),
-        }
-    }
-}
-
-impl Drop for RunGuard {
-    fn drop(&mut self) {
-        // Dropped without `stop`: an error or a panic; keep the logs.
-        if let Err(e) = self.teardown(true) {
-            eprintln!("weft-e2e: {e:#}");
-        }
     }
 }
 

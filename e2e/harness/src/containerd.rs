@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cluster::RunGuard;
-use crate::control_plane::tail;
+use crate::exec::tail;
 use crate::images::PAUSE_IMAGE;
 use crate::machine::NodeMachine;
 use crate::node::ClusterNode;
 use crate::process::ProcessHandle;
+use crate::run::RunGuard;
 
 /// The socket, as seen inside the node.
 pub(crate) const SOCKET: &str = "/run/containerd/containerd.sock";
@@ -113,7 +113,7 @@ pub(crate) fn import(machine: &NodeMachine, archive: &Path) -> Result<()> {
     let archive = std::path::absolute(archive)
         .with_context(|| format!("resolving image archive {}", archive.display()))?;
     // ctr mounts snapshots to unpack them, so it runs inside the node too.
-    crate::underlay::run(
+    crate::exec::run(
         machine
             .command("ctr")
             .args(["--address", SOCKET, "--namespace", CRI_NAMESPACE])

@@ -14,9 +14,9 @@ use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 
-use crate::cluster::RunGuard;
+use crate::exec::{run, tail};
 use crate::process::ProcessHandle;
-use crate::underlay::run;
+use crate::run::RunGuard;
 
 /// How long the apiserver may take to report ready. Generous: a loaded CI
 /// machine with two cores takes far longer than the usual few seconds.
@@ -672,12 +672,6 @@ async fn wait_ready(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// The last `lines` lines of a log.
-pub(crate) fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]

@@ -13,8 +13,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::node::go_arch;
-use crate::underlay::run;
+use crate::exec::{go_arch, run};
 
 /// The pod sandbox image every kubelet node's containerd is configured with.
 pub const PAUSE_IMAGE: &str = "localhost/weft-e2e/pause:v1";

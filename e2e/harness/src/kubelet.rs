@@ -9,12 +9,13 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use serde_json::json;
 
-use crate::cluster::RunGuard;
 use crate::containerd;
-use crate::control_plane::{tail, write_kubeconfig, Credentials, Pki};
+use crate::control_plane::{write_kubeconfig, Credentials, Pki};
+use crate::exec::tail;
 use crate::machine::NodeMachine;
 use crate::node::ClusterNode;
 use crate::process::ProcessHandle;
+use crate::run::RunGuard;
 
 /// How long a kubelet may take to register its Node.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);

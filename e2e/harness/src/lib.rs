@@ -29,9 +29,11 @@
 //! # Ok(()) }
 //! ```
 
+mod cgroup;
 mod cluster;
 mod containerd;
 mod control_plane;
+mod exec;
 mod forwarder;
 mod images;
 mod kubelet;

@@ -23,7 +23,8 @@
 //! everything else in the node (containerd's shims and the containers they
 //! run), and the mount namespace with all its mounts goes with the last
 //! process. Cgroups are shared by all nodes, so each kubelet gets a cgroup
-//! root of its own, named after the node's network namespace.
+//! root of its own, named after the node's network namespace (see
+//! [`crate::cgroup`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,13 +32,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cluster::RunGuard;
-use crate::control_plane::tail;
-use crate::node::ClusterNode;
+use crate::cgroup::create_cgroup_root;
+use crate::exec::{netns_path, tail};
 use crate::process::ProcessHandle;
-
-/// Where cgroup v1 hierarchies are mounted.
-const CGROUP_MOUNTS: &str = "/sys/fs/cgroup";
+use crate::run::RunGuard;
 
 /// Debian's `containernetworking-plugins` installs the reference plugins here.
 const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
@@ -61,9 +59,6 @@ const PLAIN: [&str; 2] = ["var/lib/containerd", "var/lib/kubelet"];
 
 /// How long a node's init may take to set up its mounts.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long removing a cgroup waits for the processes in it to be gone.
-const CGROUP_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The namespaces of a kubelet node beyond its network namespace.
 #[derive(Clone, Debug)]
@@ -107,12 +102,15 @@ impl NodeMachine {
     }
 }
 
-/// Starts the node's init in new mount, PID and UTS namespaces inside its
-/// network namespace, sets up its filesystem, and returns once the init
-/// runs (`<node>-init` in the run's processes).
+/// Starts the init of node `name` in new mount, PID and UTS namespaces inside
+/// its network namespace `netns`, sets up its filesystem from its directory
+/// `state_dir`, and returns once the init runs (`<name>-init` in the run's
+/// processes).
 pub(crate) async fn start(
     run: &RunGuard,
-    node: &ClusterNode,
+    name: &str,
+    netns: &str,
+    state_dir: &Path,
     pause_binary: &Path,
 ) -> Result<NodeMachine> {
     let loopback = Path::new(REFERENCE_PLUGINS).join("loopback");
@@ -122,7 +120,7 @@ pub(crate) async fn start(
             loopback.display()
         );
     }
-    let root = node.state_dir.join("root");
+    let root = state_dir.join("root");
     for top in OVERLAID {
         for layer in ["upper", "work"] {
             create_dir(&root.join(layer).join(top))?;
@@ -138,19 +136,16 @@ pub(crate) async fn start(
         std::fs::write(&file, format!("{value}\n"))
             .with_context(|| format!("writing {}", file.display()))?;
     }
-    let script = node.state_dir.join("init.sh");
-    std::fs::write(
-        &script,
-        init_script(&root, &node.name, &loopback, pause_binary),
-    )
-    .with_context(|| format!("writing {}", script.display()))?;
+    let script = state_dir.join("init.sh");
+    std::fs::write(&script, init_script(&root, name, &loopback, pause_binary))
+        .with_context(|| format!("writing {}", script.display()))?;
 
-    let cgroup_root = format!("/{}", node.netns);
+    let cgroup_root = format!("/{netns}");
     create_cgroup_root(&cgroup_root)?;
 
     let mut command = Command::new("nsenter");
     command
-        .arg(format!("--net={}", node.netns_path().display()))
+        .arg(format!("--net={}", netns_path(netns).display()))
         .arg("unshare")
         .args(["--mount", "--uts", "--pid", "--fork", "--mount-proc"])
         // The init dies with unshare, which dies with the test process
@@ -159,7 +154,7 @@ pub(crate) async fn start(
         .arg("--propagation=private")
         .arg("sh")
         .arg(&script);
-    let init = run.spawn(Some(&node.name), &format!("{}-init", node.name), command)?;
+    let init = run.spawn(Some(name), &format!("{name}-init"), command)?;
     let init_pid = wait_for_init(&init, pause_binary).await?;
     Ok(NodeMachine {
         init_pid,
@@ -273,134 +268,6 @@ fn children(parent: u32) -> Result<Vec<u32>> {
         }
     }
     Ok(found)
-}
-
-/// The cgroup hierarchies: /sys/fs/cgroup itself on a cgroup2-only host,
-/// else one directory per mounted v1 controller set (and the v2 one).
-fn hierarchies() -> Result<Vec<PathBuf>> {
-    if Path::new(CGROUP_MOUNTS).join("cgroup.procs").is_file() {
-        return Ok(vec![PathBuf::from(CGROUP_MOUNTS)]);
-    }
-    let entries = match std::fs::read_dir(CGROUP_MOUNTS) {
-        Ok(entries) => entries,
-        // No cgroups: nothing to remove (and creating a root then fails clearly).
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("listing {CGROUP_MOUNTS}")),
-    };
-    let mut found = Vec::new();
-    for entry in entries {
-        let path = entry
-            .with_context(|| format!("listing {CGROUP_MOUNTS}"))?
-            .path();
-        if path.join("cgroup.procs").is_file() {
-            found.push(path);
-        }
-    }
-    Ok(found)
-}
-
-/// Creates `root` (e.g. `/we2e-1-0-node-0`) in every hierarchy: the kubelet
-/// refuses a cgroup root that is missing anywhere.
-fn create_cgroup_root(root: &str) -> Result<()> {
-    let hierarchies = hierarchies()?;
-    if hierarchies.is_empty() {
-        bail!(
-            "no cgroup hierarchy under {CGROUP_MOUNTS}; kubelet nodes need cgroups mounted there"
-        );
-    }
-    for hierarchy in hierarchies {
-        let dir = hierarchy.join(root.trim_start_matches('/'));
-        create_dir(&dir)?;
-        // A new cpuset cgroup starts with no CPUs and no memory nodes, and
-        // nothing can join it until it has both; take the parent's.
-        for file in ["cpuset.cpus", "cpuset.mems"] {
-            let parent = hierarchy.join(file);
-            if parent.is_file() {
-                let value = std::fs::read_to_string(&parent)
-                    .with_context(|| format!("reading {}", parent.display()))?;
-                std::fs::write(dir.join(file), value.trim())
-                    .with_context(|| format!("writing {}", dir.join(file).display()))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Removes every cgroup root (top-level cgroup directory) whose name
-/// `select` accepts, children first, in every hierarchy. Waits for the
-/// processes of a node that was just stopped to be gone.
-pub(crate) fn remove_cgroup_roots(select: impl Fn(&str) -> bool) -> Result<()> {
-    let mut errors = Vec::new();
-    for hierarchy in hierarchies()? {
-        let Ok(entries) = std::fs::read_dir(&hierarchy) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if select(&name) && path.is_dir() && path.join("cgroup.procs").is_file() {
-                if let Err(e) = remove_cgroup_tree(&path) {
-                    errors.push(e);
-                }
-            }
-        }
-    }
-    match errors.len() {
-        0 => Ok(()),
-        _ => bail!(
-            "{}",
-            errors
-                .iter()
-                .map(|e| format!("{e:#}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
-    }
-}
-
-/// Removes a cgroup and its descendants, deepest first, retrying while the
-/// processes in it are still exiting (rmdir answers EBUSY until then).
-fn remove_cgroup_tree(dir: &Path) -> Result<()> {
-    let mut dirs = Vec::new();
-    collect_cgroups(dir, &mut dirs);
-    let deadline = Instant::now() + CGROUP_DRAIN_TIMEOUT;
-    for cgroup in dirs.iter().rev() {
-        loop {
-            match std::fs::remove_dir(cgroup) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(cgroup = %cgroup.display(), "waiting to remove: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "removing cgroup {} (processes still in it: {})",
-                            cgroup.display(),
-                            std::fs::read_to_string(cgroup.join("cgroup.procs"))
-                                .unwrap_or_default()
-                                .trim()
-                        )
-                    })
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `dir` and every cgroup below it, parents before children.
-fn collect_cgroups(dir: &Path, into: &mut Vec<PathBuf>) {
-    into.push(dir.to_owned());
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            collect_cgroups(&entry.path(), into);
-        }
-    }
 }
 
 #[cfg(test)]

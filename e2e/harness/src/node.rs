@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, N
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
+use crate::exec::{command_in, go_arch, netns_path, ping_from};
 use crate::machine::NodeMachine;
 use crate::pod::Pod;
 use crate::underlay::SegmentAddressing;
@@ -112,7 +113,8 @@ impl ClusterNode {
     /// network namespace, then the CNI plugin's ADD run inside the node's
     /// namespace with `netconf_json` on stdin (see [`Pod`]).
     pub fn add_pod(&self, plugin: &Path, netconf_json: &str, name: &str) -> Result<Pod> {
-        Pod::add(self, plugin, netconf_json, name)
+        let netns = format!("{}{name}", self.pod_netns_prefix());
+        Pod::add(&self.netns, netns, plugin, netconf_json, name)
     }
 
     /// The prefix of the namespace names of this node's pods.
@@ -147,23 +149,6 @@ impl Outside {
     pub fn ping(&self, ip: IpAddr) -> bool {
         ping_from(&self.netns, ip)
     }
-}
-
-pub(crate) fn netns_path(netns: &str) -> PathBuf {
-    Path::new("/var/run/netns").join(netns)
-}
-
-pub(crate) fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", netns]).arg(program);
-    command
-}
-
-pub(crate) fn ping_from(netns: &str, ip: IpAddr) -> bool {
-    command_in(netns, "ping")
-        .args(["-c1", "-W1", "-q", &ip.to_string()])
-        .output()
-        .is_ok_and(|output| output.status.success())
 }
 
 /// Creates the Node object and marks it Ready, as a kubelet does when it
@@ -238,13 +223,4 @@ pub(crate) async fn register(client: &kube::Client, node: &ClusterNode) -> Resul
         .await
         .with_context(|| format!("setting the status of Node {}", node.name))?;
     Ok(())
-}
-
-/// The architecture as Kubernetes labels name it (Go's GOARCH).
-pub(crate) fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
 }

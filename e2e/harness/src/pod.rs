@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use crate::node::{command_in, netns_path, ping_from, ClusterNode};
+use crate::exec::{command_in, netns_path, ping_from};
 use crate::underlay;
 
 /// The interface name a runtime asks the plugin to create in the pod.
@@ -38,13 +38,16 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// Creates namespace `netns` for pod `name` and runs the plugin's ADD
+    /// inside `node_netns`, the namespace of the node the pod is on; the
+    /// node names its pods' namespaces, so it can find them again to remove.
     pub(crate) fn add(
-        node: &ClusterNode,
+        node_netns: &str,
+        netns: String,
         plugin: &Path,
         netconf: &str,
         name: &str,
     ) -> Result<Self> {
-        let netns = format!("{}{name}", node.pod_netns_prefix());
         underlay::add_netns(&netns)
             .with_context(|| format!("creating the namespace of pod {name}"))?;
         let mut pod = Self {
@@ -52,7 +55,7 @@ impl Pod {
             netns,
             ips: Vec::new(),
             result: Value::Null,
-            node_netns: node.netns.clone(),
+            node_netns: node_netns.to_owned(),
             plugin: plugin.to_owned(),
             netconf: netconf.to_owned(),
         };

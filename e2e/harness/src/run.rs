@@ -1,18 +1,24 @@
 //! A run: its id, its directory (logs, certificates, kubeconfigs, etcd data),
-//! the state file that lets a later `cleanup` undo a crashed run, and that
-//! cleanup.
+//! the state file that lets a later `cleanup` undo a crashed run, the guard
+//! that owns what the run started and tears it down, and that cleanup.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::machine;
-use crate::process::{is_alive, process_start_time, signal_group, ProcessRecord};
+use crate::cgroup;
+use crate::forwarder::ApiserverForwarder;
+use crate::process::{
+    is_alive, process_start_time, signal_group, Launcher, ProcessHandle, ProcessRecord,
+};
 use crate::underlay;
 
 /// Every network namespace of every run starts with this.
@@ -233,8 +239,8 @@ pub fn cleanup_leftovers() -> Result<()> {
 }
 
 /// [`cleanup_leftovers`], optionally sparing kept logs (as every
-/// [`crate::Cluster::start`] does, so a failed test's logs survive the next
-/// test's start).
+/// `Cluster::start` does, so a failed test's logs survive the next test's
+/// start).
 pub(crate) fn cleanup(remove_kept_logs: bool) -> Result<()> {
     let runs = runs_on_disk()?;
     let mut errors = Vec::new();
@@ -275,7 +281,7 @@ pub(crate) fn cleanup(remove_kept_logs: bool) -> Result<()> {
     // Kubelet nodes' cgroup roots are named like their network namespaces.
     let leftover_cgroup =
         |name: &str| run_id_of_netns(name).is_some_and(|id| !live.contains(&id.as_str()));
-    if let Err(e) = machine::remove_cgroup_roots(leftover_cgroup) {
+    if let Err(e) = cgroup::remove_cgroup_roots(leftover_cgroup) {
         errors.push(e);
     }
     match errors.len() {
@@ -332,6 +338,176 @@ pub fn stop_held_clusters() -> Result<Vec<String>> {
         cleanup(true)?;
     }
     Ok(held.into_iter().map(|run| run.id).collect())
+}
+
+/// Owns the run and everything that teardown undoes, so a failure halfway
+/// through `Cluster::start` is undone by the same code as a normal stop.
+pub(crate) struct RunGuard {
+    state: Mutex<Run>,
+    dir: PathBuf,
+    netns_prefix: String,
+    launcher: Option<Launcher>,
+    forwarder: Option<ApiserverForwarder>,
+    /// Every process started, with the node it runs on.
+    processes: Mutex<Vec<(Option<String>, ProcessHandle)>>,
+    torn_down: bool,
+}
+
+impl RunGuard {
+    /// Takes over `run` and starts the launcher its processes are forked by.
+    pub(crate) fn new(run: Run) -> Result<Self> {
+        Ok(Self {
+            dir: run.dir().to_owned(),
+            netns_prefix: run.netns_name(""),
+            state: Mutex::new(run),
+            launcher: Some(Launcher::start()?),
+            forwarder: None,
+            processes: Mutex::new(Vec::new()),
+            torn_down: false,
+        })
+    }
+
+    /// The run directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The run's identity and state file.
+    pub(crate) fn run(&self) -> MutexGuard<'_, Run> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn processes(&self) -> MutexGuard<'_, Vec<(Option<String>, ProcessHandle)>> {
+        self.processes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn launcher(&self) -> Result<&Launcher> {
+        self.launcher.as_ref().context("the cluster is torn down")
+    }
+
+    /// Starts the apiserver forwarder, which teardown stops before it
+    /// deletes the namespaces its listeners hold open.
+    pub(crate) fn start_forwarder(&mut self, apiserver: SocketAddr) -> Result<()> {
+        self.forwarder = Some(ApiserverForwarder::start(apiserver)?);
+        Ok(())
+    }
+
+    /// The apiserver forwarder, until teardown.
+    pub(crate) fn forwarder(&self) -> Result<&ApiserverForwarder> {
+        self.forwarder.as_ref().context("the cluster is torn down")
+    }
+
+    /// Starts `command` as `name` (also its log file's stem, in the run
+    /// directory) and records it, on `node` or in the root namespace.
+    pub(crate) fn spawn(
+        &self,
+        node: Option<&str>,
+        name: &str,
+        command: Command,
+    ) -> Result<ProcessHandle> {
+        if name.is_empty() || name.contains('/') {
+            bail!("process name `{name}` is not a file name; it names the log file, use letters, digits and dashes");
+        }
+        let log = self.dir.join(format!("{name}.log"));
+        let process = self.launcher()?.spawn(name, command, &log)?;
+        self.run().record_process(process.record())?;
+        self.processes()
+            .push((node.map(str::to_owned), process.clone()));
+        Ok(process)
+    }
+
+    /// Stops the processes started on `node` and forgets them.
+    pub(crate) fn kill_node_processes(&self, node: &str) -> Result<()> {
+        let on_node: Vec<ProcessHandle> = {
+            let mut processes = self.processes();
+            let (on_node, rest) = processes
+                .drain(..)
+                .partition(|(n, _)| n.as_deref() == Some(node));
+            *processes = rest;
+            on_node.into_iter().map(|(_, p)| p).collect()
+        };
+        for process in on_node {
+            process.kill()?;
+            self.run().forget_process(&process.record())?;
+        }
+        Ok(())
+    }
+
+    /// Undoes everything, collecting errors instead of stopping at the first.
+    /// With `keep_logs` the run directory stays, less the etcd data.
+    pub(crate) fn teardown(&mut self, keep_logs: bool) -> Result<()> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        let mut errors: Vec<anyhow::Error> = Vec::new();
+        // Yours first, the control plane (started first) last, so components
+        // never see the apiserver vanish under them while still running.
+        let processes: Vec<ProcessHandle> =
+            self.processes().drain(..).rev().map(|(_, p)| p).collect();
+        for process in processes {
+            if let Err(e) = process.kill() {
+                errors.push(e.context(format!("stopping {}", process.name())));
+            }
+        }
+        // Anything recorded but never tracked (a start that failed halfway).
+        for record in self.run().state_processes() {
+            if is_alive(&record) {
+                if let Err(e) = signal_group(Pid::from_raw(record.pid as i32), Signal::SIGKILL) {
+                    errors.push(e);
+                }
+            }
+        }
+        // Its listeners hold the node namespaces open.
+        self.forwarder.take();
+        match underlay::list_netns() {
+            Ok(all) => {
+                for netns in all.iter().filter(|n| n.starts_with(&self.netns_prefix)) {
+                    if let Err(e) = underlay::delete_netns_with_processes(netns) {
+                        errors.push(e);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        // Kubelet nodes' cgroups, once the processes in them are gone.
+        let cgroup_prefix = self.netns_prefix.clone();
+        if let Err(e) = cgroup::remove_cgroup_roots(|name| name.starts_with(&cgroup_prefix)) {
+            errors.push(e);
+        }
+        // Last: the launcher's exit would SIGKILL any child still alive.
+        self.launcher.take();
+        let mut run = self.run();
+        if errors.is_empty() {
+            let removed = match keep_logs {
+                true => run.remove_dir(true).and_then(|()| run.mark_finished()),
+                false => run.remove_dir(false),
+            };
+            if let Err(e) = removed {
+                errors.push(e);
+            }
+        }
+        if keep_logs {
+            eprintln!("weft-e2e: run directory kept: {}", self.dir.display());
+        }
+        match errors.len() {
+            0 => Ok(()),
+            _ => bail!(
+                "teardown of {} left something behind (`weft-e2e cleanup` removes it once this process exits):\n{}",
+                self.dir.display(),
+                errors.iter().map(|e| format!("  {e:#}")).collect::<Vec<_>>().join("\n")
+            ),
+        }
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        // Dropped without `stop`: an error or a panic; keep the logs.
+        if let Err(e) = self.teardown(true) {
+            eprintln!("weft-e2e: {e:#}");
+        }
+    }
 }
 
 #[cfg(test)]

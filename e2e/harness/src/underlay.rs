@@ -17,6 +17,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 
+use crate::exec::run;
+
 /// The addresses of one underlay segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SegmentAddressing {
@@ -47,21 +49,6 @@ impl SegmentAddressing {
 /// Runs `ip` with `args`; the error carries the command line and its stderr.
 pub(crate) fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args))
-}
-
-/// Runs a command to completion, failing with its stderr if it fails.
-pub(crate) fn run(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?} (is iproute2 installed?)"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Names of all network namespaces `ip netns` knows.
