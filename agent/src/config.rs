@@ -1,31 +1,10 @@
-//! The agent's configuration: YAML file keys, and the layering of file,
-//! environment and flags over the defaults.
+//! The agent's configuration: [`AgentSettings`], the keys that the YAML
+//! config file, the environment (`WEFT_*`) and the flags each set, layered
+//! as [`weft_daemon::config`] describes (flags > environment > file), and
+//! [`AgentConfig`], the defaults filled in and every value validated once.
 //!
-//! The YAML keys are the Helm chart values' keys (camelCase, like the
-//! controller's `clusterCidr`):
-//!
-//! | key                 | default                | meaning |
-//! |---------------------|------------------------|---------|
-//! | `backend`           | `vxlan`                | `vxlan`, `host-gw` or `direct` (host-gw to peers on the same underlay subnet, vxlan to the rest) |
-//! | `vni`               | `1`                    | VXLAN network identifier of `weft.1` |
-//! | `port`              | `8472`                 | VXLAN UDP destination port |
-//! | `mtu`               | underlay MTU − overhead| MTU of `weft.1` and of pods (written to the node file) |
-//! | `iface`             | the InternalIP's link  | underlay interface by name |
-//! | `ifaceRegex`        | —                      | underlay interface by regular expression on the name (first match in index order) |
-//! | `resyncSeconds`     | `60`                   | period of the full reconcile that repairs drift |
-//! | `clusterCidr`       | required               | the cluster's IPv4 pod CIDR (same key and value as the controller's) |
-//! | `clusterCidrV6`     | —                      | the cluster's IPv6 pod CIDR when dual-stack |
-//! | `noMasqueradeCidrs` | `[]`                   | destinations that pods reach with their own address |
-//! | `checksumOffload`   | `auto`                 | tx checksum offload on `weft.1`: `auto` (off on affected kernels), `on`, `off` |
-//! | `cniBinDir`         | `/opt/cni/bin`         | where the `weft` plugin binary is installed |
-//! | `cniConfDir`        | `/etc/cni/net.d`       | where the conflist is installed |
-//! | `cniPluginSource`   | `weft` beside the agent| the plugin binary to install |
-//! | `nodeFile`          | `/run/weft/node.json`  | the node file the plugin reads |
-//! | `metricsAddress`    | `0.0.0.0:9465`         | `/healthz`, `/readyz`, `/metrics` |
-//!
-//! Precedence: flags > environment (`WEFT_*`) > file > defaults. The binary
-//! turns flags and environment into a [`ConfigLayer`]; this module merges the
-//! layers and validates the result once.
+//! The keys are the Helm chart's agent values (camelCase, like the
+//! controller's `clusterCidr`); the README's Configuration table lists them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +12,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+// Re-exported because callers of `AgentSettings::from_yaml`, `load` and
+// `overlaid_with` need the trait in scope, and need no weft-daemon
+// dependency for it (the chart tests read agent.yaml as the agent does).
+pub use weft_daemon::config::Layer;
 
 /// How the agent reaches peers' slices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -112,7 +95,8 @@ impl std::str::FromStr for ChecksumOffload {
     }
 }
 
-/// A bad configuration value. The message names the key and the fix.
+/// A bad setting. The message names the key and the fix (a config file that
+/// cannot be read or parsed is a [`weft_daemon::config::ConfigFileError`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// A value is out of range or malformed.
@@ -133,16 +117,6 @@ pub enum ConfigError {
         /// Where to set it.
         fix: &'static str,
     },
-    /// The config file is not valid YAML for these keys.
-    #[error(
-        "config file {path}: {message} (keys are camelCase, e.g. clusterCidr, noMasqueradeCidrs)"
-    )]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, with line and column.
-        message: String,
-    },
 }
 
 impl ConfigError {
@@ -155,44 +129,65 @@ impl ConfigError {
     }
 }
 
-/// One source of settings (file, environment or flags): every key optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The agent's settings as one layer (config file, or environment and
+/// flags) gives them. Each field's doc is its `--help` text, which names the
+/// file key; the flag is the field name in kebab-case.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[allow(missing_docs)] // Each field is the key of the same name in the module table.
-pub struct ConfigLayer {
+pub struct AgentSettings {
+    /// vxlan, host-gw or direct (backend) [default: vxlan].
+    #[arg(long, env = "WEFT_BACKEND")]
     pub backend: Option<Backend>,
+    /// VXLAN network identifier (vni) [default: 1].
+    #[arg(long, env = "WEFT_VNI")]
     pub vni: Option<u32>,
+    /// VXLAN UDP port (port) [default: 8472].
+    #[arg(long, env = "WEFT_PORT")]
     pub port: Option<u16>,
+    /// MTU of weft.1 and pods (mtu) [default: underlay MTU minus the VXLAN overhead].
+    #[arg(long, env = "WEFT_MTU")]
     pub mtu: Option<u32>,
+    /// Underlay interface name (iface) [default: the link holding the Node's InternalIP].
+    #[arg(long, env = "WEFT_IFACE")]
     pub iface: Option<String>,
+    /// Underlay interface name pattern (ifaceRegex).
+    #[arg(long, env = "WEFT_IFACE_REGEX")]
     pub iface_regex: Option<String>,
+    /// Seconds between full reconciles that repair drift (resyncSeconds) [default: 60].
+    #[arg(long, env = "WEFT_RESYNC_SECONDS")]
     pub resync_seconds: Option<u64>,
+    /// IPv4 cluster CIDR, as given to the controller (clusterCidr).
+    #[arg(long, env = "WEFT_CLUSTER_CIDR")]
     pub cluster_cidr: Option<IpNet>,
+    /// IPv6 cluster CIDR, for dual-stack (clusterCidrV6).
+    #[arg(long, env = "WEFT_CLUSTER_CIDR_V6")]
     pub cluster_cidr_v6: Option<IpNet>,
+    /// Destinations pods reach without masquerade, comma separated (noMasqueradeCidrs).
+    #[arg(long, env = "WEFT_NO_MASQUERADE_CIDRS", value_delimiter = ',')]
     pub no_masquerade_cidrs: Option<Vec<IpNet>>,
+    /// auto, on or off: tx checksum offload on weft.1 (checksumOffload) [default: auto].
+    #[arg(long, env = "WEFT_CHECKSUM_OFFLOAD")]
     pub checksum_offload: Option<ChecksumOffload>,
+    /// Where the weft plugin binary is installed (cniBinDir) [default: /opt/cni/bin].
+    #[arg(long, env = "WEFT_CNI_BIN_DIR")]
     pub cni_bin_dir: Option<PathBuf>,
+    /// Where the conflist is installed (cniConfDir) [default: /etc/cni/net.d].
+    #[arg(long, env = "WEFT_CNI_CONF_DIR")]
     pub cni_conf_dir: Option<PathBuf>,
+    /// The plugin binary to install (cniPluginSource) [default: weft beside this binary].
+    #[arg(long, env = "WEFT_CNI_PLUGIN_SOURCE")]
     pub cni_plugin_source: Option<PathBuf>,
+    /// The node file the plugin reads (nodeFile) [default: /run/weft/node.json].
+    #[arg(long, env = "WEFT_NODE_FILE")]
     pub node_file: Option<PathBuf>,
+    /// Listen address of /healthz, /readyz and /metrics (metricsAddress) [default: 0.0.0.0:9465].
+    #[arg(long, env = "WEFT_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
 }
 
-impl ConfigLayer {
-    /// Parses the YAML config file's text; `path` only names it in errors.
-    pub fn from_yaml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        if text.trim().is_empty() {
-            return Ok(ConfigLayer::default());
-        }
-        serde_yaml::from_str(text).map_err(|error| ConfigError::File {
-            path: path.to_path_buf(),
-            message: error.to_string(),
-        })
-    }
-
-    /// This layer with every key that `higher` sets taken from `higher`.
-    pub fn overlaid_with(self, higher: ConfigLayer) -> ConfigLayer {
-        ConfigLayer {
+impl Layer for AgentSettings {
+    fn overlaid_with(self, higher: AgentSettings) -> AgentSettings {
+        AgentSettings {
             backend: higher.backend.or(self.backend),
             vni: higher.vni.or(self.vni),
             port: higher.port.or(self.port),
@@ -253,12 +248,12 @@ pub struct AgentConfig {
 /// firewall rules for flannel keep working.
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
-impl AgentConfig {
-    /// Validates the merged layers (`layer` is file overlaid with env and
-    /// flags). `agent_binary` is the running agent's path, whose directory
-    /// holds the plugin binary by default.
-    pub fn from_layer(layer: ConfigLayer, agent_binary: &Path) -> Result<Self, ConfigError> {
-        let vni = layer.vni.unwrap_or(1);
+impl AgentSettings {
+    /// Fills in the defaults and validates the merged layers (the file
+    /// overlaid with environment and flags). `agent_binary` is the running
+    /// agent's path, whose directory holds the plugin binary by default.
+    pub fn resolve(self, agent_binary: &Path) -> Result<AgentConfig, ConfigError> {
+        let vni = self.vni.unwrap_or(1);
         if !(1..=0x00ff_ffff).contains(&vni) {
             return Err(ConfigError::invalid(
                 "vni",
@@ -266,7 +261,7 @@ impl AgentConfig {
                 "use a VXLAN network identifier from 1 to 16777215",
             ));
         }
-        let port = layer.port.unwrap_or(DEFAULT_VXLAN_PORT);
+        let port = self.port.unwrap_or(DEFAULT_VXLAN_PORT);
         if port == 0 {
             return Err(ConfigError::invalid(
                 "port",
@@ -274,7 +269,7 @@ impl AgentConfig {
                 "use a UDP port from 1 to 65535 (default 8472)",
             ));
         }
-        if let Some(mtu) = layer.mtu {
+        if let Some(mtu) = self.mtu {
             if !(1280..=65535).contains(&mtu) {
                 return Err(ConfigError::invalid(
                     "mtu",
@@ -283,7 +278,7 @@ impl AgentConfig {
                 ));
             }
         }
-        if let Some(pattern) = &layer.iface_regex {
+        if let Some(pattern) = &self.iface_regex {
             if regex::Regex::new(pattern).is_err() {
                 return Err(ConfigError::invalid(
                     "ifaceRegex",
@@ -292,7 +287,7 @@ impl AgentConfig {
                 ));
             }
         }
-        let resync_seconds = layer.resync_seconds.unwrap_or(60);
+        let resync_seconds = self.resync_seconds.unwrap_or(60);
         if resync_seconds == 0 {
             return Err(ConfigError::invalid(
                 "resyncSeconds",
@@ -300,7 +295,7 @@ impl AgentConfig {
                 "use a period of at least 1 second (default 60)",
             ));
         }
-        let cluster_cidr = layer.cluster_cidr.ok_or(ConfigError::Missing {
+        let cluster_cidr = self.cluster_cidr.ok_or(ConfigError::Missing {
             key: "clusterCidr",
             fix: "set it to the controller's cluster CIDR with --cluster-cidr, WEFT_CLUSTER_CIDR or clusterCidr in the config file",
         })?;
@@ -312,7 +307,7 @@ impl AgentConfig {
             ));
         }
         let mut cluster_cidrs = vec![cluster_cidr.trunc()];
-        if let Some(v6) = layer.cluster_cidr_v6 {
+        if let Some(v6) = self.cluster_cidr_v6 {
             if !matches!(v6, IpNet::V6(_)) {
                 return Err(ConfigError::invalid(
                     "clusterCidrV6",
@@ -322,36 +317,36 @@ impl AgentConfig {
             }
             cluster_cidrs.push(v6.trunc());
         }
-        let cni_plugin_source = layer
+        let cni_plugin_source = self
             .cni_plugin_source
             .unwrap_or_else(|| agent_binary.parent().unwrap_or(Path::new("/")).join("weft"));
         Ok(AgentConfig {
-            backend: layer.backend.unwrap_or_default(),
+            backend: self.backend.unwrap_or_default(),
             vni,
             port,
-            mtu: layer.mtu,
-            iface: layer.iface,
-            iface_regex: layer.iface_regex,
+            mtu: self.mtu,
+            iface: self.iface,
+            iface_regex: self.iface_regex,
             resync: Duration::from_secs(resync_seconds),
             cluster_cidrs,
-            no_masquerade_cidrs: layer
+            no_masquerade_cidrs: self
                 .no_masquerade_cidrs
                 .unwrap_or_default()
                 .into_iter()
                 .map(|cidr| cidr.trunc())
                 .collect(),
-            checksum_offload: layer.checksum_offload.unwrap_or_default(),
-            cni_bin_dir: layer
+            checksum_offload: self.checksum_offload.unwrap_or_default(),
+            cni_bin_dir: self
                 .cni_bin_dir
                 .unwrap_or_else(|| PathBuf::from("/opt/cni/bin")),
-            cni_conf_dir: layer
+            cni_conf_dir: self
                 .cni_conf_dir
                 .unwrap_or_else(|| PathBuf::from("/etc/cni/net.d")),
             cni_plugin_source,
-            node_file: layer
+            node_file: self
                 .node_file
                 .unwrap_or_else(|| PathBuf::from("/run/weft/node.json")),
-            metrics_address: layer
+            metrics_address: self
                 .metrics_address
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9465))),
         })
@@ -362,16 +357,16 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
-    fn minimal() -> ConfigLayer {
-        ConfigLayer {
+    fn minimal() -> AgentSettings {
+        AgentSettings {
             cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
-            ..ConfigLayer::default()
+            ..AgentSettings::default()
         }
     }
 
     #[test]
     fn defaults_fill_every_unset_key() {
-        let config = AgentConfig::from_layer(minimal(), Path::new("/usr/bin/weft-agent")).unwrap();
+        let config = minimal().resolve(Path::new("/usr/bin/weft-agent")).unwrap();
         assert_eq!(config.backend, Backend::Vxlan);
         assert_eq!(config.vni, 1);
         assert_eq!(config.port, 8472);
@@ -386,8 +381,8 @@ mod tests {
     #[test]
     fn yaml_keys_are_camel_case_and_unknown_keys_rejected() {
         let text = "backend: host-gw\nvni: 7\nport: 4789\nresyncSeconds: 5\nclusterCidr: 10.244.0.0/16\nclusterCidrV6: fd00:10:244::/56\nnoMasqueradeCidrs: [192.168.0.0/16]\nchecksumOffload: 'off'\nifaceRegex: ^eth\n";
-        let layer = ConfigLayer::from_yaml(Path::new("agent.yaml"), text).unwrap();
-        let config = AgentConfig::from_layer(layer, Path::new("/a/weft-agent")).unwrap();
+        let layer = AgentSettings::from_yaml(Path::new("agent.yaml"), text).unwrap();
+        let config = layer.resolve(Path::new("/a/weft-agent")).unwrap();
         assert_eq!(config.backend, Backend::HostGw);
         assert_eq!(config.vni, 7);
         assert_eq!(config.port, 4789);
@@ -395,7 +390,7 @@ mod tests {
         assert_eq!(config.checksum_offload, ChecksumOffload::Off);
         assert_eq!(config.no_masquerade_cidrs.len(), 1);
 
-        let error = ConfigLayer::from_yaml(Path::new("agent.yaml"), "cluster_cidr: 10.0.0.0/8")
+        let error = AgentSettings::from_yaml(Path::new("agent.yaml"), "cluster_cidr: 10.0.0.0/8")
             .unwrap_err();
         assert!(error.to_string().contains("agent.yaml"), "{error}");
         assert!(error.to_string().contains("cluster_cidr"), "{error}");
@@ -403,14 +398,14 @@ mod tests {
 
     #[test]
     fn higher_layers_win_key_by_key() {
-        let file = ConfigLayer {
+        let file = AgentSettings {
             vni: Some(5),
             port: Some(4789),
             ..minimal()
         };
-        let flags = ConfigLayer {
+        let flags = AgentSettings {
             vni: Some(9),
-            ..ConfigLayer::default()
+            ..AgentSettings::default()
         };
         let merged = file.overlaid_with(flags);
         assert_eq!(merged.vni, Some(9));
@@ -420,65 +415,65 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key_and_the_fix() {
-        let cases: Vec<(ConfigLayer, &str)> = vec![
+        let cases: Vec<(AgentSettings, &str)> = vec![
             (
-                ConfigLayer {
+                AgentSettings {
                     vni: Some(0),
                     ..minimal()
                 },
                 "vni",
             ),
             (
-                ConfigLayer {
+                AgentSettings {
                     vni: Some(1 << 24),
                     ..minimal()
                 },
                 "vni",
             ),
             (
-                ConfigLayer {
+                AgentSettings {
                     port: Some(0),
                     ..minimal()
                 },
                 "port",
             ),
             (
-                ConfigLayer {
+                AgentSettings {
                     mtu: Some(500),
                     ..minimal()
                 },
                 "mtu",
             ),
             (
-                ConfigLayer {
+                AgentSettings {
                     resync_seconds: Some(0),
                     ..minimal()
                 },
                 "resyncSeconds",
             ),
             (
-                ConfigLayer {
+                AgentSettings {
                     iface_regex: Some("(".into()),
                     ..minimal()
                 },
                 "ifaceRegex",
             ),
             (
-                ConfigLayer {
+                AgentSettings {
                     cluster_cidr: None,
                     ..minimal()
                 },
                 "clusterCidr",
             ),
             (
-                ConfigLayer {
+                AgentSettings {
                     cluster_cidr: Some("fd00::/48".parse().unwrap()),
                     ..minimal()
                 },
                 "clusterCidrV6",
             ),
             (
-                ConfigLayer {
+                AgentSettings {
                     cluster_cidr_v6: Some("10.0.0.0/8".parse().unwrap()),
                     ..minimal()
                 },
@@ -486,7 +481,7 @@ mod tests {
             ),
         ];
         for (layer, key) in cases {
-            let error = AgentConfig::from_layer(layer, Path::new("/a/weft-agent")).unwrap_err();
+            let error = layer.resolve(Path::new("/a/weft-agent")).unwrap_err();
             assert!(error.to_string().contains(key), "{error} should name {key}");
         }
     }

@@ -16,7 +16,7 @@ use weft::annotations::VtepMac;
 use weft::netlink::{Netlink, VxlanChange};
 use weft::netns::Netns;
 use weft::DEFAULT_BRIDGE;
-use weft_agent::config::{AgentConfig, Backend, ConfigLayer};
+use weft_agent::config::{AgentConfig, AgentSettings, Backend};
 use weft_agent::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
 use weft_agent::install::{
     install_conflist, install_plugin, render_conflist, CONFLIST_NAME, PLUGIN_NAME,
@@ -758,18 +758,16 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
     let files = tempfile::tempdir()?;
     let source = files.path().join("weft-build");
     std::fs::write(&source, b"\x7fELF weft plugin")?;
-    let config = AgentConfig::from_layer(
-        ConfigLayer {
-            cluster_cidr: Some("10.244.0.0/16".parse()?),
-            cluster_cidr_v6: Some("fd00:10:244::/56".parse()?),
-            cni_bin_dir: Some(files.path().join("bin")),
-            cni_conf_dir: Some(files.path().join("net.d")),
-            cni_plugin_source: Some(source.clone()),
-            node_file: Some(files.path().join("run/node.json")),
-            ..ConfigLayer::default()
-        },
-        &files.path().join("weft-agent"),
-    )?;
+    let config = AgentSettings {
+        cluster_cidr: Some("10.244.0.0/16".parse()?),
+        cluster_cidr_v6: Some("fd00:10:244::/56".parse()?),
+        cni_bin_dir: Some(files.path().join("bin")),
+        cni_conf_dir: Some(files.path().join("net.d")),
+        cni_plugin_source: Some(source.clone()),
+        node_file: Some(files.path().join("run/node.json")),
+        ..AgentSettings::default()
+    }
+    .resolve(&files.path().join("weft-agent"))?;
 
     // A programmed node: weft.1 with a peer (neighbour, FDB, route), an IPv6
     // proto-87 route, weft0, the nft table and the node's files.

@@ -1,9 +1,13 @@
-//! The controller's settings: one set of keys shared by the YAML config file,
-//! the environment and the command line, resolved with the precedence
-//! flags > environment > file > defaults.
+//! The controller's configuration: [`ControllerSettings`], the keys that the
+//! YAML config file, the environment (`WEFT_*`) and the flags each set,
+//! layered as [`weft_daemon::config`] describes (flags > environment > file),
+//! and [`ControllerConfig`], the defaults filled in and every value validated
+//! once.
+//!
+//! The keys are the Helm chart's `controller` values; the README's
+//! Configuration table lists them.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -11,6 +15,10 @@ use serde::Deserialize;
 
 use crate::allocator::{CidrError, SlicePlan};
 use weft::ip::IpFamily;
+// Re-exported because callers of `ControllerSettings::from_yaml`, `load` and
+// `overlaid_with` need the trait in scope, and need no weft-daemon
+// dependency for it.
+pub use weft_daemon::config::Layer;
 
 /// Default IPv4 slice: 254 pods per node.
 pub const DEFAULT_SLICE_SIZE_V4: u8 = 24;
@@ -26,27 +34,10 @@ pub const DEFAULT_SLICE_HOLD_SECONDS: u64 = 300;
 /// Default address of `/healthz`, `/readyz` and `/metrics`.
 pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:9464";
 
-/// Why the settings do not make a configuration.
+/// Why the settings do not make a configuration (a config file that cannot
+/// be read or parsed is a [`weft_daemon::config::ConfigFileError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is not valid YAML for these keys.
-    #[error("config file {path} is invalid: {source} (known keys: clusterCidr, clusterCidrV6, sliceSizeV4, sliceSizeV6, leaseNamespace, leaseName, sliceHoldSeconds, metricsAddress)")]
-    Parse {
-        /// The file.
-        path: String,
-        /// The YAML error, naming the key and line.
-        #[source]
-        source: serde_yaml::Error,
-    },
     /// The IPv4 cluster CIDR is missing.
     #[error("clusterCidr is not set: pass --cluster-cidr, set WEFT_CLUSTER_CIDR or add clusterCidr to the config file (e.g. 10.244.0.0/16)")]
     MissingClusterCidr,
@@ -69,42 +60,52 @@ pub enum ConfigError {
     },
 }
 
-/// The controller's settings as one layer gives them; every key optional.
-///
-/// The YAML config file (`--config`) holds exactly these keys, which are also
-/// the Helm chart's `controller` values:
-///
-/// | key                | flag / environment                              | default            |
-/// |--------------------|-------------------------------------------------|--------------------|
-/// | `clusterCidr`      | `--cluster-cidr` / `WEFT_CLUSTER_CIDR`           | (required) IPv4    |
-/// | `clusterCidrV6`    | `--cluster-cidr-v6` / `WEFT_CLUSTER_CIDR_V6`     | unset: IPv4 only   |
-/// | `sliceSizeV4`      | `--slice-size-v4` / `WEFT_SLICE_SIZE_V4`         | `24`               |
-/// | `sliceSizeV6`      | `--slice-size-v6` / `WEFT_SLICE_SIZE_V6`         | `64`               |
-/// | `leaseNamespace`   | `--lease-namespace` / `WEFT_LEASE_NAMESPACE`     | `kube-system`      |
-/// | `leaseName`        | `--lease-name` / `WEFT_LEASE_NAME`               | `weft-controller`  |
-/// | `sliceHoldSeconds` | `--slice-hold-seconds` / `WEFT_SLICE_HOLD_SECONDS` | `300` (0: no hold) |
-/// | `metricsAddress`   | `--metrics-address` / `WEFT_METRICS_ADDRESS`     | `0.0.0.0:9464`     |
-///
-/// Unknown keys are rejected so a typo does not silently fall back to a default.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+/// The controller's settings as one layer (config file, or environment and
+/// flags) gives them. Each field's doc is its `--help` text, which names the
+/// file key; the flag is the field name in kebab-case. Unknown file keys are
+/// rejected so a typo does not silently fall back to a default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, clap::Args)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ControllerSettings {
-    /// IPv4 cluster CIDR every node's slice comes from.
+    /// IPv4 cluster CIDR the slices come from (clusterCidr).
+    #[arg(long, env = "WEFT_CLUSTER_CIDR")]
     pub cluster_cidr: Option<IpNet>,
-    /// IPv6 cluster CIDR; set for dual-stack.
+    /// IPv6 cluster CIDR, for dual-stack (clusterCidrV6).
+    #[arg(long, env = "WEFT_CLUSTER_CIDR_V6")]
     pub cluster_cidr_v6: Option<IpNet>,
-    /// Prefix length of each node's IPv4 slice.
+    /// Prefix length of each node's IPv4 slice (sliceSizeV4) [default: 24].
+    #[arg(long, env = "WEFT_SLICE_SIZE_V4")]
     pub slice_size_v4: Option<u8>,
-    /// Prefix length of each node's IPv6 slice.
+    /// Prefix length of each node's IPv6 slice (sliceSizeV6) [default: 64].
+    #[arg(long, env = "WEFT_SLICE_SIZE_V6")]
     pub slice_size_v6: Option<u8>,
-    /// Namespace of the leader-election Lease.
+    /// Namespace of the leader-election Lease (leaseNamespace) [default: kube-system].
+    #[arg(long, env = "WEFT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// Name of the leader-election Lease.
+    /// Name of the leader-election Lease (leaseName) [default: weft-controller].
+    #[arg(long, env = "WEFT_LEASE_NAME")]
     pub lease_name: Option<String>,
-    /// Seconds a deleted node's slice is kept for a node with the same name.
+    /// Seconds a deleted node's slice is kept for a node re-registering under its name (sliceHoldSeconds) [default: 300].
+    #[arg(long, env = "WEFT_SLICE_HOLD_SECONDS")]
     pub slice_hold_seconds: Option<u64>,
-    /// Listen address of `/healthz`, `/readyz` and `/metrics`.
+    /// Listen address of /healthz, /readyz and /metrics (metricsAddress) [default: 0.0.0.0:9464].
+    #[arg(long, env = "WEFT_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
+}
+
+impl Layer for ControllerSettings {
+    fn overlaid_with(self, higher: ControllerSettings) -> ControllerSettings {
+        ControllerSettings {
+            cluster_cidr: higher.cluster_cidr.or(self.cluster_cidr),
+            cluster_cidr_v6: higher.cluster_cidr_v6.or(self.cluster_cidr_v6),
+            slice_size_v4: higher.slice_size_v4.or(self.slice_size_v4),
+            slice_size_v6: higher.slice_size_v6.or(self.slice_size_v6),
+            lease_namespace: higher.lease_namespace.or(self.lease_namespace),
+            lease_name: higher.lease_name.or(self.lease_name),
+            slice_hold_seconds: higher.slice_hold_seconds.or(self.slice_hold_seconds),
+            metrics_address: higher.metrics_address.or(self.metrics_address),
+        }
+    }
 }
 
 /// Resolved, validated controller configuration.
@@ -125,41 +126,8 @@ pub struct ControllerConfig {
 }
 
 impl ControllerSettings {
-    /// Reads a YAML config file.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_yaml(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source,
-        })
-    }
-
-    /// Parses the YAML config format; an empty document is no settings.
-    pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
-        if text.trim().is_empty() {
-            return Ok(Self::default());
-        }
-        serde_yaml::from_str(text)
-    }
-
-    /// Keeps every key this layer sets and takes the rest from `lower`.
-    pub fn over(self, lower: Self) -> Self {
-        Self {
-            cluster_cidr: self.cluster_cidr.or(lower.cluster_cidr),
-            cluster_cidr_v6: self.cluster_cidr_v6.or(lower.cluster_cidr_v6),
-            slice_size_v4: self.slice_size_v4.or(lower.slice_size_v4),
-            slice_size_v6: self.slice_size_v6.or(lower.slice_size_v6),
-            lease_namespace: self.lease_namespace.or(lower.lease_namespace),
-            lease_name: self.lease_name.or(lower.lease_name),
-            slice_hold_seconds: self.slice_hold_seconds.or(lower.slice_hold_seconds),
-            metrics_address: self.metrics_address.or(lower.metrics_address),
-        }
-    }
-
-    /// Fills defaults and validates.
+    /// Fills in the defaults and validates the merged layers (the file
+    /// overlaid with environment and flags).
     pub fn resolve(self) -> Result<ControllerConfig, ConfigError> {
         let cluster = self.cluster_cidr.ok_or(ConfigError::MissingClusterCidr)?;
         let v4 = SlicePlan::for_family(
@@ -219,11 +187,19 @@ impl ControllerSettings {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use weft_daemon::config::ConfigFileError;
+
+    /// The settings a config file `controller.yaml` holding `text` gives.
+    fn parse(text: &str) -> Result<ControllerSettings, ConfigFileError> {
+        ControllerSettings::from_yaml(Path::new("controller.yaml"), text)
+    }
 
     #[test]
     fn file_keys_are_camel_case() {
-        let file = ControllerSettings::from_yaml(
+        let file = parse(
             "clusterCidr: 10.244.0.0/16\nclusterCidrV6: fd00:10::/48\nsliceSizeV4: 26\nsliceSizeV6: 80\nleaseNamespace: weft\nleaseName: alloc\nsliceHoldSeconds: 0\nmetricsAddress: 127.0.0.1:9000\n",
         )
         .unwrap();
@@ -260,13 +236,12 @@ mod tests {
 
     #[test]
     fn higher_layers_win_key_by_key() {
-        let file =
-            ControllerSettings::from_yaml("clusterCidr: 10.0.0.0/8\nsliceSizeV4: 20\n").unwrap();
+        let file = parse("clusterCidr: 10.0.0.0/8\nsliceSizeV4: 20\n").unwrap();
         let flags = ControllerSettings {
             slice_size_v4: Some(22),
             ..Default::default()
         };
-        let config = flags.over(file).resolve().unwrap();
+        let config = file.overlaid_with(flags).resolve().unwrap();
         assert_eq!(config.v4.cluster(), "10.0.0.0/8".parse::<IpNet>().unwrap());
         assert_eq!(config.v4.slice_prefix(), 22);
     }
@@ -281,11 +256,9 @@ mod tests {
             missing.contains("--cluster-cidr") && missing.contains("WEFT_CLUSTER_CIDR"),
             "{missing}"
         );
-        let typo = ControllerSettings::from_yaml("clusterCIDR: 10.0.0.0/8\n")
-            .unwrap_err()
-            .to_string();
+        let typo = parse("clusterCIDR: 10.0.0.0/8\n").unwrap_err().to_string();
         assert!(typo.contains("clusterCIDR"), "{typo}");
-        let swapped = ControllerSettings::from_yaml("clusterCidr: fd00::/48\n")
+        let swapped = parse("clusterCidr: fd00::/48\n")
             .unwrap()
             .resolve()
             .unwrap_err()
@@ -294,7 +267,7 @@ mod tests {
             swapped.contains("clusterCidr") && swapped.contains("ipv4"),
             "{swapped}"
         );
-        let too_small = ControllerSettings::from_yaml("clusterCidr: 10.0.0.0/8\nsliceSizeV4: 31\n")
+        let too_small = parse("clusterCidr: 10.0.0.0/8\nsliceSizeV4: 31\n")
             .unwrap()
             .resolve()
             .unwrap_err()
@@ -303,7 +276,7 @@ mod tests {
             too_small.contains("sliceSizeV4") && too_small.contains("at most 30"),
             "{too_small}"
         );
-        let empty = ControllerSettings::from_yaml("clusterCidr: 10.0.0.0/8\nleaseName: ''\n")
+        let empty = parse("clusterCidr: 10.0.0.0/8\nleaseName: ''\n")
             .unwrap()
             .resolve()
             .unwrap_err()

@@ -1,9 +1,11 @@
 //! What Weft's two long-running daemons (`weft-controller` and
-//! `weft-agent`) share beside their work: process set-up ([`process`]) and
-//! the `/healthz`, `/readyz`, `/metrics` endpoint ([`serve`]).
+//! `weft-agent`) share beside their work: how settings are layered
+//! ([`config`]), process set-up ([`process`]) and the `/healthz`, `/readyz`,
+//! `/metrics` endpoint ([`serve`]).
 //!
 //! A crate of its own rather than part of the `weft` core so the CNI
 //! plugin, which runs once per pod start, never builds an HTTP stack.
 
+pub mod config;
 pub mod process;
 pub mod serve;

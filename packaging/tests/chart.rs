@@ -8,7 +8,7 @@ use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use weft_agent::config::{AgentConfig, ConfigLayer};
+use weft_agent::config::{AgentConfig, AgentSettings, Layer};
 use weft_agent::install::render_conflist;
 use weft_controller::{ControllerConfig, ControllerSettings};
 use weft_packaging::{
@@ -125,16 +125,15 @@ fn configs_of(file: &Path) -> Result<Configs> {
             .cloned()
             .with_context(|| format!("weft-config in {} has no {name}", file.display()))
     };
-    let controller = ControllerSettings::from_yaml(&key("controller.yaml")?)
-        .context("controller.yaml as weft-controller parses it")?
-        .resolve()
-        .context("controller.yaml as weft-controller resolves it")?;
-    let agent = AgentConfig::from_layer(
-        ConfigLayer::from_yaml(Path::new("agent.yaml"), &key("agent.yaml")?)
-            .context("agent.yaml as weft-agent parses it")?,
-        Path::new(AGENT_BINARY),
-    )
-    .context("agent.yaml as weft-agent resolves it")?;
+    let controller =
+        ControllerSettings::from_yaml(Path::new("controller.yaml"), &key("controller.yaml")?)
+            .context("controller.yaml as weft-controller parses it")?
+            .resolve()
+            .context("controller.yaml as weft-controller resolves it")?;
+    let agent = AgentSettings::from_yaml(Path::new("agent.yaml"), &key("agent.yaml")?)
+        .context("agent.yaml as weft-agent parses it")?
+        .resolve(Path::new(AGENT_BINARY))
+        .context("agent.yaml as weft-agent resolves it")?;
     Ok(Configs {
         rendered,
         controller,
