@@ -12,10 +12,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-// Re-exported because callers of `AgentSettings::from_yaml`, `load` and
-// `overlaid_with` need the trait in scope, and need no weft-daemon
-// dependency for it (the chart tests read agent.yaml as the agent does).
-pub use weft_daemon::config::Layer;
+use weft_daemon::config::Layer;
 
 /// How the agent reaches peers' slices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use weft_agent::config::{AgentSettings, Layer};
+use weft_agent::config::AgentSettings;
 use weft_agent::uninstall::OwnDaemonSet;
+use weft_daemon::config::Layer;
 
 /// Programs the pod network on this node (flags > environment > config file > defaults).
 #[derive(Debug, Parser)]

@@ -15,10 +15,7 @@ use serde::Deserialize;
 
 use crate::allocator::{CidrError, SlicePlan};
 use weft::ip::IpFamily;
-// Re-exported because callers of `ControllerSettings::from_yaml`, `load` and
-// `overlaid_with` need the trait in scope, and need no weft-daemon
-// dependency for it.
-pub use weft_daemon::config::Layer;
+use weft_daemon::config::Layer;
 
 /// Default IPv4 slice: 254 pods per node.
 pub const DEFAULT_SLICE_SIZE_V4: u8 = 24;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use weft_controller::config::Layer;
 use weft_controller::{leader, ControllerSettings};
+use weft_daemon::config::Layer;
 
 /// Hands every Node a pod CIDR slice of the cluster CIDR (flags > environment > config file > defaults).
 #[derive(Debug, Parser)]

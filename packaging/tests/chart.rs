@@ -8,9 +8,10 @@ use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use weft_agent::config::{AgentConfig, AgentSettings, Layer};
+use weft_agent::config::{AgentConfig, AgentSettings};
 use weft_agent::install::render_conflist;
 use weft_controller::{ControllerConfig, ControllerSettings};
+use weft_daemon::config::Layer;
 use weft_packaging::{
     chart_dir, helm, helm_command, plain_manifests, render_into, rendered_files, repo_root, run,
     Rendered,
