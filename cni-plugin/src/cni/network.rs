@@ -162,9 +162,13 @@ fn family(conf: &NetConf, node: &NodeConfig, subnet: IpNet) -> Result<FamilyNetw
 mod tests {
     use super::*;
 
-    /// The dual-stack node the node-file tests parse too.
+    /// The dual-stack node the node-file tests (in the `weft` core, where
+    /// the format lives) parse too.
     fn node() -> NodeConfig {
-        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node-dual.json");
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../weft/tests/fixtures/node-dual.json"
+        );
         NodeConfig::load(std::path::Path::new(fixture)).unwrap()
     }
 
