@@ -1,5 +1,10 @@
 //! The kernel side of the agent: the `weft.1` device, dumps of what Weft
 //! owns, and applying a plan through netlink.
+//!
+//! The one path by which the agent changes neighbours, FDB entries and
+//! routes: [`Dataplane::reconcile`] dumps, plans ([`super::overlay::plan`])
+//! and applies, for the peers on every reconcile and with an empty desired
+//! state when uninstall empties the node ([`super::uninstall`]).
 
 use std::collections::HashSet;
 use std::mem;
@@ -15,7 +20,7 @@ use super::ROUTE_PROTOCOL;
 use weft::annotations::VtepMac;
 use weft::ip::IpFamily;
 use weft::netlink::{
-    FdbRemote, Netlink, NetlinkError, PermanentNeighbour, Removal, Route, RouteProtocol,
+    FdbRemote, Link, Netlink, NetlinkError, PermanentNeighbour, Removal, Route, RouteProtocol,
     VxlanChange, VxlanSettings,
 };
 
@@ -41,16 +46,6 @@ pub enum DataplaneError {
     NoVxlanDevice {
         /// The operation that needed it.
         operation: Operation,
-    },
-    /// A sysctl could not be written.
-    #[error(
-        "writing {path}: {source} (the agent needs CAP_NET_ADMIN in the node's network namespace)"
-    )]
-    Sysctl {
-        /// The /proc/sys file.
-        path: &'static str,
-        /// The underlying error.
-        source: std::io::Error,
     },
 }
 
@@ -136,11 +131,27 @@ impl Dataplane {
 
     /// The MAC of an existing `weft.1`, if there is one.
     pub async fn existing_vtep_mac(&self) -> Result<Option<VtepMac>, DataplaneError> {
-        let link = self.netlink.link_by_name(VXLAN_DEVICE).await?;
-        Ok(link
-            .filter(|l| l.kind.as_deref() == Some("vxlan"))
+        Ok(self
+            .existing_vtep()
+            .await?
             .and_then(|l| l.mac)
             .and_then(|mac| VtepMac::try_from(mac.as_slice()).ok()))
+    }
+
+    /// Takes an existing `weft.1` as it is, without changing it, so that
+    /// [`Dataplane::dump`] and [`Dataplane::apply`] reach its neighbours
+    /// and FDB entries: how uninstall empties a device it did not set up.
+    /// Without such a VXLAN device only routes are reached.
+    pub async fn adopt_vtep(&mut self) -> Result<(), DataplaneError> {
+        self.vxlan_index = self.existing_vtep().await?.map(|l| l.index);
+        Ok(())
+    }
+
+    /// `weft.1`, if it exists and is a VXLAN device: a link of another kind
+    /// under that name is not Weft's.
+    async fn existing_vtep(&self) -> Result<Option<Link>, DataplaneError> {
+        let link = self.netlink.link_by_name(VXLAN_DEVICE).await?;
+        Ok(link.filter(|l| l.kind.as_deref() == Some("vxlan")))
     }
 
     /// Dumps the entries Weft owns: permanent neighbours and FDB remotes on
@@ -323,21 +334,4 @@ fn fdb_remote(link_index: u32, entry: FdbEntry) -> FdbRemote {
         mac: entry.mac.octets(),
         remote: entry.remote,
     }
-}
-
-/// Turns on IPv4 (and, when `ipv6`, IPv6) forwarding in the calling
-/// thread's network namespace: the node forwards between pods, `weft.1` and
-/// the underlay.
-pub fn enable_forwarding(ipv6: bool) -> Result<(), DataplaneError> {
-    let mut files = vec!["/proc/sys/net/ipv4/ip_forward"];
-    if ipv6 {
-        files.push("/proc/sys/net/ipv6/conf/all/forwarding");
-    }
-    for path in files {
-        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
-            continue;
-        }
-        std::fs::write(path, "1").map_err(|source| DataplaneError::Sysctl { path, source })?;
-    }
-    Ok(())
 }

@@ -1,17 +1,24 @@
 //! `weft-agent`: programs the overlay on the node it runs on.
 //!
 //! - What the node knows: [`config`], [`peer`] (peers as routing needs
-//!   them) and [`node`] (reading Node objects, writing this node's
-//!   annotations).
+//!   them) and [`node`] (reading Node objects into those fields, and the
+//!   patches written to this node). The node cache (module `cache`) keeps
+//!   those fields for every Node, fed by a kube-runtime watcher.
 //! - Desired state, plan, apply: [`overlay`] computes the entries the node
 //!   wants and the plan that reaches them from a kernel dump; [`dataplane`]
 //!   dumps and applies.
-//! - Node set-up: [`underlay`], [`offload`], [`masquerade`], [`install`].
+//! - Node set-up (module `setup`): [`underlay`], the VTEP device,
+//!   [`offload`], forwarding, the node file, [`install`], [`masquerade`].
+//! - Node writes (module `publish`): this node's annotations and its
+//!   NetworkUnavailable=False condition.
 //! - [`uninstall`]: removing Weft from the node when its DaemonSet is gone.
-//! - [`run`]: the loop that ties them together.
+//! - [`run`]: the loop that ties them together; [`AgentError`] is what
+//!   stops it or fails one pass, [`metrics`] what it counts.
 
+mod cache;
 pub mod config;
 pub mod dataplane;
+mod error;
 pub mod install;
 pub mod masquerade;
 pub mod metrics;
@@ -19,11 +26,15 @@ pub mod node;
 pub mod offload;
 pub mod overlay;
 pub mod peer;
+mod publish;
 mod run;
+mod setup;
 pub mod underlay;
 pub mod uninstall;
 
-pub use run::{run, AgentError, FIELD_MANAGER};
+pub use error::AgentError;
+pub use publish::FIELD_MANAGER;
+pub use run::run;
 
 /// The routing protocol number on every route Weft installs (`proto 87` in
 /// `ip route`; 87 is ASCII `W`). It is how the agent tells its routes from

@@ -19,17 +19,21 @@
 //!
 //! The teardown is netavark's: every step is idempotent, runs whatever the
 //! earlier steps did, and its error is collected, not returned early.
+//! Routes, neighbours and FDB entries are not hunted down here: the agent's
+//! own dump, plan and apply ([`super::dataplane`]) reconcile them to an
+//! empty desired state, so uninstall removes exactly what a reconcile
+//! counts as Weft's, in the order a removed peer's entries go.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use super::config::AgentConfig;
-use super::dataplane::VXLAN_DEVICE;
+use super::dataplane::{Dataplane, DataplaneError, VXLAN_DEVICE};
 use super::install::{CONFLIST_NAME, PLUGIN_NAME};
 use super::masquerade::{delete_table, MasqueradeError, TABLE};
+use super::overlay::{DesiredState, Operation};
 use super::ROUTE_PROTOCOL;
-use weft::ip::IpFamily;
-use weft::netlink::{Netlink, NetlinkError, Removal, Route, RouteProtocol};
+use weft::netlink::{Netlink, NetlinkError, Removal};
 use weft::DEFAULT_BRIDGE;
 
 /// The DaemonSet that runs this agent: whether it still exists decides
@@ -116,7 +120,7 @@ pub fn decide(seen: DaemonSetSeen, answer: &DaemonSetAnswer) -> Shutdown {
 /// One removal step that failed; the other steps still ran.
 #[derive(Debug, thiserror::Error)]
 pub enum TeardownError {
-    /// A link or route could not be listed or removed.
+    /// A link, route, neighbour or FDB entry could not be removed.
     #[error("removing {what}: {source}")]
     Netlink {
         /// What was being removed.
@@ -124,6 +128,9 @@ pub enum TeardownError {
         /// Why it failed.
         source: NetlinkError,
     },
+    /// What Weft owns in the kernel could not be dumped.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
     /// The nftables table could not be deleted.
     #[error(transparent)]
     Masquerade(#[from] MasqueradeError),
@@ -151,13 +158,14 @@ pub struct TeardownReport {
 /// Removes everything Weft put on the node, in the network namespace of
 /// `netlink` (and of the calling thread, for `nft`): the conflist first so
 /// the runtime stops wiring new pods to a network going away, then the
-/// protocol-87 routes, `weft.1` (its neighbours and FDB entries go with it),
-/// `weft0`, the `inet weft` table, the plugin binary (only if it is the
-/// agent's copy) and the node file. Running it again finds nothing to do.
+/// protocol-87 routes, FDB entries and neighbours on `weft.1` (reconciled
+/// to nothing), `weft.1` itself, `weft0`, the `inet weft` table, the
+/// plugin binary (only if it is the agent's copy) and the node file.
+/// Running it again finds nothing to do.
 pub async fn tear_down(netlink: &Netlink, config: &AgentConfig) -> TeardownReport {
     let mut report = TeardownReport::default();
     report.remove_file(&config.cni_conf_dir.join(CONFLIST_NAME));
-    report.remove_routes(netlink).await;
+    report.empty_dataplane(netlink).await;
     report.remove_link(netlink, VXLAN_DEVICE, "vxlan").await;
     report.remove_link(netlink, DEFAULT_BRIDGE, "bridge").await;
     // Blocking, but only for the few milliseconds nft takes; nothing else
@@ -207,29 +215,29 @@ impl TeardownReport {
         }
     }
 
-    async fn remove_routes(&mut self, netlink: &Netlink) {
-        for family in [IpFamily::V4, IpFamily::V6] {
-            let routes = match netlink.routes(family, Route::MAIN_TABLE).await {
-                Ok(routes) => routes,
-                Err(source) => {
-                    self.errors.push(TeardownError::Netlink {
-                        what: format!("{family:?} routes with protocol {ROUTE_PROTOCOL}"),
-                        source,
-                    });
-                    continue;
-                }
-            };
-            for route in routes
-                .into_iter()
-                .filter(|r| r.protocol == RouteProtocol::from(ROUTE_PROTOCOL))
-            {
-                let what = format!("route {} proto {ROUTE_PROTOCOL}", route.destination);
-                match netlink.delete_route(&route).await {
-                    Ok(Removal::Removed) => self.removed.push(what),
-                    Ok(Removal::AlreadyGone) => {}
-                    Err(source) => self.errors.push(TeardownError::Netlink { what, source }),
-                }
+    /// Reconciles the kernel to an empty desired state: every entry the
+    /// agent's dump counts as Weft's is planned for removal and removed.
+    async fn empty_dataplane(&mut self, netlink: &Netlink) {
+        let mut dataplane = Dataplane::new(netlink.clone());
+        let emptied = async {
+            dataplane.adopt_vtep().await?;
+            dataplane.reconcile(&DesiredState::default()).await
+        };
+        match emptied.await {
+            Ok(applied) => {
+                // An entry gone between dump and delete counts as applied:
+                // a race with nothing left behind either way.
+                self.removed
+                    .extend(applied.applied.iter().map(removed_entry));
+                self.errors
+                    .extend(applied.failed.into_iter().map(|(operation, source)| {
+                        TeardownError::Netlink {
+                            what: removed_entry(&operation),
+                            source,
+                        }
+                    }));
             }
+            Err(error) => self.errors.push(error.into()),
         }
     }
 
@@ -256,6 +264,28 @@ impl TeardownReport {
             Ok(Removal::Removed) => self.removed.push(what),
             Ok(Removal::AlreadyGone) => {}
             Err(source) => self.errors.push(TeardownError::Netlink { what, source }),
+        }
+    }
+}
+
+/// How the report names the entry an operation of the empty plan removes.
+fn removed_entry(operation: &Operation) -> String {
+    match operation {
+        Operation::DeleteRoute(route) => {
+            format!("route {} proto {ROUTE_PROTOCOL}", route.destination)
+        }
+        Operation::DeleteFdb(entry) => format!(
+            "FDB entry {} dst {} on {VXLAN_DEVICE}",
+            entry.mac, entry.remote
+        ),
+        Operation::DeleteNeighbour(neighbour) => format!(
+            "neighbour {} lladdr {} on {VXLAN_DEVICE}",
+            neighbour.ip, neighbour.mac
+        ),
+        // A plan towards nothing sets nothing; should one ever, it is
+        // still named rather than lost.
+        Operation::SetNeighbour(_) | Operation::SetFdb(_) | Operation::SetRoute(_) => {
+            format!("{operation:?}")
         }
     }
 }

@@ -1,0 +1,95 @@
+//! The agent's one error type: what stops the agent or fails one reconcile,
+//! and the label it is counted under in `weft_agent_errors_total`.
+
+use super::dataplane::{DataplaneError, VXLAN_DEVICE};
+use super::install::InstallError;
+use super::masquerade::MasqueradeError;
+use super::underlay::UnderlayError;
+use weft::ip::ForwardingError;
+use weft::netlink::NetlinkError;
+use weft::nodefile::NodeFileError;
+use weft_daemon::serve::ServeError;
+
+/// What stops the agent or one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The health and metrics endpoint failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// A netlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// Setting up or reading the data plane failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// Forwarding could not be turned on; the error names the sysctl file.
+    #[error(transparent)]
+    Forwarding(#[from] ForwardingError),
+    /// No underlay interface fits the configuration.
+    #[error(transparent)]
+    Underlay(#[from] UnderlayError),
+    /// Installing the CNI plugin or conflist failed.
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    /// Writing the node file failed.
+    #[error(transparent)]
+    NodeFile(#[from] NodeFileError),
+    /// The masquerade table could not be applied.
+    #[error(transparent)]
+    Masquerade(#[from] MasqueradeError),
+    /// The kernel refused some of a plan's operations (the first is named;
+    /// the rest are counted in the metrics); the reconcile is retried.
+    #[error("kernel refused {operation}: {source}")]
+    KernelRefused {
+        /// The first refused operation.
+        operation: String,
+        /// Why.
+        source: NetlinkError,
+    },
+    /// Checksum offload on the VXLAN device could not be read or set.
+    #[error("setting tx checksum offload on {VXLAN_DEVICE}: {0} (set checksumOffload: on to leave it alone)")]
+    Offload(std::io::Error),
+    /// No VTEP MAC could be generated.
+    #[error("generating a VTEP MAC from /dev/urandom: {0}")]
+    RandomMac(std::io::Error),
+    /// The Node has no InternalIP and no interface is configured.
+    #[error("node {node} has no InternalIP address: set iface or ifaceRegex so the agent can find its underlay")]
+    NoNodeAddress {
+        /// The node.
+        node: String,
+    },
+    /// A write to the Node failed.
+    #[error("{action} on node {node}: {source}")]
+    Api {
+        /// What was written.
+        action: &'static str,
+        /// The node.
+        node: String,
+        /// The client error.
+        source: kube::Error,
+    },
+}
+
+impl AgentError {
+    /// A short label for the errors metric, from the fixed set the README
+    /// lists.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            AgentError::Serve(_) => "serve",
+            // Forwarding failures were the data plane's before the sysctl
+            // moved to the core crate; they keep its label so the series
+            // dashboards count stay the same.
+            AgentError::Netlink(_)
+            | AgentError::Dataplane(_)
+            | AgentError::Forwarding(_)
+            | AgentError::KernelRefused { .. } => "netlink",
+            AgentError::Underlay(_) | AgentError::NoNodeAddress { .. } => "underlay",
+            AgentError::Install(_) => "cni_install",
+            AgentError::NodeFile(_) => "node_file",
+            AgentError::Masquerade(_) => "masquerade",
+            AgentError::Offload(_) => "checksum_offload",
+            AgentError::RandomMac(_) => "vtep_mac",
+            AgentError::Api { .. } => "api",
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Node set-up: what the node needs before any peer can be programmed. The
+//! underlay interface, the VTEP device `weft.1` with its tx checksum
+//! offload (or no device for host-gw), forwarding, the node file the CNI
+//! plugin reads, the plugin and its conflist, and the masquerade table.
+//!
+//! Every step compares before it changes anything, so a set-up that finds
+//! the node as it should be changes nothing. It runs when this node's own
+//! fields change and on every resync; in between the last result is reused.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::config::AgentConfig;
+use super::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
+use super::error::AgentError;
+use super::install::{install_conflist, install_plugin, render_conflist, Installed};
+use super::masquerade::{MasqueradeTable, TableChange};
+use super::node::OwnNode;
+use super::offload::{kernel_release, set_tx_checksum, tx_checksum, wanted_tx_checksum};
+use super::peer::LocalNode;
+use super::underlay::{find_underlay, Underlay, UnderlayChoice};
+use weft::annotations::VtepMac;
+use weft::ip::{enable_forwarding, IpFamily};
+use weft::netlink::{Removal, VxlanChange};
+use weft::nodefile::NodeConfig;
+
+/// This node's settings, derived from its Node and the underlay, as the
+/// last successful set-up applied them.
+#[derive(Debug, Clone)]
+pub(crate) struct AppliedSetup {
+    /// The node as the overlay plans for it.
+    pub(crate) local: LocalNode,
+    /// The address peers reach this node at (published on the Node).
+    pub(crate) public_ip: IpAddr,
+    /// The VTEP device's settings; none for host-gw.
+    pub(crate) vtep: Option<Vtep>,
+}
+
+/// The set-up of the node this agent runs on, and what it last applied.
+#[derive(Debug)]
+pub(crate) struct NodeSetup {
+    /// Taken while `nft` runs off the async workers, put back after.
+    masquerade: Option<MasqueradeTable>,
+    /// The own-node fields the last successful set-up ran for, and what it
+    /// applied.
+    applied: Option<(OwnNode, AppliedSetup)>,
+}
+
+impl NodeSetup {
+    /// Nothing applied yet.
+    pub(crate) fn new(config: &AgentConfig) -> Self {
+        NodeSetup {
+            masquerade: Some(MasqueradeTable::new(
+                &config.cluster_cidrs,
+                &config.no_masquerade_cidrs,
+            )),
+            applied: None,
+        }
+    }
+
+    /// The node's settings for `own`: the last set-up's when `own` is what
+    /// it ran for and `full` is not asked, else a set-up run now.
+    pub(crate) async fn ensure(
+        &mut self,
+        config: &AgentConfig,
+        node_name: &str,
+        dataplane: &mut Dataplane,
+        own: &OwnNode,
+        full: bool,
+    ) -> Result<AppliedSetup, AgentError> {
+        if let Some((seen, applied)) = &self.applied {
+            if !full && seen == own {
+                return Ok(applied.clone());
+            }
+        }
+        let applied = self.set_up(config, node_name, dataplane, own).await?;
+        self.applied = Some((own.clone(), applied.clone()));
+        Ok(applied)
+    }
+
+    async fn set_up(
+        &mut self,
+        config: &AgentConfig,
+        node_name: &str,
+        dataplane: &mut Dataplane,
+        own: &OwnNode,
+    ) -> Result<AppliedSetup, AgentError> {
+        let underlay = underlay(config, node_name, dataplane, own).await?;
+        let public_ip = own.public_ip_overwrite.unwrap_or(underlay.address.addr());
+        let vxlan = config.backend.uses_vxlan();
+        let mtu = config.mtu.unwrap_or(if vxlan {
+            underlay.mtu - underlay.vxlan_overhead()
+        } else {
+            underlay.mtu
+        });
+
+        let vtep = if vxlan {
+            let vtep = Vtep {
+                vni: config.vni,
+                port: config.port,
+                local: underlay.address.addr(),
+                underlay_index: underlay.link_index,
+                mac: vtep_mac(dataplane, own).await?,
+                mtu,
+                addresses: own
+                    .pod_cidrs
+                    .iter()
+                    .map(|slice| {
+                        IpNet::new(slice.network(), slice.max_prefix_len())
+                            .expect("max prefix is valid")
+                    })
+                    .collect(),
+            };
+            let change = dataplane.ensure_vtep(&vtep).await?;
+            if change != VxlanChange::Reused {
+                tracing::info!(?change, mac = %vtep.mac, local = %vtep.local, mtu, "{VXLAN_DEVICE} set up");
+            }
+            apply_offload_policy(config)?;
+            Some(vtep)
+        } else {
+            if dataplane.remove_vtep().await? == Removal::Removed {
+                tracing::info!("{VXLAN_DEVICE} removed: backend host-gw does not use it");
+            }
+            None
+        };
+
+        enable_forwarding(IpFamily::V4)?;
+        if own
+            .pod_cidrs
+            .iter()
+            .any(|c| IpFamily::of(c) == IpFamily::V6)
+        {
+            enable_forwarding(IpFamily::V6)?;
+        }
+        write_node_file(config, node_name, own, mtu)?;
+        install_cni(config)?;
+        self.ensure_masquerade().await?;
+
+        Ok(AppliedSetup {
+            local: LocalNode {
+                name: node_name.to_string(),
+                pod_cidrs: own.pod_cidrs.clone(),
+                underlay: underlay.address,
+            },
+            public_ip,
+            vtep,
+        })
+    }
+
+    async fn ensure_masquerade(&mut self) -> Result<(), AgentError> {
+        let Some(mut table) = self.masquerade.take() else {
+            return Ok(());
+        };
+        // nft is a child process: run it off the async workers.
+        let (table, result) = tokio::task::spawn_blocking(move || {
+            let result = table.ensure();
+            (table, result)
+        })
+        .await
+        .expect("the masquerade task does not panic");
+        self.masquerade = Some(table);
+        if result? == TableChange::Replaced {
+            tracing::info!("masquerade table inet weft applied");
+        }
+        Ok(())
+    }
+}
+
+/// The underlay the configuration names, else the interface holding the
+/// Node's InternalIP.
+async fn underlay(
+    config: &AgentConfig,
+    node_name: &str,
+    dataplane: &Dataplane,
+    own: &OwnNode,
+) -> Result<Underlay, AgentError> {
+    let family_of = own.internal_ip;
+    let choice = if let Some(name) = &config.iface {
+        UnderlayChoice::Interface {
+            name: name.clone(),
+            family_of,
+        }
+    } else if let Some(pattern) = &config.iface_regex {
+        UnderlayChoice::Pattern {
+            pattern: regex::Regex::new(pattern).expect("validated with the config"),
+            family_of,
+        }
+    } else {
+        UnderlayChoice::Address(own.internal_ip.ok_or_else(|| AgentError::NoNodeAddress {
+            node: node_name.to_string(),
+        })?)
+    };
+    Ok(find_underlay(dataplane.netlink(), &choice).await?)
+}
+
+/// The MAC to give `weft.1`: the one published on the Node (so peers'
+/// entries stay valid across device re-creation), else the existing
+/// device's, else a fresh one.
+async fn vtep_mac(dataplane: &Dataplane, own: &OwnNode) -> Result<VtepMac, AgentError> {
+    if let Some(mac) = own.published_vtep_mac {
+        return Ok(mac);
+    }
+    if let Some(mac) = dataplane.existing_vtep_mac().await? {
+        return Ok(mac);
+    }
+    VtepMac::random().map_err(AgentError::RandomMac)
+}
+
+/// Sets `weft.1`'s tx checksum offload as the policy wants it for this
+/// kernel (see [`super::offload`]).
+fn apply_offload_policy(config: &AgentConfig) -> Result<(), AgentError> {
+    let release = kernel_release().map_err(AgentError::Offload)?;
+    let wanted = wanted_tx_checksum(config.checksum_offload, &release);
+    if tx_checksum(VXLAN_DEVICE).map_err(AgentError::Offload)? != wanted {
+        set_tx_checksum(VXLAN_DEVICE, wanted).map_err(AgentError::Offload)?;
+        tracing::info!(kernel = %release, tx_checksum = wanted, policy = ?config.checksum_offload, "{VXLAN_DEVICE} tx checksum offload set");
+    }
+    Ok(())
+}
+
+/// Writes the node file the CNI plugin reads, unless it already says this.
+fn write_node_file(
+    config: &AgentConfig,
+    node_name: &str,
+    own: &OwnNode,
+    mtu: u32,
+) -> Result<(), AgentError> {
+    let wanted = NodeConfig {
+        node_name: node_name.to_string(),
+        pod_cidrs: own.pod_cidrs.clone(),
+        cluster_cidrs: config.cluster_cidrs.clone(),
+        mtu,
+    };
+    if NodeConfig::load(&config.node_file).ok().as_ref() != Some(&wanted) {
+        wanted.write_atomic(&config.node_file)?;
+        tracing::info!(path = %config.node_file.display(), mtu, "node file written");
+    }
+    Ok(())
+}
+
+/// Installs the CNI plugin binary and the conflist where the runtime looks.
+fn install_cni(config: &AgentConfig) -> Result<(), AgentError> {
+    if install_plugin(&config.cni_plugin_source, &config.cni_bin_dir)? == Installed::Written {
+        tracing::info!(dir = %config.cni_bin_dir.display(), "CNI plugin installed");
+    }
+    let conflist = render_conflist(&config.node_file);
+    if install_conflist(&config.cni_conf_dir, &conflist)? == Installed::Written {
+        tracing::info!(dir = %config.cni_conf_dir.display(), "CNI conflist installed");
+    }
+    Ok(())
+}
