@@ -12,7 +12,7 @@
 //! - Node writes (module `publish`): this node's annotations and its
 //!   NetworkUnavailable=False condition.
 //! - [`uninstall`]: removing Weft from the node when its DaemonSet is gone.
-//! - [`run`]: the loop that ties them together; [`AgentError`] is what
+//! - [`run()`]: the loop that ties them together; [`AgentError`] is what
 //!   stops it or fails one pass, [`metrics`] what it counts.
 
 mod cache;
