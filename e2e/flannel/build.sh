@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds flanneld, the peer the agent's benchmarks are measured beside
-# (agent/benches/flannel_peer.rs), from its published Go module into a cache
+# (agent/benches/overlay/flannel.rs), from its published Go module into a cache
 # outside the repository keyed by version, and prints the binary's path on
 # stdout (logs go to stderr).
 #
