@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use weft::ip::IpFamily;
 use weft_daemon::config::Layer;
 
 /// How the agent reaches peers' slices.
@@ -159,6 +160,12 @@ pub struct AgentSettings {
     /// IPv6 cluster CIDR, for dual-stack (clusterCidrV6).
     #[arg(long, env = "WEFT_CLUSTER_CIDR_V6")]
     pub cluster_cidr_v6: Option<IpNet>,
+    /// Prefix length of every node's IPv4 slice, as given to the controller (sliceSizeV4) [default: 24].
+    #[arg(long, env = "WEFT_SLICE_SIZE_V4")]
+    pub slice_size_v4: Option<u8>,
+    /// Prefix length of every node's IPv6 slice, as given to the controller (sliceSizeV6) [default: 64].
+    #[arg(long, env = "WEFT_SLICE_SIZE_V6")]
+    pub slice_size_v6: Option<u8>,
     /// Destinations pods reach without masquerade, comma separated (noMasqueradeCidrs).
     #[arg(long, env = "WEFT_NO_MASQUERADE_CIDRS", value_delimiter = ',')]
     pub no_masquerade_cidrs: Option<Vec<IpNet>>,
@@ -194,6 +201,8 @@ impl Layer for AgentSettings {
             resync_seconds: higher.resync_seconds.or(self.resync_seconds),
             cluster_cidr: higher.cluster_cidr.or(self.cluster_cidr),
             cluster_cidr_v6: higher.cluster_cidr_v6.or(self.cluster_cidr_v6),
+            slice_size_v4: higher.slice_size_v4.or(self.slice_size_v4),
+            slice_size_v6: higher.slice_size_v6.or(self.slice_size_v6),
             no_masquerade_cidrs: higher.no_masquerade_cidrs.or(self.no_masquerade_cidrs),
             checksum_offload: higher.checksum_offload.or(self.checksum_offload),
             cni_bin_dir: higher.cni_bin_dir.or(self.cni_bin_dir),
@@ -225,6 +234,11 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// The cluster's pod CIDRs (IPv4 first, then IPv6 when dual-stack).
     pub cluster_cidrs: Vec<IpNet>,
+    /// The prefix length of every IPv4 slice; a peer's slice of another
+    /// length is rejected.
+    pub slice_size_v4: u8,
+    /// The prefix length of every IPv6 slice.
+    pub slice_size_v6: u8,
     /// Destinations never masqueraded.
     pub no_masquerade_cidrs: Vec<IpNet>,
     /// Checksum offload policy for `weft.1`.
@@ -303,6 +317,8 @@ impl AgentSettings {
                 "use an IPv4 CIDR here and put the IPv6 one in clusterCidrV6",
             ));
         }
+        let slice_size_v4 =
+            slice_size(cluster_cidr, self.slice_size_v4, IpFamily::V4, "sliceSizeV4")?;
         let mut cluster_cidrs = vec![cluster_cidr.trunc()];
         if let Some(v6) = self.cluster_cidr_v6 {
             if !matches!(v6, IpNet::V6(_)) {
@@ -314,6 +330,10 @@ impl AgentSettings {
             }
             cluster_cidrs.push(v6.trunc());
         }
+        let slice_size_v6 = match self.cluster_cidr_v6 {
+            Some(v6) => slice_size(v6, self.slice_size_v6, IpFamily::V6, "sliceSizeV6")?,
+            None => IpFamily::V6.default_slice_prefix(),
+        };
         let cni_plugin_source = self
             .cni_plugin_source
             .unwrap_or_else(|| agent_binary.parent().unwrap_or(Path::new("/")).join("weft"));
@@ -326,6 +346,8 @@ impl AgentSettings {
             iface_regex: self.iface_regex,
             resync: Duration::from_secs(resync_seconds),
             cluster_cidrs,
+            slice_size_v4,
+            slice_size_v6,
             no_masquerade_cidrs: self
                 .no_masquerade_cidrs
                 .unwrap_or_default()
@@ -348,6 +370,35 @@ impl AgentSettings {
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9465))),
         })
     }
+}
+
+impl AgentConfig {
+    /// The prefix length of every slice of `family`.
+    pub fn slice_size(&self, family: IpFamily) -> u8 {
+        match family {
+            IpFamily::V4 => self.slice_size_v4,
+            IpFamily::V6 => self.slice_size_v6,
+        }
+    }
+}
+
+/// The slice size set for `cluster` (or the family's default), checked to
+/// fit inside it.
+fn slice_size(
+    cluster: IpNet,
+    set: Option<u8>,
+    family: IpFamily,
+    key: &'static str,
+) -> Result<u8, ConfigError> {
+    let size = set.unwrap_or(family.default_slice_prefix());
+    if size < cluster.prefix_len() || size > family.max_prefix_len() {
+        return Err(ConfigError::invalid(
+            key,
+            size,
+            "use the controller's slice size: a prefix length no shorter than the cluster CIDR's (defaults 24 and 64)",
+        ));
+    }
+    Ok(size)
 }
 
 #[cfg(test)]
@@ -373,6 +424,8 @@ mod tests {
         assert_eq!(config.node_file, PathBuf::from("/run/weft/node.json"));
         assert_eq!(config.cni_bin_dir, PathBuf::from("/opt/cni/bin"));
         assert_eq!(config.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(config.slice_size(IpFamily::V4), 24);
+        assert_eq!(config.slice_size(IpFamily::V6), 64);
     }
 
     #[test]
@@ -475,6 +528,21 @@ mod tests {
                     ..minimal()
                 },
                 "clusterCidrV6",
+            ),
+            (
+                AgentSettings {
+                    slice_size_v4: Some(12),
+                    ..minimal()
+                },
+                "sliceSizeV4",
+            ),
+            (
+                AgentSettings {
+                    cluster_cidr_v6: Some("fd00::/56".parse().unwrap()),
+                    slice_size_v6: Some(129),
+                    ..minimal()
+                },
+                "sliceSizeV6",
             ),
         ];
         for (layer, key) in cases {

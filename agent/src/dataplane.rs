@@ -206,8 +206,21 @@ impl Dataplane {
     /// Dumps, plans and applies: one reconcile of the kernel against
     /// `desired`.
     pub async fn reconcile(&self, desired: &DesiredState) -> Result<ApplyReport, DataplaneError> {
+        self.reconcile_holding(desired, |_| false).await
+    }
+
+    /// [`Dataplane::reconcile`], leaving out the operations `hold` picks:
+    /// their entries stay as the kernel has them (a peer the kernel keeps
+    /// refusing, waiting out its backoff).
+    pub async fn reconcile_holding(
+        &self,
+        desired: &DesiredState,
+        hold: impl Fn(&Operation) -> bool,
+    ) -> Result<ApplyReport, DataplaneError> {
         let current = self.dump().await?;
-        self.apply(&plan(desired, &current)).await
+        let mut operations = plan(desired, &current);
+        operations.retain(|operation| !hold(operation));
+        self.apply(&operations).await
     }
 
     /// Applies operations in order. A failed operation does not stop the

@@ -37,15 +37,6 @@ pub enum AgentError {
     /// The masquerade table could not be applied.
     #[error(transparent)]
     Masquerade(#[from] MasqueradeError),
-    /// The kernel refused some of a plan's operations (the first is named;
-    /// the rest are counted in the metrics); the reconcile is retried.
-    #[error("kernel refused {operation}: {source}")]
-    KernelRefused {
-        /// The first refused operation.
-        operation: String,
-        /// Why.
-        source: NetlinkError,
-    },
     /// Checksum offload on the VXLAN device could not be read or set.
     #[error("setting tx checksum offload on {VXLAN_DEVICE}: {0} (set checksumOffload: on to leave it alone)")]
     Offload(std::io::Error),
@@ -82,7 +73,7 @@ impl AgentError {
             AgentError::Netlink(_)
             | AgentError::Dataplane(_)
             | AgentError::Forwarding(_)
-            | AgentError::KernelRefused { .. } => "netlink",
+            => "netlink",
             AgentError::Underlay(_) | AgentError::NoNodeAddress { .. } => "underlay",
             AgentError::Install(_) => "cni_install",
             AgentError::NodeFile(_) => "node_file",

@@ -4,6 +4,9 @@
 //!   them) and [`node`] (reading Node objects into those fields, and the
 //!   patches written to this node). The node cache (module `cache`) keeps
 //!   those fields for every Node, fed by a kube-runtime watcher.
+//! - Trust: [`screen`] checks every peer's slices, public IP and VTEP MAC
+//!   against the cluster settings, this node and the other peers, before
+//!   the overlay plans anything for it.
 //! - Desired state, plan, apply: [`overlay`] computes the entries the node
 //!   wants and the plan that reaches them from a kernel dump; [`dataplane`]
 //!   dumps and applies.
@@ -27,7 +30,9 @@ pub mod offload;
 pub mod overlay;
 pub mod peer;
 mod publish;
+mod retry;
 mod run;
+pub mod screen;
 mod setup;
 pub mod underlay;
 pub mod uninstall;

@@ -1,5 +1,7 @@
 //! The agent's Prometheus metrics, registered under `weft_agent_`.
 
+use std::collections::BTreeMap;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -9,11 +11,17 @@ use prometheus_client::registry::Registry;
 
 use super::dataplane::ApplyReport;
 use super::overlay::Operation;
+use super::screen::Rejection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabel {
     operation: &'static str,
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,6 +35,8 @@ pub struct AgentMetrics {
     peers: Gauge,
     routes: Gauge,
     skipped: Gauge,
+    rejected: Family<ReasonLabel, Gauge>,
+    refused: Gauge,
     reconcile_duration: Histogram,
     netlink_operations: Family<OperationLabel, Counter>,
     errors: Family<ErrorLabel, Counter>,
@@ -39,6 +49,8 @@ impl AgentMetrics {
             peers: Gauge::default(),
             routes: Gauge::default(),
             skipped: Gauge::default(),
+            rejected: Family::default(),
+            refused: Gauge::default(),
             // 100 µs .. ~6 s: a no-op diff up to programming thousands of peers.
             reconcile_duration: Histogram::new(exponential_buckets(0.0001, 3.0, 11)),
             netlink_operations: Family::default(),
@@ -61,6 +73,16 @@ impl AgentMetrics {
             metrics.skipped.clone(),
         );
         registry.register(
+            "rejected_peers",
+            "Peers given no kernel entries because what they publish fails a check, by reason",
+            metrics.rejected.clone(),
+        );
+        registry.register(
+            "refused_peers",
+            "Peers whose entries the kernel refused, waiting for their retry",
+            metrics.refused.clone(),
+        );
+        registry.register(
             "reconcile_duration_seconds",
             "Time of one reconcile: dump, diff and apply",
             metrics.reconcile_duration.clone(),
@@ -76,10 +98,31 @@ impl AgentMetrics {
 
     /// Records the size of the desired state.
     pub fn record_state(&self, peers: usize, routes: usize, skipped: usize) {
-        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.peers.set(count(peers));
         self.routes.set(count(routes));
         self.skipped.set(count(skipped));
+    }
+
+    /// Records the peers rejected now, by reason label, and how many peers
+    /// wait for a retry after the kernel refused them.
+    pub fn record_rejections(
+        &self,
+        reasons: impl IntoIterator<Item = &'static str>,
+        refused: usize,
+    ) {
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for reason in reasons {
+            *counts.entry(reason).or_default() += 1;
+        }
+        // Every reason is set, zero included, so a resolved rejection shows
+        // as 0 rather than as its last count.
+        for &reason in Rejection::LABELS {
+            let n = counts.get(reason).copied().unwrap_or(0);
+            self.rejected
+                .get_or_create(&ReasonLabel { reason })
+                .set(count(n));
+        }
+        self.refused.set(count(refused));
     }
 
     /// Records one reconcile's duration and kernel operations.
@@ -108,6 +151,10 @@ impl AgentMetrics {
     pub fn record_error(&self, error: &'static str) {
         self.errors.get_or_create(&ErrorLabel { error }).inc();
     }
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn operation_name(operation: &Operation) -> &'static str {

@@ -8,9 +8,10 @@ use k8s_openapi::api::core::v1::Node;
 use serde_json::{json, Value};
 
 use super::config::Backend;
-use super::peer::Peer;
+use super::peer::{MalformedField, Peer};
 use weft::annotations::VtepMac;
 use weft::annotations::{self, BackendData};
+use weft::ip::IpFamily;
 
 /// The Node condition the agent sets once the node is programmed.
 pub const CONDITION_TYPE: &str = "NetworkUnavailable";
@@ -81,27 +82,34 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// The node's slices: the controller's annotations, or spec.podCIDRs when a
-/// node carries no annotation (slices set by someone else). Unparseable
-/// values are ignored here; the controller reports them.
-pub fn pod_cidrs(node: &Node) -> Vec<IpNet> {
-    let from_annotations: Vec<IpNet> = [annotations::POD_CIDR, annotations::POD_CIDR_V6]
-        .iter()
-        .filter_map(|key| annotation(node, key)?.parse().ok())
-        .collect();
-    if !from_annotations.is_empty() {
-        return from_annotations;
+/// The node's slices, as the controller assigned them: its
+/// `weft.dev/pod-cidr` and `weft.dev/pod-cidr-v6` annotations, each holding
+/// a CIDR of its family. `spec.podCIDR(s)` is not read: the controller writes
+/// the annotations for every slice it assigns or adopts, and only it may
+/// (see the README's trust model), while a node may set its own spec once.
+/// A value that does not parse as a CIDR of the key's family is returned as
+/// the error, naming the key.
+pub fn pod_cidrs(node: &Node) -> Result<Vec<IpNet>, MalformedField> {
+    let mut slices = Vec::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let key = annotations::pod_cidr_key(family);
+        let Some(text) = annotation(node, key) else {
+            continue;
+        };
+        match text.parse::<IpNet>() {
+            Ok(slice) if IpFamily::of(&slice) == family => slices.push(slice),
+            _ => return Err(malformed(key, text)),
+        }
     }
-    let Some(spec) = &node.spec else {
-        return Vec::new();
-    };
-    let listed = spec.pod_cidrs.clone().unwrap_or_default();
-    let texts = if listed.is_empty() {
-        spec.pod_cidr.iter().cloned().collect()
-    } else {
-        listed
-    };
-    texts.iter().filter_map(|text| text.parse().ok()).collect()
+    Ok(slices)
+}
+
+fn malformed(field: &'static str, value: &str) -> MalformedField {
+    MalformedField {
+        field,
+        // Bounded, so a huge annotation is not copied into every log line.
+        value: value.chars().take(64).collect(),
+    }
 }
 
 fn published(node: &Node) -> Published {
@@ -113,16 +121,43 @@ fn published(node: &Node) -> Published {
     }
 }
 
-/// Another node as a peer; `None` until its agent has published a public IP.
+/// Another node as a peer; `None` until its agent has published a public
+/// IP. A peer with an annotation that does not parse is returned with it
+/// recorded in [`Peer::malformed`], to be rejected with that reason rather
+/// than ignored without a word.
 pub fn peer_of(node: &Node) -> Option<Peer> {
     let name = node.metadata.name.clone()?;
-    let public_ip = annotation(node, annotations::PUBLIC_IP)?.parse().ok()?;
-    let vtep_mac = published(node).backend_data.and_then(|data| data.vtep_mac);
+    let public_ip_text = annotation(node, annotations::PUBLIC_IP)?;
+    let mut problem = None;
+    let public_ip = public_ip_text.parse().unwrap_or_else(|_| {
+        problem = Some(malformed(annotations::PUBLIC_IP, public_ip_text));
+        IpAddr::from([0, 0, 0, 0])
+    });
+    let vtep_mac = match annotation(node, annotations::BACKEND_DATA) {
+        None => None,
+        Some(text) => match serde_json::from_str::<BackendData>(text) {
+            Ok(data) => data.vtep_mac,
+            Err(_) => {
+                problem.get_or_insert_with(|| malformed(annotations::BACKEND_DATA, text));
+                None
+            }
+        },
+    };
+    let pod_cidrs = pod_cidrs(node).unwrap_or_else(|field| {
+        problem.get_or_insert(field);
+        Vec::new()
+    });
     Some(Peer {
         node_name: name,
-        pod_cidrs: pod_cidrs(node),
+        pod_cidrs,
         public_ip,
         vtep_mac,
+        created: node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(i64::MAX, |time| time.0.as_second()),
+        malformed: problem.map(Box::new),
     })
 }
 
@@ -146,7 +181,9 @@ pub fn own_node(node: &Node) -> OwnNode {
                 && c.reason.as_deref() == Some(CONDITION_REASON)
         });
     OwnNode {
-        pod_cidrs: pod_cidrs(node),
+        // A malformed slice is the controller's to repair; until then the
+        // agent waits as for a node without one.
+        pod_cidrs: pod_cidrs(node).unwrap_or_default(),
         internal_ip,
         public_ip_overwrite: annotation(node, annotations::PUBLIC_IP_OVERWRITE)
             .and_then(|text| text.parse().ok()),
@@ -189,7 +226,7 @@ mod tests {
         let bare = node(json!({"metadata": {"name": "b"}, "spec": {"podCIDR": "10.244.1.0/24"}}));
         assert_eq!(peer_of(&bare), None);
         let ready = node(json!({
-            "metadata": {"name": "b", "annotations": {
+            "metadata": {"name": "b", "creationTimestamp": "2026-01-02T03:04:05Z", "annotations": {
                 "weft.dev/pod-cidr": "10.244.1.0/24",
                 "weft.dev/pod-cidr-v6": "fd00:10:244:1::/64",
                 "weft.dev/public-ip": "172.31.0.11",
@@ -203,14 +240,47 @@ mod tests {
         assert_eq!(peer.pod_cidrs[0].to_string(), "10.244.1.0/24");
         assert_eq!(peer.public_ip.to_string(), "172.31.0.11");
         assert_eq!(peer.vtep_mac.unwrap().to_string(), "0a:58:00:00:00:01");
+        assert_eq!(peer.created, 1_767_323_045);
+        assert_eq!(peer.malformed, None);
     }
 
     #[test]
-    fn slices_fall_back_to_spec() {
+    fn slices_come_only_from_the_controller_annotations() {
         let n = node(
             json!({"metadata": {"name": "b"}, "spec": {"podCIDRs": ["10.244.1.0/24", "fd00::/64"]}}),
         );
-        assert_eq!(pod_cidrs(&n).len(), 2);
+        assert_eq!(pod_cidrs(&n), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn malformed_annotations_are_recorded_with_their_key() {
+        let with = |annotations: Value| {
+            let mut all = json!({"weft.dev/public-ip": "172.31.0.11"});
+            all.as_object_mut()
+                .unwrap()
+                .extend(annotations.as_object().unwrap().clone());
+            peer_of(&node(json!({"metadata": {"name": "b", "annotations": all}})))
+                .unwrap()
+                .malformed
+                .map(|m| m.field)
+        };
+        assert_eq!(with(json!({})), None);
+        assert_eq!(
+            with(json!({"weft.dev/pod-cidr": "2000::/3"})),
+            Some("weft.dev/pod-cidr")
+        );
+        assert_eq!(
+            with(json!({"weft.dev/pod-cidr-v6": "10.0.0.0/8"})),
+            Some("weft.dev/pod-cidr-v6")
+        );
+        assert_eq!(
+            with(json!({"weft.dev/public-ip": "nowhere"})),
+            Some("weft.dev/public-ip")
+        );
+        assert_eq!(
+            with(json!({"weft.dev/backend-data": "{\"vtepMAC\":\"00:00:00:00:00:00\"}"})),
+            Some("weft.dev/backend-data")
+        );
     }
 
     #[test]

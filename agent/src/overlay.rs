@@ -5,7 +5,7 @@
 //! owns (entries on `weft.1`, routes with [`crate::ROUTE_PROTOCOL`]),
 //! asks [`plan`] for the difference, and applies it in the order given.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -62,9 +62,6 @@ pub enum SkipReason {
     /// The address families do not fit: a host-gw route needs a next hop of
     /// the slice's family, a tunnel needs a remote of the underlay's family.
     AddressFamily,
-    /// The slice or VTEP MAC is already taken by this node or another peer
-    /// (listed first by name); the controller reports duplicate slices.
-    Conflict,
 }
 
 /// A peer slice that is not programmed, and why (logged, counted).
@@ -129,13 +126,15 @@ pub enum Operation {
 /// per peer. host-gw: a route via the peer's public IP, for peers on this
 /// node's underlay subnet and slices of the public IP's family. direct:
 /// host-gw where host-gw works, vxlan otherwise.
+///
+/// `peers` are taken as given: [`crate::screen`] has rejected those whose
+/// slices or MACs are unsound or claimed twice.
 pub fn desired_state<'a>(
     backend: Backend,
     local: &LocalNode,
     peers: impl IntoIterator<Item = &'a Peer>,
 ) -> DesiredState {
     let mut state = DesiredState::default();
-    let mut claimed_slices: BTreeSet<IpNet> = local.pod_cidrs.iter().copied().collect();
     for peer in peers {
         if peer.node_name == local.name {
             continue;
@@ -148,10 +147,6 @@ pub fn desired_state<'a>(
                 slice,
                 reason,
             };
-            if claimed_slices.iter().any(|taken| overlaps(taken, &slice)) {
-                state.skipped.push(skip(SkipReason::Conflict));
-                continue;
-            }
             let host_gw_fits = same_subnet && same_family(&slice.addr(), &peer.public_ip);
             let result = match backend {
                 Backend::HostGw if host_gw_fits => Ok(NextHop::Underlay(peer.public_ip)),
@@ -162,7 +157,6 @@ pub fn desired_state<'a>(
             };
             match result {
                 Ok(next_hop) => {
-                    claimed_slices.insert(slice);
                     state.routes.insert(slice, next_hop);
                 }
                 Err(reason) => state.skipped.push(skip(reason)),
@@ -184,10 +178,6 @@ fn tunnel_to(
     if !same_family(&local.underlay.addr(), &peer.public_ip) {
         return Err(SkipReason::AddressFamily);
     }
-    match state.fdb.get(&mac) {
-        Some(remote) if *remote != peer.public_ip => return Err(SkipReason::Conflict),
-        _ => {}
-    }
     let vtep = vtep_address(slice);
     state.fdb.insert(mac, peer.public_ip);
     state.neighbours.insert(vtep, mac);
@@ -198,8 +188,54 @@ fn same_family(a: &IpAddr, b: &IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
 
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
+/// Which peer each overlay entry belongs to: a slice's route, the
+/// neighbour of its VTEP address, and the FDB entry of a MAC. It tells which
+/// peer an [`Operation`] concerns, to hold back the entries of a peer the
+/// kernel keeps refusing and to name it in logs.
+#[derive(Debug, Default)]
+pub struct EntryOwners<'p> {
+    slices: HashMap<IpNet, &'p str>,
+    vteps: HashMap<IpAddr, &'p str>,
+    macs: HashMap<VtepMac, &'p str>,
+}
+
+impl<'p> EntryOwners<'p> {
+    /// The entries of `peers`.
+    pub fn of(peers: impl IntoIterator<Item = &'p Peer>) -> Self {
+        let mut owners = EntryOwners::default();
+        for peer in peers {
+            let name = peer.node_name.as_str();
+            for slice in &peer.pod_cidrs {
+                let slice = slice.trunc();
+                owners.slices.insert(slice, name);
+                owners.vteps.insert(vtep_address(&slice), name);
+            }
+            if let Some(mac) = peer.vtep_mac {
+                owners.macs.insert(mac, name);
+            }
+        }
+        owners
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.slices.is_empty() && self.macs.is_empty()
+    }
+
+    /// The peer whose entry `operation` changes, if it is one of these.
+    pub fn owner(&self, operation: &Operation) -> Option<&'p str> {
+        match operation {
+            Operation::SetNeighbour(n) | Operation::DeleteNeighbour(n) => self
+                .vteps
+                .get(&n.ip)
+                .or_else(|| self.macs.get(&n.mac))
+                .copied(),
+            Operation::SetFdb(f) | Operation::DeleteFdb(f) => self.macs.get(&f.mac).copied(),
+            Operation::SetRoute(r) | Operation::DeleteRoute(r) => {
+                self.slices.get(&r.destination).copied()
+            }
+        }
+    }
 }
 
 /// The operations that take `current` to `desired`, in a safe order:
@@ -319,6 +355,8 @@ mod tests {
             pod_cidrs: slices.iter().map(|s| net(s)).collect(),
             public_ip: ip(public_ip),
             vtep_mac: vtep.map(mac),
+            created: 0,
+            malformed: None,
         }
     }
 
@@ -401,14 +439,11 @@ mod tests {
     }
 
     #[test]
-    fn peers_without_mac_conflicting_or_self_are_skipped() {
+    fn peers_without_mac_or_self_are_skipped() {
         let peers = vec![
             peer("node-a", &["10.244.9.0/24"], "172.31.0.10", Some(9)),
             peer("node-b", &["10.244.1.0/24"], "172.31.0.11", None),
-            peer("node-c", &["10.244.0.0/25"], "172.31.0.12", Some(3)),
             peer("node-d", &["10.244.4.0/24"], "172.31.0.13", Some(4)),
-            peer("node-e", &["10.244.5.0/24"], "172.31.0.14", Some(4)),
-            peer("node-f", &["10.244.4.0/24"], "172.31.0.15", Some(6)),
         ];
         let state = desired_state(Backend::Vxlan, &local(), &peers);
         let reasons: Vec<_> = state
@@ -416,19 +451,23 @@ mod tests {
             .iter()
             .map(|s| (s.node_name.as_str(), s.reason))
             .collect();
-        assert_eq!(
-            reasons,
-            vec![
-                ("node-b", SkipReason::NoVtepMac),
-                ("node-c", SkipReason::Conflict),
-                ("node-e", SkipReason::Conflict),
-                ("node-f", SkipReason::Conflict),
-            ]
-        );
+        assert_eq!(reasons, vec![("node-b", SkipReason::NoVtepMac)]);
         assert_eq!(
             state.routes.keys().collect::<Vec<_>>(),
             vec![&net("10.244.4.0/24")]
         );
+    }
+
+    #[test]
+    fn operations_are_traced_to_their_peer() {
+        let peers = peers();
+        let owners = EntryOwners::of(&peers[1..]);
+        let state = desired_state(Backend::Vxlan, &local(), &peers);
+        let ops = plan(&state, &KernelState::default());
+        let owned: Vec<_> = ops.iter().filter_map(|op| owners.owner(op)).collect();
+        // node-c's neighbour, FDB entry and route; nothing of node-b's.
+        assert_eq!(owned, vec!["node-c"; 3]);
+        assert!(EntryOwners::of(&[]).is_empty());
     }
 
     #[test]

@@ -22,6 +22,22 @@ pub struct Peer {
     /// Its VTEP MAC, absent when the node runs without a VXLAN device
     /// (host-gw) or its agent has not published one yet.
     pub vtep_mac: Option<VtepMac>,
+    /// The Node's `creationTimestamp` in seconds since the epoch. The API
+    /// server sets it and nobody can change it, so it decides which of two
+    /// nodes claiming one slice or MAC keeps it (see [`crate::screen`]).
+    pub created: i64,
+    /// An annotation that does not parse, which gets the peer rejected.
+    /// Boxed: almost every peer has none, and 5,000 peers are kept.
+    pub malformed: Option<Box<MalformedField>>,
+}
+
+/// A peer annotation whose value does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedField {
+    /// The annotation key.
+    pub field: &'static str,
+    /// The value found.
+    pub value: String,
 }
 
 /// Every peer, keyed by node name so iteration order (and so every decision

@@ -4,14 +4,18 @@
 //! restart and uninstall.
 //!
 //! One reconcile is node set-up ([`super::setup`], only when this node's
-//! own fields changed or on resync), then the peers (desired state from
-//! [`super::overlay`], dumped, planned and applied by [`super::dataplane`]),
-//! then the Node writes ([`super::publish`]). A failed reconcile is logged,
+//! own fields changed or on resync), then the peers (screened by
+//! [`super::screen`], desired state from [`super::overlay`], dumped,
+//! planned and applied by [`super::dataplane`]), then the Node writes
+//! ([`super::publish`]). A peer whose entries the kernel refuses is logged,
+//! counted and put on its own backoff ([`super::retry`]); the other peers
+//! and the Node writes go on in the same pass. A failed reconcile is logged,
 //! counted and retried, and never undoes the data plane: while the API
 //! server is away nothing is removed, and the next full list brings the
 //! [`super::cache`] up to date for the following reconcile to repair
 //! whatever changed meanwhile.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,11 +27,13 @@ use tracing::Instrument;
 
 use super::cache::{watch_nodes, NodeCache, NodeSnapshot};
 use super::config::AgentConfig;
-use super::dataplane::Dataplane;
+use super::dataplane::{ApplyReport, Dataplane};
 use super::error::AgentError;
 use super::metrics::AgentMetrics;
-use super::overlay::{desired_state, SkippedPeer};
+use super::overlay::{desired_state, EntryOwners, SkippedPeer};
 use super::publish::NodePublisher;
+use super::retry::PeerRetries;
+use super::screen::{screen, Rejected, Rules, Screened};
 use super::setup::NodeSetup;
 use super::uninstall::{ask_api, decide, tear_down, DaemonSetWatcher, OwnDaemonSet, Shutdown};
 use weft::netlink::Netlink;
@@ -175,6 +181,10 @@ struct Reconciler {
     publisher: NodePublisher,
     /// The last skipped peers logged, so a standing problem is logged once.
     logged_skips: Vec<SkippedPeer>,
+    /// The last rejected peers logged, likewise.
+    logged_rejections: Vec<Rejected>,
+    /// Peers the kernel refused, on their backoff.
+    retries: PeerRetries,
     waiting_logged: bool,
 }
 
@@ -195,6 +205,8 @@ impl Reconciler {
             metrics,
             health,
             logged_skips: Vec::new(),
+            logged_rejections: Vec::new(),
+            retries: PeerRetries::default(),
             waiting_logged: false,
         })
     }
@@ -222,7 +234,8 @@ impl Reconciler {
             match self.reconcile(&nodes, full).await {
                 Ok(()) => {
                     retry_delay = RETRY_START;
-                    retry_at = None;
+                    // Peers the kernel refused are retried when due.
+                    retry_at = self.retries.next_due();
                 }
                 Err(error) => {
                     self.metrics.record_error(error.label());
@@ -256,15 +269,46 @@ impl Reconciler {
             )
             .await?;
 
-        let desired = desired_state(self.config.backend, &setup.local, nodes.peers.values());
-        let report = self.dataplane.reconcile(&desired).await?;
+        let rules = Rules {
+            config: &self.config,
+            local: &setup.local,
+            public_ip: setup.public_ip,
+            vtep_mac: setup.vtep.as_ref().map(|vtep| vtep.mac),
+        };
+        let screened = screen(&rules, nodes.peers.values());
+        let desired = desired_state(
+            self.config.backend,
+            &setup.local,
+            screened.accepted.iter().copied(),
+        );
+        let now = tokio::time::Instant::now();
+        let waiting = EntryOwners::of(
+            self.retries
+                .waiting(now)
+                .filter_map(|name| nodes.peers.get(name)),
+        );
+        let report = self
+            .dataplane
+            .reconcile_holding(&desired, |operation| waiting.owner(operation).is_some())
+            .await?;
+        self.record_refusals(now, &screened, &report);
         self.metrics.record_state(
             nodes.peers.len(),
             desired.routes.len(),
             desired.skipped.len(),
         );
+        self.metrics.record_rejections(
+            screened.rejected.iter().map(|r| r.reason.label()),
+            self.retries.len(),
+        );
         self.metrics
             .record_apply(started.elapsed().as_secs_f64(), &report);
+        if screened.rejected != self.logged_rejections {
+            for rejected in &screened.rejected {
+                tracing::warn!(peer = %rejected.node_name, field = rejected.reason.field(), reason = rejected.reason.label(), "peer rejected, no kernel entries for it: {}", rejected.reason);
+            }
+            self.logged_rejections = screened.rejected;
+        }
         if desired.skipped != self.logged_skips {
             for skip in &desired.skipped {
                 tracing::warn!(peer = %skip.node_name, slice = %skip.slice, reason = ?skip.reason, "peer slice not programmed");
@@ -281,17 +325,47 @@ impl Reconciler {
                 "peers reconciled"
             );
         }
-        if let Some((operation, error)) = report.failed.into_iter().next() {
-            return Err(AgentError::KernelRefused {
-                operation: format!("{operation:?}"),
-                source: error,
-            });
-        }
 
         self.publisher
             .publish(self.config.backend, own, &setup)
             .await?;
         self.health.set_ready(true);
         Ok(())
+    }
+
+    /// Traces the operations the kernel refused to their peers, logs each,
+    /// and puts those peers on their backoff; the rest of the reconcile is
+    /// not held up by them.
+    fn record_refusals(
+        &mut self,
+        now: tokio::time::Instant,
+        screened: &Screened<'_>,
+        report: &ApplyReport,
+    ) {
+        let refused: BTreeSet<&str> = if report.failed.is_empty() {
+            BTreeSet::new()
+        } else {
+            let owners = EntryOwners::of(screened.accepted.iter().copied());
+            for (operation, error) in &report.failed {
+                let peer = owners.owner(operation).unwrap_or("(none)");
+                tracing::warn!(%peer, ?operation, %error, "kernel refused a peer entry; the other peers go on");
+            }
+            report
+                .failed
+                .iter()
+                .filter_map(|(operation, _)| owners.owner(operation))
+                .collect()
+        };
+        let accepted: BTreeSet<&str> = screened
+            .accepted
+            .iter()
+            .map(|peer| peer.node_name.as_str())
+            .collect();
+        for (peer, delay) in self
+            .retries
+            .record(now, refused, |name| accepted.contains(name))
+        {
+            tracing::info!(%peer, retry_in = ?delay, "peer entries held back until the retry");
+        }
     }
 }

@@ -151,6 +151,8 @@ fn peer(node: usize) -> Peer {
         pod_cidrs: vec![slice(node)],
         public_ip: underlay_ip(node),
         vtep_mac: Some(mac(node)),
+        created: 0,
+        malformed: None,
     }
 }
 

@@ -17,10 +17,6 @@ use crate::allocator::{CidrError, SlicePlan};
 use weft::ip::IpFamily;
 use weft_daemon::config::Layer;
 
-/// Default IPv4 slice: 254 pods per node.
-pub const DEFAULT_SLICE_SIZE_V4: u8 = 24;
-/// Default IPv6 slice: the conventional subnet size.
-pub const DEFAULT_SLICE_SIZE_V6: u8 = 64;
 /// Default namespace of the leader-election Lease.
 pub const DEFAULT_LEASE_NAMESPACE: &str = "kube-system";
 /// Default name of the leader-election Lease.
@@ -130,7 +126,8 @@ impl ControllerSettings {
         let v4 = SlicePlan::for_family(
             IpFamily::V4,
             cluster,
-            self.slice_size_v4.unwrap_or(DEFAULT_SLICE_SIZE_V4),
+            self.slice_size_v4
+                .unwrap_or(IpFamily::V4.default_slice_prefix()),
         )
         .map_err(|source| ConfigError::Plan {
             key: "clusterCidr",
@@ -143,7 +140,8 @@ impl ControllerSettings {
                 SlicePlan::for_family(
                     IpFamily::V6,
                     cluster,
-                    self.slice_size_v6.unwrap_or(DEFAULT_SLICE_SIZE_V6),
+                    self.slice_size_v6
+                        .unwrap_or(IpFamily::V6.default_slice_prefix()),
                 )
                 .map_err(|source| ConfigError::Plan {
                     key: "clusterCidrV6",
@@ -221,7 +219,7 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        assert_eq!(config.v4.slice_prefix(), DEFAULT_SLICE_SIZE_V4);
+        assert_eq!(config.v4.slice_prefix(), 24);
         assert_eq!(config.v6, None);
         assert_eq!(config.lease_namespace, DEFAULT_LEASE_NAMESPACE);
         assert_eq!(config.lease_name, DEFAULT_LEASE_NAME);

@@ -215,6 +215,14 @@ fn every_render_configures_components_that_agree() -> Result<()> {
             controller_cidrs == agent.cluster_cidrs,
             "controller.yaml and agent.yaml name different cluster CIDRs",
         )?;
+        check(
+            controller.v4.slice_prefix() == agent.slice_size_v4
+                && controller
+                    .v6
+                    .as_ref()
+                    .is_none_or(|plan| plan.slice_prefix() == agent.slice_size_v6),
+            "controller.yaml and agent.yaml name different slice sizes",
+        )?;
 
         // The init container installs what the agent would write itself,
         // where the agent would write it.

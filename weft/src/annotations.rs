@@ -65,7 +65,7 @@ pub struct VtepMac([u8; 6]);
 
 /// Why a string is not a VTEP MAC address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{input:?} is not a unicast MAC address: write six hex octets separated by ':', e.g. 0a:58:0a:f4:01:00")]
+#[error("{input:?} is not a usable unicast MAC address: write six hex octets separated by ':', not all zero and with the multicast bit clear, e.g. 0a:58:0a:f4:01:00")]
 pub struct VtepMacError {
     /// The rejected text.
     pub input: String,
@@ -135,7 +135,8 @@ impl FromStr for VtepMac {
             }
             *octet = u8::from_str_radix(part, 16).map_err(|_| error())?;
         }
-        if parts.next().is_some() || octets[0] & 0x01 != 0 {
+        // All zero is no address; the kernel refuses it in an FDB entry.
+        if parts.next().is_some() || octets[0] & 0x01 != 0 || octets == [0; 6] {
             return Err(error());
         }
         Ok(VtepMac(octets))
@@ -170,8 +171,9 @@ mod tests {
     }
 
     #[test]
-    fn mac_rejects_malformed_and_multicast() {
+    fn mac_rejects_malformed_multicast_and_zero() {
         for bad in [
+            "00:00:00:00:00:00",
             "",
             "0a:58:0a:f4:01",
             "0a:58:0a:f4:01:ff:00",

@@ -38,6 +38,16 @@ impl IpFamily {
         }
     }
 
+    /// The default prefix length of a node's slice, the `sliceSizeV4` and
+    /// `sliceSizeV6` settings of the controller and the agent: /24 (254 pods)
+    /// for IPv4, /64 (the conventional subnet) for IPv6.
+    pub fn default_slice_prefix(self) -> u8 {
+        match self {
+            IpFamily::V4 => 24,
+            IpFamily::V6 => 64,
+        }
+    }
+
     /// The address of this family whose number is `bits`. For IPv4 only the
     /// low 32 bits count; callers pass numbers taken from IPv4 addresses.
     pub fn addr_from_bits(self, bits: u128) -> IpAddr {

@@ -1,0 +1,570 @@
+//! Screening peers before anything of theirs reaches the kernel.
+//!
+//! Every Node object is input from a node that may be compromised, so a
+//! peer's slices, public IP and VTEP MAC are checked against the cluster's
+//! settings and this node before the overlay plans a single entry for it. A
+//! peer that fails any check is rejected as a whole: it gets no neighbour,
+//! FDB entry or route, and the agent logs and counts it by reason
+//! ([`Rejection::label`]). Pure: [`screen`] reads the peers and decides.
+//!
+//! Two peers claiming one slice or one VTEP MAC are a conflict, and a
+//! conflict must never move traffic away from the node that held the claim
+//! first. The decision uses the Nodes' `creationTimestamp`: the API server
+//! sets it, no client can change it, and every agent sees the same value,
+//! so all nodes decide alike. The older Node keeps the claim and the newer
+//! one is rejected; Nodes created in the same second with one claim are all
+//! rejected, since nothing unforgeable tells them apart. (A Node created
+//! long ago that later claims a newer node's slice would win; but slices
+//! come only from the controller's annotations, which only the controller
+//! may write and which it never gives out twice.) Names decide nothing.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::config::AgentConfig;
+use super::peer::{LocalNode, Peer};
+use weft::annotations::{self, VtepMac};
+use weft::ip::IpFamily;
+
+/// What peers are checked against: the cluster's settings and this node.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// The cluster CIDRs and slice sizes.
+    pub config: &'a AgentConfig,
+    /// This node: its slices and underlay subnet.
+    pub local: &'a LocalNode,
+    /// The address this node publishes.
+    pub public_ip: IpAddr,
+    /// This node's VTEP MAC, when it has a VXLAN device.
+    pub vtep_mac: Option<VtepMac>,
+}
+
+/// Why a peer is rejected. Each names the value, and the message says what
+/// is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// An annotation does not parse.
+    Malformed {
+        /// The annotation key.
+        field: &'static str,
+        /// Its value (at most 64 characters of it).
+        value: String,
+    },
+    /// A slice lies outside every cluster CIDR of its family.
+    OutsideClusterCidr(IpNet),
+    /// A slice is not a network of the configured slice size.
+    SliceSize {
+        /// The slice.
+        slice: IpNet,
+        /// The configured prefix length.
+        size: u8,
+    },
+    /// A slice overlaps one of this node's slices.
+    OverlapsOwnSlice(IpNet),
+    /// A slice overlaps this node's underlay subnet.
+    OverlapsUnderlay(IpNet),
+    /// Another peer holds the slice.
+    SliceTaken {
+        /// The slice.
+        slice: IpNet,
+        /// The peer that keeps it (or, on a tie, that also claims it).
+        holder: String,
+    },
+    /// The public IP is not a usable unicast address (loopback, unspecified,
+    /// multicast, broadcast or link-local).
+    UnusablePublicIp(IpAddr),
+    /// The public IP is this node's.
+    OwnPublicIp(IpAddr),
+    /// The public IP lies inside a cluster CIDR.
+    PublicIpInClusterCidr(IpAddr),
+    /// The VTEP MAC is this node's.
+    OwnVtepMac(VtepMac),
+    /// Another peer holds the VTEP MAC.
+    VtepMacTaken {
+        /// The MAC.
+        mac: VtepMac,
+        /// The peer that keeps it (or, on a tie, that also claims it).
+        holder: String,
+    },
+}
+
+impl Rejection {
+    /// Every [`Rejection::label`].
+    pub const LABELS: &'static [&'static str] = &[
+        "malformed",
+        "slice_outside_cluster_cidr",
+        "slice_size",
+        "slice_overlaps_node",
+        "slice_overlaps_underlay",
+        "slice_conflict",
+        "public_ip_unusable",
+        "public_ip_own",
+        "public_ip_in_cluster_cidr",
+        "vtep_mac_own",
+        "vtep_mac_conflict",
+    ];
+
+    /// The `reason` label of `weft_agent_rejected_peers`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::Malformed { .. } => "malformed",
+            Rejection::OutsideClusterCidr(_) => "slice_outside_cluster_cidr",
+            Rejection::SliceSize { .. } => "slice_size",
+            Rejection::OverlapsOwnSlice(_) => "slice_overlaps_node",
+            Rejection::OverlapsUnderlay(_) => "slice_overlaps_underlay",
+            Rejection::SliceTaken { .. } => "slice_conflict",
+            Rejection::UnusablePublicIp(_) => "public_ip_unusable",
+            Rejection::OwnPublicIp(_) => "public_ip_own",
+            Rejection::PublicIpInClusterCidr(_) => "public_ip_in_cluster_cidr",
+            Rejection::OwnVtepMac(_) => "vtep_mac_own",
+            Rejection::VtepMacTaken { .. } => "vtep_mac_conflict",
+        }
+    }
+
+    /// The Node annotation the rejected value came from.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Rejection::Malformed { field, .. } => field,
+            Rejection::OutsideClusterCidr(slice)
+            | Rejection::SliceSize { slice, .. }
+            | Rejection::OverlapsOwnSlice(slice)
+            | Rejection::OverlapsUnderlay(slice)
+            | Rejection::SliceTaken { slice, .. } => annotations::pod_cidr_key(IpFamily::of(slice)),
+            Rejection::UnusablePublicIp(_)
+            | Rejection::OwnPublicIp(_)
+            | Rejection::PublicIpInClusterCidr(_) => annotations::PUBLIC_IP,
+            Rejection::OwnVtepMac(_) | Rejection::VtepMacTaken { .. } => annotations::BACKEND_DATA,
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Malformed { value, .. } => write!(f, "{value:?} does not parse"),
+            Rejection::OutsideClusterCidr(slice) => {
+                write!(f, "slice {slice} is outside the cluster CIDR")
+            }
+            Rejection::SliceSize { slice, size } => {
+                write!(f, "slice {slice} is not a /{size} network, the slice size")
+            }
+            Rejection::OverlapsOwnSlice(slice) => {
+                write!(f, "slice {slice} overlaps this node's slice")
+            }
+            Rejection::OverlapsUnderlay(slice) => {
+                write!(f, "slice {slice} overlaps this node's underlay subnet")
+            }
+            Rejection::SliceTaken { slice, holder } => write!(
+                f,
+                "slice {slice} is also claimed by node {holder}, whose Node is older or as old"
+            ),
+            Rejection::UnusablePublicIp(ip) => {
+                write!(f, "{ip} is not a usable unicast address")
+            }
+            Rejection::OwnPublicIp(ip) => write!(f, "{ip} is this node's address"),
+            Rejection::PublicIpInClusterCidr(ip) => {
+                write!(f, "{ip} lies inside the cluster CIDR")
+            }
+            Rejection::OwnVtepMac(mac) => write!(f, "VTEP MAC {mac} is this node's"),
+            Rejection::VtepMacTaken { mac, holder } => write!(
+                f,
+                "VTEP MAC {mac} is also claimed by node {holder}, whose Node is older or as old"
+            ),
+        }
+    }
+}
+
+/// A peer that gets no kernel entries, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The peer's node name.
+    pub node_name: String,
+    /// Why (the first problem found).
+    pub reason: Rejection,
+}
+
+/// The outcome of [`screen`].
+#[derive(Debug, Default)]
+pub struct Screened<'p> {
+    /// Peers the overlay may program, in the order given.
+    pub accepted: Vec<&'p Peer>,
+    /// Peers rejected, in the order given.
+    pub rejected: Vec<Rejected>,
+}
+
+/// Checks every peer against `rules` and against each other.
+pub fn screen<'p>(rules: &Rules<'_>, peers: impl IntoIterator<Item = &'p Peer>) -> Screened<'p> {
+    let mut candidates = Vec::new();
+    let mut rejected = Vec::new();
+    for peer in peers {
+        if peer.node_name == rules.local.name {
+            continue;
+        }
+        match check_peer(rules, peer) {
+            Ok(()) => candidates.push(peer),
+            Err(reason) => rejected.push(Rejected {
+                node_name: peer.node_name.clone(),
+                reason,
+            }),
+        }
+    }
+    let mut losers = vec![None; candidates.len()];
+    let slices = candidates.iter().enumerate().flat_map(|(index, peer)| {
+        peer.pod_cidrs
+            .iter()
+            .map(move |slice| (slice.trunc(), peer.created, index))
+    });
+    settle_claims(slices, &candidates, &mut losers, |slice, holder| {
+        Rejection::SliceTaken { slice, holder }
+    });
+    let macs = candidates.iter().enumerate().filter_map(|(index, peer)| {
+        peer.vtep_mac.map(|mac| (mac, peer.created, index))
+    });
+    settle_claims(macs, &candidates, &mut losers, |mac, holder| {
+        Rejection::VtepMacTaken { mac, holder }
+    });
+    let mut accepted = Vec::with_capacity(candidates.len());
+    for (peer, lost) in candidates.into_iter().zip(losers) {
+        match lost {
+            None => accepted.push(peer),
+            Some(reason) => rejected.push(Rejected {
+                node_name: peer.node_name.clone(),
+                reason,
+            }),
+        }
+    }
+    Screened { accepted, rejected }
+}
+
+/// Settles claims of one kind (`(claim, created, candidate index)`): per
+/// claim, the one strictly oldest claimant keeps it and every other
+/// claimant gets `taken(claim, holder)` in `losers`, unless it already lost
+/// something. Sorting groups equal claims oldest first.
+fn settle_claims<K: Ord + Copy>(
+    claims: impl Iterator<Item = (K, i64, usize)>,
+    candidates: &[&Peer],
+    losers: &mut [Option<Rejection>],
+    taken: impl Fn(K, String) -> Rejection,
+) {
+    let mut claims: Vec<(K, i64, usize)> = claims.collect();
+    claims.sort_unstable();
+    for group in claims.chunk_by(|a, b| a.0 == b.0) {
+        let [(claim, oldest, first), rest @ ..] = group else {
+            continue;
+        };
+        let Some(&(_, second_oldest, second)) = rest.first() else {
+            continue;
+        };
+        // A tie for oldest leaves nobody entitled: the first loses to the
+        // second, everyone else to the first.
+        if second_oldest == *oldest {
+            let holder = candidates[second].node_name.clone();
+            losers[*first].get_or_insert_with(|| taken(*claim, holder));
+        }
+        for &(_, _, index) in rest {
+            let holder = candidates[*first].node_name.clone();
+            losers[index].get_or_insert_with(|| taken(*claim, holder));
+        }
+    }
+}
+
+/// The first thing wrong with `peer` taken alone.
+fn check_peer(rules: &Rules<'_>, peer: &Peer) -> Result<(), Rejection> {
+    if let Some(malformed) = &peer.malformed {
+        return Err(Rejection::Malformed {
+            field: malformed.field,
+            value: malformed.value.clone(),
+        });
+    }
+    for slice in &peer.pod_cidrs {
+        check_slice(rules, *slice)?;
+    }
+    check_public_ip(rules, peer.public_ip)?;
+    match peer.vtep_mac {
+        Some(mac) if Some(mac) == rules.vtep_mac => Err(Rejection::OwnVtepMac(mac)),
+        _ => Ok(()),
+    }
+}
+
+fn check_slice(rules: &Rules<'_>, slice: IpNet) -> Result<(), Rejection> {
+    let family = IpFamily::of(&slice);
+    let size = rules.config.slice_size(family);
+    if slice.prefix_len() != size || slice.trunc() != slice {
+        return Err(Rejection::SliceSize { slice, size });
+    }
+    if !rules.config.cluster_cidrs.iter().any(|c| c.contains(&slice)) {
+        return Err(Rejection::OutsideClusterCidr(slice));
+    }
+    if rules.local.pod_cidrs.iter().any(|own| overlaps(own, &slice)) {
+        return Err(Rejection::OverlapsOwnSlice(slice));
+    }
+    if overlaps(&rules.local.underlay.trunc(), &slice) {
+        return Err(Rejection::OverlapsUnderlay(slice));
+    }
+    Ok(())
+}
+
+fn check_public_ip(rules: &Rules<'_>, ip: IpAddr) -> Result<(), Rejection> {
+    if !usable_unicast(ip) {
+        return Err(Rejection::UnusablePublicIp(ip));
+    }
+    if ip == rules.public_ip || ip == rules.local.underlay.addr() {
+        return Err(Rejection::OwnPublicIp(ip));
+    }
+    if rules.config.cluster_cidrs.iter().any(|c| c.contains(&ip)) {
+        return Err(Rejection::PublicIpInClusterCidr(ip));
+    }
+    Ok(())
+}
+
+/// Whether `ip` can be a node's address: unicast, and not loopback,
+/// unspecified, link-local, broadcast or an IPv4-mapped IPv6 address.
+fn usable_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_link_local()
+                || v4.octets()[0] == 0)
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::AgentSettings;
+    use crate::peer::MalformedField;
+
+    fn config() -> AgentConfig {
+        AgentSettings {
+            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
+            ..AgentSettings::default()
+        }
+        .resolve(Path::new("/weft-agent"))
+        .unwrap()
+    }
+
+    fn local() -> LocalNode {
+        LocalNode {
+            name: "node-a".into(),
+            pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
+            underlay: "172.31.0.10/24".parse().unwrap(),
+        }
+    }
+
+    const OWN_MAC: VtepMac = VtepMac::new([0x0a, 0x58, 0, 0, 0, 0xaa]);
+
+    fn peer(name: &str, slice: &str, public_ip: &str, mac: u8, created: i64) -> Peer {
+        Peer {
+            node_name: name.into(),
+            pod_cidrs: vec![slice.parse().unwrap()],
+            public_ip: public_ip.parse().unwrap(),
+            vtep_mac: Some(VtepMac::new([0x0a, 0x58, 0, 0, 0, mac])),
+            created,
+            malformed: None,
+        }
+    }
+
+    /// The names accepted and the (name, reason label) rejected.
+    fn outcome(peers: &[Peer]) -> (Vec<String>, Vec<(String, &'static str)>) {
+        let (config, local) = (config(), local());
+        let rules = Rules {
+            config: &config,
+            local: &local,
+            public_ip: "172.31.0.10".parse().unwrap(),
+            vtep_mac: Some(OWN_MAC),
+        };
+        let screened = screen(&rules, peers);
+        (
+            screened
+                .accepted
+                .iter()
+                .map(|p| p.node_name.clone())
+                .collect(),
+            screened
+                .rejected
+                .iter()
+                .map(|r| (r.node_name.clone(), r.reason.label()))
+                .collect(),
+        )
+    }
+
+    fn rejected_for(bad: Peer) -> &'static str {
+        let (accepted, rejected) = outcome(&[bad]);
+        assert!(accepted.is_empty());
+        rejected[0].1
+    }
+
+    #[test]
+    fn a_sound_peer_is_accepted() {
+        let good = peer("node-b", "10.244.1.0/24", "172.31.0.11", 1, 10);
+        let (accepted, rejected) = outcome(&[good]);
+        assert_eq!(accepted, vec!["node-b"]);
+        assert_eq!(rejected, vec![]);
+    }
+
+    #[test]
+    fn slices_must_be_cluster_slices_clear_of_this_node() {
+        for (slice, reason) in [
+            ("172.31.0.0/24", "slice_outside_cluster_cidr"),
+            ("172.31.1.0/24", "slice_outside_cluster_cidr"),
+            ("8.8.8.0/24", "slice_outside_cluster_cidr"),
+            ("10.96.0.0/24", "slice_outside_cluster_cidr"),
+            ("fd00:99::/64", "slice_outside_cluster_cidr"),
+            ("128.0.0.0/1", "slice_size"),
+            ("10.96.0.0/12", "slice_size"),
+            ("10.244.0.0/25", "slice_size"),
+            ("10.244.1.7/24", "slice_size"),
+            ("10.244.3.11/32", "slice_size"),
+            ("::/0", "slice_size"),
+            ("10.244.0.0/24", "slice_overlaps_node"),
+        ] {
+            let bad = peer("node-b", slice, "172.31.0.11", 1, 10);
+            assert_eq!(rejected_for(bad), reason, "{slice}");
+        }
+    }
+
+    #[test]
+    fn a_slice_on_the_underlay_subnet_is_refused() {
+        let mut config = config();
+        config.cluster_cidrs[0] = "172.16.0.0/12".parse().unwrap();
+        let local = local();
+        let rules = Rules {
+            config: &config,
+            local: &local,
+            public_ip: "172.31.0.10".parse().unwrap(),
+            vtep_mac: None,
+        };
+        let bad = peer("node-b", "172.31.0.0/24", "172.31.0.11", 1, 10);
+        let screened = screen(&rules, [&bad]);
+        assert_eq!(screened.rejected[0].reason.label(), "slice_overlaps_underlay");
+    }
+
+    #[test]
+    fn public_ips_must_be_usable_foreign_unicast() {
+        for (ip, reason) in [
+            ("127.0.0.1", "public_ip_unusable"),
+            ("0.0.0.0", "public_ip_unusable"),
+            ("224.0.0.1", "public_ip_unusable"),
+            ("255.255.255.255", "public_ip_unusable"),
+            ("169.254.1.1", "public_ip_unusable"),
+            ("::1", "public_ip_unusable"),
+            ("fe80::1", "public_ip_unusable"),
+            ("ff02::1", "public_ip_unusable"),
+            ("::ffff:172.31.0.11", "public_ip_unusable"),
+            ("172.31.0.10", "public_ip_own"),
+            ("10.244.7.1", "public_ip_in_cluster_cidr"),
+        ] {
+            let bad = peer("node-b", "10.244.1.0/24", ip, 1, 10);
+            assert_eq!(rejected_for(bad), reason, "{ip}");
+        }
+    }
+
+    #[test]
+    fn malformed_annotations_and_the_own_mac_are_refused() {
+        let mut bad = peer("node-b", "10.244.1.0/24", "172.31.0.11", 1, 10);
+        bad.malformed = Some(Box::new(MalformedField {
+            field: annotations::POD_CIDR,
+            value: "2000::/3".into(),
+        }));
+        assert_eq!(rejected_for(bad), "malformed");
+        let mut own_mac = peer("node-b", "10.244.1.0/24", "172.31.0.11", 1, 10);
+        own_mac.vtep_mac = Some(OWN_MAC);
+        assert_eq!(rejected_for(own_mac), "vtep_mac_own");
+    }
+
+    #[test]
+    fn the_older_node_keeps_a_slice_whatever_the_names() {
+        let holder = peer("node-1", "10.244.1.0/24", "172.31.0.11", 1, 100);
+        let newcomer = peer("aaa-intruder", "10.244.1.0/24", "172.31.0.66", 6, 200);
+        let (accepted, rejected) = outcome(&[newcomer, holder]);
+        assert_eq!(accepted, vec!["node-1"]);
+        assert_eq!(rejected, vec![("aaa-intruder".into(), "slice_conflict")]);
+    }
+
+    #[test]
+    fn the_older_node_keeps_a_mac_whatever_the_names() {
+        let holder = peer("node-1", "10.244.1.0/24", "172.31.0.11", 1, 100);
+        let newcomer = peer("aaa-intruder", "10.244.6.0/24", "172.31.0.66", 1, 200);
+        let (accepted, rejected) = outcome(&[newcomer, holder]);
+        assert_eq!(accepted, vec!["node-1"]);
+        assert_eq!(rejected, vec![("aaa-intruder".into(), "vtep_mac_conflict")]);
+    }
+
+    #[test]
+    fn claimants_created_in_the_same_second_are_all_refused() {
+        let peers = [
+            peer("node-b", "10.244.1.0/24", "172.31.0.11", 1, 100),
+            peer("node-c", "10.244.1.0/24", "172.31.0.12", 2, 100),
+            peer("node-d", "10.244.1.0/24", "172.31.0.13", 3, 300),
+            peer("node-e", "10.244.5.0/24", "172.31.0.14", 5, 100),
+        ];
+        let (accepted, rejected) = outcome(&peers);
+        assert_eq!(accepted, vec!["node-e"]);
+        let names: Vec<_> = rejected.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, vec!["node-b", "node-c", "node-d"]);
+    }
+
+    #[test]
+    fn every_label_is_listed() {
+        let slice: IpNet = "10.244.1.0/24".parse().unwrap();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let mac = OWN_MAC;
+        let holder = String::new;
+        let all = [
+            Rejection::Malformed {
+                field: "",
+                value: String::new(),
+            },
+            Rejection::OutsideClusterCidr(slice),
+            Rejection::SliceSize { slice, size: 24 },
+            Rejection::OverlapsOwnSlice(slice),
+            Rejection::OverlapsUnderlay(slice),
+            Rejection::SliceTaken {
+                slice,
+                holder: holder(),
+            },
+            Rejection::UnusablePublicIp(ip),
+            Rejection::OwnPublicIp(ip),
+            Rejection::PublicIpInClusterCidr(ip),
+            Rejection::OwnVtepMac(mac),
+            Rejection::VtepMacTaken {
+                mac,
+                holder: holder(),
+            },
+        ];
+        let labels: Vec<_> = all.iter().map(Rejection::label).collect();
+        assert_eq!(labels, Rejection::LABELS);
+    }
+
+    #[test]
+    fn rejections_name_the_annotation() {
+        let taken = Rejection::SliceTaken {
+            slice: "fd00:10:244:1::/64".parse().unwrap(),
+            holder: "node-1".into(),
+        };
+        assert_eq!(taken.field(), "weft.dev/pod-cidr-v6");
+        assert!(taken.to_string().contains("node-1"));
+        let ip = Rejection::UnusablePublicIp("127.0.0.1".parse().unwrap());
+        assert_eq!(ip.field(), "weft.dev/public-ip");
+    }
+}
