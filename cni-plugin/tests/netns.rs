@@ -560,3 +560,33 @@ fn killed_adds_leak_nothing_and_double_assign_nothing() -> Result<()> {
     ensure!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     Ok(())
 }
+
+#[test]
+fn an_endless_node_file_is_refused_quickly() -> Result<()> {
+    if !root_or_skip("an_endless_node_file_is_refused_quickly") {
+        return Ok(());
+    }
+    let node = Node::new("zero")?;
+    let a = node.pod("a")?;
+    let config = node.config("1.1.0", json!({ "nodeFile": "/dev/zero" }));
+    let started = std::time::Instant::now();
+    let add = Invocation::attach("ADD", "zero-a", Some(a.path()));
+    let refused = fails_without_change(&node, &add, &config, 7, "/dev/zero")?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    ensure!(
+        refused.error_msg().contains("larger than 65536 bytes")
+            && refused.error_msg().contains("point nodeFile at"),
+        "{}",
+        refused.error_msg()
+    );
+    let status = node.invoke(&Invocation::verb("STATUS"), &config)?;
+    ensure!(
+        status.error_code() == Some(50) && status.error_msg().contains("/dev/zero"),
+        "{status:?}"
+    );
+    Ok(())
+}

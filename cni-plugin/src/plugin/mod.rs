@@ -139,7 +139,9 @@ fn load_node(conf: &NetConf) -> Result<NodeConfig, CniError> {
         let code = match error {
             NodeFileError::Missing { .. } => ErrorCode::TryAgainLater,
             NodeFileError::Read { .. } | NodeFileError::Write { .. } => ErrorCode::Io,
-            NodeFileError::Malformed { .. } => ErrorCode::InvalidNetworkConfig,
+            NodeFileError::Malformed { .. } | NodeFileError::TooLarge { .. } => {
+                ErrorCode::InvalidNetworkConfig
+            }
         };
         CniError::new(code, error.to_string())
     })
