@@ -590,3 +590,31 @@ fn an_endless_node_file_is_refused_quickly() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_plugins_own_netns_is_refused_and_nothing_changes() -> Result<()> {
+    if !root_or_skip("the_plugins_own_netns_is_refused_and_nothing_changes") {
+        return Ok(());
+    }
+    let node = Node::new("own")?;
+    let a = node.pod("a")?;
+    let added = node.add("own-a", &a)?.ok()?;
+    let config = node.config("1.1.0", json!({}));
+    // The node's namespace by its bind mount and by the plugin's /proc
+    // entry: either way the pod would be wired on the node.
+    for own in [node.netns.path(), "/proc/self/ns/net".to_owned()] {
+        let add = Invocation::attach("ADD", "own-b", Some(own.clone()));
+        let refused = fails_without_change(&node, &add, &config, 4, "CNI_NETNS")?;
+        ensure!(
+            refused
+                .error_msg()
+                .contains(&format!("{own} is the network namespace weft runs in")),
+            "{}",
+            refused.error_msg()
+        );
+    }
+    let with_prev = node.config("1.1.0", json!({ "prevResult": added.json }));
+    let check = Invocation::attach("CHECK", "own-a", Some(node.netns.path()));
+    fails_without_change(&node, &check, &with_prev, 4, "CNI_NETNS")?;
+    Ok(())
+}
