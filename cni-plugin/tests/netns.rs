@@ -618,3 +618,47 @@ fn the_plugins_own_netns_is_refused_and_nothing_changes() -> Result<()> {
     fails_without_change(&node, &check, &with_prev, 4, "CNI_NETNS")?;
     Ok(())
 }
+
+#[test]
+fn after_a_slice_change_only_the_new_gateways_stay_on_the_bridge() -> Result<()> {
+    if !root_or_skip("after_a_slice_change_only_the_new_gateways_stay_on_the_bridge") {
+        return Ok(());
+    }
+    let node = Node::new("slice")?;
+    let (a, b, c) = (node.pod("a")?, node.pod("b")?, node.pod("c")?);
+    node.add("slice-a", &a)?.ok()?;
+    ensure!(
+        pod_addresses(&node.netns, "weft0")? == ["10.123.4.1/24", "fd12:3:4:5::1/64"],
+        "first slice's gateways"
+    );
+    let link_local = || -> Result<String> {
+        node.netns.exec_ok(&[
+            "ip", "-o", "-6", "addr", "show", "dev", "weft0", "scope", "link",
+        ])
+    };
+    let kernels = link_local()?;
+    ensure!(
+        kernels.contains("fe80::"),
+        "the bridge has a link-local address: {kernels}"
+    );
+
+    node.write_node_file(&["10.123.5.0/24", "fd12:3:4:6::/64"], 1450)?;
+    let reply = node.add("slice-b", &b)?.ok()?;
+    let new_gateways = ["10.123.5.1/24", "fd12:3:4:6::1/64"];
+    let on_bridge = pod_addresses(&node.netns, "weft0")?;
+    ensure!(on_bridge == new_gateways, "bridge has {on_bridge:?}");
+    ensure!(
+        link_local()? == kernels,
+        "link-local addresses kept: {kernels}"
+    );
+    ensure!(ping(&b, "10.123.5.1")? && ping(&b, "fd12:3:4:6::1")?);
+    ensure!(reply
+        .addresses()
+        .iter()
+        .all(|a| a.starts_with("10.123.5.") || a.starts_with("fd12:3:4:6:")));
+
+    // The next ADD finds nothing to change.
+    node.add("slice-c", &c)?.ok()?;
+    ensure!(pod_addresses(&node.netns, "weft0")? == new_gateways);
+    Ok(())
+}

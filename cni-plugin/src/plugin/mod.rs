@@ -11,6 +11,7 @@
 
 mod add;
 mod check;
+mod gateways;
 mod host_veth;
 mod remove;
 // Forks a child that shares the parent's memory: the one place the plugin
