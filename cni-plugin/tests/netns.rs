@@ -560,3 +560,105 @@ fn killed_adds_leak_nothing_and_double_assign_nothing() -> Result<()> {
     ensure!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     Ok(())
 }
+
+#[test]
+fn an_endless_node_file_is_refused_quickly() -> Result<()> {
+    if !root_or_skip("an_endless_node_file_is_refused_quickly") {
+        return Ok(());
+    }
+    let node = Node::new("zero")?;
+    let a = node.pod("a")?;
+    let config = node.config("1.1.0", json!({ "nodeFile": "/dev/zero" }));
+    let started = std::time::Instant::now();
+    let add = Invocation::attach("ADD", "zero-a", Some(a.path()));
+    let refused = fails_without_change(&node, &add, &config, 7, "/dev/zero")?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    ensure!(
+        refused.error_msg().contains("larger than 65536 bytes")
+            && refused.error_msg().contains("point nodeFile at"),
+        "{}",
+        refused.error_msg()
+    );
+    let status = node.invoke(&Invocation::verb("STATUS"), &config)?;
+    ensure!(
+        status.error_code() == Some(50) && status.error_msg().contains("/dev/zero"),
+        "{status:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_plugins_own_netns_is_refused_and_nothing_changes() -> Result<()> {
+    if !root_or_skip("the_plugins_own_netns_is_refused_and_nothing_changes") {
+        return Ok(());
+    }
+    let node = Node::new("own")?;
+    let a = node.pod("a")?;
+    let added = node.add("own-a", &a)?.ok()?;
+    let config = node.config("1.1.0", json!({}));
+    // The node's namespace by its bind mount and by the plugin's /proc
+    // entry: either way the pod would be wired on the node.
+    for own in [node.netns.path(), "/proc/self/ns/net".to_owned()] {
+        let add = Invocation::attach("ADD", "own-b", Some(own.clone()));
+        let refused = fails_without_change(&node, &add, &config, 4, "CNI_NETNS")?;
+        ensure!(
+            refused
+                .error_msg()
+                .contains(&format!("{own} is the network namespace weft runs in")),
+            "{}",
+            refused.error_msg()
+        );
+    }
+    let with_prev = node.config("1.1.0", json!({ "prevResult": added.json }));
+    let check = Invocation::attach("CHECK", "own-a", Some(node.netns.path()));
+    fails_without_change(&node, &check, &with_prev, 4, "CNI_NETNS")?;
+    Ok(())
+}
+
+#[test]
+fn after_a_slice_change_only_the_new_gateways_stay_on_the_bridge() -> Result<()> {
+    if !root_or_skip("after_a_slice_change_only_the_new_gateways_stay_on_the_bridge") {
+        return Ok(());
+    }
+    let node = Node::new("slice")?;
+    let (a, b, c) = (node.pod("a")?, node.pod("b")?, node.pod("c")?);
+    node.add("slice-a", &a)?.ok()?;
+    ensure!(
+        pod_addresses(&node.netns, "weft0")? == ["10.123.4.1/24", "fd12:3:4:5::1/64"],
+        "first slice's gateways"
+    );
+    let link_local = || -> Result<String> {
+        node.netns.exec_ok(&[
+            "ip", "-o", "-6", "addr", "show", "dev", "weft0", "scope", "link",
+        ])
+    };
+    let kernels = link_local()?;
+    ensure!(
+        kernels.contains("fe80::"),
+        "the bridge has a link-local address: {kernels}"
+    );
+
+    node.write_node_file(&["10.123.5.0/24", "fd12:3:4:6::/64"], 1450)?;
+    let reply = node.add("slice-b", &b)?.ok()?;
+    let new_gateways = ["10.123.5.1/24", "fd12:3:4:6::1/64"];
+    let on_bridge = pod_addresses(&node.netns, "weft0")?;
+    ensure!(on_bridge == new_gateways, "bridge has {on_bridge:?}");
+    ensure!(
+        link_local()? == kernels,
+        "link-local addresses kept: {kernels}"
+    );
+    ensure!(ping(&b, "10.123.5.1")? && ping(&b, "fd12:3:4:6::1")?);
+    ensure!(reply
+        .addresses()
+        .iter()
+        .all(|a| a.starts_with("10.123.5.") || a.starts_with("fd12:3:4:6:")));
+
+    // The next ADD finds nothing to change.
+    node.add("slice-c", &c)?.ok()?;
+    ensure!(pod_addresses(&node.netns, "weft0")? == new_gateways);
+    Ok(())
+}

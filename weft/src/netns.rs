@@ -7,13 +7,18 @@
 //! short-lived thread, and [`Netns::run_here`], for a single system call,
 //! steps in and back out before anything else can run on the thread.
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
 use nix::sys::statfs::{fstatfs, NSFS_MAGIC, PROC_SUPER_MAGIC};
+
+/// The calling thread's own network namespace: setns(2) moves a thread, so
+/// the process-wide `/proc/self/ns/net` could name another one.
+const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
 
 /// Why a network namespace could not be opened or entered.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +102,19 @@ impl Netns {
         Self::open(path).is_ok()
     }
 
+    /// Whether this is the namespace the calling thread is in, however
+    /// either path is spelled (a bind mount under `/var/run/netns`,
+    /// `/proc/PID/ns/net`): a namespace is its inode on the nsfs device.
+    pub fn is_current(&self) -> Result<bool, NetnsError> {
+        let stat_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| NetnsError::Open { path, source }
+        };
+        let current = fs::metadata(THREAD_NETNS).map_err(stat_err(Path::new(THREAD_NETNS)))?;
+        let this = self.file.metadata().map_err(stat_err(&self.path))?;
+        Ok((this.dev(), this.ino()) == (current.dev(), current.ino()))
+    }
+
     /// The path this namespace was opened from (for messages).
     pub fn path(&self) -> &Path {
         &self.path
@@ -111,9 +129,8 @@ impl Netns {
     /// A thread that cannot return would go on in the wrong namespace, so
     /// that aborts the process.
     pub fn run_here<T>(&self, work: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        const OWN: &str = "/proc/thread-self/ns/net";
-        let home = File::open(OWN).map_err(|source| NetnsError::Open {
-            path: OWN.into(),
+        let home = File::open(THREAD_NETNS).map_err(|source| NetnsError::Open {
+            path: THREAD_NETNS.into(),
             source,
         })?;
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|errno| NetnsError::Enter {
@@ -204,6 +221,19 @@ mod tests {
         let netns = Netns::open("/proc/self/ns/net").unwrap();
         assert_eq!(netns.run_in(|| 40 + 2).unwrap(), 42);
         assert_eq!(netns.run_here(|| 40 + 2).unwrap(), 42);
+    }
+
+    #[test]
+    fn only_the_threads_own_namespace_is_current() {
+        let own = Netns::open("/proc/self/ns/net").unwrap();
+        assert!(own.is_current().unwrap());
+        if !weft_testing::root_available("creating a network namespace") {
+            return;
+        }
+        let made = weft_testing::TestNetns::create("netns-current");
+        let other = Netns::open(made.path()).unwrap();
+        assert!(!other.is_current().unwrap());
+        assert!(other.run_here(|| other.is_current()).unwrap().unwrap());
     }
 
     #[test]

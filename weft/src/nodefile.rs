@@ -9,7 +9,7 @@
 //! ```
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -20,6 +20,11 @@ use crate::fields::{FieldError, FieldReader};
 
 /// Where the agent writes the node file and the plugin looks for it.
 pub const DEFAULT_NODE_FILE: &str = "/run/weft/node.json";
+
+/// The most [`NodeConfig::load`] reads. The agent writes a few hundred
+/// bytes; a `nodeFile` pointing at something else (a log, `/dev/zero`) must
+/// fail fast instead of filling the plugin's memory.
+pub const NODE_FILE_MAX_BYTES: u64 = 64 * 1024;
 
 /// The smallest MTU IPv6 allows on a link.
 const IPV6_MIN_MTU: u32 = 1280;
@@ -41,6 +46,15 @@ pub enum NodeFileError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// The file holds more than [`NODE_FILE_MAX_BYTES`]: it is not a node
+    /// file the agent wrote.
+    #[error("node file {} is larger than {cap} bytes, so it is not the node file weft-agent writes (a few hundred bytes): point nodeFile at weft-agent's node file (default {DEFAULT_NODE_FILE})", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit it exceeds, in bytes.
+        cap: u64,
     },
     /// The file is not valid JSON, or a field is missing or wrong.
     #[error("node file {} is malformed: field {field:?} {problem}", path.display())]
@@ -81,9 +95,13 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// Reads and validates the node file at `path`; a missing file is
-    /// [`NodeFileError::Missing`], distinct from a malformed one.
+    /// [`NodeFileError::Missing`], distinct from a malformed one. At most
+    /// [`NODE_FILE_MAX_BYTES`] are read ([`NodeFileError::TooLarge`]
+    /// beyond): the size is counted while reading, not taken from the
+    /// file's metadata, which character devices and `/proc` files leave at
+    /// zero.
     pub fn load(path: &Path) -> Result<NodeConfig, NodeFileError> {
-        let bytes = fs::read(path).map_err(|source| match source.kind() {
+        let read_err = |source: io::Error| match source.kind() {
             io::ErrorKind::NotFound => NodeFileError::Missing {
                 path: path.to_owned(),
             },
@@ -91,7 +109,17 @@ impl NodeConfig {
                 path: path.to_owned(),
                 source,
             },
-        })?;
+        };
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|file| file.take(NODE_FILE_MAX_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_err)?;
+        if bytes.len() as u64 > NODE_FILE_MAX_BYTES {
+            return Err(NodeFileError::TooLarge {
+                path: path.to_owned(),
+                cap: NODE_FILE_MAX_BYTES,
+            });
+        }
         Self::from_json(&bytes).map_err(|e| NodeFileError::Malformed {
             path: path.to_owned(),
             field: e.field,
@@ -287,6 +315,31 @@ mod tests {
         let e = NodeConfig::load(&path).unwrap_err();
         assert!(matches!(e, NodeFileError::Malformed { .. }), "{e}");
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn oversized_and_endless_files_are_refused_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.json");
+        // Valid JSON padded past the cap: refused for its size, not parsed.
+        let mut padded = DUAL.to_vec();
+        padded.resize(NODE_FILE_MAX_BYTES as usize + 1, b' ');
+        fs::write(&path, &padded).unwrap();
+        let e = NodeConfig::load(&path).unwrap_err();
+        assert!(
+            matches!(e, NodeFileError::TooLarge { cap, .. } if cap == NODE_FILE_MAX_BYTES),
+            "{e}"
+        );
+        padded.truncate(NODE_FILE_MAX_BYTES as usize);
+        fs::write(&path, &padded).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap(), dual());
+
+        let e = NodeConfig::load(Path::new("/dev/zero")).unwrap_err();
+        let message = e.to_string();
+        assert!(matches!(e, NodeFileError::TooLarge { .. }), "{message}");
+        for named in ["/dev/zero", "65536 bytes", "nodeFile"] {
+            assert!(message.contains(named), "{message} should name {named}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use futures::future::try_join_all;
 use ipnet::IpNet;
 
+use super::gateways::set_bridge_gateways;
 use super::host_veth::HostVeth;
 use super::{ipam_error, kernel_error, load_node, node_netlink, open_netns, CODE_KERNEL};
 use crate::cni::{
@@ -54,6 +55,7 @@ pub(super) async fn add(invocation: &Invocation, conf: &NetConf) -> Result<CniRe
 
     let pod = PodWiring {
         network: &network,
+        slices: &node.pod_cidrs,
         attachment,
         host_veth: &host_veth,
         netns: &netns,
@@ -139,6 +141,8 @@ fn requested_mac(conf: &NetConf) -> Result<Option<MacAddress>, CniError> {
 /// Everything one ADD works with once its inputs are valid.
 struct PodWiring<'a> {
     network: &'a Network,
+    /// The node's pod slices, which tell earlier slices' gateways apart.
+    slices: &'a [IpNet],
     attachment: &'a Attachment,
     host_veth: &'a HostVeth,
     netns: &'a Netns,
@@ -215,7 +219,8 @@ impl PodWiring<'_> {
         })
     }
 
-    /// The node bridge with every family's gateway address on it.
+    /// The node bridge with every family's gateway address on it, and no
+    /// gateway of an earlier slice.
     async fn ensure_bridge(&self) -> Result<Link, CniError> {
         let bridge = self
             .node_nl
@@ -226,14 +231,16 @@ impl PodWiring<'_> {
             )
             .await
             .map_err(kernel_error)?;
-        for family in &self.network.families {
-            let gateway = IpNet::new(family.gateway, family.subnet.prefix_len())
-                .expect("the gateway lies in its subnet");
-            self.node_nl
-                .ensure_address(bridge.index, gateway)
-                .await
-                .map_err(kernel_error)?;
-        }
+        let gateways: Vec<IpNet> = self
+            .network
+            .families
+            .iter()
+            .map(|family| {
+                IpNet::new(family.gateway, family.subnet.prefix_len())
+                    .expect("the gateway lies in its subnet")
+            })
+            .collect();
+        set_bridge_gateways(self.node_nl, bridge.index, &gateways, self.slices).await?;
         Ok(bridge)
     }
 

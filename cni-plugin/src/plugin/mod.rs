@@ -11,6 +11,7 @@
 
 mod add;
 mod check;
+mod gateways;
 mod host_veth;
 mod remove;
 // Forks a child that shares the parent's memory: the one place the plugin
@@ -139,14 +140,19 @@ fn load_node(conf: &NetConf) -> Result<NodeConfig, CniError> {
         let code = match error {
             NodeFileError::Missing { .. } => ErrorCode::TryAgainLater,
             NodeFileError::Read { .. } | NodeFileError::Write { .. } => ErrorCode::Io,
-            NodeFileError::Malformed { .. } => ErrorCode::InvalidNetworkConfig,
+            NodeFileError::Malformed { .. } | NodeFileError::TooLarge { .. } => {
+                ErrorCode::InvalidNetworkConfig
+            }
         };
         CniError::new(code, error.to_string())
     })
 }
 
-/// Opens `CNI_NETNS`; a path that is not a namespace is the runtime's
-/// mistake (code 4), anything else an I/O failure.
+/// Opens `CNI_NETNS`; a path that is not a namespace, or is the plugin's
+/// own, is the runtime's mistake (code 4), anything else an I/O failure.
+///
+/// The plugin runs in the node's namespace, so wiring "the pod" there would
+/// put the pod interface, its address and a default route on the node.
 fn open_netns(invocation: &Invocation) -> Result<Netns, CniError> {
     let Some(path) = &invocation.netns else {
         return Err(CniError::new(
@@ -157,15 +163,26 @@ fn open_netns(invocation: &Invocation) -> Result<Netns, CniError> {
             ),
         ));
     };
-    Netns::open(path).map_err(|error| match error {
-        NetnsError::Missing { .. } | NetnsError::NotNetns { .. } => CniError::new(
+    let netns = Netns::open(path).and_then(|netns| Ok((netns.is_current()?, netns)));
+    match netns {
+        Ok((false, netns)) => Ok(netns),
+        Ok((true, _)) => Err(CniError::new(
             ErrorCode::InvalidEnvironment,
             format!(
-                "CNI_NETNS: {error}: pass the path of the container's existing network namespace"
+                "CNI_NETNS {} is the network namespace weft runs in (the node's or the runtime's own), not a pod's: pass the path of the pod's network namespace",
+                path.display()
             ),
-        ),
-        other => CniError::new(ErrorCode::Io, format!("CNI_NETNS: {other}")),
-    })
+        )),
+        Err(error @ (NetnsError::Missing { .. } | NetnsError::NotNetns { .. })) => {
+            Err(CniError::new(
+                ErrorCode::InvalidEnvironment,
+                format!(
+                    "CNI_NETNS: {error}: pass the path of the container's existing network namespace"
+                ),
+            ))
+        }
+        Err(other) => Err(CniError::new(ErrorCode::Io, format!("CNI_NETNS: {other}"))),
+    }
 }
 
 /// A kernel refusal as a CNI error.
@@ -234,6 +251,46 @@ mod tests {
                 reply.stdout
             );
         }
+    }
+
+    #[test]
+    fn add_and_check_refuse_the_plugins_own_netns() {
+        let dir = tempfile::tempdir().unwrap();
+        let node_file = dir.path().join("node.json");
+        std::fs::write(
+            &node_file,
+            br#"{"nodeName":"n","podCidrs":["10.244.1.0/24"],"clusterCidrs":["10.244.0.0/16"],"mtu":1450}"#,
+        )
+        .unwrap();
+        let data_dir = dir.path().join("ipam");
+        let config = serde_json::json!({
+            "cniVersion": "1.1.0", "name": "net", "type": "weft",
+            "nodeFile": node_file, "dataDir": data_dir,
+            "prevResult": { "cniVersion": "1.1.0" },
+        })
+        .to_string();
+        for verb in ["ADD", "CHECK"] {
+            let reply = run(
+                env(&[
+                    ("CNI_COMMAND", verb),
+                    ("CNI_CONTAINERID", "c"),
+                    ("CNI_IFNAME", "eth0"),
+                    ("CNI_NETNS", "/proc/thread-self/ns/net"),
+                    ("CNI_PATH", "/opt/cni/bin"),
+                ]),
+                config.as_bytes(),
+            );
+            assert_eq!(reply.exit_status, 4, "{verb}: {}", reply.stdout);
+            let error: serde_json::Value = serde_json::from_str(&reply.stdout).unwrap();
+            let msg = error["msg"].as_str().unwrap();
+            assert!(
+                msg.contains(
+                    "CNI_NETNS /proc/thread-self/ns/net is the network namespace weft runs in"
+                ),
+                "{verb}: {msg}"
+            );
+        }
+        assert!(!data_dir.exists(), "no address was allocated");
     }
 
     #[test]
