@@ -317,8 +317,12 @@ impl AgentSettings {
                 "use an IPv4 CIDR here and put the IPv6 one in clusterCidrV6",
             ));
         }
-        let slice_size_v4 =
-            slice_size(cluster_cidr, self.slice_size_v4, IpFamily::V4, "sliceSizeV4")?;
+        let slice_size_v4 = slice_size(
+            cluster_cidr,
+            self.slice_size_v4,
+            IpFamily::V4,
+            "sliceSizeV4",
+        )?;
         let mut cluster_cidrs = vec![cluster_cidr.trunc()];
         if let Some(v6) = self.cluster_cidr_v6 {
             if !matches!(v6, IpNet::V6(_)) {

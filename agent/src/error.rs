@@ -70,10 +70,9 @@ impl AgentError {
             // Forwarding failures were the data plane's before the sysctl
             // moved to the core crate; they keep its label so the series
             // dashboards count stay the same.
-            AgentError::Netlink(_)
-            | AgentError::Dataplane(_)
-            | AgentError::Forwarding(_)
-            => "netlink",
+            AgentError::Netlink(_) | AgentError::Dataplane(_) | AgentError::Forwarding(_) => {
+                "netlink"
+            }
             AgentError::Underlay(_) | AgentError::NoNodeAddress { .. } => "underlay",
             AgentError::Install(_) => "cni_install",
             AgentError::NodeFile(_) => "node_file",

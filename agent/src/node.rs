@@ -259,10 +259,12 @@ mod tests {
             all.as_object_mut()
                 .unwrap()
                 .extend(annotations.as_object().unwrap().clone());
-            peer_of(&node(json!({"metadata": {"name": "b", "annotations": all}})))
-                .unwrap()
-                .malformed
-                .map(|m| m.field)
+            peer_of(&node(
+                json!({"metadata": {"name": "b", "annotations": all}}),
+            ))
+            .unwrap()
+            .malformed
+            .map(|m| m.field)
         };
         assert_eq!(with(json!({})), None);
         assert_eq!(

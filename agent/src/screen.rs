@@ -219,9 +219,10 @@ pub fn screen<'p>(rules: &Rules<'_>, peers: impl IntoIterator<Item = &'p Peer>) 
     settle_claims(slices, &candidates, &mut losers, |slice, holder| {
         Rejection::SliceTaken { slice, holder }
     });
-    let macs = candidates.iter().enumerate().filter_map(|(index, peer)| {
-        peer.vtep_mac.map(|mac| (mac, peer.created, index))
-    });
+    let macs = candidates
+        .iter()
+        .enumerate()
+        .filter_map(|(index, peer)| peer.vtep_mac.map(|mac| (mac, peer.created, index)));
     settle_claims(macs, &candidates, &mut losers, |mac, holder| {
         Rejection::VtepMacTaken { mac, holder }
     });
@@ -294,10 +295,20 @@ fn check_slice(rules: &Rules<'_>, slice: IpNet) -> Result<(), Rejection> {
     if slice.prefix_len() != size || slice.trunc() != slice {
         return Err(Rejection::SliceSize { slice, size });
     }
-    if !rules.config.cluster_cidrs.iter().any(|c| c.contains(&slice)) {
+    if !rules
+        .config
+        .cluster_cidrs
+        .iter()
+        .any(|c| c.contains(&slice))
+    {
         return Err(Rejection::OutsideClusterCidr(slice));
     }
-    if rules.local.pod_cidrs.iter().any(|own| overlaps(own, &slice)) {
+    if rules
+        .local
+        .pod_cidrs
+        .iter()
+        .any(|own| overlaps(own, &slice))
+    {
         return Err(Rejection::OverlapsOwnSlice(slice));
     }
     if overlaps(&rules.local.underlay.trunc(), &slice) {
@@ -456,7 +467,10 @@ mod tests {
         };
         let bad = peer("node-b", "172.31.0.0/24", "172.31.0.11", 1, 10);
         let screened = screen(&rules, [&bad]);
-        assert_eq!(screened.rejected[0].reason.label(), "slice_overlaps_underlay");
+        assert_eq!(
+            screened.rejected[0].reason.label(),
+            "slice_overlaps_underlay"
+        );
     }
 
     #[test]

@@ -399,17 +399,23 @@ async fn lying_nodes_are_rejected_and_move_no_traffic() -> Result<()> {
 
     // Node 0's agent names each liar with its reason.
     let agent0 = &overlay.agents[&node0.name];
-    testbed::wait_for(Duration::from_secs(60), "node 0 to reject every liar", || {
-        let log = agent0.log();
-        Ok(liars
-            .iter()
-            .all(|(name, _, _, reason)| {
-                log.lines().any(|line| {
-                    line.contains("peer rejected") && line.contains(name) && line.contains(reason)
+    testbed::wait_for(
+        Duration::from_secs(60),
+        "node 0 to reject every liar",
+        || {
+            let log = agent0.log();
+            Ok(liars
+                .iter()
+                .all(|(name, _, _, reason)| {
+                    log.lines().any(|line| {
+                        line.contains("peer rejected")
+                            && line.contains(name)
+                            && line.contains(reason)
+                    })
                 })
-            })
-            .then_some(()))
-    })
+                .then_some(()))
+        },
+    )
     .with_context(|| overlay.logs())?;
 
     // Nothing of theirs reached the kernel, and nothing else moved.
@@ -420,7 +426,10 @@ async fn lying_nodes_are_rejected_and_move_no_traffic() -> Result<()> {
         command
     })?;
     for needle in ["127.0.0.1", "00:00:00:00:00:00", &free_address(201)] {
-        assert!(!fdb.contains(needle), "node 0 has an FDB entry for {needle}:\n{fdb}");
+        assert!(
+            !fdb.contains(needle),
+            "node 0 has an FDB entry for {needle}:\n{fdb}"
+        );
     }
     let node1_mac = node1_data
         .split('"')
