@@ -13,7 +13,6 @@
 //! where before every held connection cost about 17 KiB without limit.
 
 use std::collections::VecDeque;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
