@@ -20,6 +20,7 @@ use kube::api::DeleteParams;
 use kube::Api;
 use nix::libc;
 use weft::netns::Netns;
+use weft_e2e::Pod;
 
 mod testbed;
 
@@ -159,14 +160,21 @@ fn v4(ip: IpAddr) -> Ipv4Addr {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vxlan_overlay_end_to_end() -> Result<()> {
-    require_root!();
+/// The default three-node vxlan overlay, programmed, with a pod per node
+/// that reaches every other.
+async fn vxlan_overlay_with_pods() -> Result<(Overlay, Vec<Pod>)> {
     let mut overlay = Overlay::start(OverlaySpec::default()).await?;
     overlay.start_agents()?;
     overlay.wait_programmed(2).await?;
     let pods = overlay.add_pods()?;
     ping_all(&pods, &overlay)?;
+    Ok((overlay, pods))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vxlan_overlay_end_to_end() -> Result<()> {
+    require_root!();
+    let (mut overlay, pods) = vxlan_overlay_with_pods().await?;
     let (node0, node1) = (overlay.node(0), overlay.node(1));
     let (pod0, pod1) = (v4(pods[0].ip().unwrap()), v4(pods[1].ip().unwrap()));
 
@@ -339,11 +347,7 @@ async fn direct_routing_uses_host_gw_on_the_segment_and_vxlan_beyond() -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lying_nodes_are_rejected_and_move_no_traffic() -> Result<()> {
     require_root!();
-    let mut overlay = Overlay::start(OverlaySpec::default()).await?;
-    overlay.start_agents()?;
-    overlay.wait_programmed(2).await?;
-    let pods = overlay.add_pods()?;
-    ping_all(&pods, &overlay)?;
+    let (overlay, pods) = vxlan_overlay_with_pods().await?;
     let (node0, node1) = (overlay.node(0), overlay.node(1));
     let routes_before = weft_routes(&node0)?;
 
