@@ -217,11 +217,6 @@ impl<'p> EntryOwners<'p> {
         owners
     }
 
-    /// Whether there are no entries.
-    pub fn is_empty(&self) -> bool {
-        self.slices.is_empty() && self.macs.is_empty()
-    }
-
     /// The peer whose entry `operation` changes, if it is one of these.
     pub fn owner(&self, operation: &Operation) -> Option<&'p str> {
         match operation {
@@ -467,7 +462,6 @@ mod tests {
         let owned: Vec<_> = ops.iter().filter_map(|op| owners.owner(op)).collect();
         // node-c's neighbour, FDB entry and route; nothing of node-b's.
         assert_eq!(owned, vec!["node-c"; 3]);
-        assert!(EntryOwners::of(&[]).is_empty());
     }
 
     #[test]

@@ -32,16 +32,13 @@ use super::error::AgentError;
 use super::metrics::AgentMetrics;
 use super::overlay::{desired_state, EntryOwners, SkippedPeer};
 use super::publish::NodePublisher;
-use super::retry::PeerRetries;
+use super::retry::{PeerRetries, RETRY_CAP, RETRY_START};
 use super::screen::{screen, Rejected, Rules, Screened};
 use super::setup::NodeSetup;
 use super::uninstall::{ask_api, decide, tear_down, DaemonSetWatcher, OwnDaemonSet, Shutdown};
 use weft::netlink::Netlink;
 use weft_daemon::serve::{self, Health};
 
-/// First retry after a failed reconcile, doubled up to [`RETRY_CAP`].
-const RETRY_START: Duration = Duration::from_secs(1);
-const RETRY_CAP: Duration = Duration::from_secs(30);
 /// How long a stopping agent waits for the API to say whether its DaemonSet
 /// still exists: well within the pod's termination grace period.
 const UNINSTALL_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -282,11 +279,20 @@ impl Reconciler {
             screened.accepted.iter().copied(),
         );
         let now = tokio::time::Instant::now();
-        let waiting = EntryOwners::of(
-            self.retries
-                .waiting(now)
-                .filter_map(|name| nodes.peers.get(name)),
-        );
+        // Only accepted peers are held: a waiting peer rejected since has
+        // its entries removed like any other rejected peer's.
+        let waiting: BTreeSet<&str> = self.retries.waiting(now).collect();
+        let waiting = if waiting.is_empty() {
+            EntryOwners::default()
+        } else {
+            EntryOwners::of(
+                screened
+                    .accepted
+                    .iter()
+                    .copied()
+                    .filter(|peer| waiting.contains(peer.node_name.as_str())),
+            )
+        };
         let report = self
             .dataplane
             .reconcile_holding(&desired, |operation| waiting.owner(operation).is_some())
@@ -342,29 +348,18 @@ impl Reconciler {
         screened: &Screened<'_>,
         report: &ApplyReport,
     ) {
-        let refused: BTreeSet<&str> = if report.failed.is_empty() {
-            BTreeSet::new()
-        } else {
+        let mut refused = BTreeSet::new();
+        if !report.failed.is_empty() {
             let owners = EntryOwners::of(screened.accepted.iter().copied());
             for (operation, error) in &report.failed {
-                let peer = owners.owner(operation).unwrap_or("(none)");
-                tracing::warn!(%peer, ?operation, %error, "kernel refused a peer entry; the other peers go on");
+                let peer = owners.owner(operation);
+                tracing::warn!(peer = peer.unwrap_or("(none)"), ?operation, %error, "kernel refused a peer entry; the other peers go on");
+                refused.extend(peer);
             }
-            report
-                .failed
-                .iter()
-                .filter_map(|(operation, _)| owners.owner(operation))
-                .collect()
-        };
-        let accepted: BTreeSet<&str> = screened
-            .accepted
-            .iter()
-            .map(|peer| peer.node_name.as_str())
-            .collect();
-        for (peer, delay) in self
-            .retries
-            .record(now, refused, |name| accepted.contains(name))
-        {
+        }
+        // Called only for peers on their backoff, which are few.
+        let accepted = |name: &str| screened.accepted.iter().any(|peer| peer.node_name == name);
+        for (peer, delay) in self.retries.record(now, refused, accepted) {
             tracing::info!(%peer, retry_in = ?delay, "peer entries held back until the retry");
         }
     }

@@ -211,10 +211,12 @@ pub fn screen<'p>(rules: &Rules<'_>, peers: impl IntoIterator<Item = &'p Peer>) 
         }
     }
     let mut losers = vec![None; candidates.len()];
+    // Checked slices are networks of one size per family, so two overlap
+    // only when equal.
     let slices = candidates.iter().enumerate().flat_map(|(index, peer)| {
         peer.pod_cidrs
             .iter()
-            .map(move |slice| (slice.trunc(), peer.created, index))
+            .map(move |slice| (*slice, peer.created, index))
     });
     settle_claims(slices, &candidates, &mut losers, |slice, holder| {
         Rejection::SliceTaken { slice, holder }
@@ -260,13 +262,12 @@ fn settle_claims<K: Ord + Copy>(
         };
         // A tie for oldest leaves nobody entitled: the first loses to the
         // second, everyone else to the first.
+        let holder = |index: usize| candidates[index].node_name.clone();
         if second_oldest == *oldest {
-            let holder = candidates[second].node_name.clone();
-            losers[*first].get_or_insert_with(|| taken(*claim, holder));
+            losers[*first].get_or_insert_with(|| taken(*claim, holder(second)));
         }
         for &(_, _, index) in rest {
-            let holder = candidates[*first].node_name.clone();
-            losers[index].get_or_insert_with(|| taken(*claim, holder));
+            losers[index].get_or_insert_with(|| taken(*claim, holder(*first)));
         }
     }
 }

@@ -211,8 +211,9 @@ impl Netlink {
         ))
     }
 
-    /// Makes `addresses` the only addresses of their families on the link
-    /// (IPv6 link-local addresses, which the kernel manages, are kept). Used
+    /// Makes `addresses` the only addresses on the link, whatever their
+    /// family (IPv6 link-local addresses, which the kernel manages, are
+    /// kept). Used
     /// for the VTEP addresses, which change when the node's slice does.
     pub async fn set_exact_addresses(
         &self,
@@ -223,7 +224,8 @@ impl Netlink {
             self.ensure_address(link_index, *address).await?;
         }
         for present in self.addresses(Some(link_index)).await? {
-            let kernel_managed = matches!(present.address.addr(), IpAddr::V6(ip) if ip.segments()[0] & 0xffc0 == 0xfe80);
+            let kernel_managed =
+                matches!(present.address.addr(), IpAddr::V6(ip) if ip.is_unicast_link_local());
             if kernel_managed || addresses.contains(&present.address) {
                 continue;
             }
