@@ -29,7 +29,7 @@ use kube::runtime::{applier, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 
-use crate::allocator::{Assignment, PodCidrAllocator};
+use crate::allocator::{Assignment, NodeSlices, PodCidrAllocator};
 use crate::config::ControllerConfig;
 use crate::leader::{LeaderElection, LeaseTimings};
 use crate::metrics::ControllerMetrics;
@@ -42,7 +42,7 @@ use weft_daemon::serve::{self, Health};
 const RESYNC: Duration = Duration::from_secs(600);
 /// Fallback retry for a node waiting on a free slice (frees also wake it).
 const EXHAUSTED_RETRY: Duration = Duration::from_secs(30);
-/// Re-check for conflicted nodes, so a failed Event publish is retried.
+/// Re-check for conflicted nodes (held-back Event updates come sooner).
 const CONFLICTED_RETRY: Duration = Duration::from_secs(300);
 /// Node reconciles in flight at once: bounds the write burst on the API server.
 const CONCURRENCY: u16 = 32;
@@ -256,7 +256,7 @@ impl Context {
     }
 
     fn forget(&self, node: &str) {
-        self.reporter.clear(node);
+        self.reporter.forget(node);
         if self.free_where(|allocator, now| allocator.release(node, now)) {
             tracing::info!(node, "node deleted: its pod CIDR is free");
         }
@@ -280,12 +280,15 @@ impl Context {
     }
 
     /// Builds the allocation map from the ready store: every node's existing
-    /// pod CIDRs, oldest node first (so the older of two claimants keeps a
-    /// contested slice), before any node is given a new one.
+    /// pod CIDRs before any node is given a new one. Nodes whose annotation
+    /// records this controller's assignment go first, then the oldest node
+    /// (so the older of two claimants keeps a contested slice); agents route
+    /// only by the annotations, so this keeps traffic where it flows.
     fn rebuild(&self) {
         let mut nodes = self.store.state();
-        nodes.sort_by(|a, b| {
-            (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any()))
+        nodes.sort_by_cached_key(|node| {
+            let assigned = claims_of(node).assigned();
+            (!assigned, node.creation_timestamp(), node.name_any())
         });
         let mut allocator =
             PodCidrAllocator::new(self.config.v4, self.config.v6, self.config.slice_hold);
@@ -321,48 +324,58 @@ impl Context {
     }
 
     async fn reconcile_node(&self, node: &Node) -> Result<Action, Error> {
-        let name = node.name_any();
         let Some(assignment) = self.decide(node) else {
             return Ok(Action::await_change());
         };
-        match assignment {
+        let (findings, requeue) = match assignment {
             Assignment::Allocated(slices) => {
-                self.reporter.clear(&name);
-                if let Some(patch) = slice_patch(node, &slices) {
-                    let params = PatchParams {
-                        field_manager: Some(FIELD_MANAGER.to_owned()),
-                        ..PatchParams::default()
-                    };
-                    self.nodes
-                        .patch(&name, &params, &Patch::Merge(&patch))
-                        .await
-                        .map_err(|source| match &source {
-                            kube::Error::Api(status) if status.code == 409 => {
-                                Error::WriteConflict { node: name.clone() }
-                            }
-                            _ => Error::WriteNode {
-                                node: name.clone(),
-                                source,
-                            },
-                        })?;
-                    tracing::info!(
-                        pod_cidrs = %slices.to_vec().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-                        "pod CIDR written"
-                    );
+                self.write_slices(node, &slices).await?;
+                (Vec::new(), RESYNC)
+            }
+            Assignment::Conflicted(problems) => (
+                problems.into_iter().map(Finding::Claim).collect(),
+                CONFLICTED_RETRY,
+            ),
+            Assignment::Exhausted(families) => (
+                exhaustion_findings(&families, self.config.v4, self.config.v6),
+                EXHAUSTED_RETRY,
+            ),
+        };
+        // A fixed node reports no findings, so a problem that comes back
+        // counts as a new occurrence.
+        let held_back = self.reporter.report(node, &findings, &self.metrics).await?;
+        Ok(Action::requeue(
+            held_back.map_or(requeue, |wait| wait.min(requeue)),
+        ))
+    }
+
+    /// Patches `node` to carry `slices` where it does not yet.
+    async fn write_slices(&self, node: &Node, slices: &NodeSlices) -> Result<(), Error> {
+        let name = node.name_any();
+        let Some(patch) = slice_patch(node, slices) else {
+            return Ok(());
+        };
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        self.nodes
+            .patch(&name, &params, &Patch::Merge(&patch))
+            .await
+            .map_err(|source| match &source {
+                kube::Error::Api(status) if status.code == 409 => {
+                    Error::WriteConflict { node: name.clone() }
                 }
-                Ok(Action::requeue(RESYNC))
-            }
-            Assignment::Conflicted(problems) => {
-                let findings: Vec<Finding> = problems.into_iter().map(Finding::Claim).collect();
-                self.reporter.report(node, &findings, &self.metrics).await?;
-                Ok(Action::requeue(CONFLICTED_RETRY))
-            }
-            Assignment::Exhausted(families) => {
-                let findings = exhaustion_findings(&families, self.config.v4, self.config.v6);
-                self.reporter.report(node, &findings, &self.metrics).await?;
-                Ok(Action::requeue(EXHAUSTED_RETRY))
-            }
-        }
+                _ => Error::WriteNode {
+                    node: name.clone(),
+                    source,
+                },
+            })?;
+        tracing::info!(
+            pod_cidrs = %slices.to_vec().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            "pod CIDR written"
+        );
+        Ok(())
     }
 }
 

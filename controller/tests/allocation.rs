@@ -158,7 +158,7 @@ async fn exhaustion_is_reported_and_a_deleted_nodes_slice_is_reused() -> Result<
     let event = bed
         .wait_for_event("waiting", "PodCidrExhausted", &[&controller])
         .await?;
-    let note = event.note.unwrap_or_default();
+    let note = event.message.unwrap_or_default();
     assert!(note.contains("10.250.0.0/22"), "{note}");
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     wait_for_metric(
@@ -205,7 +205,7 @@ async fn invalid_existing_pod_cidrs_are_reported_and_left_alone() -> Result<()> 
         ("bad-annotation", "PodCidrInvalid"),
     ] {
         let event = bed.wait_for_event(node, reason, &[&controller]).await?;
-        let note = event.note.unwrap_or_default();
+        let note = event.message.unwrap_or_default();
         assert!(
             note.contains("spec.podCIDRs") || note.contains("annotation"),
             "{note}"
@@ -244,6 +244,96 @@ async fn invalid_existing_pod_cidrs_are_reported_and_left_alone() -> Result<()> 
         "{}",
         logs(&[&controller])
     );
+    bed.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_claims_neither_stall_repairs_nor_flood_events() -> Result<()> {
+    let bed = Testbed::start().await?;
+    let controller = bed.start_controller("controller", &["--cluster-cidr=10.244.0.0/16"])?;
+    let held = ["held".to_owned()];
+    bed.create_nodes(&held, 1).await?;
+    let slice = v4_slice(&bed.wait_for_slices(&held, &[&controller]).await?["held"])?;
+
+    // Claims that cover the whole cluster, or a /20 around the held slice.
+    bed.create_node("everything", &["0.0.0.0/0"], &[]).await?;
+    bed.create_node("wide", &[], &[("weft.dev/pod-cidr", "10.244.0.0/20")])
+        .await?;
+    bed.wait_for_event("everything", "PodCidrOutsideClusterCidr", &[&controller])
+        .await?;
+    bed.wait_for_event("wide", "PodCidrMisaligned", &[&controller])
+        .await?;
+
+    // The held node's annotation is tampered with and written back.
+    let tamper = serde_json::json!({
+        "metadata": { "annotations": { "weft.dev/pod-cidr": "10.244.99.0/24" } }
+    });
+    bed.nodes()
+        .patch("held", &PatchParams::default(), &Patch::Merge(&tamper))
+        .await?;
+    wait_for(
+        PATIENCE,
+        "the held node's annotation to be repaired",
+        || async {
+            let cidrs = bed.cidrs().await?;
+            Ok((cidrs["held"].annotation.as_deref() == Some(&*slice.to_string())).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| logs(&[&controller]))?;
+    // And a new node still gets a slice, outside the /20 only.
+    let fresh = ["fresh".to_owned()];
+    bed.create_nodes(&fresh, 1).await?;
+    let cidrs = bed.wait_for_slices(&fresh, &[&controller]).await?;
+    assert_eq!(
+        v4_slice(&cidrs["fresh"])?,
+        "10.244.16.0/24".parse::<Ipv4Net>()?
+    );
+
+    // A claim that changes as fast as it can be written: every change is a
+    // new occurrence, yet there is one Event, updated at most once a minute.
+    bed.create_node("flapping", &[], &[("weft.dev/pod-cidr", "10.244.250.0/25")])
+        .await?;
+    bed.wait_for_event("flapping", "PodCidrMisaligned", &[&controller])
+        .await?;
+    for round in 0..40 {
+        let value = format!("10.244.{}.0/25", 250 + round % 2);
+        let flap = serde_json::json!({
+            "metadata": { "annotations": { "weft.dev/pod-cidr": value } }
+        });
+        bed.nodes()
+            .patch("flapping", &PatchParams::default(), &Patch::Merge(&flap))
+            .await?;
+    }
+    let series = "weft_controller_claim_problems_total{reason=\"PodCidrMisaligned\"}";
+    let event = wait_for(
+        PATIENCE,
+        "the flapping node's Event to count again",
+        || async {
+            let events = bed.events("flapping", "PodCidrMisaligned").await?;
+            ensure!(events.len() == 1, "{} events: {events:#?}", events.len());
+            Ok(events
+                .into_iter()
+                .find(|event| event.count.unwrap_or(1) > 1))
+        },
+    )
+    .await
+    .with_context(|| logs(&[&controller]))?;
+    let occurrences = controller.metric(series)?.unwrap_or(0.0);
+    let count = f64::from(event.count.unwrap_or(0));
+    // `wide` and at least two of the flapping node's claims were counted.
+    ensure!(
+        (2.0..occurrences).contains(&count),
+        "event count {count}, {occurrences} occurrences counted"
+    );
+    ensure!(
+        event.last_timestamp.is_some() && event.last_timestamp >= event.first_timestamp,
+        "last {:?}, first {:?}",
+        event.last_timestamp,
+        event.first_timestamp
+    );
+    assert_eq!(bed.events("flapping", "PodCidrMisaligned").await?.len(), 1);
+    assert_eq!(bed.events("wide", "PodCidrMisaligned").await?.len(), 1);
     bed.stop().await
 }
 

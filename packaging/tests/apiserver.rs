@@ -239,7 +239,12 @@ async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<
         ),
         (
             "weft-controller",
-            &["create", "events.events.k8s.io", "-n", "default"],
+            &["create", "events", "-n", "default"],
+            true,
+        ),
+        (
+            "weft-controller",
+            &["patch", "events", "-n", "default"],
             true,
         ),
         (
@@ -269,7 +274,7 @@ async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<
         ),
         (
             "weft-controller",
-            &["create", "events.events.k8s.io", "-n", "kube-system"],
+            &["create", "events", "-n", "kube-system"],
             false,
         ),
         (

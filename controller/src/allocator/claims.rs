@@ -68,6 +68,12 @@ impl NodeClaims {
             .map(String::as_str)
     }
 
+    /// Whether the IPv4 annotation (which only the controller writes)
+    /// records the node's spec: the slice was assigned by this controller.
+    pub fn assigned(&self) -> bool {
+        self.annotation_v4.is_some() && self.spec.first() == self.annotation_v4.as_ref()
+    }
+
     /// The node's claim for `family`.
     pub(super) fn claim(&self, family: IpFamily) -> Claim {
         let from_spec = self
@@ -103,7 +109,7 @@ pub enum ClaimProblem {
         /// The value as found.
         value: String,
     },
-    /// No address in common with the cluster CIDR.
+    /// Not inside the cluster CIDR (disjoint from it, or wider).
     OutsideCluster {
         /// Where the value was read.
         source: ClaimSource,
@@ -169,7 +175,7 @@ impl fmt::Display for ClaimProblem {
                 cluster,
             } => write!(
                 f,
-                "{source} holds {cidr}, outside the cluster CIDR {cluster}; {}",
+                "{source} holds {cidr}, which is not inside the cluster CIDR {cluster}; {}",
                 source.fix()
             ),
             ClaimProblem::Misfit {

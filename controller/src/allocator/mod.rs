@@ -443,6 +443,30 @@ mod tests {
     }
 
     #[test]
+    fn later_bad_claims_never_take_a_held_slice_or_block_the_cluster() {
+        let mut a = v4_only("10.244.0.0/16", 24);
+        let now = Instant::now();
+        let held = allocated(a.assign("held", &NodeClaims::default(), now)).v4;
+        let p = problems(a.assign("everything", &spec(&["0.0.0.0/0"]), now));
+        assert!(matches!(p[0], ClaimProblem::OutsideCluster { .. }), "{p:?}");
+        let p = problems(a.assign("wide", &annotated("10.244.0.0/20"), now));
+        assert!(matches!(p[0], ClaimProblem::Misfit { .. }), "{p:?}");
+        // Its annotation tampered with, the holder is still given its own
+        // slice (from spec), so the controller writes the annotation back.
+        let tampered = NodeClaims {
+            spec: vec![held.to_string()],
+            annotation_v4: Some("10.244.99.0/24".into()),
+            ..NodeClaims::default()
+        };
+        assert_eq!(allocated(a.assign("held", &tampered, now)).v4, held);
+        // The /0 keeps nothing from anyone; the /20 only what was free.
+        assert_eq!(
+            allocated(a.assign("fresh", &NodeClaims::default(), now)).v4,
+            net("10.244.16.0/24")
+        );
+    }
+
+    #[test]
     fn invalid_existing_values_are_reported_untouched() {
         let mut a = dual();
         let now = Instant::now();

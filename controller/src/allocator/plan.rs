@@ -75,10 +75,12 @@ pub struct SlicePlan {
 pub enum Placement {
     /// Exactly the slice with this index.
     Slice(u64),
-    /// Inside (or around) the cluster CIDR but not one aligned slice: a
-    /// different size, or host bits set. Covers these slice indexes.
+    /// Inside the cluster CIDR but not one aligned slice: a different size,
+    /// or host bits set. Covers these slice indexes.
     Misfit(RangeInclusive<u64>),
-    /// No address in common with the cluster CIDR.
+    /// Not inside the cluster CIDR: disjoint from it, or wider than it
+    /// (`0.0.0.0/0`). Such a claim keeps no slice from anyone, or one node
+    /// could starve the whole cluster.
     Outside,
     /// The other IP family.
     WrongFamily,
@@ -179,14 +181,7 @@ impl SlicePlan {
             return Placement::WrongFamily;
         }
         // Two CIDRs either nest or are disjoint.
-        if net.prefix_len() < self.cluster.prefix_len() {
-            return if net.contains(&self.cluster.network()) {
-                Placement::Misfit(0..=self.slice_count() - 1)
-            } else {
-                Placement::Outside
-            };
-        }
-        if !self.cluster.contains(&net.network()) {
+        if net.prefix_len() < self.cluster.prefix_len() || !self.cluster.contains(&net.network()) {
             return Placement::Outside;
         }
         let first = self.index_of(net.network());
@@ -258,7 +253,9 @@ pub(super) mod tests {
         assert_eq!(p.locate(&net("10.244.6.0/23")), Placement::Misfit(6..=7));
         assert_eq!(p.locate(&net("10.244.7.128/25")), Placement::Misfit(7..=7));
         assert_eq!(p.locate(&net("10.244.7.5/24")), Placement::Misfit(7..=7));
-        assert_eq!(p.locate(&net("10.0.0.0/8")), Placement::Misfit(0..=255));
+        assert_eq!(p.locate(&net("10.0.0.0/8")), Placement::Outside);
+        assert_eq!(p.locate(&net("0.0.0.0/0")), Placement::Outside);
+        assert_eq!(p.locate(&net("10.244.0.0/16")), Placement::Misfit(0..=255));
         assert_eq!(p.locate(&net("10.245.0.0/24")), Placement::Outside);
         assert_eq!(p.locate(&net("11.0.0.0/8")), Placement::Outside);
         assert_eq!(p.locate(&net("fd00::/64")), Placement::WrongFamily);

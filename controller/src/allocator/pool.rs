@@ -155,7 +155,12 @@ impl SlicePool {
         let mut block = None;
         let problem = match self.plan.locate(&net) {
             Placement::Slice(index) => {
-                if let Some(owner) = self.owners.get(&index).filter(|owner| *owner != node) {
+                // A slice stays with the node that holds it, even when a later
+                // misfit claim covers it: nobody else's claim can take it away.
+                if self.owners.get(&index).is_some_and(|owner| owner == node) {
+                    return FamilyOutcome::Adopted;
+                }
+                if let Some(owner) = self.owners.get(&index) {
                     ClaimProblem::Duplicate {
                         source,
                         cidr: net,

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeSpec, ServiceAccount};
-use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, NodeSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -221,9 +220,9 @@ impl Testbed {
             .await?
             .into_iter()
             .filter(|event| {
-                event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node)
+                event.involved_object.name.as_deref() == Some(node)
                     && event.reason.as_deref() == Some(reason)
-                    && event.reporting_controller.as_deref() == Some(NAME)
+                    && event.reporting_component.as_deref() == Some(NAME)
             })
             .collect())
     }
