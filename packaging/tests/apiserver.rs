@@ -1,12 +1,18 @@
 //! Both install paths against a real kube-apiserver (the e2e harness's):
-//! every render passes server-side validation, and `helm install` creates
-//! RBAC that grants each component what it uses and nothing more. Needs root
-//! (the harness) and kubectl on PATH.
+//! every render passes server-side validation, `helm install` creates RBAC
+//! that grants each component what it uses and nothing more, and the node
+//! write policy holds each component (and each kubelet) to its own part of
+//! the Node objects. Needs root (the harness) and kubectl on PATH.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+use serde_json::{json, Value};
 use tempfile::TempDir;
 use weft_e2e::Cluster;
 use weft_packaging::{
@@ -47,6 +53,12 @@ impl Kubectl {
             .args(["apply", "--dry-run=server", "--validate=strict", "-f"])
             .arg(path))
         .with_context(|| format!("server-side dry run of {}", path.display()))
+    }
+
+    /// `kubectl apply -f path`, for real.
+    fn apply(&self, path: &Path) -> Result<String> {
+        run(self.command().arg("apply").arg("-f").arg(path))
+            .with_context(|| format!("applying {}", path.display()))
     }
 
     fn ensure_namespace(&self, namespace: &str) -> Result<()> {
@@ -308,7 +320,7 @@ async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<
     ]))?;
     let cluster_wide = run(kubectl.command().args([
         "get",
-        "clusterroles,clusterrolebindings",
+        "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings",
         "--selector=app.kubernetes.io/part-of=weft",
         "--output=name",
     ]))?;
@@ -316,5 +328,343 @@ async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<
         left.trim().is_empty() && cluster_wide.trim().is_empty(),
         "helm uninstall left {left}{cluster_wide}"
     );
+    cluster.stop().await
+}
+
+/// One writer of Node objects, as the API server sees it.
+struct Writer {
+    who: &'static str,
+    nodes: Api<Node>,
+}
+
+impl Writer {
+    fn new(who: &'static str, client: Client) -> Self {
+        Self {
+            who,
+            nodes: Api::all(client),
+        }
+    }
+
+    /// Applies a merge patch to `node` (or its status); `Ok(None)` when the
+    /// API server allowed it, `Ok(Some(message))` when the policy denied it.
+    async fn patch(&self, node: &str, status: bool, patch: Value) -> Result<Option<String>> {
+        let params = PatchParams::default();
+        let result = if status {
+            self.nodes
+                .patch_status(node, &params, &Patch::Merge(&patch))
+                .await
+        } else {
+            self.nodes.patch(node, &params, &Patch::Merge(&patch)).await
+        };
+        match result {
+            Ok(_) => Ok(None),
+            Err(kube::Error::Api(status))
+                if status.code == 403 && status.message.contains("weft-node-writers") =>
+            {
+                Ok(Some(status.message))
+            }
+            Err(error) => Err(error).with_context(|| format!("{} patching {node}", self.who)),
+        }
+    }
+
+    async fn annotate(&self, node: &str, key: &str, value: &str) -> Result<Option<String>> {
+        self.patch(
+            node,
+            false,
+            json!({ "metadata": { "annotations": { key: value } } }),
+        )
+        .await
+    }
+
+    async fn expect(&self, allowed: bool, what: &str, outcome: Option<String>) -> Result<()> {
+        match (allowed, outcome) {
+            (true, None) | (false, Some(_)) => Ok(()),
+            (true, Some(denial)) => bail!("{} should be allowed to {what}: {denial}", self.who),
+            (false, None) => bail!("{} should not be allowed to {what}", self.who),
+        }
+    }
+}
+
+/// A pod of `account` on `node`, as the DaemonSet would make it; it never
+/// runs (there is no kubelet), it only anchors a bound token.
+async fn pod_on(admin: &Client, account: &str, node: &str) -> Result<Pod> {
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("{account}-{node}")),
+            namespace: Some("kube-system".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.to_owned()),
+            service_account_name: Some(account.to_owned()),
+            containers: vec![Container {
+                name: "agent".to_owned(),
+                image: Some("localhost/weft:never-pulled".to_owned()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    };
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "kube-system");
+    Ok(pods.create(&PostParams::default(), &pod).await?)
+}
+
+/// An admin client that acts as the kubelet of `node`.
+async fn kubelet_client(cluster: &Cluster, node: &str) -> Result<Client> {
+    let kubeconfig = Kubeconfig::read_from(cluster.kubeconfig())?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    config.auth_info.impersonate = Some(format!("system:node:{node}"));
+    config.auth_info.impersonate_groups = Some(vec!["system:nodes".to_owned()]);
+    Ok(Client::try_from(config)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_component_writes_only_its_own_part_of_a_node() -> Result<()> {
+    let cluster = Cluster::start_control_plane_only().await?;
+    let kubectl = Kubectl::new(&cluster)?;
+    let admin = cluster.client().await?;
+    // What a user runs: the plain manifests, policy included.
+    kubectl.apply(&repo_root().join("manifests"))?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for name in ["node-0", "node-1"] {
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        };
+        nodes.create(&PostParams::default(), &node).await?;
+    }
+    let agent_pod = pod_on(&admin, "weft-agent", "node-0").await?;
+    let agent = Writer::new(
+        "node-0's agent",
+        cluster.pod_token_client(&agent_pod).await?,
+    );
+    let unbound = Writer::new(
+        "an agent token bound to no pod",
+        cluster
+            .service_account_client("kube-system", "weft-agent")
+            .await?,
+    );
+    let controller = Writer::new(
+        "the controller",
+        cluster
+            .service_account_client("kube-system", "weft-controller")
+            .await?,
+    );
+    let kubelet = Writer::new(
+        "node-0's kubelet",
+        kubelet_client(&cluster, "node-0").await?,
+    );
+    let administrator = Writer::new("an administrator", admin.clone());
+
+    // The API server picks the policy up a moment after it is created.
+    let started = std::time::Instant::now();
+    while agent
+        .annotate("node-1", "weft.dev/public-ip", "192.0.2.1")
+        .await?
+        .is_none()
+    {
+        ensure!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the node write policy never took effect"
+        );
+        administrator
+            .patch(
+                "node-1",
+                false,
+                json!({ "metadata": { "annotations": { "weft.dev/public-ip": null } } }),
+            )
+            .await?;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+
+    let backend = r#"{"vtepMAC":"0a:58:0a:f4:00:01"}"#;
+    let unavailable = json!({ "status": { "conditions": [{
+        "type": "NetworkUnavailable", "status": "False",
+        "reason": "WeftIsUp", "message": "weft-agent is running",
+    }] } });
+    let cases: Vec<(&Writer, bool, &str, Option<String>)> = vec![
+        (
+            &agent,
+            true,
+            "publish node-0's public IP",
+            agent
+                .annotate("node-0", "weft.dev/public-ip", "192.0.2.10")
+                .await?,
+        ),
+        (
+            &agent,
+            true,
+            "publish node-0's backend data",
+            agent
+                .annotate("node-0", "weft.dev/backend-data", backend)
+                .await?,
+        ),
+        (
+            &agent,
+            true,
+            "publish node-0's backend type",
+            agent
+                .annotate("node-0", "weft.dev/backend-type", "vxlan")
+                .await?,
+        ),
+        (
+            &agent,
+            true,
+            "set node-0's NetworkUnavailable condition",
+            agent.patch("node-0", true, unavailable.clone()).await?,
+        ),
+        (
+            &agent,
+            false,
+            "redirect node-1's traffic",
+            agent
+                .annotate("node-1", "weft.dev/backend-data", backend)
+                .await?,
+        ),
+        (
+            &agent,
+            false,
+            "set node-1's condition",
+            agent.patch("node-1", true, unavailable.clone()).await?,
+        ),
+        (
+            &agent,
+            false,
+            "label node-1",
+            agent
+                .patch(
+                    "node-1",
+                    false,
+                    json!({ "metadata": { "labels": { "x": "y" } } }),
+                )
+                .await?,
+        ),
+        (
+            &agent,
+            false,
+            "choose node-0's pod CIDR",
+            agent
+                .annotate("node-0", "weft.dev/pod-cidr", "10.244.9.0/24")
+                .await?,
+        ),
+        (
+            &agent,
+            false,
+            "overwrite node-0's public IP",
+            agent
+                .annotate("node-0", "weft.dev/public-ip-overwrite", "192.0.2.99")
+                .await?,
+        ),
+        (
+            &unbound,
+            false,
+            "write node-0",
+            unbound
+                .annotate("node-0", "weft.dev/public-ip", "192.0.2.11")
+                .await?,
+        ),
+        (
+            &controller,
+            true,
+            "assign node-1's pod CIDR",
+            controller
+                .patch(
+                    "node-1",
+                    false,
+                    json!({
+                        "metadata": { "annotations": { "weft.dev/pod-cidr": "10.244.1.0/24" } },
+                        "spec": { "podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"] },
+                    }),
+                )
+                .await?,
+        ),
+        (
+            &controller,
+            false,
+            "publish node-1's backend data",
+            controller
+                .annotate("node-1", "weft.dev/backend-data", backend)
+                .await?,
+        ),
+        (
+            &kubelet,
+            true,
+            "label node-0",
+            kubelet
+                .patch(
+                    "node-0",
+                    false,
+                    json!({ "metadata": { "labels": { "x": "y" } } }),
+                )
+                .await?,
+        ),
+        (
+            &kubelet,
+            false,
+            "choose node-0's pod CIDR",
+            kubelet
+                .annotate("node-0", "weft.dev/pod-cidr", "10.244.1.0/24")
+                .await?,
+        ),
+        (
+            &kubelet,
+            false,
+            "publish node-0's public IP",
+            kubelet
+                .annotate("node-0", "weft.dev/public-ip", "192.0.2.12")
+                .await?,
+        ),
+        (
+            &administrator,
+            true,
+            "overwrite node-0's public IP",
+            administrator
+                .annotate("node-0", "weft.dev/public-ip-overwrite", "192.0.2.99")
+                .await?,
+        ),
+        (
+            &administrator,
+            true,
+            "change node-0's pod CIDR annotation",
+            administrator
+                .annotate("node-0", "weft.dev/pod-cidr", "10.244.0.0/24")
+                .await?,
+        ),
+    ];
+    for (writer, allowed, what, outcome) in cases {
+        writer.expect(allowed, what, outcome).await?;
+    }
+    // The denial says why, naming the node.
+    let denial = agent
+        .annotate("node-1", "weft.dev/public-ip", "192.0.2.1")
+        .await?
+        .context("node-0's agent wrote node-1")?;
+    ensure!(
+        denial.contains("on node node-0 may not write Node node-1"),
+        "{denial}"
+    );
+    // A kubelet registering a Node with a pod CIDR of its choosing is refused.
+    let registered = Node {
+        metadata: ObjectMeta {
+            name: Some("node-2".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: Some("10.244.1.0/24".to_owned()),
+            pod_cidrs: Some(vec!["10.244.1.0/24".to_owned()]),
+            ..Default::default()
+        }),
+        ..Node::default()
+    };
+    let kubelet2: Api<Node> = Api::all(kubelet_client(&cluster, "node-2").await?);
+    match kubelet2.create(&PostParams::default(), &registered).await {
+        Err(kube::Error::Api(status)) if status.message.contains("spec.podCIDR") => {}
+        other => bail!("a kubelet registered a node with its own pod CIDR: {other:?}"),
+    }
     cluster.stop().await
 }

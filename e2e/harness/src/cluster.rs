@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::ResourceExt;
 
 use crate::control_plane::{
     client_from_kubeconfig, write_kubeconfig, Binaries, ControlPlane, Credentials,
@@ -274,10 +275,54 @@ impl Cluster {
     }
 
     /// A kubeconfig authenticating as ServiceAccount `namespace/name`, with a
-    /// token from the TokenRequest API, as a pod would get. The account is
-    /// created if missing; it has no permissions until you bind a role, as
-    /// in a cluster. Works in the root namespace and inside every node.
+    /// token from the TokenRequest API that is bound to no object. The
+    /// account is created if missing; it has no permissions until you bind a
+    /// role, as in a cluster. Works in the root namespace and inside every node.
     pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        self.token_kubeconfig(namespace, name, None, name).await
+    }
+
+    /// A client authenticating as ServiceAccount `namespace/name`; see
+    /// [`Cluster::service_account_kubeconfig`].
+    pub async fn service_account_client(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<kube::Client> {
+        client_from_kubeconfig(&self.service_account_kubeconfig(namespace, name).await?).await
+    }
+
+    /// A client with the token the kubelet would mount into `pod`: its
+    /// ServiceAccount's, bound to the pod, so the API server adds the pod's
+    /// node (`authentication.kubernetes.io/node-name`) to the identity.
+    pub async fn pod_token_client(&self, pod: &Pod) -> Result<kube::Client> {
+        let namespace = pod.namespace().context("the pod has no namespace")?;
+        let account = pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let bound = BoundObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Pod".to_owned()),
+            name: Some(pod.name_any()),
+            uid: pod.uid(),
+        };
+        let file = self
+            .token_kubeconfig(&namespace, &account, Some(bound), &pod.name_any())
+            .await?;
+        client_from_kubeconfig(&file).await
+    }
+
+    /// Creates the account if missing, requests a token (bound to `bound`)
+    /// and writes a kubeconfig with it, named after `label`.
+    async fn token_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+        bound: Option<BoundObjectReference>,
+        label: &str,
+    ) -> Result<PathBuf> {
         let client = self.client().await?;
         let accounts: Api<ServiceAccount> = Api::namespaced(client, namespace);
         let account = ServiceAccount {
@@ -299,7 +344,7 @@ impl Cluster {
             spec: TokenRequestSpec {
                 audiences: Vec::new(),
                 expiration_seconds: Some(TOKEN_LIFETIME_SECONDS),
-                ..Default::default()
+                bound_object_ref: bound,
             },
             ..Default::default()
         };
@@ -312,7 +357,7 @@ impl Cluster {
             .token;
         let file = self
             .run_dir()
-            .join(format!("serviceaccount-{namespace}-{name}.kubeconfig"));
+            .join(format!("serviceaccount-{namespace}-{label}.kubeconfig"));
         write_kubeconfig(
             &file,
             self.control_plane.apiserver,
@@ -321,16 +366,6 @@ impl Cluster {
             Credentials::Token(&token),
         )?;
         Ok(file)
-    }
-
-    /// A client authenticating as ServiceAccount `namespace/name`; see
-    /// [`Cluster::service_account_kubeconfig`].
-    pub async fn service_account_client(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> Result<kube::Client> {
-        client_from_kubeconfig(&self.service_account_kubeconfig(namespace, name).await?).await
     }
 
     /// The nodes, in creation order.
