@@ -3,10 +3,10 @@
 
 use super::dataplane::{DataplaneError, VXLAN_DEVICE};
 use super::install::InstallError;
-use super::masquerade::MasqueradeError;
 use super::underlay::UnderlayError;
 use weft::ip::ForwardingError;
 use weft::netlink::NetlinkError;
+use weft::nft::NftError;
 use weft::nodefile::NodeFileError;
 use weft_daemon::serve::ServeError;
 
@@ -36,7 +36,7 @@ pub enum AgentError {
     NodeFile(#[from] NodeFileError),
     /// The masquerade table could not be applied.
     #[error(transparent)]
-    Masquerade(#[from] MasqueradeError),
+    Masquerade(#[from] NftError),
     /// Checksum offload on the VXLAN device could not be read or set.
     #[error("setting tx checksum offload on {VXLAN_DEVICE}: {0} (set checksumOffload: on to leave it alone)")]
     Offload(std::io::Error),

@@ -47,6 +47,9 @@ pub fn render_conflist(node_file: &Path) -> String {
             {
                 "type": PLUGIN_NAME,
                 "nodeFile": node_file,
+                // The runtime passes each pod's hostPorts as
+                // runtimeConfig.portMappings; the plugin maps them.
+                "capabilities": { "portMappings": true },
             }
         ]
     });
@@ -149,6 +152,7 @@ mod tests {
         assert_eq!(value["name"], "weft");
         assert_eq!(value["plugins"][0]["type"], "weft");
         assert_eq!(value["plugins"][0]["nodeFile"], "/tmp/n.json");
+        assert_eq!(value["plugins"][0]["capabilities"]["portMappings"], true);
     }
 
     #[test]

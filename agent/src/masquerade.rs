@@ -12,42 +12,17 @@
 //! old for new atomically, so there is never a moment without rules (a flush
 //! followed by re-adding would open one).
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
 
-use weft::netlink::Removal;
+use weft::nft::{self, NftError};
 
 /// The nftables family and name of Weft's table.
 pub const TABLE: &str = "inet weft";
 
 /// kube-proxy's masquerade mark (its `--masquerade-bit` default, bit 14).
 pub const KUBE_PROXY_MASQUERADE_MARK: u32 = 0x4000;
-
-/// Why the table could not be read or applied.
-#[derive(Debug, thiserror::Error)]
-pub enum MasqueradeError {
-    /// `nft` could not be run at all.
-    #[error("running nft to {action}: {source} (install the nftables package)")]
-    Spawn {
-        /// What it was run for.
-        action: &'static str,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// `nft` ran and refused.
-    #[error("nft failed to {action} (exit {status}): {stderr}")]
-    Nft {
-        /// What it was run for.
-        action: &'static str,
-        /// Its exit status.
-        status: String,
-        /// What it printed on stderr.
-        stderr: String,
-    },
-}
 
 /// Renders the whole transaction for `nft -f`: create-if-missing, delete,
 /// recreate. `cluster_cidrs` holds one IPv4 and optionally one IPv6 CIDR.
@@ -174,72 +149,22 @@ impl MasqueradeTable {
     /// Applies the ruleset unless the kernel's table is exactly what the last
     /// apply left (a missing, edited or foreign table is replaced).
     /// Blocking: runs `nft`.
-    pub fn ensure(&mut self) -> Result<TableChange, MasqueradeError> {
+    pub fn ensure(&mut self) -> Result<TableChange, NftError> {
         // Any failure to list (typically: no such table) means "not ours".
-        let current = list_table().ok();
+        let current = list_table().ok().flatten();
         if current.is_some() && current == self.applied_listing {
             return Ok(TableChange::Unchanged);
         }
-        run_nft(&["-f", "-"], Some(&self.ruleset), "replace table inet weft")?;
-        self.applied_listing = Some(list_table()?);
+        nft::apply(&self.ruleset, "replace table inet weft")?;
+        self.applied_listing = list_table()?;
         Ok(TableChange::Replaced)
     }
 }
 
-/// The kernel's current `inet weft` table as `nft list table` prints it.
-pub fn list_table() -> Result<String, MasqueradeError> {
-    run_nft(
-        &["list", "table", "inet", "weft"],
-        None,
-        "list table inet weft",
-    )
-}
-
-/// Deletes the table if it is there, as one transaction that declares the
-/// table first: a missing table is no error, and no error text has to be
-/// matched. Blocking: runs `nft`.
-pub fn delete_table() -> Result<Removal, MasqueradeError> {
-    // Listing fails when the table is missing; if nft itself is missing,
-    // the delete below says so.
-    let existed = list_table().is_ok();
-    let transaction = format!("table {TABLE}\ndelete table {TABLE}\n");
-    run_nft(&["-f", "-"], Some(&transaction), "delete table inet weft")?;
-    Ok(if existed {
-        Removal::Removed
-    } else {
-        Removal::AlreadyGone
-    })
-}
-
-fn run_nft(
-    args: &[&str],
-    stdin: Option<&str>,
-    action: &'static str,
-) -> Result<String, MasqueradeError> {
-    let spawn_error = |source| MasqueradeError::Spawn { action, source };
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_error)?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).map_err(spawn_error)?;
-    }
-    let output = child.wait_with_output().map_err(spawn_error)?;
-    if !output.status.success() {
-        return Err(MasqueradeError::Nft {
-            action,
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+/// The kernel's current `inet weft` table as `nft list table` prints it,
+/// `None` when there is none.
+pub fn list_table() -> Result<Option<String>, NftError> {
+    nft::list_table(TABLE, false, "list table inet weft")
 }
 
 #[cfg(test)]

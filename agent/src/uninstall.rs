@@ -30,10 +30,11 @@ use std::path::{Path, PathBuf};
 use super::config::AgentConfig;
 use super::dataplane::{Dataplane, DataplaneError, VXLAN_DEVICE};
 use super::install::{CONFLIST_NAME, PLUGIN_NAME};
-use super::masquerade::{delete_table, MasqueradeError, TABLE};
+use super::masquerade::TABLE;
 use super::overlay::{DesiredState, Operation};
 use super::ROUTE_PROTOCOL;
 use weft::netlink::{Netlink, NetlinkError, Removal};
+use weft::nft::{self, NftError, HOSTPORT_TABLE};
 use weft::DEFAULT_BRIDGE;
 
 /// The DaemonSet that runs this agent: whether it still exists decides
@@ -131,9 +132,9 @@ pub enum TeardownError {
     /// What Weft owns in the kernel could not be dumped.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    /// The nftables table could not be deleted.
+    /// An nftables table could not be deleted.
     #[error(transparent)]
-    Masquerade(#[from] MasqueradeError),
+    Nft(#[from] NftError),
     /// A file could not be read or removed.
     #[error("removing {path}: {source}")]
     File {
@@ -159,7 +160,8 @@ pub struct TeardownReport {
 /// `netlink` (and of the calling thread, for `nft`): the conflist first so
 /// the runtime stops wiring new pods to a network going away, then the
 /// protocol-87 routes, FDB entries and neighbours on `weft.1` (reconciled
-/// to nothing), `weft.1` itself, `weft0`, the `inet weft` table, the
+/// to nothing), `weft.1` itself, `weft0`, the `inet weft` and
+/// `inet weft-hostport` tables, the
 /// plugin binary (only if it is the agent's copy) and the node file.
 /// Running it again finds nothing to do.
 pub async fn tear_down(netlink: &Netlink, config: &AgentConfig) -> TeardownReport {
@@ -169,11 +171,14 @@ pub async fn tear_down(netlink: &Netlink, config: &AgentConfig) -> TeardownRepor
     report.remove_link(netlink, VXLAN_DEVICE, "vxlan").await;
     report.remove_link(netlink, DEFAULT_BRIDGE, "bridge").await;
     // Blocking, but only for the few milliseconds nft takes; nothing else
-    // runs on a stopping agent.
-    match delete_table() {
-        Ok(Removal::Removed) => report.removed.push(format!("nftables table {TABLE}")),
-        Ok(Removal::AlreadyGone) => {}
-        Err(error) => report.errors.push(error.into()),
+    // runs on a stopping agent. The plugin's hostPort table goes too: the
+    // pods it maps to lose their network with the rest.
+    for table in [TABLE, HOSTPORT_TABLE] {
+        match nft::delete_table(table, "delete a table of Weft's") {
+            Ok(Removal::Removed) => report.removed.push(format!("nftables table {table}")),
+            Ok(Removal::AlreadyGone) => {}
+            Err(error) => report.errors.push(error.into()),
+        }
     }
     report.remove_plugin(
         &config.cni_bin_dir.join(PLUGIN_NAME),

@@ -447,3 +447,76 @@ async fn lying_nodes_are_rejected_and_move_no_traffic() -> Result<()> {
     ping_all(&pods, &overlay)?;
     overlay.cluster.stop().await
 }
+
+/// Serves one answer per TCP connection from inside `pod` on `port`: the
+/// address the pod saw the connection come from.
+fn serve_peer_address(pod: &Pod, port: u16) -> Result<()> {
+    let listener = Netns::open(pod.netns_path())?
+        .run_here(|| std::net::TcpListener::bind(("0.0.0.0", port)))??;
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            if let Ok(peer) = stream.peer_addr() {
+                let _ = std::io::Write::write_all(&mut stream, peer.ip().to_string().as_bytes());
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Connects from the namespace at `netns` and returns what the server said.
+fn fetch_from(netns: &Path, target: std::net::SocketAddr) -> Result<String> {
+    let mut stream = Netns::open(netns)?
+        .run_here(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)))?
+        .with_context(|| format!("connecting to {target} from {}", netns.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer)?;
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_port_is_reached_from_another_node_its_pods_and_outside() -> Result<()> {
+    require_root!();
+    let mut overlay = Overlay::start(OverlaySpec::default()).await?;
+    overlay.start_agents()?;
+    overlay.wait_programmed(2).await?;
+    let (node0, node1) = (overlay.node(0), overlay.node(1));
+    let client = overlay.add_pod(&node0)?;
+    let ports = serde_json::json!({
+        "runtimeConfig": { "portMappings": [{ "hostPort": 8080, "containerPort": 80, "protocol": "tcp" }] }
+    });
+    let server = overlay.add_pod_with(
+        &node1,
+        "hostport",
+        ports.as_object().cloned().unwrap_or_default(),
+    )?;
+    serve_peer_address(&server, 80)?;
+    let target = std::net::SocketAddr::new(IpAddr::V4(node1.underlay_ip()), 8080);
+    let outside = overlay.cluster.outside().clone();
+
+    // A pod on node 0 leaves with node 0's address (the pod network's
+    // egress masquerade: node addresses are outside the cluster CIDR).
+    assert_eq!(
+        fetch_from(&client.netns_path(), target)?,
+        node0.underlay_ip().to_string()
+    );
+    assert_eq!(
+        fetch_from(&node0.netns_path(), target)?,
+        node0.underlay_ip().to_string()
+    );
+    // From outside the cluster the pod sees the client itself.
+    let outside_path = PathBuf::from(format!("/var/run/netns/{}", outside.netns));
+    assert_eq!(fetch_from(&outside_path, target)?, outside.ip().to_string());
+    // Node 1 itself and a pod beside the server reach it too.
+    assert!(!fetch_from(&node1.netns_path(), target)?.is_empty());
+    let neighbour = overlay.add_pod_with(&node1, "neighbour", serde_json::Map::new())?;
+    assert!(!fetch_from(&neighbour.netns_path(), target)?.is_empty());
+
+    // DEL with the pod's portMappings takes the mapping away.
+    server.delete()?;
+    assert!(
+        fetch_from(&node0.netns_path(), target).is_err(),
+        "the hostPort outlived its pod"
+    );
+    Ok(())
+}

@@ -9,6 +9,7 @@
 //!   `weft.dev/*` keys and values on Node objects) and [`fields`] (JSON
 //!   read field by field, so errors name the field).
 //! - [`ip`]: IP families, address arithmetic and the forwarding switch.
+//! - [`nft`]: running `nft` transactions, and the tables' names.
 //!
 //! The daemons' process plumbing (logging, signals, the HTTP endpoint) is in
 //! `weft-daemon`, so the plugin builds without an HTTP stack.
@@ -18,6 +19,7 @@ pub mod fields;
 pub mod ip;
 pub mod netlink;
 pub mod netns;
+pub mod nft;
 pub mod nodefile;
 
 /// The bridge pods attach to unless the network config names another. The

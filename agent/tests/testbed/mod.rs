@@ -379,13 +379,27 @@ impl Overlay {
     /// A pod on `node`, configured from the conflist the node's agent
     /// installed (plus an IPAM directory of the node's own).
     pub fn add_pod(&self, node: &ClusterNode) -> Result<Pod> {
+        self.add_pod_with(node, "web", serde_json::Map::new())
+    }
+
+    /// [`Overlay::add_pod`] named `name`, with `extra` keys in its config
+    /// (`runtimeConfig`, as a runtime adds for the capabilities it uses).
+    pub fn add_pod_with(
+        &self,
+        node: &ClusterNode,
+        name: &str,
+        extra: serde_json::Map<String, Value>,
+    ) -> Result<Pod> {
         let conflist_path = node.state_dir.join("net.d/10-weft.conflist");
         let conflist: Value = serde_json::from_str(&std::fs::read_to_string(&conflist_path)?)?;
         let mut netconf = conflist["plugins"][0].clone();
         netconf["cniVersion"] = conflist["cniVersion"].clone();
         netconf["name"] = conflist["name"].clone();
         netconf["dataDir"] = Value::from(node.state_dir.join("ipam").display().to_string());
-        node.add_pod(&self.plugin, &netconf.to_string(), "web")
+        if let Some(netconf) = netconf.as_object_mut() {
+            netconf.extend(extra);
+        }
+        node.add_pod(&self.plugin, &netconf.to_string(), name)
     }
 }
 

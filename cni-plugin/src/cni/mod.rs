@@ -7,6 +7,7 @@ mod config;
 mod env;
 mod error;
 mod network;
+mod port_mappings;
 mod result;
 
 use std::fmt;
@@ -16,6 +17,7 @@ pub use config::{NetConf, DEFAULT_DATA_DIR};
 pub use env::{Attachment, CniArgs, Command, Invocation};
 pub use error::{CniError, ErrorCode};
 pub use network::{FamilyNetwork, Network};
+pub use port_mappings::{HostIp, PortMapping, Protocol};
 pub use result::{CniResult, Dns, Interface, IpConfig, MacAddress, Route};
 
 /// A CNI specification version this plugin speaks.

@@ -7,6 +7,7 @@
 //! leaves nothing behind; the bridge and its gateway addresses are shared by
 //! every pod and stay.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use futures::future::try_join_all;
@@ -14,11 +15,13 @@ use ipnet::IpNet;
 
 use super::gateways::set_bridge_gateways;
 use super::host_veth::HostVeth;
+use super::hostport;
 use super::{ipam_error, kernel_error, load_node, node_netlink, open_netns, CODE_KERNEL};
 use crate::cni::{
     Attachment, CniError, CniResult, ErrorCode, Interface, Invocation, IpConfig, MacAddress,
-    NetConf, Network,
+    NetConf, Network, PortMapping,
 };
+use crate::ipam::Store;
 use weft::ip::{self, IpFamily};
 use weft::netlink::{Link, Netlink, Outcome, Route, VethPair};
 use weft::netns::Netns;
@@ -40,6 +43,11 @@ pub(super) async fn add(invocation: &Invocation, conf: &NetConf) -> Result<CniRe
     let node = load_node(conf)?;
     let network = Network::resolve(conf, &node)?;
     let pod_mac = requested_mac(conf)?;
+    let port_mappings = PortMapping::from_runtime_config(&conf.runtime_config)?;
+    // The pod gets one address per family of the network: check now, before
+    // any change, that each hostIP is of one of them.
+    let gateways: Vec<IpAddr> = network.families.iter().map(|f| f.gateway).collect();
+    hostport::entries(&port_mappings, &gateways)?;
     let host_veth = HostVeth::of(&network.name, attachment);
     host_veth.check_alias_fits()?;
     let netns = open_netns(invocation)?;
@@ -63,7 +71,11 @@ pub(super) async fn add(invocation: &Invocation, conf: &NetConf) -> Result<CniRe
         pod_nl: &pod_nl,
         pod_mac,
     };
-    match pod.attach(&ips).await {
+    let attached = match pod.attach(&ips).await {
+        Ok(result) => map_host_ports(&port_mappings, &ips, &network, &store).map(|()| result),
+        Err(error) => Err(error),
+    };
+    match attached {
         Ok(result) => Ok(match &conf.prev_result {
             Some(prev) => result.chained_after(prev),
             None => result,
@@ -73,6 +85,27 @@ pub(super) async fn add(invocation: &Invocation, conf: &NetConf) -> Result<CniRe
             Err(error)
         }
     }
+}
+
+/// Maps the pod's hostPorts (nothing to do, and no `nft` run, without any).
+fn map_host_ports(
+    mappings: &[PortMapping],
+    ips: &[IpAddr],
+    network: &Network,
+    store: &Store,
+) -> Result<(), CniError> {
+    if mappings.is_empty() {
+        return Ok(());
+    }
+    let entries = hostport::entries(mappings, ips)?;
+    let allocated: HashSet<IpAddr> = store
+        .allocations()
+        .map_err(ipam_error)?
+        .into_iter()
+        .map(|allocation| allocation.ip)
+        .collect();
+    let slices: Vec<IpNet> = network.families.iter().map(|f| f.subnet).collect();
+    hostport::add(&entries, &slices, &allocated)
 }
 
 /// Refuses an ADD whose CNI_IFNAME is already taken in the pod, unless it is
@@ -372,7 +405,7 @@ impl PodWiring<'_> {
 
     /// Undoes this attachment after a failure; the original error is what
     /// the runtime needs, so failures here are only logged.
-    async fn roll_back(&self, store: &crate::ipam::Store) {
+    async fn roll_back(&self, store: &Store) {
         if let Err(error) = self.host_veth.remove(self.node_nl).await {
             tracing::warn!(%error, "rollback: could not delete the host veth");
         }

@@ -4,14 +4,15 @@
 use std::net::IpAddr;
 
 use super::host_veth::HostVeth;
+use super::hostport;
 use super::{ipam_error, kernel_error, node_netlink, open_netns, CODE_CHECK_FAILED};
-use crate::cni::{CniError, ErrorCode, Invocation, NetConf};
+use crate::cni::{CniError, ErrorCode, Invocation, NetConf, PortMapping};
 use crate::ipam::Store;
 use weft::ip::IpFamily;
 use weft::netlink::{Netlink, Route};
 
 /// Verifies the pod interface (MAC, MTU, up), its addresses, the routes in
-/// the pod, the host veth on the bridge, and the IPAM records.
+/// the pod, the host veth on the bridge, the IPAM records and the hostPorts.
 pub(super) async fn check(invocation: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     let attachment = invocation
         .attachment
@@ -143,6 +144,11 @@ pub(super) async fn check(invocation: &Invocation, conf: &NetConf) -> Result<(),
                 conf.ipam_dir().display()
             )));
         }
+    }
+    let mappings = PortMapping::from_runtime_config(&conf.runtime_config)?;
+    if !mappings.is_empty() {
+        let pod_ips: Vec<IpAddr> = ours.iter().map(|ip| ip.address.addr()).collect();
+        hostport::check(&hostport::entries(&mappings, &pod_ips)?)?;
     }
     Ok(())
 }

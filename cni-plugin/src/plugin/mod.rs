@@ -13,6 +13,7 @@ mod add;
 mod check;
 mod gateways;
 mod host_veth;
+mod hostport;
 mod remove;
 // Forks a child that shares the parent's memory: the one place the plugin
 // needs unsafe code, kept beside the DEL path that uses it.
@@ -33,6 +34,9 @@ pub const CODE_KERNEL: u32 = 101;
 /// Plugin-specific error code: CHECK found the attachment differs from
 /// `prevResult`.
 pub const CODE_CHECK_FAILED: u32 = 102;
+/// Plugin-specific error code: a requested hostPort is already mapped to
+/// another pod on this node.
+pub const CODE_HOSTPORT_TAKEN: u32 = 103;
 
 /// What one invocation prints and how it exits.
 #[derive(Debug, Clone, PartialEq, Eq)]

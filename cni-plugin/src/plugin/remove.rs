@@ -1,4 +1,5 @@
-//! DEL and GC: remove host veths, then release addresses.
+//! DEL and GC: remove hostPort mappings and host veths, then release
+//! addresses.
 //!
 //! The device goes first: an address is only ever freed once nothing uses
 //! it, so an invocation killed in between leaves an allocation that a
@@ -7,8 +8,10 @@
 //! is found by its derived name, and deleting it also removes the pod end.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 
 use super::host_veth::HostVeth;
+use super::hostport;
 use super::{ipam_error, kernel_error, node_netlink};
 use crate::cni::{Attachment, CniError, Invocation, NetConf};
 use crate::ipam::Store;
@@ -21,13 +24,29 @@ pub(super) async fn del(invocation: &Invocation, conf: &NetConf) -> Result<(), C
         .as_ref()
         .expect("Invocation::from_env requires an attachment for DEL");
     let node_nl = node_netlink()?;
+    let store = Store::new(conf.ipam_dir());
+    // Runtimes pass the pod's portMappings on DEL too; without them the pod
+    // had no hostPort, and no nft is run.
+    let had_host_ports = conf
+        .runtime_config
+        .get("portMappings")
+        .and_then(|mappings| mappings.as_array())
+        .is_some_and(|mappings| !mappings.is_empty());
+    if had_host_ports {
+        let pod_ips: HashSet<IpAddr> = store
+            .allocations()
+            .map_err(ipam_error)?
+            .into_iter()
+            .filter(|allocation| allocation.owner.as_ref() == Some(attachment))
+            .map(|allocation| allocation.ip)
+            .collect();
+        hostport::remove_where(|ip| !pod_ips.contains(&ip))?;
+    }
     let removal = HostVeth::of(&conf.name, attachment)
         .remove(&node_nl)
         .await
         .map_err(kernel_error)?;
-    let released = Store::new(conf.ipam_dir())
-        .release(attachment)
-        .map_err(ipam_error)?;
+    let released = store.release(attachment).map_err(ipam_error)?;
     tracing::debug!(?removal, ?released, container = %attachment.container_id, "deleted");
     Ok(())
 }
@@ -75,9 +94,19 @@ pub(super) async fn gc(conf: &NetConf) -> Result<(), CniError> {
     }
 
     let freed = store.gc(valid).map_err(ipam_error)?;
+    // What is left is held by valid attachments: a hostPort pointing
+    // anywhere else is stale.
+    let held: HashSet<IpAddr> = store
+        .allocations()
+        .map_err(ipam_error)?
+        .into_iter()
+        .map(|allocation| allocation.ip)
+        .collect();
+    let unmapped = hostport::remove_where(|ip| held.contains(&ip))?;
     tracing::debug!(
         devices = stale.len(),
         addresses = freed.len(),
+        host_ports = unmapped,
         "garbage collected"
     );
     Ok(())

@@ -5,6 +5,8 @@
 //! test unwinds; names carry the test process id and a per-test tag so
 //! tests can run in parallel.
 
+#![allow(dead_code)] // each test binary uses a different part
+
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
