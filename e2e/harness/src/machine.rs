@@ -11,6 +11,8 @@
 //!   state directory, so hostPath volumes and installers never touch the host;
 //! - `/var/lib/containerd`, `/var/lib/kubelet`: plain directories of the state
 //!   directory (containerd's overlayfs snapshots cannot sit on an overlay);
+//! - `/etc/cni/net.d`: a plain, empty directory of the state directory, so
+//!   the node has no CNI config until Weft installs one;
 //! - `/opt/cni/bin/loopback` from Debian's reference plugins: containerd 1.6
 //!   takes a single CNI bin directory and brings up every pod's `lo` with it;
 //! - the kernel tunables the kubelet insists on (`vm.overcommit_memory`,
@@ -55,7 +57,10 @@ const KUBELET_TUNABLES: [(&str, &str); 6] = [
 const OVERLAID: [&str; 3] = ["etc", "opt", "var"];
 
 /// Directories bound to plain per-node directories on top of the overlays.
-const PLAIN: [&str; 2] = ["var/lib/containerd", "var/lib/kubelet"];
+/// The CNI config directory is one so that it starts empty: through the
+/// `/etc` overlay a host's own CNI configs (podman's bridge, say) would make
+/// the kubelet report the node Ready before Weft is installed.
+const PLAIN: [&str; 3] = ["var/lib/containerd", "var/lib/kubelet", "etc/cni/net.d"];
 
 /// How long a node's init may take to set up its mounts.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -275,7 +280,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_paths_map_into_the_overlay_upper_directories() {
+    fn host_paths_map_into_the_overlays_and_plain_directories() {
         let machine = NodeMachine {
             init_pid: 1,
             root: PathBuf::from("/runs/1-0/nodes/node-0/root"),
@@ -284,7 +289,13 @@ mod tests {
         assert_eq!(
             machine.host_path(Path::new("/etc/cni/net.d/10-weft.conflist")),
             Some(PathBuf::from(
-                "/runs/1-0/nodes/node-0/root/upper/etc/cni/net.d/10-weft.conflist"
+                "/runs/1-0/nodes/node-0/root/etc/cni/net.d/10-weft.conflist"
+            ))
+        );
+        assert_eq!(
+            machine.host_path(Path::new("/etc/containerd/config.toml")),
+            Some(PathBuf::from(
+                "/runs/1-0/nodes/node-0/root/upper/etc/containerd/config.toml"
             ))
         );
         assert_eq!(

@@ -212,6 +212,18 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     let client = cluster.client().await?;
     phase.done("three kubelet nodes registered, one behind a router");
     let kubectl = Kubectl::new(&cluster);
+    // No node has a pod network yet, so none is Ready: a CNI config of the
+    // host's must not leak into the nodes and stand in for Weft's.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let ready_early: Vec<String> = nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|node| node_is_ready(node))
+        .filter_map(|node| node.metadata.name.clone())
+        .collect();
+    ensure!(ready_early.is_empty(), "Ready before Weft was installed: {ready_early:?}");
 
     match install {
         Install::Manifests => {
@@ -268,7 +280,6 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         }
     }
 
-    let nodes: Api<Node> = Api::all(client.clone());
     eventually("every node Ready", || async {
         let list = nodes.list(&ListParams::default()).await?;
         Ok((list.items.len() == 3 && list.items.iter().all(node_is_ready)).then_some(()))
