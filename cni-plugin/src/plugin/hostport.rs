@@ -142,6 +142,19 @@ pub(super) fn entries(
     }
     entries.sort();
     entries.dedup();
+    if let Some(pair) = entries
+        .windows(2)
+        .find(|pair| pair[0].collides_with(&pair[1]))
+    {
+        return Err(CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!(
+                "network config field \"runtimeConfig.portMappings\" asks for {} and {}: give each hostPort one target",
+                pair[0].describe(),
+                pair[1].describe()
+            ),
+        ));
+    }
     Ok(entries)
 }
 
@@ -341,7 +354,9 @@ pub(super) fn add(
                     ),
                 ));
             }
-            stale.push(other);
+            if !stale.contains(&other) {
+                stale.push(other);
+            }
         }
     }
     let mut transaction = render_skeleton(slices);
@@ -423,6 +438,18 @@ mod tests {
         let error = entries(&[v6_only], &pod[..1]).unwrap_err();
         assert!(
             error.msg.contains("portMappings[0].hostIP"),
+            "{}",
+            error.msg
+        );
+
+        let first = mapping(8080, Protocol::Tcp, HostIp::Any(None));
+        let twice = PortMapping {
+            container_port: 81,
+            ..first
+        };
+        let error = entries(&[first, twice], &pod).unwrap_err();
+        assert!(
+            error.msg.contains("give each hostPort one target"),
             "{}",
             error.msg
         );

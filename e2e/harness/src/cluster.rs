@@ -201,12 +201,6 @@ impl Cluster {
             spec.underlay_mtu,
         )?;
         underlay::default_route(&outside.netns, &main)?;
-        // The router reaches every node, so the apiserver's connections to
-        // kubelets are made from there.
-        run.forwarder()?.serve_egress(
-            &control_plane.egress_socket,
-            &netns_path(&router).display().to_string(),
-        )?;
         let kubelet_support = match &binaries.node_components {
             Some(components) => {
                 control_plane.start_controllers(&run, components).await?;
@@ -239,6 +233,18 @@ impl Cluster {
             };
             cluster.add_node(segment).await?;
         }
+        // The apiserver's connections to kubelets and pods (exec, logs,
+        // port-forward, the API proxy) leave from the first node, as from a
+        // control-plane node of the pod network: it reaches every node, and
+        // every pod once a pod network runs. Without nodes, from the router.
+        let dial_from = match cluster.nodes.first() {
+            Some(node) => node.netns.clone(),
+            None => router,
+        };
+        cluster.run.forwarder()?.serve_egress(
+            &cluster.control_plane.egress_socket,
+            &netns_path(&dial_from).display().to_string(),
+        )?;
         tracing::info!(run = %cluster.run_dir().display(), nodes = spec.nodes, "cluster up");
         Ok(cluster)
     }

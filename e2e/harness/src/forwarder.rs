@@ -9,9 +9,10 @@
 //! Kubelet nodes also get a listener on the `kubernetes` Service address, where
 //! pods look for the apiserver.
 //!
-//! The other direction, apiserver to kubelet (exec, logs), goes through an
-//! HTTP CONNECT proxy on a Unix socket (the apiserver's egress selector) that
-//! dials from inside the underlay's router namespace, which reaches every node.
+//! The other direction, apiserver to kubelets and pods (exec, logs,
+//! port-forward, the API proxy), goes through an HTTP CONNECT proxy on a Unix
+//! socket (the apiserver's egress selector) that dials from inside the first
+//! node's namespace, as from a control-plane node on the pod network.
 
 use std::fs::File;
 use std::net::SocketAddr;

@@ -223,7 +223,10 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         .filter(|node| node_is_ready(node))
         .filter_map(|node| node.metadata.name.clone())
         .collect();
-    ensure!(ready_early.is_empty(), "Ready before Weft was installed: {ready_early:?}");
+    ensure!(
+        ready_early.is_empty(),
+        "Ready before Weft was installed: {ready_early:?}"
+    );
 
     match install {
         Install::Manifests => {
@@ -364,6 +367,17 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         );
     }
     phase.done("pod-to-pod traffic across nodes and node-to-pod checked");
+
+    // The apiserver reaches every pod, as from a control-plane node on the
+    // pod network: its proxy to each pod's HTTP port answers with the pod.
+    for pod in placed.keys() {
+        let path = format!("/api/v1/namespaces/default/pods/{pod}:{TEST_PORT}/proxy/");
+        let answer = kubectl
+            .run(&["get", "--raw", &path])
+            .with_context(|| format!("the apiserver's proxy to {pod}"))?;
+        ensure!(answer.contains(pod.as_str()), "{path} answered {answer}");
+    }
+    phase.done("the apiserver reaches every pod");
 
     // Uninstall: the workload first (its pods' CNI DEL needs the plugin),
     // then Weft.
