@@ -43,6 +43,7 @@ components=(
   "kube-controller-manager kubernetes k8s.io/kubernetes/cmd/kube-controller-manager $k8s_ldflags"
   "kube-scheduler          kubernetes k8s.io/kubernetes/cmd/kube-scheduler          $k8s_ldflags"
   "kubelet                 kubernetes k8s.io/kubernetes/cmd/kubelet                 $k8s_ldflags"
+  "kube-proxy              kubernetes k8s.io/kubernetes/cmd/kube-proxy              $k8s_ldflags"
 )
 
 cache_root="${WEFT_E2E_CACHE:-/var/cache/weft-e2e}"

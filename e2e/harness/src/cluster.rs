@@ -22,7 +22,7 @@ use crate::images::{self, NodeImages};
 use crate::node::{self, ClusterNode, Outside, Segment};
 use crate::process::ProcessHandle;
 use crate::run::{cleanup, Run, RunGuard};
-use crate::{cgroup, containerd, kubelet, machine, underlay};
+use crate::{cgroup, containerd, kube_proxy, kubelet, machine, underlay};
 
 /// First host number of node addresses on a segment (.1 is the router).
 const FIRST_NODE_HOST: u32 = 10;
@@ -157,6 +157,7 @@ pub struct Cluster {
 /// What every kubelet node is started with.
 struct KubeletSupport {
     kubelet: PathBuf,
+    kube_proxy: PathBuf,
     images: NodeImages,
 }
 
@@ -171,7 +172,12 @@ impl Cluster {
         }
         let binaries = Binaries::locate(spec.node_kind == NodeKind::Kubelet).await?;
         let mut run = RunGuard::new(Run::create()?)?;
-        let control_plane = ControlPlane::start(&run, &binaries).await?;
+        // With kubelet nodes, the `kubernetes` Service's endpoint is the
+        // first node's address, whose forwarder passes it on (see `plumb_node`).
+        let first_node_on_main = spec.nodes > spec.routed_nodes;
+        let advertise = (spec.node_kind == NodeKind::Kubelet && first_node_on_main)
+            .then(|| Segment::Main.addressing().host(FIRST_NODE_HOST));
+        let control_plane = ControlPlane::start(&run, &binaries, advertise).await?;
         run.start_forwarder(control_plane.apiserver)?;
 
         let (fabric, router, outside_netns) = {
@@ -207,6 +213,7 @@ impl Cluster {
                 let images = images::build(&run.dir().join("images"))?;
                 Some(KubeletSupport {
                     kubelet: components.kubelet.clone(),
+                    kube_proxy: components.kube_proxy.clone(),
                     images,
                 })
             }
@@ -502,9 +509,16 @@ impl Cluster {
             node::register(&self.client().await?, node).await?;
         }
         if let Some(support) = &self.kubelet_support {
-            // Pods find the apiserver at the `kubernetes` Service address
-            // (there is no kube-proxy): the node answers on it itself, as
-            // kube-proxy's IPVS mode has Service addresses on a local device.
+            // The apiserver on the node's own address, at its port: the first
+            // node's is the `kubernetes` Service's endpoint, which kube-proxy
+            // sends pods and hostNetwork clients to.
+            let own = SocketAddr::new(
+                node.underlay_ip().into(),
+                self.control_plane.apiserver.port(),
+            );
+            // And on the Service address itself, until kube-proxy has its
+            // rules in place (the node answers on it, as kube-proxy's IPVS
+            // mode has Service addresses on a local device).
             let service = SocketAddrV4::new(KUBERNETES_SERVICE_IP, KUBERNETES_SERVICE_PORT);
             underlay::ip(&[
                 "-n",
@@ -515,14 +529,16 @@ impl Cluster {
                 "dev",
                 "lo",
             ])?;
-            let forward = self
-                .run
-                .forwarder()?
-                .forward_node_at(&netns_path, service.into())?;
-            self.node_forwards
-                .entry(node.name.clone())
-                .or_default()
-                .push(forward);
+            for address in [own, service.into()] {
+                let forward = self
+                    .run
+                    .forwarder()?
+                    .forward_node_at(&netns_path, address)?;
+                self.node_forwards
+                    .entry(node.name.clone())
+                    .or_default()
+                    .push(forward);
+            }
             let machine = machine::start(
                 &self.run,
                 &node.name,
@@ -547,6 +563,14 @@ impl Cluster {
                 &support.kubelet,
             )
             .await?;
+            kube_proxy::start(
+                &self.run,
+                node,
+                &machine,
+                &self.control_plane.pki,
+                self.control_plane.apiserver,
+                &support.kube_proxy,
+            )?;
         }
         Ok(())
     }

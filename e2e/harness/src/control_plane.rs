@@ -48,7 +48,8 @@ const CONTROLLERS_READY_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) struct Binaries {
     kube_apiserver: PathBuf,
     etcd: PathBuf,
-    /// kube-controller-manager, kube-scheduler and kubelet, for kubelet nodes.
+    /// kube-controller-manager, kube-scheduler, kubelet and kube-proxy, for
+    /// kubelet nodes.
     pub(crate) node_components: Option<NodeComponents>,
 }
 
@@ -57,17 +58,24 @@ pub(crate) struct NodeComponents {
     kube_controller_manager: PathBuf,
     kube_scheduler: PathBuf,
     pub(crate) kubelet: PathBuf,
+    pub(crate) kube_proxy: PathBuf,
 }
 
 impl Binaries {
     /// Finds the binaries: `$WEFT_E2E_K8S_BIN` if set, else the versioned
     /// cache that `e2e/k8s/build.sh` fills (building on a cold cache, which
     /// takes many minutes; the script's progress goes to stderr). With
-    /// `kubelet_nodes`, also kube-controller-manager, kube-scheduler and kubelet.
+    /// `kubelet_nodes`, also kube-controller-manager, kube-scheduler, kubelet
+    /// and kube-proxy.
     pub(crate) async fn locate(kubelet_nodes: bool) -> Result<Self> {
         let mut components = vec!["kube-apiserver", "etcd"];
         if kubelet_nodes {
-            components.extend(["kube-controller-manager", "kube-scheduler", "kubelet"]);
+            components.extend([
+                "kube-controller-manager",
+                "kube-scheduler",
+                "kubelet",
+                "kube-proxy",
+            ]);
         }
         let dir = match std::env::var_os("WEFT_E2E_K8S_BIN") {
             Some(dir) => PathBuf::from(dir),
@@ -108,6 +116,7 @@ impl Binaries {
                 kube_controller_manager: dir.join("kube-controller-manager"),
                 kube_scheduler: dir.join("kube-scheduler"),
                 kubelet: dir.join("kubelet"),
+                kube_proxy: dir.join("kube-proxy"),
             }),
         })
     }
@@ -381,12 +390,20 @@ pub(crate) struct ControlPlane {
 impl ControlPlane {
     /// Starts etcd and the apiserver in `run` and waits until the apiserver
     /// reports ready (RBAC bootstrap policy included).
-    pub(crate) async fn start(run: &RunGuard, binaries: &Binaries) -> Result<Self> {
+    ///
+    /// With `advertise`, the `kubernetes` Service gets that address (a
+    /// node's, where the forwarder passes it on) as its endpoint, for
+    /// kube-proxy to send pods to; without, it has no endpoints.
+    pub(crate) async fn start(
+        run: &RunGuard,
+        binaries: &Binaries,
+        advertise: Option<Ipv4Addr>,
+    ) -> Result<Self> {
         let pki = Pki::create(&run.dir().join("pki"))?;
         let kubeconfig = run.dir().join("admin.kubeconfig");
         let mut last_error = None;
         for attempt in 1..=START_ATTEMPTS {
-            let (etcd, kube_apiserver, apiserver) = launch(run, binaries, &pki)?;
+            let (etcd, kube_apiserver, apiserver) = launch(run, binaries, &pki, advertise)?;
             write_kubeconfig(
                 &kubeconfig,
                 apiserver,
@@ -563,6 +580,7 @@ fn launch(
     run: &RunGuard,
     binaries: &Binaries,
     pki: &Pki,
+    advertise: Option<Ipv4Addr>,
 ) -> Result<(ProcessHandle, ProcessHandle, SocketAddr)> {
     let etcd_client = free_port()?;
     let etcd_peer = free_port()?;
@@ -593,10 +611,17 @@ fn launch(
         .arg(format!("--etcd-servers={client_url}"))
         .arg("--bind-address=127.0.0.1")
         .arg(format!("--secure-port={}", apiserver.port()))
-        .arg("--advertise-address=127.0.0.1")
-        // The "kubernetes" Service's endpoints may not be loopback, and
-        // nothing in a Weft test reaches the apiserver through that Service.
-        .arg("--endpoint-reconciler-type=none")
+        .args(match advertise {
+            Some(address) => [
+                format!("--advertise-address={address}"),
+                "--endpoint-reconciler-type=lease".to_owned(),
+            ],
+            // The "kubernetes" Service's endpoints may not be loopback.
+            None => [
+                "--advertise-address=127.0.0.1".to_owned(),
+                "--endpoint-reconciler-type=none".to_owned(),
+            ],
+        })
         .arg(format!("--cert-dir={}", run.dir().join("pki").display()))
         .arg(format!("--tls-cert-file={}", file(&pki.serving_cert)))
         .arg(format!("--tls-private-key-file={}", file(&pki.serving_key)))

@@ -36,6 +36,7 @@ mod control_plane;
 mod exec;
 mod forwarder;
 mod images;
+mod kube_proxy;
 mod kubelet;
 mod machine;
 mod node;

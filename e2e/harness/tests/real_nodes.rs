@@ -1,10 +1,13 @@
 //! Weft deployed the way a cluster operator deploys it, on three nodes that
-//! each run containerd and a kubelet: installed from `manifests/` and, in a
+//! each run containerd, a kubelet and kube-proxy, one behind a router: no
+//! node Ready before the install; installed from `manifests/` and, in a
 //! second run, with `helm install`; agents Running everywhere, the init
 //! container's plugin installed, nodes Ready with their slices, a Deployment
 //! spread over the nodes whose pods reach each other by pod IP, each node
-//! reaching its pods; then the uninstall, and a teardown that leaves nothing
-//! on the host. Also: a run killed outright leaves nothing once cleaned up.
+//! reaching its pods, the apiserver reaching every pod through its proxy,
+//! and a ClusterIP Service reaching every backend from every pod; then the
+//! uninstall, and a teardown that leaves nothing on the host. Also: a run
+//! killed outright leaves nothing once cleaned up.
 //! Needs root, containerd and runc.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -379,6 +382,53 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     }
     phase.done("the apiserver reaches every pod");
 
+    // Services through kube-proxy: the `kubernetes` Service's endpoint is a
+    // node, and a ClusterIP in front of the test pods answers every pod,
+    // from backends on its own node and on others.
+    let endpoints = kubectl.run(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={.subsets[*].addresses[*].ip}",
+    ])?;
+    let first_node = cluster.nodes()[0].underlay_ip().to_string();
+    ensure!(
+        endpoints.trim() == first_node,
+        "kubernetes Service endpoints: {endpoints:?}"
+    );
+    kubectl.apply_stdin(&test_service())?;
+    let cluster_ip = kubectl.run(&[
+        "get",
+        "service",
+        TEST_DEPLOYMENT,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    for from in placed.keys() {
+        let served = std::cell::RefCell::new(BTreeSet::new());
+        let request = format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 80",
+            cluster_ip.trim()
+        );
+        eventually(
+            &format!("every test pod answering {from} through the Service"),
+            || async {
+                if let Ok(answer) = kubectl.run(&["exec", from, "--", "sh", "-c", &request]) {
+                    served.borrow_mut().extend(
+                        placed
+                            .keys()
+                            .filter(|pod| answer.contains(pod.as_str()))
+                            .cloned(),
+                    );
+                }
+                Ok((served.borrow().len() == placed.len()).then_some(()))
+            },
+        )
+        .await?;
+    }
+    phase.done("a ClusterIP Service reaches every backend from every pod");
+
     // Uninstall: the workload first (its pods' CNI DEL needs the plugin),
     // then Weft.
     kubectl.run(&["delete", "deployment", TEST_DEPLOYMENT, "--wait=true"])?;
@@ -434,6 +484,20 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
 }
 
 /// The test Deployment's manifest.
+/// A ClusterIP Service on port 80 in front of the test pods.
+fn test_service() -> String {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": TEST_DEPLOYMENT, "namespace": "default" },
+        "spec": {
+            "selector": { "app": TEST_DEPLOYMENT },
+            "ports": [{ "port": 80, "targetPort": TEST_PORT, "protocol": "TCP" }],
+        },
+    })
+    .to_string()
+}
+
 fn test_deployment() -> String {
     serde_json::json!({
         "apiVersion": "apps/v1",

@@ -1,4 +1,4 @@
-// Builds the Kubernetes control-plane binaries for Weft's e2e harness from the
+// Builds the Kubernetes control-plane and node binaries for Weft's e2e harness from the
 // published module. k8s.io/kubernetes points its staging modules at paths
 // inside its own tree, and replace directives of a dependency are ignored, so
 // this module repeats each one with the staging module's published version
@@ -14,6 +14,7 @@ tool (
 	k8s.io/kubernetes/cmd/kube-controller-manager
 	k8s.io/kubernetes/cmd/kube-scheduler
 	k8s.io/kubernetes/cmd/kubelet
+	k8s.io/kubernetes/cmd/kube-proxy
 )
 
 require (
