@@ -54,6 +54,28 @@ pub struct ClusterSpec {
     /// imported into every kubelet node's containerd, beside the harness's
     /// own [`crate::PAUSE_IMAGE`] and [`crate::BUSYBOX_IMAGE`].
     pub images: Vec<PathBuf>,
+    /// The mode of kube-proxy on kubelet nodes.
+    pub proxy_mode: ProxyMode,
+}
+
+/// kube-proxy's mode on kubelet nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// `--proxy-mode=nftables`.
+    #[default]
+    Nftables,
+    /// `--proxy-mode=iptables` (the iptables-nft backend here).
+    Iptables,
+}
+
+impl ProxyMode {
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Nftables => "nftables",
+            ProxyMode::Iptables => "iptables",
+        }
+    }
 }
 
 /// What a node of the cluster is.
@@ -80,6 +102,7 @@ impl Default for ClusterSpec {
             register_nodes: true,
             node_kind: NodeKind::Namespace,
             images: Vec::new(),
+            proxy_mode: ProxyMode::default(),
         }
     }
 }
@@ -570,6 +593,7 @@ impl Cluster {
                 &self.control_plane.pki,
                 self.control_plane.apiserver,
                 &support.kube_proxy,
+                self.spec.proxy_mode,
             )?;
         }
         Ok(())

@@ -1,11 +1,12 @@
 //! kube-proxy on a kubelet node: Services (the `kubernetes` one included)
-//! work for pods and the node as in a real cluster, in nftables mode by
-//! default or iptables mode on request (`WEFT_E2E_PROXY_MODE=iptables`).
+//! work for pods and the node as in a real cluster, in the mode the cluster
+//! spec asks for.
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
+use crate::cluster::ProxyMode;
 use crate::control_plane::{write_kubeconfig, Credentials, Pki};
 use crate::machine::NodeMachine;
 use crate::node::ClusterNode;
@@ -15,15 +16,6 @@ use crate::run::RunGuard;
 /// The pod network every real-node test installs (the manifests' default),
 /// from which kube-proxy tells pod traffic from the rest.
 pub(crate) const CLUSTER_CIDR: &str = "10.244.0.0/16";
-
-/// The proxy mode: `$WEFT_E2E_PROXY_MODE`, else nftables.
-fn mode() -> Result<String> {
-    let mode = std::env::var("WEFT_E2E_PROXY_MODE").unwrap_or_else(|_| "nftables".into());
-    if !["nftables", "iptables"].contains(&mode.as_str()) {
-        bail!("WEFT_E2E_PROXY_MODE={mode:?}: use nftables or iptables");
-    }
-    Ok(mode)
-}
 
 /// Starts the node's kube-proxy (`<node>-kube-proxy`) as `system:kube-proxy`,
 /// the user the API server's bootstrap policy binds to `system:node-proxier`.
@@ -37,6 +29,7 @@ pub(crate) fn start(
     pki: &Pki,
     apiserver: std::net::SocketAddr,
     binary: &Path,
+    mode: ProxyMode,
 ) -> Result<ProcessHandle> {
     let user = "system:kube-proxy";
     let certificate =
@@ -56,7 +49,7 @@ pub(crate) fn start(
     command
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .arg(format!("--hostname-override={}", node.name))
-        .arg(format!("--proxy-mode={}", mode()?))
+        .arg(format!("--proxy-mode={}", mode.as_str()))
         .arg(format!("--cluster-cidr={CLUSTER_CIDR}"))
         .arg("--conntrack-max-per-core=0")
         .arg("--conntrack-tcp-timeout-established=0s")

@@ -45,7 +45,7 @@ mod process;
 mod run;
 mod underlay;
 
-pub use cluster::{Cluster, ClusterSpec, NodeKind};
+pub use cluster::{Cluster, ClusterSpec, NodeKind, ProxyMode};
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 pub use machine::NodeMachine;
 pub use node::{ClusterNode, Outside, Segment};

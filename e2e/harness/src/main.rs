@@ -10,7 +10,7 @@ use std::process::Stdio;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
-use weft_e2e::{cleanup_leftovers, stop_held_clusters, Cluster, ClusterSpec, NodeKind};
+use weft_e2e::{cleanup_leftovers, stop_held_clusters, Cluster, ClusterSpec, NodeKind, ProxyMode};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +47,9 @@ enum Action {
         /// repeatable.
         #[arg(long = "image", value_name = "ARCHIVE", requires = "kubelet")]
         images: Vec<PathBuf>,
+        /// kube-proxy's mode on kubelet nodes.
+        #[arg(long, value_enum, default_value_t = ProxyMode::Nftables, requires = "kubelet")]
+        proxy_mode: ProxyMode,
         /// Return once the cluster is up, leaving it running in the background
         /// until `weft-e2e down`; its messages go to the file named on stderr.
         #[arg(long)]
@@ -76,6 +79,7 @@ async fn main() -> Result<()> {
             no_register,
             kubelet,
             images,
+            proxy_mode,
             detach: false,
         } => {
             up(ClusterSpec {
@@ -88,6 +92,7 @@ async fn main() -> Result<()> {
                     false => NodeKind::Namespace,
                 },
                 images,
+                proxy_mode,
             })
             .await
         }

@@ -1,13 +1,15 @@
 //! Weft deployed the way a cluster operator deploys it, on three nodes that
 //! each run containerd, a kubelet and kube-proxy, one behind a router: no
-//! node Ready before the install; installed from `manifests/` and, in a
-//! second run, with `helm install`; agents Running everywhere, the init
-//! container's plugin installed, nodes Ready with their slices, a Deployment
-//! spread over the nodes whose pods reach each other by pod IP, each node
-//! reaching its pods, the apiserver reaching every pod through its proxy,
-//! and a ClusterIP Service reaching every backend from every pod; then the
-//! uninstall, and a teardown that leaves nothing on the host. Also: a run
-//! killed outright leaves nothing once cleaned up.
+//! node Ready before the install; installed from `manifests/` (kube-proxy
+//! in nftables mode) and, in a second run, with `helm install` (iptables
+//! mode); agents Running everywhere, the init container's plugin installed,
+//! nodes Ready with their slices, a Deployment spread over the nodes whose
+//! pods reach each other by pod IP, each node reaching its pods, the
+//! apiserver reaching every pod through its proxy, a ClusterIP Service
+//! reaching every backend from every pod with the client's own address, and
+//! pods reaching the outside with their node's; then the uninstall, and a
+//! teardown that leaves nothing on the host. Also: a run killed outright
+//! leaves nothing once cleaned up.
 //! Needs root, containerd and runc.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,7 +23,8 @@ use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use tokio::sync::Mutex;
-use weft_e2e::{cleanup_leftovers, Cluster, ClusterNode, ClusterSpec, BUSYBOX_IMAGE};
+use weft::netns::Netns;
+use weft_e2e::{cleanup_leftovers, Cluster, ClusterNode, ClusterSpec, ProxyMode, BUSYBOX_IMAGE};
 
 /// The tests here take turns: a few kubelets at a time is all two cores carry.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -45,6 +48,8 @@ const KUBELET_TUNABLES: [&str; 6] = [
 /// anti-affinity), answering with its pod name.
 const TEST_DEPLOYMENT: &str = "web";
 const TEST_PORT: u16 = 8080;
+/// The port of the test's server in the outside namespace.
+const OUTSIDE_PORT: u16 = 9000;
 
 #[derive(Debug)]
 enum Install {
@@ -59,6 +64,15 @@ impl Install {
         match self {
             Install::Manifests => "kube-system",
             Install::Helm { .. } => "weft-system",
+        }
+    }
+
+    /// Each flow runs kube-proxy in one of its two modes, so both are
+    /// checked beside Weft.
+    fn proxy_mode(&self) -> ProxyMode {
+        match self {
+            Install::Manifests => ProxyMode::Nftables,
+            Install::Helm { .. } => ProxyMode::Iptables,
         }
     }
 }
@@ -205,6 +219,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     // an L3 hop, so only the overlay carries it.
     let cluster = Cluster::start(ClusterSpec {
         routed_nodes: 1,
+        proxy_mode: install.proxy_mode(),
         ..ClusterSpec::kubelet_nodes(3, vec![image.to_owned()])
     })
     .await?;
@@ -405,29 +420,64 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         "-o",
         "jsonpath={.spec.clusterIP}",
     ])?;
-    for from in placed.keys() {
+    for (from, (_, from_ip)) in &placed {
         let served = std::cell::RefCell::new(BTreeSet::new());
         let request = format!(
-            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 80",
+            "printf 'GET /cgi-bin/peer HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 80",
             cluster_ip.trim()
         );
         eventually(
             &format!("every test pod answering {from} through the Service"),
             || async {
-                if let Ok(answer) = kubectl.run(&["exec", from, "--", "sh", "-c", &request]) {
-                    served.borrow_mut().extend(
-                        placed
-                            .keys()
-                            .filter(|pod| answer.contains(pod.as_str()))
-                            .cloned(),
-                    );
-                }
+                let Ok(answer) = kubectl.run(&["exec", from, "--", "sh", "-c", &request]) else {
+                    return Ok(None);
+                };
+                // kube-proxy leaves pod-to-Service traffic unmasqueraded, and
+                // so must Weft: another backend sees the client pod itself.
+                // (A pod reaching itself through the Service is masqueraded by
+                // kube-proxy, as hairpin traffic must be.)
+                let line = answer.lines().last().unwrap_or_default().to_owned();
+                let [backend, seen] = line.split_whitespace().collect::<Vec<_>>()[..] else {
+                    return Ok(None);
+                };
+                // busybox httpd writes an IPv4 client as [::ffff:a.b.c.d].
+                let seen = seen
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .trim_start_matches("::ffff:");
+                ensure!(
+                    backend == from || seen == from_ip.to_string(),
+                    "{backend} saw {from} ({from_ip}) as {seen}"
+                );
+                served.borrow_mut().insert(backend.to_owned());
                 Ok((served.borrow().len() == placed.len()).then_some(()))
             },
         )
         .await?;
     }
     phase.done("a ClusterIP Service reaches every backend from every pod");
+
+    // Pods to outside the cluster, with kube-proxy's rules in place too:
+    // masqueraded to their node's address.
+    let outside = cluster.outside().clone();
+    let listener = Netns::open(format!("/var/run/netns/{}", outside.netns))?
+        .run_here(|| std::net::TcpListener::bind((outside.ip(), OUTSIDE_PORT)))??;
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            if let Ok(peer) = stream.peer_addr() {
+                let _ = std::io::Write::write_all(&mut stream, peer.ip().to_string().as_bytes());
+            }
+        }
+    });
+    for (pod, (node_name, _)) in &placed {
+        let node = cluster.node(node_name).context("the pod's node")?;
+        let request = format!("nc -w 5 {} {OUTSIDE_PORT} </dev/null", outside.ip());
+        let seen = kubectl.run(&["exec", pod, "--", "sh", "-c", &request])?;
+        ensure!(
+            seen.trim() == node.underlay_ip().to_string(),
+            "the outside saw {pod} (on {node_name}) as {seen:?}"
+        );
+    }
+    phase.done("pods reach the outside with their node's address");
 
     // Uninstall: the workload first (its pods' CNI DEL needs the plugin),
     // then Weft.
@@ -483,7 +533,11 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     Ok(run)
 }
 
-/// The test Deployment's manifest.
+/// The test pods' `/cgi-bin/peer`: the pod's name and the address the
+/// request came from (a printf format: `\n` is a newline).
+const PEER_CGI: &str =
+    "#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho $(hostname) $REMOTE_ADDR\\n";
+
 /// A ClusterIP Service on port 80 in front of the test pods.
 fn test_service() -> String {
     serde_json::json!({
@@ -498,6 +552,7 @@ fn test_service() -> String {
     .to_string()
 }
 
+/// The test Deployment's manifest.
 fn test_deployment() -> String {
     serde_json::json!({
         "apiVersion": "apps/v1",
@@ -522,7 +577,7 @@ fn test_deployment() -> String {
                         "image": BUSYBOX_IMAGE,
                         "imagePullPolicy": "Never",
                         "command": ["sh", "-c", format!(
-                            "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {TEST_PORT} -h /www"
+                            "mkdir -p /www/cgi-bin && hostname > /www/index.html && printf '{PEER_CGI}' > /www/cgi-bin/peer && chmod +x /www/cgi-bin/peer && exec httpd -f -p {TEST_PORT} -h /www"
                         )],
                         "readinessProbe": { "tcpSocket": { "port": TEST_PORT }, "periodSeconds": 1 },
                     }],
