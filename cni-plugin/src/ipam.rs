@@ -239,6 +239,15 @@ impl Store {
         }
     }
 
+    /// Every allocated address, whoever holds it.
+    pub fn allocated_ips(&self) -> Result<HashSet<IpAddr>, IpamError> {
+        Ok(self
+            .allocations()?
+            .into_iter()
+            .map(|allocation| allocation.ip)
+            .collect())
+    }
+
     /// Frees every allocation whose owner is not in `valid` (including files
     /// without a valid owner) and removes leftover temp files. Returns the
     /// freed allocations.

@@ -145,6 +145,10 @@ impl Ledger {
     /// returns the indexes of those that are new occurrences: not found at
     /// the node's previous reconcile.
     fn observe(&mut self, node: &str, findings: &[(&'static str, String)], now: Now) -> Vec<usize> {
+        // A fine node that never had a problem needs no entry: most nodes.
+        if findings.is_empty() && !self.nodes.contains_key(node) {
+            return Vec::new();
+        }
         let log = self.nodes.entry(node.to_owned()).or_default();
         let fresh: Vec<usize> = (0..findings.len())
             .filter(|&index| !log.current.contains(&findings[index]))

@@ -7,7 +7,6 @@
 //! leaves nothing behind; the bridge and its gateway addresses are shared by
 //! every pod and stay.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 
 use futures::future::try_join_all;
@@ -98,12 +97,7 @@ fn map_host_ports(
         return Ok(());
     }
     let entries = hostport::entries(mappings, ips)?;
-    let allocated: HashSet<IpAddr> = store
-        .allocations()
-        .map_err(ipam_error)?
-        .into_iter()
-        .map(|allocation| allocation.ip)
-        .collect();
+    let allocated = store.allocated_ips().map_err(ipam_error)?;
     let slices: Vec<IpNet> = network.families.iter().map(|f| f.subnet).collect();
     hostport::add(&entries, &slices, &allocated)
 }

@@ -96,12 +96,7 @@ pub(super) async fn gc(conf: &NetConf) -> Result<(), CniError> {
     let freed = store.gc(valid).map_err(ipam_error)?;
     // What is left is held by valid attachments: a hostPort pointing
     // anywhere else is stale.
-    let held: HashSet<IpAddr> = store
-        .allocations()
-        .map_err(ipam_error)?
-        .into_iter()
-        .map(|allocation| allocation.ip)
-        .collect();
+    let held = store.allocated_ips().map_err(ipam_error)?;
     let unmapped = hostport::remove_where(|ip| held.contains(&ip))?;
     tracing::debug!(
         devices = stale.len(),

@@ -213,8 +213,8 @@ impl Netlink {
 
     /// Makes `addresses` the only addresses on the link, whatever their
     /// family (IPv6 link-local addresses, which the kernel manages, are
-    /// kept). Used
-    /// for the VTEP addresses, which change when the node's slice does.
+    /// kept). Used for the VTEP addresses, which change when the node's
+    /// slice does.
     pub async fn set_exact_addresses(
         &self,
         link_index: u32,
