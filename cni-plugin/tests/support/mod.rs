@@ -340,11 +340,25 @@ impl Node {
 
     /// Everything a failed invocation must leave unchanged: links with
     /// their addresses and routes in the node namespace, and the IPAM store.
+    ///
+    /// IPv6 link-local addresses and their routes are left out, and so is an
+    /// address's `tentative` flag: the kernel adds and settles them on its own
+    /// (duplicate address detection takes a second or more), so comparing
+    /// them would compare timing, not what the plugin did.
     pub fn snapshot(&self) -> Result<String> {
-        let links = self.netns.exec_ok(&["ip", "-o", "addr", "show"])?;
-        let routes = self
-            .netns
-            .exec_ok(&["ip", "route", "show", "table", "all"])?;
+        let ours = |listing: String| -> String {
+            listing
+                .lines()
+                .filter(|line| !line.contains("fe80:"))
+                .map(|line| line.replace(" tentative", ""))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let links = ours(self.netns.exec_ok(&["ip", "-o", "addr", "show"])?);
+        let routes = ours(
+            self.netns
+                .exec_ok(&["ip", "route", "show", "table", "all"])?,
+        );
         let store = self.allocations()?;
         Ok(format!("{links}\n{routes}\n{store:?}"))
     }
