@@ -239,13 +239,15 @@ impl Store {
         }
     }
 
-    /// Every allocated address, whoever holds it.
-    pub fn allocated_ips(&self) -> Result<HashSet<IpAddr>, IpamError> {
-        Ok(self
-            .allocations()?
-            .into_iter()
-            .map(|allocation| allocation.ip)
-            .collect())
+    /// Runs `work` on the allocations while holding the store's lock, so
+    /// that what `work` decides from them (e.g. which hostPort mappings are
+    /// stale) stays true until it returns: no other operation on this store
+    /// runs meanwhile. Without a store, `work` sees no allocations.
+    pub fn while_locked<T>(&self, work: impl FnOnce(&[Allocation]) -> T) -> Result<T, IpamError> {
+        match self.lock(false)? {
+            Some(_lock) => Ok(work(&self.scan()?)),
+            None => Ok(work(&[])),
+        }
     }
 
     /// Frees every allocation whose owner is not in `valid` (including files

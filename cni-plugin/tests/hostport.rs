@@ -295,3 +295,44 @@ fn a_taken_host_port_is_refused_and_freed_by_del_or_gc() -> Result<()> {
     ensure!(left.contains("8080") && !left.contains("9000"), "{left}");
     Ok(())
 }
+
+#[test]
+fn two_adds_racing_for_one_host_port_give_one_mapping_and_one_refusal() -> Result<()> {
+    if !root_or_skip("two_adds_racing_for_one_host_port_give_one_mapping_and_one_refusal") {
+        return Ok(());
+    }
+    let node = Node::new("hpr")?;
+    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    let port = mappings(json!([{ "hostPort": 8080, "containerPort": 80 }]));
+    let (first, second) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| add(&node, "hpr-a", &a, &port));
+        let second = scope.spawn(|| add(&node, "hpr-b", &b, &port));
+        (first.join(), second.join())
+    });
+    let replies = [
+        first.expect("ADD thread panicked")?,
+        second.expect("ADD thread panicked")?,
+    ];
+    let codes: Vec<Option<u64>> = replies.iter().map(Reply::error_code).collect();
+    ensure!(
+        codes.contains(&None) && codes.contains(&Some(103)),
+        "want one success and one refusal with code 103, got {codes:?}: {:?}",
+        replies.iter().map(Reply::error_msg).collect::<Vec<_>>()
+    );
+    // The mappings point at the winner alone.
+    let winner = &replies[codes.iter().position(Option::is_none).unwrap_or_default()];
+    let winner_ips: Vec<String> = winner
+        .addresses()
+        .iter()
+        .filter_map(|address| address.split('/').next().map(str::to_owned))
+        .collect();
+    let listed = elements(&node)?;
+    ensure!(
+        !listed.is_empty()
+            && listed
+                .lines()
+                .all(|line| winner_ips.iter().any(|ip| line.contains(ip.as_str()))),
+        "mappings {listed} should all point at {winner_ips:?}"
+    );
+    Ok(())
+}

@@ -97,9 +97,15 @@ fn map_host_ports(
         return Ok(());
     }
     let entries = hostport::entries(mappings, ips)?;
-    let allocated = store.allocated_ips().map_err(ipam_error)?;
     let slices: Vec<IpNet> = network.families.iter().map(|f| f.subnet).collect();
-    hostport::add(&entries, &slices, &allocated)
+    // Under the store's lock, so two ADDs wanting one hostPort cannot both
+    // find it free: the second sees the first's mapping and is refused.
+    store
+        .while_locked(|allocations| {
+            let allocated = allocations.iter().map(|allocation| allocation.ip).collect();
+            hostport::add(&entries, &slices, &allocated)
+        })
+        .map_err(ipam_error)?
 }
 
 /// Refuses an ADD whose CNI_IFNAME is already taken in the pod, unless it is

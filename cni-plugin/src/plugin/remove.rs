@@ -33,14 +33,16 @@ pub(super) async fn del(invocation: &Invocation, conf: &NetConf) -> Result<(), C
         .and_then(|mappings| mappings.as_array())
         .is_some_and(|mappings| !mappings.is_empty());
     if had_host_ports {
-        let pod_ips: HashSet<IpAddr> = store
-            .allocations()
-            .map_err(ipam_error)?
-            .into_iter()
-            .filter(|allocation| allocation.owner.as_ref() == Some(attachment))
-            .map(|allocation| allocation.ip)
-            .collect();
-        hostport::remove_where(|ip| !pod_ips.contains(&ip))?;
+        store
+            .while_locked(|allocations| {
+                let pod_ips: HashSet<IpAddr> = allocations
+                    .iter()
+                    .filter(|allocation| allocation.owner.as_ref() == Some(attachment))
+                    .map(|allocation| allocation.ip)
+                    .collect();
+                hostport::remove_where(|ip| !pod_ips.contains(&ip))
+            })
+            .map_err(ipam_error)??;
     }
     let removal = HostVeth::of(&conf.name, attachment)
         .remove(&node_nl)
@@ -96,8 +98,13 @@ pub(super) async fn gc(conf: &NetConf) -> Result<(), CniError> {
     let freed = store.gc(valid).map_err(ipam_error)?;
     // What is left is held by valid attachments: a hostPort pointing
     // anywhere else is stale.
-    let held = store.allocated_ips().map_err(ipam_error)?;
-    let unmapped = hostport::remove_where(|ip| held.contains(&ip))?;
+    let unmapped = store
+        .while_locked(|allocations| {
+            let held: HashSet<IpAddr> =
+                allocations.iter().map(|allocation| allocation.ip).collect();
+            hostport::remove_where(|ip| held.contains(&ip))
+        })
+        .map_err(ipam_error)??;
     tracing::debug!(
         devices = stale.len(),
         addresses = freed.len(),

@@ -26,7 +26,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
 /// cgroupfs driver (no systemd), a cgroup root of the node's own (all nodes
 /// share the cgroup tree), no swap check, no image garbage collection (the
 /// images cannot be pulled back) and eviction thresholds low enough that a
-/// busy disk never taints the node. No cluster DNS runs, and the node has no
+/// busy disk never taints the node: absolute sizes, since a percentage of a
+/// large shared disk is gigabytes that the test machine's builds may use. No cluster DNS runs, and the node has no
 /// resolv.conf to hand to pods.
 fn config(node: &ClusterNode, machine: &NodeMachine, ca_cert: &Path) -> serde_json::Value {
     json!({
@@ -52,9 +53,9 @@ fn config(node: &ClusterNode, machine: &NodeMachine, ca_cert: &Path) -> serde_js
         "imageGCLowThresholdPercent": 99,
         "evictionHard": {
             "memory.available": "50Mi",
-            "nodefs.available": "1%",
+            "nodefs.available": "256Mi",
             "nodefs.inodesFree": "1%",
-            "imagefs.available": "1%",
+            "imagefs.available": "256Mi",
         },
         // Readiness shows soon after the network plugin is installed.
         "nodeStatusUpdateFrequency": "4s",
