@@ -1,5 +1,6 @@
-# The two commands of the README's quick start, plus the benchmarks.
-.PHONY: demo demo-plugin test bench cleanup
+# The two commands of the README's quick start, plus the benchmarks and the
+# upstream network e2e tests.
+.PHONY: demo demo-plugin test bench conformance cleanup
 
 ## Run the demo (needs root): see README "Quick start".
 demo:
@@ -16,6 +17,11 @@ test:
 ## Run the benchmarks (release builds), figures go to the README's Performance section.
 bench:
 	scripts/bench
+
+## Kubernetes' network e2e tests against Weft on kubelet nodes (needs root):
+## the table goes to e2e/conformance/RESULTS.md.
+conformance:
+	cargo run -q -p weft-e2e --bin weft-e2e -- conformance
 
 ## Remove what a crashed test or demo run left behind.
 cleanup:

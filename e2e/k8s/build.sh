@@ -5,7 +5,8 @@
 #
 # Usage: build.sh [COMPONENT...]   (default: every component below)
 # The namespace-node tests need only kube-apiserver and etcd; the real-node tests
-# (kubelet + containerd per node) need all five. Each binary is built once and
+# (kubelet + containerd per node) also the controllers, kubelet, kube-proxy and
+# CoreDNS; `make conformance` also e2e.test and agnhost. Each binary is built once and
 # moved into the cache on its own, so asking for more later builds only the
 # missing ones.
 #
@@ -19,7 +20,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-# The versions are the ones pinned in the two go.mod files beside this script.
+# The versions are the ones pinned in the go.mod files beside this script.
 module_version() {
   awk -v m="$2" '$1 == m { print $2; exit } $1 == "require" && $2 == m { print $3; exit }' "$here/$1/go.mod"
 }
@@ -44,6 +45,12 @@ components=(
   "kube-scheduler          kubernetes k8s.io/kubernetes/cmd/kube-scheduler          $k8s_ldflags"
   "kubelet                 kubernetes k8s.io/kubernetes/cmd/kubelet                 $k8s_ldflags"
   "kube-proxy              kubernetes k8s.io/kubernetes/cmd/kube-proxy              $k8s_ldflags"
+  # The upstream network e2e tests, trimmed (kubernetes/netsuite, a test
+  # binary), and the server their pods run, for `make conformance`.
+  "e2e.test                kubernetes weft.local/e2e/kubernetes/netsuite            $k8s_ldflags"
+  "agnhost                 kubernetes k8s.io/kubernetes/test/images/agnhost         $k8s_ldflags"
+  # kubeadm's CoreDNS for this Kubernetes release (coredns/go.mod).
+  "coredns                 coredns    weft.local/e2e/coredns                        -s -w"
 )
 
 cache_root="${WEFT_E2E_CACHE:-/var/cache/weft-e2e}"

@@ -111,9 +111,19 @@ fn parse_entry(index: usize, entry: &Value) -> Result<PortMapping, CniError> {
             "is not an object: write {\"hostPort\": 8080, \"containerPort\": 80}",
         ));
     };
+    // containerd (go-cni) sends Go's field names, `HostPort`, `ContainerPort`,
+    // `Protocol`, `HostIP`: its struct has no JSON tags, and Go plugins match
+    // keys without regard to case. So does this, preferring the exact key.
+    let get = |name: &str| {
+        entry.get(name).or_else(|| {
+            entry
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value)
+        })
+    };
     let port = |name: &str| -> Result<u16, CniError> {
-        entry
-            .get(name)
+        get(name)
             .and_then(Value::as_u64)
             .and_then(|port| u16::try_from(port).ok())
             .filter(|port| *port != 0)
@@ -121,7 +131,7 @@ fn parse_entry(index: usize, entry: &Value) -> Result<PortMapping, CniError> {
     };
     let host_port = port("hostPort")?;
     let container_port = port("containerPort")?;
-    let protocol = match entry.get("protocol") {
+    let protocol = match get("protocol") {
         None | Some(Value::Null) => Protocol::Tcp,
         Some(Value::String(text)) if text.is_empty() => Protocol::Tcp,
         Some(Value::String(text)) => Protocol::parse(text)
@@ -133,7 +143,7 @@ fn parse_entry(index: usize, entry: &Value) -> Result<PortMapping, CniError> {
             ))
         }
     };
-    let host_ip = match entry.get("hostIP") {
+    let host_ip = match get("hostIP") {
         None | Some(Value::Null) => HostIp::Any(None),
         Some(Value::String(text)) if text.is_empty() => HostIp::Any(None),
         Some(Value::String(text)) => match text.parse::<IpAddr>() {
@@ -217,6 +227,23 @@ mod tests {
         assert!(PortMapping::from_runtime_config(&Map::new())
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn reads_what_containerd_sends() {
+        let mappings = parse(json!([
+            { "HostPort": 54323, "ContainerPort": 8080, "Protocol": "tcp", "HostIP": "127.0.0.1" },
+        ]))
+        .unwrap();
+        assert_eq!(
+            mappings,
+            [PortMapping {
+                host_port: 54323,
+                container_port: 8080,
+                protocol: Protocol::Tcp,
+                host_ip: HostIp::Address("127.0.0.1".parse().unwrap()),
+            }]
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::images::{self, NodeImages};
 use crate::node::{self, ClusterNode, Outside, Segment};
 use crate::process::ProcessHandle;
 use crate::run::{cleanup, Run, RunGuard};
-use crate::{cgroup, containerd, kube_proxy, kubelet, machine, underlay};
+use crate::{cgroup, containerd, dns, kube_proxy, kubelet, machine, underlay};
 
 /// First host number of node addresses on a segment (.1 is the router).
 const FIRST_NODE_HOST: u32 = 10;
@@ -233,7 +233,10 @@ impl Cluster {
         let kubelet_support = match &binaries.node_components {
             Some(components) => {
                 control_plane.start_controllers(&run, components).await?;
-                let images = images::build(&run.dir().join("images"))?;
+                // Cluster DNS is an addon of the control plane, as with
+                // `kubeadm init`; its pods wait for a network plugin.
+                dns::install(&client_from_kubeconfig(&control_plane.kubeconfig).await?).await?;
+                let images = images::build(&run.dir().join("images"), &components.coredns)?;
                 Some(KubeletSupport {
                     kubelet: components.kubelet.clone(),
                     kube_proxy: components.kube_proxy.clone(),

@@ -30,7 +30,7 @@ const START_ATTEMPTS: usize = 3;
 const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// The Service address range (`--service-cluster-ip-range`).
-const SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/12";
+pub(crate) const SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/12";
 
 /// The `kubernetes` Service's ClusterIP: the first address of the Service
 /// range. Pods find the apiserver there (`KUBERNETES_SERVICE_HOST`), so the
@@ -48,8 +48,8 @@ const CONTROLLERS_READY_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) struct Binaries {
     kube_apiserver: PathBuf,
     etcd: PathBuf,
-    /// kube-controller-manager, kube-scheduler, kubelet and kube-proxy, for
-    /// kubelet nodes.
+    /// kube-controller-manager, kube-scheduler, kubelet, kube-proxy and
+    /// CoreDNS, for kubelet nodes.
     pub(crate) node_components: Option<NodeComponents>,
 }
 
@@ -59,14 +59,14 @@ pub(crate) struct NodeComponents {
     kube_scheduler: PathBuf,
     pub(crate) kubelet: PathBuf,
     pub(crate) kube_proxy: PathBuf,
+    /// The cluster DNS server, packed into an image (see [`crate::dns`]).
+    pub(crate) coredns: PathBuf,
 }
 
 impl Binaries {
-    /// Finds the binaries: `$WEFT_E2E_K8S_BIN` if set, else the versioned
-    /// cache that `e2e/k8s/build.sh` fills (building on a cold cache, which
-    /// takes many minutes; the script's progress goes to stderr). With
-    /// `kubelet_nodes`, also kube-controller-manager, kube-scheduler, kubelet
-    /// and kube-proxy.
+    /// Finds kube-apiserver and etcd with [`k8s_binaries`]; with
+    /// `kubelet_nodes`, also kube-controller-manager, kube-scheduler, kubelet,
+    /// kube-proxy and coredns.
     pub(crate) async fn locate(kubelet_nodes: bool) -> Result<Self> {
         let mut components = vec!["kube-apiserver", "etcd"];
         if kubelet_nodes {
@@ -75,40 +75,10 @@ impl Binaries {
                 "kube-scheduler",
                 "kubelet",
                 "kube-proxy",
+                "coredns",
             ]);
         }
-        let dir = match std::env::var_os("WEFT_E2E_K8S_BIN") {
-            Some(dir) => PathBuf::from(dir),
-            None => {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/build.sh");
-                let output = tokio::process::Command::new("bash")
-                    .arg(&script)
-                    .args(&components)
-                    .stderr(std::process::Stdio::inherit())
-                    .output()
-                    .await
-                    .with_context(|| format!("running {}", script.display()))?;
-                if !output.status.success() {
-                    bail!(
-                        "{} failed ({}); its output above says why",
-                        script.display(),
-                        output.status
-                    );
-                }
-                PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
-            }
-        };
-        for component in &components {
-            let binary = dir.join(component);
-            if !binary.is_file() {
-                bail!(
-                    "{} is missing; set WEFT_E2E_K8S_BIN to a directory with {}, \
-                     or unset it to build them with e2e/k8s/build.sh",
-                    binary.display(),
-                    components.join(", ")
-                );
-            }
-        }
+        let dir = k8s_binaries(&components).await?;
         Ok(Self {
             kube_apiserver: dir.join("kube-apiserver"),
             etcd: dir.join("etcd"),
@@ -117,9 +87,50 @@ impl Binaries {
                 kube_scheduler: dir.join("kube-scheduler"),
                 kubelet: dir.join("kubelet"),
                 kube_proxy: dir.join("kube-proxy"),
+                coredns: dir.join("coredns"),
             }),
         })
     }
+}
+
+/// The directory with the Kubernetes binaries `components` (names from
+/// `e2e/k8s/build.sh`): `$WEFT_E2E_K8S_BIN` if set, else the versioned cache
+/// that the script fills, building the missing ones first (many minutes on a
+/// cold cache; the script's progress goes to stderr).
+pub(crate) async fn k8s_binaries(components: &[&str]) -> Result<PathBuf> {
+    let dir = match std::env::var_os("WEFT_E2E_K8S_BIN") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/build.sh");
+            let output = tokio::process::Command::new("bash")
+                .arg(&script)
+                .args(components)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .await
+                .with_context(|| format!("running {}", script.display()))?;
+            if !output.status.success() {
+                bail!(
+                    "{} failed ({}); its output above says why",
+                    script.display(),
+                    output.status
+                );
+            }
+            PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+        }
+    };
+    for component in components {
+        let binary = dir.join(component);
+        if !binary.is_file() {
+            bail!(
+                "{} is missing; set WEFT_E2E_K8S_BIN to a directory with {}, \
+                 or unset it to build them with e2e/k8s/build.sh",
+                binary.display(),
+                components.join(", ")
+            );
+        }
+    }
+    Ok(dir)
 }
 
 /// Certificates and keys of one cluster, made with the `openssl` CLI.

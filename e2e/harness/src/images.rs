@@ -1,6 +1,7 @@
 //! Container images for kubelet nodes, made offline because no registry is
-//! reachable: a pause image for pod sandboxes and a busybox image for test
-//! pods, each written as an OCI archive (`ctr images import` reads it).
+//! reachable: a pause image for pod sandboxes, a busybox image for test
+//! pods and a CoreDNS image for the cluster DNS, each written as an OCI
+//! archive (`ctr images import` reads it).
 //!
 //! The archives are assembled by hand, with `tar` and `sha256sum`: an OCI
 //! layout is one layer tarball, a config and a manifest addressed by digest,
@@ -23,6 +24,17 @@ pub const PAUSE_IMAGE: &str = "localhost/weft-e2e/pause:v1";
 /// IfNotPresent` or `Never` (no registry).
 pub const BUSYBOX_IMAGE: &str = "localhost/weft-e2e/busybox:v1";
 
+/// The cluster DNS image (see [`crate::dns`]): the CoreDNS binary that
+/// `e2e/k8s/build.sh` builds, alone. The tag is the CoreDNS version in
+/// `e2e/k8s/coredns/go.mod`.
+///
+/// It runs as root, unlike upstream's (`nonroot`): that one binds port 53
+/// through a file capability on the binary, since containerd gives a
+/// non-root user no effective capabilities, and a layer packed by `tar`
+/// here carries no such attribute. The pod drops every capability but
+/// `NET_BIND_SERVICE` all the same.
+pub(crate) const COREDNS_IMAGE: &str = "localhost/weft-e2e/coredns:v1.12.0";
+
 /// Where Debian's `busybox-static` puts busybox.
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -37,8 +49,9 @@ pub(crate) struct NodeImages {
     pub(crate) archives: Vec<PathBuf>,
 }
 
-/// Builds the pause and busybox images into `dir` (about a second).
-pub(crate) fn build(dir: &Path) -> Result<NodeImages> {
+/// Builds the pause, busybox and CoreDNS images into `dir` (a second or
+/// two), the last from the static binary `coredns`.
+pub(crate) fn build(dir: &Path, coredns: &Path) -> Result<NodeImages> {
     let pause_root = dir.join("pause-rootfs");
     std::fs::create_dir_all(&pause_root)
         .with_context(|| format!("creating {}", pause_root.display()))?;
@@ -90,9 +103,25 @@ pub(crate) fn build(dir: &Path) -> Result<NodeImages> {
         json!({ "Cmd": ["sh"], "Env": ["PATH=/bin"] }),
         &busybox,
     )?;
+
+    let coredns_root = dir.join("coredns-rootfs");
+    std::fs::create_dir_all(&coredns_root)
+        .with_context(|| format!("creating {}", coredns_root.display()))?;
+    std::fs::copy(coredns, coredns_root.join("coredns"))
+        .with_context(|| format!("copying {} into its image", coredns.display()))?;
+    let coredns_archive = dir.join("coredns.oci.tar");
+    write_oci_archive(
+        &coredns_root,
+        COREDNS_IMAGE,
+        json!({ "Entrypoint": ["/coredns"] }),
+        &coredns_archive,
+    )?;
+    // The archive holds it; a second copy of 50 MB per run is only disk used.
+    std::fs::remove_dir_all(&coredns_root)
+        .with_context(|| format!("removing {}", coredns_root.display()))?;
     Ok(NodeImages {
         pause_binary,
-        archives: vec![pause, busybox],
+        archives: vec![pause, busybox, coredns_archive],
     })
 }
 
@@ -104,7 +133,7 @@ struct Blob {
 
 /// Writes `rootfs` as a one-layer image named `reference`, with `config` as
 /// the image's runtime configuration, to the OCI archive `out`.
-fn write_oci_archive(
+pub(crate) fn write_oci_archive(
     rootfs: &Path,
     reference: &str,
     config: serde_json::Value,

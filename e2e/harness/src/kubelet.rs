@@ -9,13 +9,13 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use serde_json::json;
 
-use crate::containerd;
 use crate::control_plane::{write_kubeconfig, Credentials, Pki};
 use crate::exec::tail;
 use crate::machine::NodeMachine;
 use crate::node::ClusterNode;
 use crate::process::ProcessHandle;
 use crate::run::RunGuard;
+use crate::{containerd, dns};
 
 /// How long a kubelet may take to register its Node.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,8 +27,11 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
 /// share the cgroup tree), no swap check, no image garbage collection (the
 /// images cannot be pulled back) and eviction thresholds low enough that a
 /// busy disk never taints the node: absolute sizes, since a percentage of a
-/// large shared disk is gigabytes that the test machine's builds may use. No cluster DNS runs, and the node has no
-/// resolv.conf to hand to pods.
+/// large shared disk is gigabytes that the test machine's builds may use.
+/// Pods get the cluster DNS (CoreDNS behind [`dns::CLUSTER_DNS_IP`]) as their
+/// nameserver, with the `cluster.local` search path; the node has no
+/// resolv.conf of its own to hand to pods on the node's resolver
+/// (`dnsPolicy: Default`, CoreDNS's own among them), as there is no upstream.
 fn config(node: &ClusterNode, machine: &NodeMachine, ca_cert: &Path) -> serde_json::Value {
     json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -45,7 +48,8 @@ fn config(node: &ClusterNode, machine: &NodeMachine, ca_cert: &Path) -> serde_js
         "failCgroupV1": false,
         "failSwapOn": false,
         "readOnlyPort": 0,
-        "clusterDomain": "cluster.local",
+        "clusterDomain": dns::CLUSTER_DOMAIN,
+        "clusterDNS": [dns::CLUSTER_DNS_IP.to_string()],
         "resolvConf": "",
         "maxPods": 30,
         "serializeImagePulls": false,

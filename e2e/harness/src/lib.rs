@@ -14,7 +14,8 @@
 //! own ([`NodeMachine`]), the control plane gains kube-controller-manager and
 //! kube-scheduler, and pods are scheduled and run for real, from images
 //! imported without a registry ([`BUSYBOX_IMAGE`], [`PAUSE_IMAGE`] and those
-//! in [`ClusterSpec::images`]).
+//! in [`ClusterSpec::images`]), with CoreDNS as the cluster DNS once a
+//! network plugin runs.
 //!
 //! Needs root. The root network namespace is never changed: every link,
 //! address, route and sysctl lives in namespaces named `we2e-<run>-…`.
@@ -31,11 +32,14 @@
 
 mod cgroup;
 mod cluster;
+pub mod conformance;
 mod containerd;
 mod control_plane;
+mod dns;
 mod exec;
 mod forwarder;
 mod images;
+mod install;
 mod kube_proxy;
 mod kubelet;
 mod machine;
@@ -47,6 +51,7 @@ mod underlay;
 
 pub use cluster::{Cluster, ClusterSpec, NodeKind, ProxyMode};
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
+pub use install::{build_weft_image, install_from_manifests, run_repository_script};
 pub use machine::NodeMachine;
 pub use node::{ClusterNode, Outside, Segment};
 pub use pod::{Pod, POD_INTERFACE};

@@ -1,5 +1,6 @@
-//! `weft-e2e`: bring a test cluster up in the foreground, tear it down, or
-//! clean up after crashed runs.
+//! `weft-e2e`: bring a test cluster up in the foreground, tear it down,
+//! clean up after crashed runs, or run Kubernetes' network e2e tests
+//! against Weft.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -7,9 +8,10 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
+use weft_e2e::conformance::{self, markdown, selection_dir, Selector, SuiteRun};
 use weft_e2e::{cleanup_leftovers, stop_held_clusters, Cluster, ClusterSpec, NodeKind, ProxyMode};
 
 #[derive(Parser)]
@@ -59,6 +61,17 @@ enum Action {
     Down,
     /// Remove namespaces, processes and run directories left by crashed runs.
     Cleanup,
+    /// Run Kubernetes' own network e2e tests (e2e/conformance/focus.txt
+    /// less skip.txt) against Weft on three kubelet nodes, building what is
+    /// missing; print the results table and write it to
+    /// e2e/conformance/RESULTS.md. Fails if a test failed.
+    Conformance {
+        /// Run only the tests matching this regular expression (repeatable)
+        /// instead of focus.txt; the table then goes to
+        /// target/conformance/RESULTS.md.
+        #[arg(long = "focus", value_name = "REGEX")]
+        focus: Vec<String>,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -102,6 +115,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Action::Cleanup => cleanup_leftovers(),
+        Action::Conformance { focus } => run_conformance(focus).await,
     }
 }
 
@@ -183,4 +197,46 @@ async fn up(spec: ClusterSpec) -> Result<()> {
     }
     eprintln!("tearing down");
     cluster.stop().await
+}
+
+async fn run_conformance(focus: Vec<String>) -> Result<()> {
+    let mut suite = SuiteRun::from_selection_files()?;
+    let page = if focus.is_empty() {
+        selection_dir().join("RESULTS.md")
+    } else {
+        suite.focus = focus
+            .into_iter()
+            .map(|pattern| Selector {
+                pattern,
+                reason: "given with --focus".to_owned(),
+            })
+            .collect();
+        suite.output.join("RESULTS.md")
+    };
+    // On a signal the run is dropped, and the cluster with it.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let results = tokio::select! {
+        results = conformance::run(&suite) => results?,
+        _ = terminate.recv() => bail!("stopped by SIGTERM"),
+        _ = interrupt.recv() => bail!("stopped by Ctrl-C"),
+    };
+    let text = markdown(&results.facts, &results.tests, &suite.focus, &suite.skip);
+    std::fs::write(&page, &text).with_context(|| format!("writing {}", page.display()))?;
+    println!("{text}");
+    let failed = results.failures().count();
+    ensure!(
+        failed == 0,
+        "{failed} of {} tests failed; see {} and the suite's output in {}",
+        results.tests.len(),
+        page.display(),
+        suite.output.join("e2e.test.log").display()
+    );
+    eprintln!(
+        "all {} tests passed or skipped themselves; table in {}",
+        results.tests.len(),
+        page.display()
+    );
+    Ok(())
 }

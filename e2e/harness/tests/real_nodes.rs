@@ -6,8 +6,10 @@
 //! nodes Ready with their slices, a Deployment spread over the nodes whose
 //! pods reach each other by pod IP, each node reaching its pods, the
 //! apiserver reaching every pod through its proxy, a ClusterIP Service
-//! reaching every backend from every pod with the client's own address, and
-//! pods reaching the outside with their node's; then the uninstall, and a
+//! reaching every backend from every pod with the client's own address, the
+//! cluster DNS (CoreDNS, which the harness deploys) answering every pod for
+//! Services, and pods reaching the outside with their node's; then the
+//! uninstall (CoreDNS stays: it is the cluster's, not Weft's), and a
 //! teardown that leaves nothing on the host. Also: a run killed outright
 //! leaves nothing once cleaned up.
 //! Needs root, containerd and runc.
@@ -20,6 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use tokio::sync::Mutex;
@@ -89,8 +92,8 @@ async fn weft_on_kubelet_nodes_carries_pod_traffic_across_nodes_and_uninstalls()
         );
     }
     let started = Instant::now();
-    let image = script_output(&repo, "packaging/build-image.sh")?;
-    let helm = script_output(&repo, "packaging/build-helm.sh")?;
+    let image = weft_e2e::build_weft_image()?;
+    let helm = weft_e2e::run_repository_script("packaging/build-helm.sh")?;
     let build_time = started.elapsed();
     let host = HostState::read()?;
 
@@ -102,7 +105,7 @@ async fn weft_on_kubelet_nodes_carries_pod_traffic_across_nodes_and_uninstalls()
         },
     ] {
         let flow_started = Instant::now();
-        let run = flow(&repo, Path::new(&image), &install)
+        let run = flow(&repo, &image, &install)
             .await
             .with_context(|| format!("the flow installing with {install:?}"))?;
         timings.push((format!("flow with {install:?}"), flow_started.elapsed()));
@@ -456,6 +459,86 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     }
     phase.done("a ClusterIP Service reaches every backend from every pod");
 
+    // Cluster DNS: CoreDNS starts once the pod network is up, and every pod
+    // resolves Services through it: by full name with nslookup (which asks
+    // the pod's nameserver, the kube-dns Service), and by short name through
+    // the search path, as programs in a pod resolve names.
+    let system_pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let dns_selector = ListParams::default().labels("k8s-app=kube-dns");
+    let coredns_replicas = Api::<Deployment>::namespaced(client.clone(), "kube-system")
+        .get("coredns")
+        .await
+        .context("the harness's CoreDNS Deployment")?
+        .spec
+        .and_then(|spec| spec.replicas)
+        .context("the CoreDNS Deployment has no replica count")?;
+    eventually("every CoreDNS pod Ready", || async {
+        let list = system_pods.list(&dns_selector).await?;
+        let ready = list.items.iter().filter(|pod| is_ready(pod)).count();
+        Ok((ready == usize::try_from(coredns_replicas)?).then_some(()))
+    })
+    .await?;
+    let service_ip = |namespace: &str, name: &str| -> Result<IpAddr> {
+        let ip = kubectl.run(&[
+            "get",
+            "service",
+            name,
+            "--namespace",
+            namespace,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])?;
+        ip.trim()
+            .parse()
+            .with_context(|| format!("the ClusterIP of Service {namespace}/{name}: {ip:?}"))
+    };
+    let dns_ip = service_ip("kube-system", "kube-dns")?;
+    let web_ip = service_ip("default", TEST_DEPLOYMENT)?;
+    let kubernetes_ip = service_ip("default", "kubernetes")?;
+    for (pod, (node, _)) in &placed {
+        let resolv_conf = kubectl.run(&["exec", pod, "--", "cat", "/etc/resolv.conf"])?;
+        ensure!(
+            resolv_conf.contains(&format!("nameserver {dns_ip}"))
+                && resolv_conf
+                    .contains("search default.svc.cluster.local svc.cluster.local cluster.local"),
+            "{pod} ({node}) has no cluster DNS in its resolv.conf:\n{resolv_conf}"
+        );
+        // busybox nslookup applies no search path to a name with a dot, so
+        // these are full names.
+        for (name, expected) in [
+            ("web.default.svc.cluster.local", web_ip),
+            ("kubernetes.default.svc.cluster.local", kubernetes_ip),
+        ] {
+            eventually(&format!("{pod} ({node}) resolving {name}"), || async {
+                let Ok(answer) = kubectl.run(&["exec", pod, "--", "nslookup", name]) else {
+                    return Ok(None);
+                };
+                check_resolved(pod, name, expected, nslookup_addresses(&answer), &answer)
+            })
+            .await?;
+        }
+        // ping prints the address the pod's resolver (search path, ndots)
+        // gave before it sends anything; whether a ClusterIP answers ICMP is
+        // kube-proxy's business, not the DNS's.
+        for (name, expected) in [
+            (TEST_DEPLOYMENT, web_ip),
+            ("kubernetes.default", kubernetes_ip),
+        ] {
+            let script = format!("ping -c1 -W1 {name} 2>&1 | head -n1");
+            eventually(
+                &format!("{pod} ({node}) resolving {name} by its short name"),
+                || async {
+                    let Ok(answer) = kubectl.run(&["exec", pod, "--", "sh", "-c", &script]) else {
+                        return Ok(None);
+                    };
+                    check_resolved(pod, name, expected, ping_address(&answer), &answer)
+                },
+            )
+            .await?;
+        }
+    }
+    phase.done("every pod resolves Services through CoreDNS");
+
     // Pods to outside the cluster, with kube-proxy's rules in place too:
     // masqueraded to their node's address.
     let outside = cluster.outside().clone();
@@ -479,16 +562,22 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     }
     phase.done("pods reach the outside with their node's address");
 
-    // Uninstall: the workload first (its pods' CNI DEL needs the plugin),
-    // then Weft.
+    // Uninstall: the workloads on the pod network first (their pods' CNI
+    // DEL needs the plugin), then Weft. CoreDNS is the cluster's and stays
+    // installed, scaled to nothing.
     kubectl.run(&["delete", "deployment", TEST_DEPLOYMENT, "--wait=true"])?;
-    eventually("the test pods gone", || async {
-        Ok(test_pods
-            .list(&selector)
-            .await?
-            .items
-            .is_empty()
-            .then_some(()))
+    kubectl.run(&[
+        "scale",
+        "deployment",
+        "coredns",
+        "--namespace",
+        "kube-system",
+        "--replicas=0",
+    ])?;
+    eventually("the test and CoreDNS pods gone", || async {
+        let test_pods_gone = test_pods.list(&selector).await?.items.is_empty();
+        let dns_pods_gone = system_pods.list(&dns_selector).await?.items.is_empty();
+        Ok((test_pods_gone && dns_pods_gone).then_some(()))
     })
     .await?;
     match install {
@@ -527,10 +616,71 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
             node.name
         );
     }
+    // The uninstall took nothing of the cluster's DNS.
+    kubectl
+        .run(&[
+            "get",
+            "serviceaccount/coredns",
+            "configmap/coredns",
+            "deployment/coredns",
+            "service/kube-dns",
+            "--namespace",
+            "kube-system",
+        ])
+        .context("CoreDNS's objects after the uninstall")?;
+    kubectl
+        .run(&[
+            "get",
+            "clusterrole/system:coredns",
+            "clusterrolebinding/system:coredns",
+        ])
+        .context("CoreDNS's RBAC after the uninstall")?;
 
     cluster.stop().await?;
     phase.done("torn down");
     Ok(run)
+}
+
+/// The addresses busybox `nslookup` found for the name asked: those after
+/// the first `Name:` line (the server's own address comes before it).
+fn nslookup_addresses(output: &str) -> Vec<IpAddr> {
+    output
+        .lines()
+        .skip_while(|line| !line.starts_with("Name:"))
+        .filter_map(|line| line.strip_prefix("Address:"))
+        .filter_map(|address| address.trim().parse().ok())
+        .collect()
+}
+
+/// The address in busybox ping's first line, `PING <name> (<address>): …`
+/// (`ping: bad address '<name>'` when the name did not resolve).
+fn ping_address(output: &str) -> Vec<IpAddr> {
+    output
+        .strip_prefix("PING ")
+        .and_then(|rest| rest.split_once('(')?.1.split_once(')'))
+        .and_then(|(address, _)| address.parse().ok())
+        .into_iter()
+        .collect()
+}
+
+/// Done once `name` resolved to `expected`; not yet if it did not resolve
+/// (CoreDNS or kube-proxy may still be catching up); an error if it
+/// resolved to anything else.
+fn check_resolved(
+    pod: &str,
+    name: &str,
+    expected: IpAddr,
+    found: Vec<IpAddr>,
+    answer: &str,
+) -> Result<Option<()>> {
+    if found.is_empty() {
+        return Ok(None);
+    }
+    ensure!(
+        found == [expected],
+        "{pod} resolved {name} to {found:?}, not the Service's {expected}:\n{answer}"
+    );
+    Ok(Some(()))
 }
 
 /// The test pods' `/cgi-bin/peer`: the pod's name and the address the
@@ -777,21 +927,6 @@ fn helm_command(helm: &Path, cluster: &Cluster) -> Command {
 }
 
 /// Runs one of the repository's scripts that print a path on stdout.
-fn script_output(repo: &Path, script: &str) -> Result<String> {
-    let output = Command::new("bash")
-        .arg(repo.join(script))
-        .current_dir(repo)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {script}"))?;
-    ensure!(
-        output.status.success(),
-        "{script} failed ({}); its output above says why",
-        output.status
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
 fn command_exists(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
