@@ -15,6 +15,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 
 use crate::exec::{run, tail};
+use crate::install::repository;
 use crate::process::ProcessHandle;
 use crate::run::RunGuard;
 
@@ -101,7 +102,7 @@ pub(crate) async fn k8s_binaries(components: &[&str]) -> Result<PathBuf> {
     let dir = match std::env::var_os("WEFT_E2E_K8S_BIN") {
         Some(dir) => PathBuf::from(dir),
         None => {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/build.sh");
+            let script = repository().join("e2e/k8s/build.sh");
             let output = tokio::process::Command::new("bash")
                 .arg(&script)
                 .args(components)

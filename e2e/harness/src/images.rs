@@ -73,29 +73,7 @@ pub(crate) fn build(dir: &Path, coredns: &Path) -> Result<NodeImages> {
     )?;
 
     let busybox_root = dir.join("busybox-rootfs");
-    let bin = busybox_root.join("bin");
-    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
-    // A dynamic busybox would need a libc in the image.
-    if Command::new("ldd")
-        .arg(BUSYBOX)
-        .output()
-        .is_ok_and(|output| output.status.success())
-    {
-        bail!("{BUSYBOX} is dynamically linked; install the static one: apt-get install busybox-static");
-    }
-    std::fs::copy(BUSYBOX, bin.join("busybox")).with_context(|| {
-        format!("copying {BUSYBOX} (install it: apt-get install busybox-static)")
-    })?;
-    let applets = Command::new(BUSYBOX)
-        .arg("--list")
-        .output()
-        .with_context(|| format!("listing the applets of {BUSYBOX}"))?;
-    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", bin.join(applet))
-                .with_context(|| format!("linking applet {applet}"))?;
-        }
-    }
+    install_busybox(&busybox_root.join("bin"))?;
     let busybox = dir.join("busybox.oci.tar");
     write_oci_archive(
         &busybox_root,
@@ -123,6 +101,34 @@ pub(crate) fn build(dir: &Path, coredns: &Path) -> Result<NodeImages> {
         pause_binary,
         archives: vec![pause, busybox, coredns_archive],
     })
+}
+
+/// Puts Debian's static busybox into an image's `bin` directory, with a link
+/// named after each of its applets (`sh`, `ls`, `nc`, …).
+pub(crate) fn install_busybox(bin: &Path) -> Result<()> {
+    std::fs::create_dir_all(bin).with_context(|| format!("creating {}", bin.display()))?;
+    // A dynamic busybox would need a libc in the image.
+    if Command::new("ldd")
+        .arg(BUSYBOX)
+        .output()
+        .is_ok_and(|output| output.status.success())
+    {
+        bail!("{BUSYBOX} is dynamically linked; install the static one: apt-get install busybox-static");
+    }
+    std::fs::copy(BUSYBOX, bin.join("busybox")).with_context(|| {
+        format!("copying {BUSYBOX} (install it: apt-get install busybox-static)")
+    })?;
+    let applets = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .with_context(|| format!("listing the applets of {BUSYBOX}"))?;
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet))
+                .with_context(|| format!("linking applet {applet}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// A content-addressed blob of an OCI layout.

@@ -14,14 +14,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
 use crate::exec::run;
-use crate::images::write_oci_archive;
-
-/// Debian's static busybox: the shell, `sleep`, `cat`, `seq`, `wget`, ….
-const BUSYBOX: &str = "/bin/busybox";
+use crate::images::{install_busybox, write_oci_archive};
 
 /// Host programs the tests run in their pods, with options busybox's
 /// applets lack (`curl -w`/`--interface`, OpenBSD `nc -v -u -t`, `dig`,
@@ -39,9 +36,9 @@ const HOST_TOOLS: [(&str, &str); 7] = [
     ("/usr/bin/nc.openbsd", "/usr/bin/nc"),
 ];
 
-/// The Debian packages of [`BUSYBOX`] and [`HOST_TOOLS`], for the error
-/// that names what to install.
-const PACKAGES: &str = "busybox-static dash bash curl bind9-dnsutils netcat-openbsd";
+/// The Debian packages of [`HOST_TOOLS`], for the error that names what to
+/// install.
+const PACKAGES: &str = "dash bash curl bind9-dnsutils netcat-openbsd";
 
 const PATH: &str = "PATH=/usr/local/bin:/usr/bin:/bin";
 
@@ -103,22 +100,7 @@ fn assemble_rootfs(rootfs: &Path, agnhost: &Path) -> Result<()> {
     .context("making the image's /tmp world-writable")?;
     copy(agnhost, &rootfs.join("agnhost"))?;
 
-    // A dynamic busybox would need a libc of its own in the image.
-    if Command::new("ldd")
-        .arg(BUSYBOX)
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        bail!(
-            "{BUSYBOX} is dynamically linked; install the static one: apt-get install {PACKAGES}"
-        );
-    }
-    copy(Path::new(BUSYBOX), &rootfs.join("bin/busybox"))?;
-    // Run inside the image, so the links name its /bin/busybox.
-    run(Command::new("chroot")
-        .arg(rootfs)
-        .args(["/bin/busybox", "--install", "-s", "/bin"]))
-    .context("linking busybox's applets")?;
+    install_busybox(&rootfs.join("bin"))?;
 
     for (host, image) in HOST_TOOLS {
         ensure!(
@@ -183,8 +165,8 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    // An applet's link names /bin/busybox: copying through it would write
-    // to the host's busybox.
+    // An applet's link names busybox: copying through it would overwrite
+    // the image's busybox.
     match std::fs::remove_file(to) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("replacing {}", to.display()))
@@ -221,7 +203,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("rootfs");
         // Any binary stands in for agnhost here.
-        assemble_rootfs(&rootfs, Path::new(BUSYBOX)).unwrap();
+        assemble_rootfs(&rootfs, Path::new("/usr/bin/dash")).unwrap();
         let found = super::super::command_output(Command::new("chroot").arg(&rootfs).args([
             "/bin/sh",
             "-c",
