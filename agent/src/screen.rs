@@ -359,7 +359,12 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+    use std::net::{Ipv4Addr, Ipv6Addr};
     use std::path::Path;
+
+    use ipnet::{Ipv4Net, Ipv6Net};
+    use proptest::prelude::*;
 
     use super::*;
     use crate::config::AgentSettings;
@@ -396,15 +401,20 @@ mod tests {
         }
     }
 
+    /// This node at 172.31.0.10 with [`OWN_MAC`].
+    fn rules<'a>(config: &'a AgentConfig, local: &'a LocalNode) -> Rules<'a> {
+        Rules {
+            config,
+            local,
+            public_ip: "172.31.0.10".parse().unwrap(),
+            vtep_mac: Some(OWN_MAC),
+        }
+    }
+
     /// The names accepted and the (name, reason label) rejected.
     fn outcome(peers: &[Peer]) -> (Vec<String>, Vec<(String, &'static str)>) {
         let (config, local) = (config(), local());
-        let rules = Rules {
-            config: &config,
-            local: &local,
-            public_ip: "172.31.0.10".parse().unwrap(),
-            vtep_mac: Some(OWN_MAC),
-        };
+        let rules = rules(&config, &local);
         let screened = screen(&rules, peers);
         (
             screened
@@ -569,6 +579,126 @@ mod tests {
         ];
         let labels: Vec<_> = all.iter().map(Rejection::label).collect();
         assert_eq!(labels, Rejection::LABELS);
+    }
+
+    /// Slices a hostile or careless peer might claim: cluster slices (some
+    /// this node's), slices of other sizes and alignments, the underlay's
+    /// neighbourhood and arbitrary networks of both families.
+    fn any_slice() -> impl Strategy<Value = IpNet> {
+        let v4 = |a: u32, len: u8| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), len).unwrap());
+        let v6 = |a: u128, len: u8| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), len).unwrap());
+        prop_oneof![
+            6 => (0u32..8).prop_map(move |x| v4(0x0af4_0000 | x << 8, 24)),
+            1 => (0u32..8, 20u8..=28).prop_map(move |(x, len)| v4(0x0af4_0000 | x << 8, len)),
+            1 => (0u32..4, 16u8..=32).prop_map(move |(x, len)| v4(0xac1f_0000 | x << 8, len)),
+            1 => (any::<u32>(), 0u8..=32).prop_map(move |(a, len)| v4(a, len)),
+            3 => (0u128..4).prop_map(move |x| v6(0xfd00_0010_0244_0000 << 64 | x << 64, 64)),
+            1 => (any::<u128>(), 0u8..=128).prop_map(move |(a, len)| v6(a, len)),
+        ]
+    }
+
+    /// Public IPs: sound ones, this node's, unusable and in-cluster ones,
+    /// and arbitrary addresses of both families.
+    fn any_public_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            8 => (11u8..20).prop_map(|x| IpAddr::from([172, 31, 0, x])),
+            1 => Just(IpAddr::from([172, 31, 0, 10])),
+            1 => Just(IpAddr::from([127, 0, 0, 1])),
+            1 => Just(IpAddr::from([0, 0, 0, 0])),
+            1 => Just(IpAddr::from([224, 0, 0, 1])),
+            1 => (any::<u8>()).prop_map(|x| IpAddr::from([10, 244, 3, x])),
+            1 => any::<u32>().prop_map(|a| IpAddr::from(Ipv4Addr::from(a))),
+            1 => any::<u128>().prop_map(|a| IpAddr::from(Ipv6Addr::from(a))),
+        ]
+    }
+
+    prop_compose! {
+        fn any_peer(name: String)(
+            pod_cidrs in proptest::collection::vec(any_slice(), 0..3),
+            public_ip in any_public_ip(),
+            mac in proptest::option::of(0u8..8),
+            created in 0i64..4,
+        ) -> Peer {
+            Peer {
+                node_name: name.clone(),
+                pod_cidrs,
+                public_ip,
+                // 0xaa is this node's MAC.
+                vtep_mac: mac.map(|m| VtepMac::new([0x0a, 0x58, 0, 0, 0, if m == 7 { 0xaa } else { m }])),
+                created,
+                malformed: None,
+            }
+        }
+    }
+
+    fn any_peers() -> impl Strategy<Value = Vec<Peer>> {
+        (0usize..12).prop_flat_map(|n| {
+            (0..n)
+                .map(|i| any_peer(format!("p{i}")))
+                .collect::<Vec<_>>()
+        })
+    }
+
+    fn accepted_names(peers: &[Peer]) -> BTreeSet<String> {
+        outcome(peers).0.into_iter().collect()
+    }
+
+    proptest! {
+        /// Whatever peers publish, what is accepted stays inside the cluster
+        /// CIDR of its family at the slice size, clear of this node's slices
+        /// and underlay subnet and of every other accepted peer, with a
+        /// usable foreign public IP and a MAC of its own.
+        #[test]
+        fn accepted_peers_never_reach_outside_their_place(peers in any_peers()) {
+            let (config, local) = (config(), local());
+            let rules = rules(&config, &local);
+            let screened = screen(&rules, &peers);
+            prop_assert_eq!(screened.accepted.len() + screened.rejected.len(), peers.len());
+            let mut slices: Vec<IpNet> = Vec::new();
+            let mut macs = BTreeSet::new();
+            for peer in &screened.accepted {
+                for slice in &peer.pod_cidrs {
+                    let family = IpFamily::of(slice);
+                    prop_assert!(config.cluster_cidrs.iter().any(|c| IpFamily::of(c) == family && c.contains(slice)), "{slice}");
+                    prop_assert_eq!(slice.prefix_len(), config.slice_size(family));
+                    prop_assert_eq!(slice.trunc(), *slice);
+                    prop_assert!(!local.pod_cidrs.iter().any(|own| overlaps(own, slice)), "{slice}");
+                    prop_assert!(!overlaps(&local.underlay.trunc(), slice), "{slice}");
+                    prop_assert!(!slices.iter().any(|other| overlaps(other, slice)), "{slice} twice");
+                    slices.push(*slice);
+                }
+                let ip = peer.public_ip;
+                prop_assert!(!(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()), "{ip}");
+                prop_assert!(ip != rules.public_ip && !config.cluster_cidrs.iter().any(|c| c.contains(&ip)), "{ip}");
+                if let Some(mac) = peer.vtep_mac {
+                    prop_assert!(mac != OWN_MAC && macs.insert(mac), "{mac}");
+                }
+            }
+        }
+
+        /// The outcome depends neither on the order peers come in nor on
+        /// their names.
+        #[test]
+        fn order_and_names_decide_nothing(mut peers in any_peers()) {
+            let before = accepted_names(&peers);
+            peers.reverse();
+            prop_assert_eq!(&accepted_names(&peers), &before);
+            for peer in &mut peers {
+                peer.node_name = format!("{}-renamed", peer.node_name);
+            }
+            let renamed: BTreeSet<String> = before.iter().map(|name| format!("{name}-renamed")).collect();
+            prop_assert_eq!(accepted_names(&peers), renamed);
+        }
+
+        /// A Node created after every other one, whatever it claims, takes
+        /// nothing from a peer that was accepted before it came.
+        #[test]
+        fn a_newcomer_moves_nothing(mut peers in any_peers(), newcomer in any_peer("newcomer".into())) {
+            let before = accepted_names(&peers);
+            peers.push(Peer { created: 4, ..newcomer });
+            let after = accepted_names(&peers);
+            prop_assert!(before.is_subset(&after), "{before:?} then {after:?}");
+        }
     }
 
     #[test]

@@ -131,19 +131,26 @@ pub fn vxlan_ifindex(node: &ClusterNode) -> Result<u64> {
         .context("weft.1 has no ifindex")
 }
 
-/// `GET /readyz` on the node's agent, from inside the node's namespace.
-pub fn agent_ready(node: &ClusterNode) -> Result<bool> {
+/// `GET path` on the node's agent, from inside the node's namespace: the
+/// whole HTTP response.
+pub fn agent_get(node: &ClusterNode, path: &str) -> Result<String> {
     let netns = Netns::open(node.netns_path())?;
-    let answer = netns.run_in(|| -> std::io::Result<String> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n");
+    let response = netns.run_in(|| -> std::io::Result<String> {
         let address = ([127, 0, 0, 1], METRICS_PORT).into();
         let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n")?;
+        stream.write_all(request.as_bytes())?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         Ok(response)
     })?;
-    Ok(answer.is_ok_and(|response| response.starts_with("HTTP/1.1 200")))
+    response.with_context(|| format!("GET {path} on {}'s agent", node.name))
+}
+
+/// `GET /readyz` on the node's agent answers 200.
+pub fn agent_ready(node: &ClusterNode) -> Result<bool> {
+    Ok(agent_get(node, "/readyz").is_ok_and(|response| response.starts_with("HTTP/1.1 200")))
 }
 
 /// A harness cluster of `nodes` namespace nodes (the last `routed_nodes`
@@ -401,6 +408,17 @@ impl Overlay {
         }
         node.add_pod(&self.plugin, &netconf.to_string(), name)
     }
+}
+
+/// The default overlay (vxlan, three nodes, one routed) with every agent
+/// ready and a pod per node that reaches every other.
+pub async fn vxlan_overlay_with_pods() -> Result<(Overlay, Vec<Pod>)> {
+    let mut overlay = Overlay::start(OverlaySpec::default()).await?;
+    overlay.start_agents()?;
+    overlay.wait_programmed(2).await?;
+    let pods = overlay.add_pods()?;
+    ping_all(&pods, &overlay)?;
+    Ok((overlay, pods))
 }
 
 /// Applies `agent/rbac.yaml`.

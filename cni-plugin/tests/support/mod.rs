@@ -341,15 +341,16 @@ impl Node {
     /// Everything a failed invocation must leave unchanged: links with
     /// their addresses and routes in the node namespace, and the IPAM store.
     ///
-    /// IPv6 link-local addresses and their routes are left out, and so is an
-    /// address's `tentative` flag: the kernel adds and settles them on its own
-    /// (duplicate address detection takes a second or more), so comparing
-    /// them would compare timing, not what the plugin did.
+    /// Only what the plugin can change is compared. IPv6 link-local
+    /// addresses and their routes, the multicast route (`ff00::/8`) and an
+    /// address's `tentative` flag are left out: the kernel adds and settles
+    /// them on its own as links come up (duplicate address detection takes
+    /// a second or more), so comparing them would compare timing.
     pub fn snapshot(&self) -> Result<String> {
         let ours = |listing: String| -> String {
             listing
                 .lines()
-                .filter(|line| !line.contains("fe80:"))
+                .filter(|line| !line.contains("fe80:") && !line.contains("ff00::/8"))
                 .map(|line| line.replace(" tentative", ""))
                 .collect::<Vec<_>>()
                 .join("\n")

@@ -218,13 +218,22 @@ pub(crate) fn runs_on_disk() -> Result<Vec<RunOnDisk>> {
     Ok(runs)
 }
 
-/// The run id a namespace name belongs to (`we2e-<pid>-<n>-<role>`).
-fn run_id_of_netns(name: &str) -> Option<String> {
+/// The pid of the process that owns the run a namespace or cgroup root is
+/// named for (`we2e-<pid>-<n>-<role>`; the run id starts with its owner's
+/// pid).
+fn owner_of(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(NETNS_PREFIX)?;
-    let mut parts = rest.splitn(3, '-');
-    let pid = parts.next()?;
-    let counter = parts.next()?;
-    Some(format!("{pid}-{counter}"))
+    let (pid, _counter_and_role) = rest.split_once('-')?;
+    pid.parse().ok()
+}
+
+/// Whether a namespace or cgroup root named for a run is debris: no
+/// process has the pid of the run's owner. That holds whatever runs root
+/// the owner used (`WEFT_E2E_RUNS`), since this root's directories say
+/// nothing of another's. A reused pid only delays the removal until that
+/// process exits; a live run is never touched.
+fn is_debris(name: &str) -> bool {
+    owner_of(name).is_some_and(|owner| process_start_time(owner).is_none())
 }
 
 /// Removes what crashed runs left behind: their processes (by pid, checked
@@ -261,16 +270,8 @@ pub(crate) fn cleanup(remove_kept_logs: bool) -> Result<()> {
             errors.push(anyhow::Error::new(e).context(format!("removing {}", run.dir.display())));
         }
     }
-    let live: Vec<&str> = runs
-        .iter()
-        .filter(|run| run.is_live())
-        .map(|run| run.id.as_str())
-        .collect();
     for netns in underlay::list_netns()? {
-        let Some(run_id) = run_id_of_netns(&netns) else {
-            continue;
-        };
-        if live.contains(&run_id.as_str()) {
+        if !is_debris(&netns) {
             continue;
         }
         tracing::info!(%netns, "removing leftover network namespace");
@@ -279,9 +280,7 @@ pub(crate) fn cleanup(remove_kept_logs: bool) -> Result<()> {
         }
     }
     // Kubelet nodes' cgroup roots are named like their network namespaces.
-    let leftover_cgroup =
-        |name: &str| run_id_of_netns(name).is_some_and(|id| !live.contains(&id.as_str()));
-    if let Err(e) = cgroup::remove_cgroup_roots(leftover_cgroup) {
+    if let Err(e) = cgroup::remove_cgroup_roots(is_debris) {
         errors.push(e);
     }
     match errors.len() {
@@ -515,16 +514,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn netns_names_map_back_to_their_run() {
-        assert_eq!(
-            run_id_of_netns("we2e-4242-3-node-0").as_deref(),
-            Some("4242-3")
-        );
-        assert_eq!(
-            run_id_of_netns("we2e-4242-3-fabric").as_deref(),
-            Some("4242-3")
-        );
-        assert_eq!(run_id_of_netns("other-4242-3-fabric"), None);
-        assert_eq!(run_id_of_netns("we2e-4242"), None);
+    fn netns_names_map_back_to_their_owner() {
+        assert_eq!(owner_of("we2e-4242-3-node-0"), Some(4242));
+        assert_eq!(owner_of("we2e-4242-3-fabric"), Some(4242));
+        assert_eq!(owner_of("other-4242-3-fabric"), None);
+        assert_eq!(owner_of("we2e-4242"), None);
+        assert_eq!(owner_of("we2e-x-3-fabric"), None);
+    }
+
+    #[test]
+    fn a_name_whose_owner_lives_is_not_debris() {
+        assert!(!is_debris(&format!("we2e-{}-0-node-0", std::process::id())));
+        assert!(!is_debris("other-1-0-node-0"));
     }
 }

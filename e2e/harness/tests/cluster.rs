@@ -321,6 +321,52 @@ async fn pods_wired_by_a_cni_plugin_reach_each_other() -> Result<()> {
     cluster.stop().await
 }
 
+/// A cleanup that keeps its runs elsewhere (`WEFT_E2E_RUNS`) knows nothing
+/// of this run's directory, and still leaves it alone while its owner
+/// lives; a namespace whose owner is gone it removes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_with_another_runs_root_spares_a_live_run() -> Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        register_nodes: true,
+        ..ClusterSpec::default()
+    })
+    .await?;
+    let run_id = cluster.run_id();
+    let before = netns_of_run(&run_id);
+    ensure!(!before.is_empty());
+    let mut gone = Command::new("true").spawn()?;
+    gone.wait()?;
+    let orphan = format!("we2e-{}-0-orphan", gone.id());
+    ensure!(Command::new("ip")
+        .args(["netns", "add", &orphan])
+        .status()?
+        .success());
+
+    let other_root = tempfile::tempdir()?;
+    let status = Command::new(env!("CARGO_BIN_EXE_weft-e2e"))
+        .arg("cleanup")
+        .env("WEFT_E2E_RUNS", other_root.path())
+        .status()?;
+    let orphan_left = !netns_of_run(&format!("{}-0", gone.id())).is_empty();
+    if orphan_left {
+        let _ = Command::new("ip").args(["netns", "del", &orphan]).status();
+    }
+    ensure!(status.success(), "weft-e2e cleanup failed: {status}");
+    ensure!(
+        !orphan_left,
+        "the namespace {orphan} of a gone owner was left"
+    );
+    ensure!(
+        netns_of_run(&run_id) == before,
+        "the live run lost namespaces"
+    );
+    ensure!(cluster.run_dir().exists());
+    let nodes: Api<Node> = Api::all(cluster.client().await?);
+    ensure!(nodes.list(&ListParams::default()).await?.items.len() == 1);
+    cluster.stop().await
+}
+
 #[test]
 fn a_crashed_run_is_cleaned_up() -> Result<()> {
     let mut up = Command::new(env!("CARGO_BIN_EXE_weft-e2e"))
