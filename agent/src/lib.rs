@@ -29,6 +29,7 @@ pub mod node;
 pub mod offload;
 pub mod overlay;
 pub mod peer;
+pub mod policy;
 mod publish;
 mod retry;
 mod run;

@@ -1,0 +1,377 @@
+//! From the cluster's pods, namespaces and policies to what one node
+//! enforces for the pods on it.
+//!
+//! Per direction, a pod that some policy selects is isolated: it maps to
+//! an allow set, and traffic to it (ingress) or from it (egress) passes only
+//! if the (peer address, protocol, port) triple lies in one of the set's
+//! entries. Pods with the same policies (and, for ingress, the same named
+//! ports) share one allow set, so the data plane needs one lookup to find
+//! the set and one to test it, whatever the number of policies.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+use super::model::{
+    NamespaceRecord, NamespaceScope, Peer, PodRecord, PolicyRecord, PortMatch, PortRule, Rule,
+};
+use super::selector::Labels;
+
+/// An inclusive range of addresses of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AddressRange {
+    /// The first address.
+    pub first: IpAddr,
+    /// The last address.
+    pub last: IpAddr,
+}
+
+impl AddressRange {
+    fn single(ip: IpAddr) -> Self {
+        Self {
+            first: ip,
+            last: ip,
+        }
+    }
+
+    /// Whether `ip` lies in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.first <= ip && ip <= self.last && self.first.is_ipv4() == ip.is_ipv4()
+    }
+}
+
+/// Traffic an allow set lets through: from or to any address of `peer`,
+/// with an IP protocol number in `protocols` and a port in `ports` (both
+/// inclusive; the whole of both when a rule names no ports, which takes in
+/// protocols without ports, such as ICMP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Allow {
+    /// The other end: the source of ingress, the destination of egress.
+    pub peer: AddressRange,
+    /// First and last IP protocol number.
+    pub protocols: (u8, u8),
+    /// First and last destination port.
+    pub ports: (u16, u16),
+}
+
+/// What a node enforces in one direction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectionPlan {
+    /// Each isolated local pod address and the index of its allow set.
+    pub isolated: BTreeMap<IpAddr, usize>,
+    /// The distinct allow sets.
+    pub allow_sets: Vec<BTreeSet<Allow>>,
+}
+
+/// What a node enforces for the pods on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyPlan {
+    /// Traffic to local pods.
+    pub ingress: DirectionPlan,
+    /// Traffic from local pods.
+    pub egress: DirectionPlan,
+}
+
+/// First and last IP protocol number, first and last port: what an
+/// [`Allow`] takes in besides its peer.
+type Traffic = ((u8, u8), (u16, u16));
+
+/// Every protocol and every port.
+const ANY_TRAFFIC: Traffic = ((0, u8::MAX), (0, u16::MAX));
+
+/// Both families' whole address space.
+fn everywhere() -> [AddressRange; 2] {
+    [
+        AddressRange {
+            first: Ipv4Addr::UNSPECIFIED.into(),
+            last: Ipv4Addr::BROADCAST.into(),
+        },
+        AddressRange {
+            first: Ipv6Addr::UNSPECIFIED.into(),
+            last: Ipv6Addr::from(u128::MAX).into(),
+        },
+    ]
+}
+
+/// `cidr` without `except`, as ranges.
+fn block_ranges(cidr: &IpNet, except: &[IpNet]) -> Vec<AddressRange> {
+    let as_number = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    };
+    let as_address = |n: u128| match cidr {
+        IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(n as u32)),
+        IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(n)),
+    };
+    let mut holes: Vec<(u128, u128)> = except
+        .iter()
+        .map(|hole| (as_number(hole.network()), as_number(hole.broadcast())))
+        .collect();
+    holes.sort_unstable();
+    let (mut next, last) = (as_number(cidr.network()), as_number(cidr.broadcast()));
+    let mut ranges = Vec::new();
+    for (start, end) in holes {
+        if start > next {
+            ranges.push((next, start - 1));
+        }
+        if end >= last {
+            return to_ranges(ranges, as_address);
+        }
+        next = next.max(end + 1);
+    }
+    ranges.push((next, last));
+    to_ranges(ranges, as_address)
+}
+
+fn to_ranges(ranges: Vec<(u128, u128)>, as_address: impl Fn(u128) -> IpAddr) -> Vec<AddressRange> {
+    ranges
+        .into_iter()
+        .map(|(first, last)| AddressRange {
+            first: as_address(first),
+            last: as_address(last),
+        })
+        .collect()
+}
+
+/// The cluster as the compiler reads it.
+struct Cluster<'a> {
+    pods: &'a [PodRecord],
+    namespaces: HashMap<&'a str, &'a Labels>,
+}
+
+impl Cluster<'_> {
+    /// Whether `peer`, in a policy of `namespace`, names `pod`.
+    fn names_pod(&self, peer: &Peer, namespace: &str, pod: &PodRecord) -> bool {
+        match peer {
+            Peer::Pods { namespaces, pods } => {
+                let namespace_fits = match namespaces {
+                    NamespaceScope::Own => pod.namespace == namespace,
+                    NamespaceScope::Matching(selector) => {
+                        let empty = Labels::new();
+                        let labels = self
+                            .namespaces
+                            .get(pod.namespace.as_str())
+                            .copied()
+                            .unwrap_or(&empty);
+                        selector.matches(labels)
+                    }
+                };
+                namespace_fits && pods.matches(&pod.labels)
+            }
+            Peer::Block { .. } => false,
+        }
+    }
+
+    /// The addresses `rule`'s peers stand for, in a policy of `namespace`.
+    fn peer_ranges(&self, rule: &Rule, namespace: &str) -> Vec<AddressRange> {
+        if rule.peers.is_empty() {
+            return everywhere().to_vec();
+        }
+        let mut ranges = Vec::new();
+        for peer in &rule.peers {
+            match peer {
+                Peer::Block { cidr, except } => ranges.extend(block_ranges(cidr, except)),
+                Peer::Pods { .. } => ranges.extend(
+                    self.pods
+                        .iter()
+                        .filter(|pod| self.names_pod(peer, namespace, pod))
+                        .flat_map(|pod| pod.ips.iter().copied().map(AddressRange::single)),
+                ),
+            }
+        }
+        ranges
+    }
+
+    /// The (pod, address) pairs `rule`'s peers take in: where an egress
+    /// rule's named ports are looked up.
+    fn peer_pod_addresses<'p>(
+        &'p self,
+        rule: &'p Rule,
+        namespace: &'p str,
+    ) -> impl Iterator<Item = (&'p PodRecord, IpAddr)> + 'p {
+        self.pods.iter().flat_map(move |pod| {
+            pod.ips.iter().copied().filter_map(move |ip| {
+                let named = rule.peers.is_empty()
+                    || rule.peers.iter().any(|peer| match peer {
+                        Peer::Block { cidr, except } => {
+                            cidr.contains(&ip) && !except.iter().any(|hole| hole.contains(&ip))
+                        }
+                        Peer::Pods { .. } => self.names_pod(peer, namespace, pod),
+                    });
+                named.then_some((pod, ip))
+            })
+        })
+    }
+}
+
+/// The (protocols, ports) of `rule`'s port rules with numbers or no port;
+/// named ports are left to [`named_traffic`].
+fn numbered_traffic(rule: &Rule) -> Vec<Traffic> {
+    if rule.ports.is_empty() {
+        return vec![ANY_TRAFFIC];
+    }
+    rule.ports
+        .iter()
+        .filter_map(|PortRule { protocol, port }| {
+            let number = protocol.number();
+            match port {
+                PortMatch::Any => Some(((number, number), (0, u16::MAX))),
+                PortMatch::Range(first, last) => Some(((number, number), (*first, *last))),
+                PortMatch::Named(_) => None,
+            }
+        })
+        .collect()
+}
+
+/// The (protocols, ports) of `rule`'s named ports as `pod` resolves them.
+fn named_traffic<'r>(rule: &'r Rule, pod: &'r PodRecord) -> impl Iterator<Item = Traffic> + 'r {
+    rule.ports
+        .iter()
+        .filter_map(|PortRule { protocol, port }| match port {
+            PortMatch::Named(name) => {
+                let number = protocol.number();
+                pod.named_port(name, *protocol)
+                    .map(|port| ((number, number), (port, port)))
+            }
+            _ => None,
+        })
+}
+
+fn has_named_ports(rule: &Rule) -> bool {
+    rule.ports
+        .iter()
+        .any(|p| matches!(p.port, PortMatch::Named(_)))
+}
+
+/// Every peer range with every (protocols, ports).
+fn entries<'a>(
+    ranges: &'a [AddressRange],
+    traffic: &'a [Traffic],
+) -> impl Iterator<Item = Allow> + 'a {
+    ranges.iter().flat_map(|peer| {
+        traffic.iter().map(|&(protocols, ports)| Allow {
+            peer: *peer,
+            protocols,
+            ports,
+        })
+    })
+}
+
+/// Ingress or egress.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    fn rules(self, policy: &PolicyRecord) -> Option<&[Rule]> {
+        match self {
+            Direction::Ingress => policy.ingress.as_deref(),
+            Direction::Egress => policy.egress.as_deref(),
+        }
+    }
+}
+
+/// What `node` enforces for its pods, given every pod, namespace and
+/// policy in the cluster.
+pub fn compile(
+    node: &str,
+    pods: &[PodRecord],
+    namespaces: &[NamespaceRecord],
+    policies: &[PolicyRecord],
+) -> PolicyPlan {
+    let cluster = Cluster {
+        pods,
+        namespaces: namespaces
+            .iter()
+            .map(|ns| (ns.name.as_str(), &ns.labels))
+            .collect(),
+    };
+    let local: Vec<&PodRecord> = pods.iter().filter(|pod| pod.node == node).collect();
+    PolicyPlan {
+        ingress: compile_direction(&cluster, &local, policies, Direction::Ingress),
+        egress: compile_direction(&cluster, &local, policies, Direction::Egress),
+    }
+}
+
+fn compile_direction(
+    cluster: &Cluster<'_>,
+    local: &[&PodRecord],
+    policies: &[PolicyRecord],
+    direction: Direction,
+) -> DirectionPlan {
+    // Pods selected by the same policies share an allow set, except that
+    // ingress named ports resolve on the local pod: those resolutions are
+    // part of the key.
+    type Key = (Vec<usize>, Vec<Traffic>);
+    let mut sets: HashMap<Key, usize> = HashMap::new();
+    let mut plan = DirectionPlan::default();
+    // Peer addresses per (policy, rule), computed once for all local pods.
+    let mut ranges: HashMap<(usize, usize), Vec<AddressRange>> = HashMap::new();
+    for pod in local {
+        let selecting: Vec<usize> = policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.namespace == pod.namespace
+                    && direction.rules(p).is_some()
+                    && p.pod_selector.matches(&pod.labels)
+            })
+            .map(|(index, _)| index)
+            .collect();
+        if selecting.is_empty() {
+            continue;
+        }
+        let named: Vec<_> = match direction {
+            Direction::Ingress => selecting
+                .iter()
+                .flat_map(|&p| direction.rules(&policies[p]).into_iter().flatten())
+                .flat_map(|rule| named_traffic(rule, pod))
+                .collect(),
+            Direction::Egress => Vec::new(),
+        };
+        let key = (selecting, named);
+        let index = match sets.get(&key) {
+            Some(index) => *index,
+            None => {
+                let mut set = BTreeSet::new();
+                for &p in &key.0 {
+                    let policy = &policies[p];
+                    for (r, rule) in direction.rules(policy).into_iter().flatten().enumerate() {
+                        let peers = ranges
+                            .entry((p, r))
+                            .or_insert_with(|| cluster.peer_ranges(rule, &policy.namespace));
+                        let mut traffic = numbered_traffic(rule);
+                        match direction {
+                            Direction::Ingress => traffic.extend(named_traffic(rule, pod)),
+                            Direction::Egress if has_named_ports(rule) => {
+                                for (target, ip) in
+                                    cluster.peer_pod_addresses(rule, &policy.namespace)
+                                {
+                                    set.extend(entries(
+                                        &[AddressRange::single(ip)],
+                                        &named_traffic(rule, target).collect::<Vec<_>>(),
+                                    ));
+                                }
+                            }
+                            Direction::Egress => {}
+                        }
+                        set.extend(entries(peers, &traffic));
+                    }
+                }
+                plan.allow_sets.push(set);
+                sets.insert(key, plan.allow_sets.len() - 1);
+                plan.allow_sets.len() - 1
+            }
+        };
+        for ip in &pod.ips {
+            plan.isolated.insert(*ip, index);
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,408 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::policy::model::{NamedPort, Protocol};
+use crate::policy::selector::{Requirement, Selector};
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn pod(namespace: &str, name: &str, node: &str, ips: &[&str], app: &str) -> PodRecord {
+    PodRecord {
+        namespace: namespace.into(),
+        name: name.into(),
+        labels: labels(&[("app", app)]),
+        ips: ips.iter().map(|text| ip(text)).collect(),
+        node: node.into(),
+        named_ports: vec![NamedPort {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }],
+    }
+}
+
+fn app(value: &str) -> Selector {
+    Selector::of(vec![Requirement::In("app".into(), vec![value.into()])])
+}
+
+/// What the compiled plan lets through, evaluated as the data plane does:
+/// one lookup for the allow set, one for an entry.
+fn passes(plan: &DirectionPlan, local: IpAddr, peer: IpAddr, protocol: u8, port: u16) -> bool {
+    match plan.isolated.get(&local) {
+        None => true,
+        Some(&set) => plan.allow_sets[set].iter().any(|allow| {
+            allow.peer.contains(peer)
+                && (allow.protocols.0..=allow.protocols.1).contains(&protocol)
+                && (allow.ports.0..=allow.ports.1).contains(&port)
+        }),
+    }
+}
+
+#[test]
+fn blocks_leave_out_their_holes() {
+    let ranges = block_ranges(
+        &"10.0.0.0/8".parse().unwrap(),
+        &[
+            "10.1.0.0/16".parse().unwrap(),
+            "10.0.0.0/24".parse().unwrap(),
+            "10.1.2.0/24".parse().unwrap(),
+        ],
+    );
+    let shown: Vec<_> = ranges
+        .iter()
+        .map(|r| format!("{}-{}", r.first, r.last))
+        .collect();
+    assert_eq!(
+        shown,
+        vec!["10.0.1.0-10.0.255.255", "10.2.0.0-10.255.255.255"]
+    );
+    assert!(block_ranges(
+        &"10.0.0.0/8".parse().unwrap(),
+        &["10.0.0.0/8".parse().unwrap()]
+    )
+    .is_empty());
+    let whole = block_ranges(&"fd00::/8".parse().unwrap(), &[]);
+    assert_eq!(
+        whole,
+        vec![AddressRange {
+            first: ip("fd00::"),
+            last: ip("fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+        }]
+    );
+}
+
+#[test]
+fn a_pod_no_policy_selects_is_not_isolated() {
+    let pods = [pod("x", "a", "node-0", &["10.244.0.2"], "a")];
+    let policies = [PolicyRecord {
+        namespace: "x".into(),
+        name: "db-only".into(),
+        pod_selector: app("db"),
+        ingress: Some(vec![]),
+        egress: None,
+    }];
+    let plan = compile("node-0", &pods, &[], &policies);
+    assert_eq!(plan, PolicyPlan::default());
+}
+
+#[test]
+fn pods_with_the_same_policies_share_one_allow_set() {
+    let pods = [
+        pod("x", "a", "node-0", &["10.244.0.2", "fd00:10:244::2"], "web"),
+        pod("x", "b", "node-0", &["10.244.0.3"], "web"),
+        pod("x", "c", "node-1", &["10.244.1.2"], "client"),
+        pod("y", "d", "node-0", &["10.244.0.4"], "web"),
+    ];
+    let policies = [PolicyRecord {
+        namespace: "x".into(),
+        name: "web".into(),
+        pod_selector: app("web"),
+        ingress: Some(vec![Rule {
+            peers: vec![Peer::Pods {
+                namespaces: NamespaceScope::Own,
+                pods: app("client"),
+            }],
+            ports: vec![PortRule {
+                protocol: Protocol::Tcp,
+                port: PortMatch::Named("http".into()),
+            }],
+        }]),
+        egress: None,
+    }];
+    let plan = compile("node-0", &pods, &[], &policies);
+    assert_eq!(plan.ingress.allow_sets.len(), 1);
+    assert_eq!(plan.ingress.isolated.len(), 3, "{:?}", plan.ingress);
+    assert!(!plan.ingress.isolated.contains_key(&ip("10.244.0.4")));
+    let entries: Vec<_> = plan.ingress.allow_sets[0].iter().copied().collect();
+    assert_eq!(
+        entries,
+        vec![Allow {
+            peer: AddressRange::single(ip("10.244.1.2")),
+            protocols: (6, 6),
+            ports: (8080, 8080),
+        }]
+    );
+    assert!(plan.egress.isolated.is_empty());
+}
+
+// Property tests: the compiled plan against a straightforward reading of
+// the API's semantics, over random pods, namespaces and policies.
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+
+fn any_selector() -> impl Strategy<Value = Selector> {
+    let requirement = prop_oneof![
+        prop::sample::select(vec!["a", "b", "c"])
+            .prop_map(|v| Requirement::In("app".into(), vec![v.into()])),
+        prop::sample::select(vec!["a", "b"])
+            .prop_map(|v| Requirement::NotIn("app".into(), vec![v.into()])),
+        Just(Requirement::Exists("tier".into())),
+        Just(Requirement::DoesNotExist("tier".into())),
+        prop::sample::select(vec!["x", "y", "z"])
+            .prop_map(|v| Requirement::In("ns".into(), vec![v.into()])),
+        Just(Requirement::In(
+            "team".into(),
+            vec!["red".into(), "blue".into()]
+        )),
+    ];
+    prop::collection::vec(requirement, 0..3).prop_map(Selector::of)
+}
+
+fn any_peer() -> impl Strategy<Value = Peer> {
+    let cidr = prop::sample::select(vec![
+        ("10.244.0.0/16", vec![]),
+        ("10.244.0.0/16", vec!["10.244.0.0/24", "10.244.1.3/32"]),
+        ("10.244.1.0/24", vec!["10.244.1.0/25"]),
+        ("0.0.0.0/0", vec!["10.244.0.0/16"]),
+        ("8.8.8.0/24", vec![]),
+        ("fd00:10:244::/48", vec!["fd00:10:244:1::/64"]),
+        ("::/0", vec![]),
+    ]);
+    prop_oneof![
+        (any_selector(), any_selector(), any::<bool>()).prop_map(|(ns, pods, own)| Peer::Pods {
+            namespaces: if own {
+                NamespaceScope::Own
+            } else {
+                NamespaceScope::Matching(ns)
+            },
+            pods,
+        }),
+        cidr.prop_map(|(cidr, except)| Peer::Block {
+            cidr: cidr.parse().unwrap(),
+            except: except.iter().map(|e| e.parse().unwrap()).collect(),
+        }),
+    ]
+}
+
+fn any_port_rule() -> impl Strategy<Value = PortRule> {
+    let protocol = prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp]);
+    let port = prop_oneof![
+        Just(PortMatch::Any),
+        Just(PortMatch::Range(80, 80)),
+        Just(PortMatch::Range(80, 8080)),
+        Just(PortMatch::Range(53, 53)),
+        Just(PortMatch::Named("http".into())),
+        Just(PortMatch::Named("dns".into())),
+        Just(PortMatch::Named("missing".into())),
+    ];
+    (protocol, port).prop_map(|(protocol, port)| PortRule { protocol, port })
+}
+
+fn any_rules() -> impl Strategy<Value = Option<Vec<Rule>>> {
+    let rule = (
+        prop::collection::vec(any_peer(), 0..3),
+        prop::collection::vec(any_port_rule(), 0..3),
+    )
+        .prop_map(|(peers, ports)| Rule { peers, ports });
+    prop::option::of(prop::collection::vec(rule, 0..3))
+}
+
+fn any_policy() -> impl Strategy<Value = PolicyRecord> {
+    (
+        prop::sample::select(NAMESPACES.to_vec()),
+        any_selector(),
+        any_rules(),
+        any_rules(),
+    )
+        .prop_map(|(namespace, pod_selector, ingress, egress)| PolicyRecord {
+            namespace: namespace.into(),
+            name: "p".into(),
+            pod_selector,
+            ingress,
+            egress,
+        })
+}
+
+fn any_pods() -> impl Strategy<Value = Vec<PodRecord>> {
+    let ports = prop::sample::subsequence(
+        vec![
+            ("http", 80, Protocol::Tcp),
+            ("http", 8080, Protocol::Udp),
+            ("dns", 53, Protocol::Udp),
+            ("dns", 53, Protocol::Tcp),
+            ("serve", 81, Protocol::Sctp),
+        ],
+        0..3,
+    );
+    let one = (
+        prop::sample::select(NAMESPACES.to_vec()),
+        prop::sample::select(vec!["a", "b", "c"]),
+        prop::option::of(Just("edge")),
+        0usize..2,
+        any::<bool>(),
+        ports,
+    );
+    prop::collection::vec(one, 0..8).prop_map(|pods| {
+        pods.into_iter()
+            .enumerate()
+            .map(|(i, (namespace, app, tier, node, dual, ports))| {
+                let mut labels = labels(&[("app", app)]);
+                labels.extend(tier.map(|t| ("tier".to_string(), t.to_string())));
+                let mut ips = vec![IpAddr::from([10, 244, node as u8, 2 + i as u8])];
+                if dual {
+                    ips.push(format!("fd00:10:244:{node}::{}", 2 + i).parse().unwrap());
+                }
+                PodRecord {
+                    namespace: namespace.into(),
+                    name: format!("pod-{i}"),
+                    labels,
+                    ips,
+                    node: format!("node-{node}"),
+                    named_ports: ports
+                        .into_iter()
+                        .map(|(name, port, protocol)| NamedPort {
+                            name: name.into(),
+                            port,
+                            protocol,
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    })
+}
+
+fn any_namespaces() -> impl Strategy<Value = Vec<NamespaceRecord>> {
+    prop::collection::vec(
+        prop::option::of(prop::sample::select(vec!["red", "blue"])),
+        3,
+    )
+    .prop_map(|teams| {
+        NAMESPACES
+            .iter()
+            .zip(teams)
+            .map(|(name, team)| {
+                let mut labels = labels(&[("ns", name)]);
+                labels.extend(team.map(|t| ("team".to_string(), t.to_string())));
+                NamespaceRecord {
+                    name: name.to_string(),
+                    labels,
+                }
+            })
+            .collect()
+    })
+}
+
+/// The API's semantics, read directly: whether traffic between `local`
+/// and the peer at `peer_ip` (the pod `peer`, if it is one) with
+/// `protocol` and destination `port` is allowed in `direction` at `local`.
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    namespaces: &[NamespaceRecord],
+    policies: &[PolicyRecord],
+    direction: Direction,
+    local: &PodRecord,
+    peer_ip: IpAddr,
+    peer: Option<&PodRecord>,
+    protocol: u8,
+    port: u16,
+) -> bool {
+    let namespace_labels = |name: &str| {
+        namespaces
+            .iter()
+            .find(|ns| ns.name == name)
+            .map(|ns| ns.labels.clone())
+            .unwrap_or_default()
+    };
+    let selecting: Vec<&PolicyRecord> = policies
+        .iter()
+        .filter(|p| {
+            p.namespace == local.namespace
+                && direction.rules(p).is_some()
+                && p.pod_selector.matches(&local.labels)
+        })
+        .collect();
+    if selecting.is_empty() {
+        return true;
+    }
+    // Named ports are the destination's: the local pod for ingress.
+    let destination = match direction {
+        Direction::Ingress => Some(local),
+        Direction::Egress => peer,
+    };
+    selecting.iter().any(|policy| {
+        direction.rules(policy).unwrap().iter().any(|rule| {
+            let peer_fits = rule.peers.is_empty()
+                || rule.peers.iter().any(|candidate| match candidate {
+                    Peer::Pods { namespaces, pods } => peer.is_some_and(|q| {
+                        let namespace_fits = match namespaces {
+                            NamespaceScope::Own => q.namespace == policy.namespace,
+                            NamespaceScope::Matching(s) => {
+                                s.matches(&namespace_labels(&q.namespace))
+                            }
+                        };
+                        namespace_fits && pods.matches(&q.labels)
+                    }),
+                    Peer::Block { cidr, except } => {
+                        cidr.contains(&peer_ip) && !except.iter().any(|e| e.contains(&peer_ip))
+                    }
+                });
+            let port_fits = rule.ports.is_empty()
+                || rule.ports.iter().any(|rule_port| {
+                    rule_port.protocol.number() == protocol
+                        && match &rule_port.port {
+                            PortMatch::Any => true,
+                            PortMatch::Range(first, last) => (*first..=*last).contains(&port),
+                            PortMatch::Named(name) => {
+                                destination.and_then(|d| d.named_port(name, rule_port.protocol))
+                                    == Some(port)
+                            }
+                        }
+                });
+            peer_fits && port_fits
+        })
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// For every local pod, every peer (each pod's addresses and some
+    /// outside ones) and a spread of protocols and ports, in both
+    /// directions, the compiled plan lets through exactly what the API's
+    /// semantics allow.
+    #[test]
+    fn the_plan_allows_exactly_what_the_api_semantics_allow(
+        pods in any_pods(),
+        namespaces in any_namespaces(),
+        policies in prop::collection::vec(any_policy(), 0..5),
+    ) {
+        let plan = compile("node-0", &pods, &namespaces, &policies);
+        let outside = ["8.8.8.8", "10.244.9.9", "10.244.1.200", "fd00:10:244:1::99", "2001:db8::1"];
+        let mut peers: Vec<(IpAddr, Option<&PodRecord>)> = pods
+            .iter()
+            .flat_map(|pod| pod.ips.iter().map(move |ip| (*ip, Some(pod))))
+            .collect();
+        peers.extend(outside.iter().map(|text| (ip(text), None)));
+        let traffic = [(6, 80), (6, 8080), (6, 81), (17, 53), (17, 8080), (6, 53), (132, 81), (1, 0)];
+        for local in pods.iter().filter(|pod| pod.node == "node-0") {
+            for &local_ip in &local.ips {
+                for &(peer_ip, peer) in &peers {
+                    if peer_ip.is_ipv4() != local_ip.is_ipv4() || peer_ip == local_ip {
+                        continue;
+                    }
+                    for &(protocol, port) in &traffic {
+                        for (direction, side) in [(Direction::Ingress, &plan.ingress), (Direction::Egress, &plan.egress)] {
+                            let expected = reference(&namespaces, &policies, direction, local, peer_ip, peer, protocol, port);
+                            let compiled = passes(side, local_ip, peer_ip, protocol, port);
+                            prop_assert_eq!(
+                                compiled, expected,
+                                "{} {} {}/{} {}:{}", if direction == Direction::Ingress { "ingress to" } else { "egress from" },
+                                local_ip, peer_ip, protocol, port, peer.map_or("outside", |p| p.name.as_str())
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
