@@ -9,6 +9,7 @@
 //! the set and one to test it, whatever the number of policies.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
@@ -55,13 +56,20 @@ pub struct Allow {
     pub ports: (u16, u16),
 }
 
+/// Names an allow set by what it is made of (the policies that select its
+/// pods and, for ingress, their named ports), so the same set keeps its
+/// name from one compile to the next and the data plane can change its
+/// entries in place as pods come and go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AllowSetId(pub u64);
+
 /// What a node enforces in one direction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirectionPlan {
-    /// Each isolated local pod address and the index of its allow set.
-    pub isolated: BTreeMap<IpAddr, usize>,
+    /// Each isolated local pod address and its allow set.
+    pub isolated: BTreeMap<IpAddr, AllowSetId>,
     /// The distinct allow sets.
-    pub allow_sets: Vec<BTreeSet<Allow>>,
+    pub allow_sets: BTreeMap<AllowSetId, BTreeSet<Allow>>,
 }
 
 /// What a node enforces for the pods on it.
@@ -306,7 +314,7 @@ fn compile_direction(
     // ingress named ports resolve on the local pod: those resolutions are
     // part of the key.
     type Key = (Vec<usize>, Vec<Traffic>);
-    let mut sets: HashMap<Key, usize> = HashMap::new();
+    let mut ids: HashMap<Key, AllowSetId> = HashMap::new();
     let mut plan = DirectionPlan::default();
     // Peer addresses per (policy, rule), computed once for all local pods.
     let mut ranges: HashMap<(usize, usize), Vec<AddressRange>> = HashMap::new();
@@ -333,8 +341,8 @@ fn compile_direction(
             Direction::Egress => Vec::new(),
         };
         let key = (selecting, named);
-        let index = match sets.get(&key) {
-            Some(index) => *index,
+        let id = match ids.get(&key) {
+            Some(id) => *id,
             None => {
                 let mut set = BTreeSet::new();
                 for &p in &key.0 {
@@ -361,16 +369,40 @@ fn compile_direction(
                         set.extend(entries(peers, &traffic));
                     }
                 }
-                plan.allow_sets.push(set);
-                sets.insert(key, plan.allow_sets.len() - 1);
-                plan.allow_sets.len() - 1
+                let id = allow_set_id(&key, policies, &plan.allow_sets);
+                plan.allow_sets.insert(id, set);
+                ids.insert(key, id);
+                id
             }
         };
         for ip in &pod.ips {
-            plan.isolated.insert(*ip, index);
+            plan.isolated.insert(*ip, id);
         }
     }
     plan
+}
+
+/// A name for the allow set of `key` (selecting policies, named ports)
+/// that depends on the policies' names, not their order, and is not yet
+/// taken in `taken`.
+fn allow_set_id(
+    (selecting, named): &(Vec<usize>, Vec<Traffic>),
+    policies: &[PolicyRecord],
+    taken: &BTreeMap<AllowSetId, BTreeSet<Allow>>,
+) -> AllowSetId {
+    let mut names: Vec<(&str, &str)> = selecting
+        .iter()
+        .map(|&p| (policies[p].namespace.as_str(), policies[p].name.as_str()))
+        .collect();
+    names.sort_unstable();
+    let mut hasher = DefaultHasher::new();
+    (names, named).hash(&mut hasher);
+    let mut id = hasher.finish();
+    // Two keys with one hash: the later takes the next free name.
+    while taken.contains_key(&AllowSetId(id)) {
+        id = id.wrapping_add(1);
+    }
+    AllowSetId(id)
 }
 
 #[cfg(test)]

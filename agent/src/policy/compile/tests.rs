@@ -39,7 +39,7 @@ fn app(value: &str) -> Selector {
 fn passes(plan: &DirectionPlan, local: IpAddr, peer: IpAddr, protocol: u8, port: u16) -> bool {
     match plan.isolated.get(&local) {
         None => true,
-        Some(&set) => plan.allow_sets[set].iter().any(|allow| {
+        Some(set) => plan.allow_sets[set].iter().any(|allow| {
             allow.peer.contains(peer)
                 && (allow.protocols.0..=allow.protocols.1).contains(&protocol)
                 && (allow.ports.0..=allow.ports.1).contains(&port)
@@ -122,7 +122,13 @@ fn pods_with_the_same_policies_share_one_allow_set() {
     assert_eq!(plan.ingress.allow_sets.len(), 1);
     assert_eq!(plan.ingress.isolated.len(), 3, "{:?}", plan.ingress);
     assert!(!plan.ingress.isolated.contains_key(&ip("10.244.0.4")));
-    let entries: Vec<_> = plan.ingress.allow_sets[0].iter().copied().collect();
+    let entries: Vec<_> = plan
+        .ingress
+        .allow_sets
+        .values()
+        .flatten()
+        .copied()
+        .collect();
     assert_eq!(
         entries,
         vec![Allow {
@@ -220,6 +226,16 @@ fn any_policy() -> impl Strategy<Value = PolicyRecord> {
             ingress,
             egress,
         })
+}
+
+/// Up to four policies, each with a name of its own.
+fn any_policies() -> impl Strategy<Value = Vec<PolicyRecord>> {
+    prop::collection::vec(any_policy(), 0..5).prop_map(|mut policies| {
+        for (i, policy) in policies.iter_mut().enumerate() {
+            policy.name = format!("p{i}");
+        }
+        policies
+    })
 }
 
 fn any_pods() -> impl Strategy<Value = Vec<PodRecord>> {
@@ -374,7 +390,7 @@ proptest! {
     fn the_plan_allows_exactly_what_the_api_semantics_allow(
         pods in any_pods(),
         namespaces in any_namespaces(),
-        policies in prop::collection::vec(any_policy(), 0..5),
+        policies in any_policies(),
     ) {
         let plan = compile("node-0", &pods, &namespaces, &policies);
         let outside = ["8.8.8.8", "10.244.9.9", "10.244.1.200", "fd00:10:244:1::99", "2001:db8::1"];
@@ -404,5 +420,18 @@ proptest! {
                 }
             }
         }
+    }
+
+    /// Allow sets are named by the policies that make them, so the plan
+    /// does not depend on the order the policies come in.
+    #[test]
+    fn the_plan_does_not_depend_on_policy_order(
+        pods in any_pods(),
+        namespaces in any_namespaces(),
+        mut policies in any_policies(),
+    ) {
+        let plan = compile("node-0", &pods, &namespaces, &policies);
+        policies.reverse();
+        prop_assert_eq!(compile("node-0", &pods, &namespaces, &policies), plan);
     }
 }
