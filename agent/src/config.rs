@@ -187,6 +187,19 @@ pub struct AgentSettings {
     /// Listen address of /healthz, /readyz and /metrics (metricsAddress) [default: 0.0.0.0:9465].
     #[arg(long, env = "WEFT_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
+    /// NetworkPolicy enforcement (networkPolicy).
+    #[command(flatten)]
+    #[serde(default)]
+    pub network_policy: NetworkPolicySettings,
+}
+
+/// The `networkPolicy` keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicySettings {
+    /// Enforce NetworkPolicy for this node's pods (networkPolicy.enabled) [default: true].
+    #[arg(long = "network-policy-enabled", env = "WEFT_NETWORK_POLICY_ENABLED")]
+    pub enabled: Option<bool>,
 }
 
 impl Layer for AgentSettings {
@@ -210,6 +223,12 @@ impl Layer for AgentSettings {
             cni_plugin_source: higher.cni_plugin_source.or(self.cni_plugin_source),
             node_file: higher.node_file.or(self.node_file),
             metrics_address: higher.metrics_address.or(self.metrics_address),
+            network_policy: NetworkPolicySettings {
+                enabled: higher
+                    .network_policy
+                    .enabled
+                    .or(self.network_policy.enabled),
+            },
         }
     }
 }
@@ -253,6 +272,8 @@ pub struct AgentConfig {
     pub node_file: PathBuf,
     /// Address of the health and metrics server.
     pub metrics_address: SocketAddr,
+    /// Whether the agent enforces NetworkPolicy.
+    pub network_policy: bool,
 }
 
 /// Default VXLAN UDP port: the Linux kernel's and flannel's, so existing
@@ -372,6 +393,7 @@ impl AgentSettings {
             metrics_address: self
                 .metrics_address
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9465))),
+            network_policy: self.network_policy.enabled.unwrap_or(true),
         })
     }
 }
@@ -430,6 +452,7 @@ mod tests {
         assert_eq!(config.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
         assert_eq!(config.slice_size(IpFamily::V4), 24);
         assert_eq!(config.slice_size(IpFamily::V6), 64);
+        assert!(config.network_policy);
     }
 
     #[test]
@@ -443,6 +466,16 @@ mod tests {
         assert_eq!(config.cluster_cidrs.len(), 2);
         assert_eq!(config.checksum_offload, ChecksumOffload::Off);
         assert_eq!(config.no_masquerade_cidrs.len(), 1);
+        let off = AgentSettings::from_yaml(
+            Path::new("agent.yaml"),
+            "clusterCidr: 10.244.0.0/16\nnetworkPolicy:\n  enabled: false\n",
+        )
+        .unwrap();
+        assert!(
+            !off.resolve(Path::new("/a/weft-agent"))
+                .unwrap()
+                .network_policy
+        );
 
         let error = AgentSettings::from_yaml(Path::new("agent.yaml"), "cluster_cidr: 10.0.0.0/8")
             .unwrap_err();
@@ -459,10 +492,14 @@ mod tests {
         };
         let flags = AgentSettings {
             vni: Some(9),
+            network_policy: NetworkPolicySettings {
+                enabled: Some(false),
+            },
             ..AgentSettings::default()
         };
         let merged = file.overlaid_with(flags);
         assert_eq!(merged.vni, Some(9));
+        assert_eq!(merged.network_policy.enabled, Some(false));
         assert_eq!(merged.port, Some(4789));
         assert!(merged.cluster_cidr.is_some());
     }

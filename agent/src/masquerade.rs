@@ -12,10 +12,9 @@
 //! old for new atomically, so there is never a moment without rules (a flush
 //! followed by re-adding would open one).
 
-use std::net::IpAddr;
-
 use ipnet::IpNet;
 
+use weft::ip::IpFamily;
 use weft::nft::{self, NftError};
 
 /// The nftables family and name of Weft's table.
@@ -35,26 +34,26 @@ pub fn render_ruleset(cluster_cidrs: &[IpNet], no_masquerade: &[IpNet]) -> Strin
         "\tcomment \"Weft pod egress masquerade, owned by weft-agent: replaced as a whole\"\n",
     );
     let mut rules = Vec::new();
-    for family in [Family::V4, Family::V6] {
-        let Some(cluster) = cluster_cidrs.iter().find(|c| family.holds(c.addr())) else {
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let Some(cluster) = cluster_cidrs.iter().find(|c| IpFamily::of(c) == family) else {
             continue;
         };
         // The set always holds the cluster CIDR (pod-to-pod is never
         // masqueraded) and multicast; auto-merge lets user entries overlap.
-        let mut exempt = vec![*cluster, family.multicast()];
-        exempt.extend(no_masquerade.iter().filter(|c| family.holds(c.addr())));
+        let mut exempt = vec![*cluster, multicast(family)];
+        exempt.extend(no_masquerade.iter().filter(|c| IpFamily::of(c) == family));
         let elements: Vec<String> = exempt.iter().map(|c| c.trunc().to_string()).collect();
         out.push_str(&format!(
             "\tset no-masquerade-{v} {{\n\t\ttype {t}\n\t\tflags interval\n\t\tauto-merge\n\t\telements = {{ {e} }}\n\t}}\n",
-            v = family.suffix(),
-            t = family.set_type(),
+            v = nft::suffix(family),
+            t = nft::address_type(family),
             e = elements.join(", "),
         ));
         rules.push(format!(
             "\t\t{p} saddr {cluster} {p} daddr != @no-masquerade-{v} masquerade random,fully-random\n",
-            p = family.keyword(),
+            p = nft::header(family),
             cluster = cluster.trunc(),
-            v = family.suffix(),
+            v = nft::suffix(family),
         ));
     }
     out.push_str(
@@ -70,46 +69,11 @@ pub fn render_ruleset(cluster_cidrs: &[IpNet], no_masquerade: &[IpNet]) -> Strin
     out
 }
 
-#[derive(Clone, Copy)]
-enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    fn holds(self, addr: IpAddr) -> bool {
-        matches!(
-            (self, addr),
-            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
-        )
-    }
-
-    fn multicast(self) -> IpNet {
-        match self {
-            Family::V4 => "224.0.0.0/4".parse().expect("valid literal"),
-            Family::V6 => "ff00::/8".parse().expect("valid literal"),
-        }
-    }
-
-    fn keyword(self) -> &'static str {
-        match self {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        }
-    }
-
-    fn set_type(self) -> &'static str {
-        match self {
-            Family::V4 => "ipv4_addr",
-            Family::V6 => "ipv6_addr",
-        }
-    }
-
-    fn suffix(self) -> &'static str {
-        match self {
-            Family::V4 => "v4",
-            Family::V6 => "v6",
-        }
+/// Where multicast lies in `family`: never masqueraded.
+fn multicast(family: IpFamily) -> IpNet {
+    match family {
+        IpFamily::V4 => "224.0.0.0/4".parse().expect("valid literal"),
+        IpFamily::V6 => "ff00::/8".parse().expect("valid literal"),
     }
 }
 

@@ -31,12 +31,14 @@ use super::dataplane::{ApplyReport, Dataplane};
 use super::error::AgentError;
 use super::metrics::AgentMetrics;
 use super::overlay::{desired_state, EntryOwners, SkippedPeer};
+use super::policy::enforce::enforce;
+use super::policy::nft::{remove_table, TABLE as POLICY_TABLE};
 use super::publish::NodePublisher;
 use super::retry::{PeerRetries, RETRY_CAP, RETRY_START};
 use super::screen::{screen, Rejected, Rules, Screened};
 use super::setup::NodeSetup;
 use super::uninstall::{ask_api, decide, tear_down, DaemonSetWatcher, OwnDaemonSet, Shutdown};
-use weft::netlink::Netlink;
+use weft::netlink::{Netlink, Removal};
 use weft_daemon::serve::{self, Health};
 
 /// How long a stopping agent waits for the API to say whether its DaemonSet
@@ -99,9 +101,18 @@ async fn run_inner(
     };
     let nodes: Api<Node> = Api::all(client.clone());
     let (cache, watch) = watch_nodes(nodes.clone(), node_name.clone(), metrics.clone());
+    let (stop_policy, policy_stop) = tokio::sync::watch::channel(false);
+    let policy = start_policy(&config, &client, &node_name, &metrics, policy_stop).await;
     let mut reconciler = Reconciler::new(config, node_name, nodes, metrics, health)?;
     reconciler.run_until(&cache, shutdown).await;
     watch.abort();
+    // Policy stops before a teardown could remove its table.
+    let _ = stop_policy.send(true);
+    if let Some(policy) = policy {
+        if let Err(join) = policy.await {
+            tracing::warn!(%join, "network policy task ended abnormally");
+        }
+    }
     let removed = match daemonset_watch {
         Some((watch, own)) => remove_if_uninstalled(&own, watch, client, &reconciler).await,
         None => false,
@@ -117,6 +128,38 @@ async fn run_inner(
         tracing::info!("agent stopped; the data plane is left in place");
     }
     Ok(())
+}
+
+/// Starts enforcing NetworkPolicy when the configuration asks for it; when
+/// it does not, removes a table an earlier run left, so turning policy off
+/// stops enforcement.
+async fn start_policy(
+    config: &AgentConfig,
+    client: &Client,
+    node_name: &str,
+    metrics: &AgentMetrics,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if config.network_policy {
+        let task = enforce(
+            client.clone(),
+            node_name.to_owned(),
+            metrics.clone(),
+            config.resync,
+            stop,
+        );
+        return Some(tokio::spawn(task.in_current_span()));
+    }
+    tracing::info!("network policy is off (networkPolicy.enabled: false): NetworkPolicy objects are not enforced on this node");
+    match tokio::task::spawn_blocking(remove_table).await {
+        Ok(Ok(Removal::Removed)) => {
+            tracing::info!(table = POLICY_TABLE, "removed the network policy table")
+        }
+        Ok(Ok(Removal::AlreadyGone)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "could not remove the network policy table"),
+        Err(join) => tracing::warn!(%join, "removing the network policy table ended abnormally"),
+    }
+    None
 }
 
 /// Asks whether Weft is being uninstalled and, if so, removes its node

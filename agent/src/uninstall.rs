@@ -32,6 +32,7 @@ use super::dataplane::{Dataplane, DataplaneError, VXLAN_DEVICE};
 use super::install::{CONFLIST_NAME, PLUGIN_NAME};
 use super::masquerade::TABLE;
 use super::overlay::{DesiredState, Operation};
+use super::policy::nft::TABLE as POLICY_TABLE;
 use super::ROUTE_PROTOCOL;
 use weft::netlink::{Netlink, NetlinkError, Removal};
 use weft::nft::{self, NftError, HOSTPORT_TABLE};
@@ -173,7 +174,7 @@ pub async fn tear_down(netlink: &Netlink, config: &AgentConfig) -> TeardownRepor
     // Blocking, but only for the few milliseconds nft takes; nothing else
     // runs on a stopping agent. The plugin's hostPort table goes too: the
     // pods it maps to lose their network with the rest.
-    for table in [TABLE, HOSTPORT_TABLE] {
+    for table in [TABLE, HOSTPORT_TABLE, POLICY_TABLE] {
         match nft::delete_table(table, "delete a table of Weft's") {
             Ok(Removal::Removed) => report.removed.push(format!("nftables table {table}")),
             Ok(Removal::AlreadyGone) => {}

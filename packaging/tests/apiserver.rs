@@ -209,7 +209,30 @@ async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<
             &["update", "nodes", "--subresource=status"],
             false,
         ),
-        ("weft-agent", &["list", "pods", "--all-namespaces"], false),
+        // NetworkPolicy reads pods, namespaces and policies, never writes.
+        ("weft-agent", &["list", "pods", "--all-namespaces"], true),
+        ("weft-agent", &["watch", "namespaces"], true),
+        (
+            "weft-agent",
+            &[
+                "watch",
+                "networkpolicies.networking.k8s.io",
+                "--all-namespaces",
+            ],
+            true,
+        ),
+        ("weft-agent", &["get", "pods", "-n", "kube-system"], false),
+        ("weft-agent", &["patch", "pods", "-n", "default"], false),
+        (
+            "weft-agent",
+            &[
+                "create",
+                "networkpolicies.networking.k8s.io",
+                "-n",
+                "default",
+            ],
+            false,
+        ),
         (
             "weft-agent",
             &["get", "secrets", "-n", "kube-system"],

@@ -8,11 +8,36 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use crate::ip::IpFamily;
 use crate::netlink::Removal;
 
 /// The table of the plugin's hostPort mappings (`runtimeConfig.portMappings`),
 /// family and name. The plugin creates it; the agent's uninstall deletes it.
 pub const HOSTPORT_TABLE: &str = "inet weft-hostport";
+
+/// nft's payload keyword for `family`'s header: `ip` or `ip6`.
+pub fn header(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+/// nft's type for `family`'s addresses in a set: `ipv4_addr` or `ipv6_addr`.
+pub fn address_type(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ipv4_addr",
+        IpFamily::V6 => "ipv6_addr",
+    }
+}
+
+/// The suffix that tells a per-family set or map apart: `v4` or `v6`.
+pub fn suffix(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "v4",
+        IpFamily::V6 => "v6",
+    }
+}
 
 /// Why `nft` failed.
 #[derive(Debug, thiserror::Error)]

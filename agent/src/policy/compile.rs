@@ -370,7 +370,7 @@ fn compile_direction(
                     }
                 }
                 let id = allow_set_id(&key, policies, &plan.allow_sets);
-                plan.allow_sets.insert(id, set);
+                plan.allow_sets.insert(id, disjoint(&set));
                 ids.insert(key, id);
                 id
             }
@@ -380,6 +380,104 @@ fn compile_direction(
         }
     }
     plan
+}
+
+/// The same traffic as `set`, as entries that do not overlap: the
+/// kernel's concatenated interval sets refuse overlapping elements, and a
+/// canonical form makes two compiles of the same policies comparable entry
+/// by entry. Protocols and ports are cut where any entry starts or ends;
+/// each resulting cell takes the union of the address ranges of the
+/// entries covering it; neighbouring cells with the same addresses join
+/// again.
+fn disjoint(set: &BTreeSet<Allow>) -> BTreeSet<Allow> {
+    let cuts = |bounds: &mut Vec<u32>| {
+        bounds.sort_unstable();
+        bounds.dedup();
+    };
+    let mut protocol_cuts: Vec<u32> = set
+        .iter()
+        .flat_map(|a| [u32::from(a.protocols.0), u32::from(a.protocols.1) + 1])
+        .collect();
+    cuts(&mut protocol_cuts);
+    let mut port_cuts: Vec<u32> = set
+        .iter()
+        .flat_map(|a| [u32::from(a.ports.0), u32::from(a.ports.1) + 1])
+        .collect();
+    cuts(&mut port_cuts);
+    // Per protocol cell, in order: its port cells and their addresses.
+    type Row = Vec<((u16, u16), Vec<AddressRange>)>;
+    let mut rows: Vec<((u8, u8), Row)> = Vec::new();
+    for protocols in protocol_cuts.windows(2) {
+        let protocols = (protocols[0] as u8, (protocols[1] - 1) as u8);
+        let mut row: Row = Vec::new();
+        for ports in port_cuts.windows(2) {
+            let ports = (ports[0] as u16, (ports[1] - 1) as u16);
+            let covering = set.iter().filter(|a| {
+                a.protocols.0 <= protocols.0
+                    && protocols.1 <= a.protocols.1
+                    && a.ports.0 <= ports.0
+                    && ports.1 <= a.ports.1
+            });
+            let addresses = merged(covering.map(|a| a.peer).collect());
+            match row.last_mut() {
+                Some((last, same))
+                    if *same == addresses && last.1.checked_add(1) == Some(ports.0) =>
+                {
+                    last.1 = ports.1;
+                }
+                _ if addresses.is_empty() => {}
+                _ => row.push((ports, addresses)),
+            }
+        }
+        match rows.last_mut() {
+            Some((last, same)) if *same == row && last.1.checked_add(1) == Some(protocols.0) => {
+                last.1 = protocols.1;
+            }
+            _ if row.is_empty() => {}
+            _ => rows.push((protocols, row)),
+        }
+    }
+    rows.into_iter()
+        .flat_map(|(protocols, row)| {
+            row.into_iter().flat_map(move |(ports, addresses)| {
+                addresses.into_iter().map(move |peer| Allow {
+                    peer,
+                    protocols,
+                    ports,
+                })
+            })
+        })
+        .collect()
+}
+
+/// `ranges` as the fewest ranges covering the same addresses, in order.
+fn merged(mut ranges: Vec<AddressRange>) -> Vec<AddressRange> {
+    ranges.sort_unstable();
+    let mut out: Vec<AddressRange> = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        match out.last_mut() {
+            Some(last)
+                if last.first.is_ipv4() == range.first.is_ipv4()
+                    && next(last.last).is_none_or(|n| n >= range.first) =>
+            {
+                last.last = last.last.max(range.last);
+            }
+            _ => out.push(range),
+        }
+    }
+    out
+}
+
+/// The address after `ip`, if there is one.
+fn next(ip: IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(v4) => u32::from(v4)
+            .checked_add(1)
+            .map(|n| Ipv4Addr::from(n).into()),
+        IpAddr::V6(v6) => u128::from(v6)
+            .checked_add(1)
+            .map(|n| Ipv6Addr::from(n).into()),
+    }
 }
 
 /// A name for the allow set of `key` (selecting policies, named ports)

@@ -102,22 +102,20 @@ fn pods_with_the_same_policies_share_one_allow_set() {
         pod("x", "c", "node-1", &["10.244.1.2"], "client"),
         pod("y", "d", "node-0", &["10.244.0.4"], "web"),
     ];
-    let policies = [PolicyRecord {
-        namespace: "x".into(),
-        name: "web".into(),
-        pod_selector: app("web"),
-        ingress: Some(vec![Rule {
-            peers: vec![Peer::Pods {
-                namespaces: NamespaceScope::Own,
-                pods: app("client"),
-            }],
-            ports: vec![PortRule {
-                protocol: Protocol::Tcp,
-                port: PortMatch::Named("http".into()),
-            }],
-        }]),
-        egress: None,
-    }];
+    // As the API server would hand it over.
+    let policy: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "web"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{
+                    "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                    "ports": [{"port": "http"}],
+                }],
+            },
+        }))
+        .unwrap();
+    let policies = [PolicyRecord::of(&policy).unwrap()];
     let plan = compile("node-0", &pods, &[], &policies);
     assert_eq!(plan.ingress.allow_sets.len(), 1);
     assert_eq!(plan.ingress.isolated.len(), 3, "{:?}", plan.ingress);
@@ -393,6 +391,17 @@ proptest! {
         policies in any_policies(),
     ) {
         let plan = compile("node-0", &pods, &namespaces, &policies);
+        for set in plan.ingress.allow_sets.values().chain(plan.egress.allow_sets.values()) {
+            for (i, a) in set.iter().enumerate() {
+                for b in set.iter().skip(i + 1) {
+                    let apart = a.peer.last < b.peer.first || b.peer.last < a.peer.first
+                        || a.peer.first.is_ipv4() != b.peer.first.is_ipv4()
+                        || a.protocols.1 < b.protocols.0 || b.protocols.1 < a.protocols.0
+                        || a.ports.1 < b.ports.0 || b.ports.1 < a.ports.0;
+                    prop_assert!(apart, "{:?} overlaps {:?}", a, b);
+                }
+            }
+        }
         let outside = ["8.8.8.8", "10.244.9.9", "10.244.1.200", "fd00:10:244:1::99", "2001:db8::1"];
         let mut peers: Vec<(IpAddr, Option<&PodRecord>)> = pods
             .iter()

@@ -1,0 +1,165 @@
+//! The policy loop: once Pods, Namespaces and NetworkPolicies are listed,
+//! compile what this node enforces and apply it on every change that
+//! matters, write the tables whole on each resync, and retry a failed apply
+//! with backoff. It runs beside the overlay's reconcile and shares nothing
+//! with it but the metrics: a policy that cannot be enforced never holds
+//! up routes, and routes never wait for policy.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use tokio::sync::watch;
+use tokio::task::JoinError;
+use weft::nft::NftError;
+
+use super::compile::compile;
+use super::model::PolicyError;
+use super::nft::PolicyDataplane;
+use super::watch::{watch_policy_inputs, PolicyCache};
+use crate::metrics::AgentMetrics;
+use crate::retry::{RETRY_CAP, RETRY_START};
+
+/// The br_netfilter switches that pass bridged IPv4 and IPv6 packets
+/// through the IP hooks (per network namespace, on by default in a new
+/// one; kube-proxy needs them too). The policy table is `inet`, on the
+/// forward hook: through these switches traffic the bridge passes straight
+/// between two pods of this node reaches it as routed traffic does. The
+/// `bridge` family would see that traffic without them, but it has no
+/// connection tracking where the kernel lacks `nf_conntrack_bridge`, and
+/// replies need it.
+const BRIDGE_NETFILTER: [&str; 2] = [
+    "/proc/sys/net/bridge/bridge-nf-call-iptables",
+    "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+];
+
+/// A br_netfilter switch that is off and could not be turned on.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source} (load br_netfilter with `modprobe br_netfilter` and set it to 1; without it traffic between pods of one node bypasses NetworkPolicy)")]
+pub struct BridgeNetfilterError {
+    path: &'static str,
+    source: std::io::Error,
+}
+
+/// Turns br_netfilter's switches on where they are off, so that traffic
+/// between two pods of one node meets the policy table.
+pub fn ensure_bridge_netfilter() -> Result<(), BridgeNetfilterError> {
+    for path in BRIDGE_NETFILTER {
+        let fail = |source| BridgeNetfilterError { path, source };
+        if std::fs::read_to_string(path).map_err(fail)?.trim() != "1" {
+            std::fs::write(path, "1").map_err(fail)?;
+            tracing::info!(
+                path,
+                "turned on br_netfilter so bridged pod traffic meets network policy"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Why one pass failed.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error(transparent)]
+    Nft(#[from] NftError),
+    #[error(transparent)]
+    BridgeNetfilter(#[from] BridgeNetfilterError),
+    #[error("the blocking nft task ended abnormally: {0}")]
+    Task(#[from] JoinError),
+}
+
+/// Enforces NetworkPolicy for the pods on `node_name` until `stop` turns
+/// true. Failures are logged, counted and retried; the tables stay as the
+/// last successful apply left them meanwhile.
+pub async fn enforce(
+    client: Client,
+    node_name: String,
+    metrics: AgentMetrics,
+    resync: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (cache, watches) = watch_policy_inputs(client, metrics.clone());
+    let dataplane = Arc::new(Mutex::new(PolicyDataplane::default()));
+    let mut next_resync = Instant::now() + resync;
+    let mut retry = None;
+    let mut logged_refusals: Vec<PolicyError> = Vec::new();
+    loop {
+        let wait = retry.unwrap_or_else(|| next_resync.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            _ = cache.changed() => {}
+            _ = tokio::time::sleep(wait) => {
+                if retry.is_none() {
+                    next_resync = Instant::now() + resync;
+                    lock(&dataplane).resync();
+                }
+            }
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+        match sync(
+            &cache,
+            &node_name,
+            &metrics,
+            &dataplane,
+            &mut logged_refusals,
+        )
+        .await
+        {
+            Ok(()) => retry = None,
+            Err(error) => {
+                metrics.record_error("policy");
+                let next = retry.map_or(RETRY_START, |r: Duration| (r * 2).min(RETRY_CAP));
+                tracing::warn!(%error, retry_in = ?next, "enforcing network policy failed");
+                retry = Some(next);
+            }
+        }
+    }
+    for watch in watches {
+        watch.abort();
+    }
+}
+
+fn lock(dataplane: &Mutex<PolicyDataplane>) -> MutexGuard<'_, PolicyDataplane> {
+    dataplane.lock().expect("policy data plane lock poisoned")
+}
+
+/// One pass: compile from the cache, apply, read the drop counters.
+async fn sync(
+    cache: &PolicyCache,
+    node_name: &str,
+    metrics: &AgentMetrics,
+    dataplane: &Arc<Mutex<PolicyDataplane>>,
+    logged_refusals: &mut Vec<PolicyError>,
+) -> Result<(), SyncError> {
+    let Some(inputs) = cache.snapshot() else {
+        return Ok(());
+    };
+    if inputs.refused != *logged_refusals {
+        for refused in &inputs.refused {
+            tracing::warn!(policy = %format!("{}/{}", refused.namespace, refused.name), field = %refused.field, "NetworkPolicy not enforced: {refused}");
+        }
+        *logged_refusals = inputs.refused.clone();
+    }
+    let started = Instant::now();
+    let plan = compile(
+        node_name,
+        &inputs.pods,
+        &inputs.namespaces,
+        &inputs.policies,
+    );
+    metrics.record_policy_plan(&plan, inputs.refused.len());
+    let dataplane = dataplane.clone();
+    let (applied, denied) = tokio::task::spawn_blocking(move || {
+        ensure_bridge_netfilter()?;
+        let mut dataplane = lock(&dataplane);
+        let applied = dataplane.apply(plan)?;
+        Ok::<_, SyncError>((applied, dataplane.denied_packets()?))
+    })
+    .await??;
+    metrics.record_policy_synced(started.elapsed().as_secs_f64(), denied);
+    tracing::debug!(
+        ?applied,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "network policy synced"
+    );
+    Ok(())
+}

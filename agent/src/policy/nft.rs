@@ -1,0 +1,463 @@
+//! The policy data plane: a [`PolicyPlan`] as nftables table `weft-policy`.
+//!
+//! One chain on the forward hook sees every packet a node passes between a
+//! pod and anything else. Packets of connections already accepted go
+//! first; then the source address picks the egress check of an isolated
+//! local pod and the destination address the ingress check, each one
+//! verdict-map lookup that jumps to the chain of the pod's allow set. That
+//! chain is one lookup of (peer address, protocol, port) in a
+//! concatenated interval set: it returns when the traffic is allowed and
+//! counts and drops it otherwise. Per packet that is at most four lookups,
+//! however many policies there are. Traffic between a pod and its own node
+//! (kubelet probes, the node's own processes) takes the input and output
+//! hooks and is never checked, as NetworkPolicy expects.
+//!
+//! The table is written whole (create, delete, recreate in one transaction)
+//! on the first apply and on resync, and changed in place otherwise: an
+//! allow set's entries and the map's pod addresses are added and deleted
+//! element by element, so pod churn never rewrites the table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::net::IpAddr;
+
+use weft::ip::IpFamily;
+use weft::netlink::Removal;
+use weft::nft::{self, NftError};
+
+use super::compile::{AddressRange, Allow, AllowSetId, DirectionPlan, PolicyPlan};
+
+/// Family and name of Weft's policy table.
+pub const TABLE: &str = "inet weft-policy";
+
+/// Ingress or egress, as the table names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Ingress,
+    Egress,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Ingress => "ingress",
+            Side::Egress => "egress",
+        }
+    }
+
+    /// The address of the local pod: the destination of ingress.
+    fn local_address(self) -> &'static str {
+        match self {
+            Side::Ingress => "daddr",
+            Side::Egress => "saddr",
+        }
+    }
+
+    /// The address of the peer.
+    fn peer_address(self) -> &'static str {
+        match self {
+            Side::Ingress => "saddr",
+            Side::Egress => "daddr",
+        }
+    }
+
+    fn of(self, plan: &PolicyPlan) -> &DirectionPlan {
+        match self {
+            Side::Ingress => &plan.ingress,
+            Side::Egress => &plan.egress,
+        }
+    }
+}
+
+/// Egress is checked first: the pod sending must be allowed to, then the
+/// pod receiving must allow it.
+const SIDES: [Side; 2] = [Side::Egress, Side::Ingress];
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+/// The transaction that replaces the table with one enforcing `plan`.
+fn replace_script(plan: &PolicyPlan) -> String {
+    let mut out = format!("add table {TABLE}\ndelete table {TABLE}\nadd table {TABLE}\n");
+    for side in SIDES {
+        let name = side.name();
+        let _ = writeln!(out, "add counter {TABLE} {name}-denied");
+        for family in FAMILIES {
+            let _ = writeln!(
+                out,
+                "add map {TABLE} {name}-{v} {{ type {t} : verdict; }}",
+                v = nft::suffix(family),
+                t = nft::address_type(family),
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "add chain {TABLE} forward {{ type filter hook forward priority filter; policy accept; }}"
+    );
+    let _ = writeln!(
+        out,
+        "add rule {TABLE} forward ct state established,related accept"
+    );
+    // Neighbour discovery between a pod and its neighbours on the
+    // bridge is not traffic policy speaks of; dropping it would leave
+    // IPv6 neighbours unresolved.
+    let _ = writeln!(
+        out,
+        "add rule {TABLE} forward icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept"
+    );
+    for side in SIDES {
+        for family in FAMILIES {
+            let _ = writeln!(
+                out,
+                "add rule {TABLE} forward {h} {a} vmap @{n}-{v}",
+                h = nft::header(family),
+                a = side.local_address(),
+                n = side.name(),
+                v = nft::suffix(family),
+            );
+        }
+    }
+    for side in SIDES {
+        let direction = side.of(plan);
+        for (id, set) in &direction.allow_sets {
+            add_allow_set(&mut out, side, *id);
+            elements(&mut out, "add", side, *id, set);
+        }
+        map_entries(&mut out, "add", side, &direction.isolated);
+    }
+    out
+}
+
+/// The transaction that takes the table from enforcing `old` to
+/// enforcing `new`, element by element; empty when nothing changed.
+fn update_script(old: &PolicyPlan, new: &PolicyPlan) -> String {
+    let mut out = String::new();
+    for side in SIDES {
+        let (old, new) = (side.of(old), side.of(new));
+        // New allow sets first, so a pod moved to another finds it
+        // complete. In a set that stays, entries leave before others
+        // come: the kernel refuses an entry overlapping one still there
+        // (the transaction is atomic, so no packet sees the gap).
+        for (id, set) in &new.allow_sets {
+            match old.allow_sets.get(id) {
+                None => {
+                    add_allow_set(&mut out, side, *id);
+                    elements(&mut out, "add", side, *id, set);
+                }
+                Some(before) => {
+                    let removed: BTreeSet<Allow> = before.difference(set).copied().collect();
+                    elements(&mut out, "delete", side, *id, &removed);
+                    let added: BTreeSet<Allow> = set.difference(before).copied().collect();
+                    elements(&mut out, "add", side, *id, &added);
+                }
+            }
+        }
+        let moved: BTreeMap<IpAddr, AllowSetId> = new
+            .isolated
+            .iter()
+            .filter(|(ip, id)| old.isolated.get(ip) != Some(id))
+            .map(|(ip, id)| (*ip, *id))
+            .collect();
+        let gone: BTreeMap<IpAddr, AllowSetId> = old
+            .isolated
+            .iter()
+            .filter(|(ip, id)| new.isolated.get(ip) != Some(id))
+            .map(|(ip, id)| (*ip, *id))
+            .collect();
+        map_entries(&mut out, "delete", side, &gone);
+        map_entries(&mut out, "add", side, &moved);
+        // Sets no pod uses any more go last, once no map entry jumps
+        // to their chain.
+        for id in old
+            .allow_sets
+            .keys()
+            .filter(|id| !new.allow_sets.contains_key(id))
+        {
+            let _ = writeln!(out, "delete chain {TABLE} {}", chain_name(side, *id));
+            for family in FAMILIES {
+                let _ = writeln!(out, "delete set {TABLE} {}", set_name(side, *id, family));
+            }
+        }
+    }
+    out
+}
+
+fn add_allow_set(out: &mut String, side: Side, id: AllowSetId) {
+    let chain = chain_name(side, id);
+    let _ = writeln!(out, "add chain {TABLE} {chain}");
+    for family in FAMILIES {
+        let set = set_name(side, id, family);
+        let _ = writeln!(
+            out,
+            "add set {TABLE} {set} {{ type {t} . inet_proto . inet_service; flags interval; }}",
+            t = nft::address_type(family),
+        );
+        let _ = writeln!(
+            out,
+            "add rule {TABLE} {chain} {h} {a} . meta l4proto . th dport @{set} return",
+            h = nft::header(family),
+            a = side.peer_address(),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "add rule {TABLE} {chain} counter name {}-denied drop",
+        side.name()
+    );
+}
+
+/// `verb` (`add`, `delete`) the entries of `set` in allow set `id`.
+fn elements(out: &mut String, verb: &str, side: Side, id: AllowSetId, set: &BTreeSet<Allow>) {
+    for family in FAMILIES {
+        let elements: Vec<String> = set
+            .iter()
+            .filter(|allow| IpFamily::of_addr(allow.peer.first) == family)
+            .map(element)
+            .collect();
+        // Bounded lines: nft reads a very long line slowly.
+        for chunk in elements.chunks(512) {
+            let _ = writeln!(
+                out,
+                "{verb} element {TABLE} {} {{ {} }}",
+                set_name(side, id, family),
+                chunk.join(", ")
+            );
+        }
+    }
+}
+
+/// `verb` the map entries sending each of `isolated`'s addresses to its
+/// allow set's chain.
+fn map_entries(out: &mut String, verb: &str, side: Side, isolated: &BTreeMap<IpAddr, AllowSetId>) {
+    for family in FAMILIES {
+        let entries: Vec<String> = isolated
+            .iter()
+            .filter(|(ip, _)| IpFamily::of_addr(**ip) == family)
+            .map(|(ip, id)| match verb {
+                "delete" => ip.to_string(),
+                _ => format!("{ip} : jump {}", chain_name(side, *id)),
+            })
+            .collect();
+        for chunk in entries.chunks(512) {
+            let _ = writeln!(
+                out,
+                "{verb} element {TABLE} {}-{} {{ {} }}",
+                side.name(),
+                nft::suffix(family),
+                chunk.join(", ")
+            );
+        }
+    }
+}
+
+/// How [`PolicyDataplane::apply`] reached the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The tables already enforced it.
+    Unchanged,
+    /// Elements were added and deleted in place.
+    Updated,
+    /// The tables were written whole (first apply, resync, or an update the
+    /// kernel refused because the tables had drifted).
+    Replaced,
+}
+
+/// Keeps the kernel's policy tables enforcing the latest plan, in the
+/// network namespace of the calling thread. Blocking: runs `nft`.
+#[derive(Debug, Default)]
+pub struct PolicyDataplane {
+    applied: Option<PolicyPlan>,
+}
+
+impl PolicyDataplane {
+    /// Makes the tables enforce `plan`: in place when the last apply
+    /// succeeded, whole otherwise. Every table changes in one transaction.
+    pub fn apply(&mut self, plan: PolicyPlan) -> Result<Applied, NftError> {
+        let applied = match self.applied.take() {
+            Some(old) => {
+                let script = update_script(&old, &plan);
+                if script.is_empty() {
+                    Applied::Unchanged
+                } else {
+                    match nft::apply(&script, "update the network policy tables") {
+                        Ok(()) => Applied::Updated,
+                        Err(error) => {
+                            tracing::warn!(%error, "updating the network policy tables in place failed; writing them whole");
+                            self.replace(&plan)?
+                        }
+                    }
+                }
+            }
+            None => self.replace(&plan)?,
+        };
+        self.applied = Some(plan);
+        Ok(applied)
+    }
+
+    fn replace(&self, plan: &PolicyPlan) -> Result<Applied, NftError> {
+        let script = replace_script(plan);
+        nft::apply(&script, "write the network policy tables")?;
+        Ok(Applied::Replaced)
+    }
+
+    /// Has the next apply write the tables whole, repairing any drift.
+    pub fn resync(&mut self) {
+        self.applied = None;
+    }
+
+    /// Packets dropped so far, (egress, ingress): the table's counters,
+    /// read without listing its sets.
+    pub fn denied_packets(&self) -> Result<(u64, u64), NftError> {
+        let mut args = vec!["-j", "list", "counters", "table"];
+        args.extend(TABLE.split_whitespace());
+        let listing = match nft::run(&args, None, "read the denied-packet counters") {
+            Ok(listing) => listing,
+            // No table yet: nothing denied.
+            Err(NftError::Nft { .. }) if self.applied.is_none() => return Ok((0, 0)),
+            Err(error) => return Err(error),
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&listing).unwrap_or_default();
+        let mut denied = (0, 0);
+        for item in parsed["nftables"].as_array().into_iter().flatten() {
+            let counter = &item["counter"];
+            let packets = counter["packets"].as_u64().unwrap_or(0);
+            match counter["name"].as_str() {
+                Some("egress-denied") => denied.0 += packets,
+                Some("ingress-denied") => denied.1 += packets,
+                _ => {}
+            }
+        }
+        Ok(denied)
+    }
+}
+
+/// Removes the table, if there is one (policy turned off).
+pub fn remove_table() -> Result<Removal, NftError> {
+    nft::delete_table(TABLE, "remove the network policy table")
+}
+
+fn chain_name(side: Side, id: AllowSetId) -> String {
+    format!("{}-{:016x}", side.name(), id.0)
+}
+
+fn set_name(side: Side, id: AllowSetId, family: IpFamily) -> String {
+    format!("{}-{:016x}-{}", side.name(), id.0, nft::suffix(family))
+}
+
+/// One set element: `peer . protocols . ports`, each a value or a range.
+fn element(allow: &Allow) -> String {
+    let AddressRange { first, last } = allow.peer;
+    let range = |a: String, b: String| if a == b { a } else { format!("{a}-{b}") };
+    format!(
+        "{} . {} . {}",
+        range(first.to_string(), last.to_string()),
+        range(allow.protocols.0.to_string(), allow.protocols.1.to_string()),
+        range(allow.ports.0.to_string(), allow.ports.1.to_string()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(isolated: &[(&str, u64)], sets: &[(u64, &[Allow])]) -> PolicyPlan {
+        PolicyPlan {
+            ingress: DirectionPlan {
+                isolated: isolated
+                    .iter()
+                    .map(|(ip, id)| (ip.parse().unwrap(), AllowSetId(*id)))
+                    .collect(),
+                allow_sets: sets
+                    .iter()
+                    .map(|(id, entries)| (AllowSetId(*id), entries.iter().copied().collect()))
+                    .collect(),
+            },
+            egress: DirectionPlan::default(),
+        }
+    }
+
+    fn allow(first: &str, last: &str, protocol: u8, port: u16) -> Allow {
+        Allow {
+            peer: AddressRange {
+                first: first.parse().unwrap(),
+                last: last.parse().unwrap(),
+            },
+            protocols: (protocol, protocol),
+            ports: (port, port),
+        }
+    }
+
+    #[test]
+    fn the_whole_table_replaces_the_old_in_one_transaction() {
+        let web = allow("10.244.1.2", "10.244.1.2", 6, 8080);
+        let wide = Allow {
+            peer: AddressRange {
+                first: "10.0.0.0".parse().unwrap(),
+                last: "10.255.255.255".parse().unwrap(),
+            },
+            protocols: (0, 255),
+            ports: (0, 65535),
+        };
+        let text = replace_script(&plan(
+            &[("10.244.0.2", 1), ("fd00::2", 1)],
+            &[(1, &[web, wide])],
+        ));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            &lines[..3],
+            [
+                "add table inet weft-policy",
+                "delete table inet weft-policy",
+                "add table inet weft-policy"
+            ]
+        );
+        for expected in [
+            "add rule inet weft-policy forward ct state established,related accept",
+            "add rule inet weft-policy forward ip saddr vmap @egress-v4",
+            "add rule inet weft-policy forward ip6 daddr vmap @ingress-v6",
+            "add set inet weft-policy ingress-0000000000000001-v4 { type ipv4_addr . inet_proto . inet_service; flags interval; }",
+            "add rule inet weft-policy ingress-0000000000000001 ip saddr . meta l4proto . th dport @ingress-0000000000000001-v4 return",
+            "add rule inet weft-policy ingress-0000000000000001 counter name ingress-denied drop",
+            "add element inet weft-policy ingress-0000000000000001-v4 { 10.0.0.0-10.255.255.255 . 0-255 . 0-65535, 10.244.1.2 . 6 . 8080 }",
+            "add element inet weft-policy ingress-v4 { 10.244.0.2 : jump ingress-0000000000000001 }",
+            "add element inet weft-policy ingress-v6 { fd00::2 : jump ingress-0000000000000001 }",
+        ] {
+            assert!(lines.contains(&expected), "missing {expected:?} in\n{text}");
+        }
+        // Established traffic is accepted before any check.
+        let established = text.find("ct state").unwrap();
+        assert!(text.find("vmap").unwrap() > established);
+        assert!(!text.contains("flush"));
+    }
+
+    #[test]
+    fn updates_change_only_what_changed_and_in_a_safe_order() {
+        let a = allow("10.244.1.2", "10.244.1.2", 6, 80);
+        let b = allow("10.244.1.3", "10.244.1.3", 6, 80);
+        let old = plan(&[("10.244.0.2", 1), ("10.244.0.3", 1)], &[(1, &[a])]);
+        assert_eq!(update_script(&old, &old), "");
+        // A peer pod comes: one element.
+        let more = plan(&[("10.244.0.2", 1), ("10.244.0.3", 1)], &[(1, &[a, b])]);
+        assert_eq!(
+            update_script(&old, &more),
+            "add element inet weft-policy ingress-0000000000000001-v4 { 10.244.1.3 . 6 . 80 }\n"
+        );
+        // One local pod moves to a new set and the old set goes with the
+        // last pod leaving it.
+        let moved = plan(&[("10.244.0.2", 2)], &[(2, &[b])]);
+        let text = update_script(&old, &moved);
+        let position = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("missing {needle:?} in\n{text}"))
+        };
+        let added_set = position("add set inet weft-policy ingress-0000000000000002-v4");
+        let unmapped =
+            position("delete element inet weft-policy ingress-v4 { 10.244.0.2, 10.244.0.3 }");
+        let mapped = position("add element inet weft-policy ingress-v4 { 10.244.0.2 : jump ingress-0000000000000002 }");
+        let dropped_chain = position("delete chain inet weft-policy ingress-0000000000000001");
+        position("delete set inet weft-policy ingress-0000000000000001-v6");
+        assert!(
+            added_set < unmapped && unmapped < mapped && mapped < dropped_chain,
+            "{text}"
+        );
+    }
+}
