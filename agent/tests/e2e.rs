@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use k8s_openapi::api::core::v1::Node;
-use kube::api::DeleteParams;
+use k8s_openapi::api::core::v1::{Node, Pod as PodObject, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use nix::libc;
 use weft::netns::Netns;
@@ -403,4 +404,92 @@ async fn a_host_port_is_reached_from_another_node_its_pods_and_outside() -> Resu
         "the hostPort outlived its pod"
     );
     Ok(())
+}
+
+/// Publishes the testbed pod `pod` as a Pod object on `node`, labelled
+/// app=`app` with a container port named http (8080), and reports its
+/// address as a kubelet would.
+async fn publish_pod(overlay: &Overlay, pod: &Pod, node: &str, app: &str) -> Result<()> {
+    let pods: Api<PodObject> = Api::namespaced(overlay.admin.clone(), "default");
+    let name = format!("{app}-{node}");
+    let object: PodObject = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "server", "image": "none",
+                            "ports": [{"name": "http", "containerPort": 8080}]}],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &object).await?;
+    let ip = pod.ip().context("pod without address")?.to_string();
+    let status = serde_json::json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+    }});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+/// A NetworkPolicy created through the API is enforced by the agent of the
+/// node its pod runs on, for traffic from pods on the other nodes (one
+/// behind the router), and lifted when it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_policy_from_the_api_is_enforced_across_nodes() -> Result<()> {
+    require_root!();
+    let (overlay, pods) = vxlan_overlay_with_pods().await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(overlay.admin.clone(), "default");
+    if accounts.get_opt("default").await?.is_none() {
+        let account = serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}}))?;
+        accounts.create(&PostParams::default(), &account).await?;
+    }
+    for (pod, (node, app)) in
+        pods.iter()
+            .zip([("node-0", "client"), ("node-1", "db"), ("node-2", "other")])
+    {
+        publish_pod(&overlay, pod, node, app).await?;
+    }
+    let db = &pods[1];
+    serve_peer_address(db, 8080)?;
+    serve_peer_address(db, 9090)?;
+    let db_ip = db.ip().context("db without address")?;
+    let to = |port| std::net::SocketAddr::new(db_ip, port);
+    let reaches = |from: &Pod, port| fetch_from(&from.netns_path(), to(port)).is_ok();
+    ensure!(
+        reaches(&pods[0], 8080) && reaches(&pods[2], 8080),
+        "db before any policy"
+    );
+
+    let policies: Api<NetworkPolicy> = Api::namespaced(overlay.admin.clone(), "default");
+    let policy: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db-from-client"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                "ports": [{"port": "http"}],
+            }],
+        },
+    }))?;
+    policies.create(&PostParams::default(), &policy).await?;
+    testbed::wait_for(testbed::PATIENCE, "the other pod shut out of db", || {
+        Ok((!reaches(&pods[2], 8080)).then_some(()))
+    })
+    .with_context(|| overlay.logs())?;
+    ensure!(reaches(&pods[0], 8080), "the client to db on http");
+    ensure!(!reaches(&pods[0], 9090), "the client to db on another port");
+    let metrics = testbed::agent_get(&overlay.node(1), "/metrics")?;
+    ensure!(
+        metrics.contains("weft_agent_policy_isolated_pods{direction=\"ingress\"} 1"),
+        "node 1's metrics:\n{metrics}"
+    );
+
+    policies
+        .delete("db-from-client", &DeleteParams::default())
+        .await?;
+    testbed::wait_for(testbed::PATIENCE, "db open again", || {
+        Ok(reaches(&pods[2], 9090).then_some(()))
+    })
+    .with_context(|| overlay.logs())?;
+    overlay.cluster.stop().await
 }
