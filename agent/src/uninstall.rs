@@ -161,8 +161,8 @@ pub struct TeardownReport {
 /// `netlink` (and of the calling thread, for `nft`): the conflist first so
 /// the runtime stops wiring new pods to a network going away, then the
 /// protocol-87 routes, FDB entries and neighbours on `weft.1` (reconciled
-/// to nothing), `weft.1` itself, `weft0`, the `inet weft` and
-/// `inet weft-hostport` tables, the
+/// to nothing), `weft.1` itself, `weft0`, the `inet weft`,
+/// `inet weft-hostport` and `inet weft-policy` tables, the
 /// plugin binary (only if it is the agent's copy) and the node file.
 /// Running it again finds nothing to do.
 pub async fn tear_down(netlink: &Netlink, config: &AgentConfig) -> TeardownReport {
