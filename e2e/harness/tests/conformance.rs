@@ -1,6 +1,6 @@
 //! A slice of Kubernetes' own network e2e tests, run through the upstream
 //! binary exactly as `make conformance` runs the full selection: pod to pod
-//! across nodes, pod to Service, cluster DNS and hostPort, on three kubelet
+//! across nodes, pod to Service, cluster DNS, hostPort and NetworkPolicy, on three kubelet
 //! nodes (one behind a router) with Weft installed from `manifests/`.
 //! Needs root, containerd, runc and kubectl; builds e2e.test and agnhost
 //! on a cold cache.
@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use weft_e2e::conformance::{self, Outcome, Selector, SuiteRun};
 
 /// One test per path Weft carries, named in full so each selects one test.
-const SLICE: [(&str, &str); 4] = [
+const SLICE: [(&str, &str); 5] = [
     (
         r"\[sig-network\] Networking Granular Checks: Pods should function for intra-pod communication: http \[",
         "pod to pod, on one node and across nodes",
@@ -25,6 +25,10 @@ const SLICE: [(&str, &str); 4] = [
     (
         r"\[sig-network\] HostPort validates that there is no conflict",
         "hostPort mappings by the CNI plugin",
+    ),
+    (
+        r"\[sig-network\] Netpol NetworkPolicy between server and client should enforce policy based on PodSelector and NamespaceSelector \[",
+        "NetworkPolicy enforced by the agents, selectors across namespaces",
     ),
 ];
 

@@ -23,9 +23,11 @@ import (
 	// Feature and environment labels must be defined before any test registers.
 	_ "k8s.io/kubernetes/test/e2e/feature"
 
-	// The tests this binary runs: sig-network's own and the common network ones.
+	// The tests this binary runs: sig-network's own (NetworkPolicy's are a
+	// package of their own) and the common network ones.
 	_ "k8s.io/kubernetes/test/e2e/common/network"
 	_ "k8s.io/kubernetes/test/e2e/network"
+	_ "k8s.io/kubernetes/test/e2e/network/netpol"
 
 	// Framework extensions the upstream binary installs (failure dumps,
 	// metrics grabbing, node readiness checks, object formatting).
