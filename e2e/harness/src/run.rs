@@ -266,8 +266,12 @@ pub(crate) fn cleanup(remove_kept_logs: bool) -> Result<()> {
             }
         }
         tracing::info!(run = %run.id, "removing leftovers of a crashed or finished run");
-        if let Err(e) = std::fs::remove_dir_all(&run.dir) {
-            errors.push(anyhow::Error::new(e).context(format!("removing {}", run.dir.display())));
+        match std::fs::remove_dir_all(&run.dir) {
+            // Another cleanup (a test's start, `weft-e2e cleanup`) got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors
+                .push(anyhow::Error::new(e).context(format!("removing {}", run.dir.display()))),
+            Ok(()) => {}
         }
     }
     for netns in underlay::list_netns()? {

@@ -12,6 +12,7 @@
 //! namespace have a default route via the router address of their segment.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -79,7 +80,9 @@ pub(crate) fn add_netns(name: &str) -> Result<()> {
 }
 
 /// Kills every process inside a namespace, then deletes it. Deleting alone
-/// would only unmount its name while the processes keep it alive.
+/// would only unmount its name while the processes keep it alive. A
+/// namespace that is gone by then (another cleanup removed it first) is no
+/// error.
 pub(crate) fn delete_netns_with_processes(name: &str) -> Result<()> {
     let output = Command::new("ip")
         .args(["netns", "pids", name])
@@ -94,7 +97,10 @@ pub(crate) fn delete_netns_with_processes(name: &str) -> Result<()> {
             );
         }
     }
-    ip(&["netns", "delete", name]).with_context(|| format!("deleting namespace {name}"))
+    match ip(&["netns", "delete", name]) {
+        Err(_) if !Path::new("/run/netns").join(name).exists() => Ok(()),
+        result => result.with_context(|| format!("deleting namespace {name}")),
+    }
 }
 
 /// Writes a sysctl inside a namespace (`/proc/sys/net` is per namespace).
