@@ -11,7 +11,7 @@ use prometheus_client::registry::Registry;
 
 use super::dataplane::ApplyReport;
 use super::overlay::Operation;
-use super::policy::compile::PolicyPlan;
+use super::policy::compile::{Direction, PolicyPlan};
 use super::screen::Rejection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -192,8 +192,11 @@ impl AgentMetrics {
     /// Records what a policy plan enforces and how many policies were
     /// refused.
     pub fn record_policy_plan(&self, plan: &PolicyPlan, refused: usize) {
-        for (direction, side) in [("ingress", &plan.ingress), ("egress", &plan.egress)] {
-            let label = DirectionLabel { direction };
+        for direction in Direction::BOTH {
+            let side = direction.of(plan);
+            let label = DirectionLabel {
+                direction: direction.name(),
+            };
             let rules: usize = side.allow_sets.values().map(|set| set.len()).sum();
             self.policy_rules.get_or_create(&label).set(count(rules));
             self.policy_isolated_pods

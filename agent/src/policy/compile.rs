@@ -266,14 +266,36 @@ fn entries<'a>(
     })
 }
 
-/// Ingress or egress.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
+/// Ingress or egress: which end of the traffic a local pod is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Traffic to a local pod.
     Ingress,
+    /// Traffic from a local pod.
     Egress,
 }
 
 impl Direction {
+    /// Both, egress first: a packet leaves its sender before it reaches
+    /// its receiver.
+    pub const BOTH: [Direction; 2] = [Direction::Egress, Direction::Ingress];
+
+    /// `ingress` or `egress`, as tables and metric labels name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+
+    /// The part of `plan` for this direction.
+    pub fn of(self, plan: &PolicyPlan) -> &DirectionPlan {
+        match self {
+            Direction::Ingress => &plan.ingress,
+            Direction::Egress => &plan.egress,
+        }
+    }
+
     fn rules(self, policy: &PolicyRecord) -> Option<&[Rule]> {
         match self {
             Direction::Ingress => policy.ingress.as_deref(),

@@ -1,6 +1,6 @@
 //! The policy loop: once Pods, Namespaces and NetworkPolicies are listed,
 //! compile what this node enforces and apply it on every change that
-//! matters, write the tables whole on each resync, and retry a failed apply
+//! matters, write the table whole on each resync, and retry a failed apply
 //! with backoff. It runs beside the overlay's reconcile and shares nothing
 //! with it but the metrics: a policy that cannot be enforced never holds
 //! up routes, and routes never wait for policy.
@@ -69,7 +69,7 @@ enum SyncError {
 }
 
 /// Enforces NetworkPolicy for the pods on `node_name` until `stop` turns
-/// true. Failures are logged, counted and retried; the tables stay as the
+/// true. Failures are logged, counted and retried; the table stays as the
 /// last successful apply left them meanwhile.
 pub async fn enforce(
     client: Client,

@@ -25,59 +25,34 @@ use weft::ip::IpFamily;
 use weft::netlink::Removal;
 use weft::nft::{self, NftError};
 
-use super::compile::{AddressRange, Allow, AllowSetId, DirectionPlan, PolicyPlan};
+use super::compile::{AddressRange, Allow, AllowSetId, Direction, PolicyPlan};
 
 /// Family and name of Weft's policy table.
 pub const TABLE: &str = "inet weft-policy";
 
-/// Ingress or egress, as the table names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Ingress,
-    Egress,
-}
-
-impl Side {
-    fn name(self) -> &'static str {
-        match self {
-            Side::Ingress => "ingress",
-            Side::Egress => "egress",
-        }
-    }
-
-    /// The address of the local pod: the destination of ingress.
-    fn local_address(self) -> &'static str {
-        match self {
-            Side::Ingress => "daddr",
-            Side::Egress => "saddr",
-        }
-    }
-
-    /// The address of the peer.
-    fn peer_address(self) -> &'static str {
-        match self {
-            Side::Ingress => "saddr",
-            Side::Egress => "daddr",
-        }
-    }
-
-    fn of(self, plan: &PolicyPlan) -> &DirectionPlan {
-        match self {
-            Side::Ingress => &plan.ingress,
-            Side::Egress => &plan.egress,
-        }
+/// The packet field that holds the local pod's address in `direction`
+/// (the destination of ingress).
+fn local_address(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "daddr",
+        Direction::Egress => "saddr",
     }
 }
 
-/// Egress is checked first: the pod sending must be allowed to, then the
-/// pod receiving must allow it.
-const SIDES: [Side; 2] = [Side::Egress, Side::Ingress];
+/// The packet field that holds the peer's address.
+fn peer_address(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "saddr",
+        Direction::Egress => "daddr",
+    }
+}
+
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
 
 /// The transaction that replaces the table with one enforcing `plan`.
 fn replace_script(plan: &PolicyPlan) -> String {
     let mut out = format!("add table {TABLE}\ndelete table {TABLE}\nadd table {TABLE}\n");
-    for side in SIDES {
+    for side in Direction::BOTH {
         let name = side.name();
         let _ = writeln!(out, "add counter {TABLE} {name}-denied");
         for family in FAMILIES {
@@ -104,19 +79,19 @@ fn replace_script(plan: &PolicyPlan) -> String {
         out,
         "add rule {TABLE} forward icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept"
     );
-    for side in SIDES {
+    for side in Direction::BOTH {
         for family in FAMILIES {
             let _ = writeln!(
                 out,
                 "add rule {TABLE} forward {h} {a} vmap @{n}-{v}",
                 h = nft::header(family),
-                a = side.local_address(),
+                a = local_address(side),
                 n = side.name(),
                 v = nft::suffix(family),
             );
         }
     }
-    for side in SIDES {
+    for side in Direction::BOTH {
         let direction = side.of(plan);
         for (id, set) in &direction.allow_sets {
             add_allow_set(&mut out, side, *id);
@@ -131,7 +106,7 @@ fn replace_script(plan: &PolicyPlan) -> String {
 /// enforcing `new`, element by element; empty when nothing changed.
 fn update_script(old: &PolicyPlan, new: &PolicyPlan) -> String {
     let mut out = String::new();
-    for side in SIDES {
+    for side in Direction::BOTH {
         let (old, new) = (side.of(old), side.of(new));
         // New allow sets first, so a pod moved to another finds it
         // complete. In a set that stays, entries leave before others
@@ -181,7 +156,7 @@ fn update_script(old: &PolicyPlan, new: &PolicyPlan) -> String {
     out
 }
 
-fn add_allow_set(out: &mut String, side: Side, id: AllowSetId) {
+fn add_allow_set(out: &mut String, side: Direction, id: AllowSetId) {
     let chain = chain_name(side, id);
     let _ = writeln!(out, "add chain {TABLE} {chain}");
     for family in FAMILIES {
@@ -195,7 +170,7 @@ fn add_allow_set(out: &mut String, side: Side, id: AllowSetId) {
             out,
             "add rule {TABLE} {chain} {h} {a} . meta l4proto . th dport @{set} return",
             h = nft::header(family),
-            a = side.peer_address(),
+            a = peer_address(side),
         );
     }
     let _ = writeln!(
@@ -206,7 +181,7 @@ fn add_allow_set(out: &mut String, side: Side, id: AllowSetId) {
 }
 
 /// `verb` (`add`, `delete`) the entries of `set` in allow set `id`.
-fn elements(out: &mut String, verb: &str, side: Side, id: AllowSetId, set: &BTreeSet<Allow>) {
+fn elements(out: &mut String, verb: &str, side: Direction, id: AllowSetId, set: &BTreeSet<Allow>) {
     for family in FAMILIES {
         let elements: Vec<String> = set
             .iter()
@@ -227,7 +202,12 @@ fn elements(out: &mut String, verb: &str, side: Side, id: AllowSetId, set: &BTre
 
 /// `verb` the map entries sending each of `isolated`'s addresses to its
 /// allow set's chain.
-fn map_entries(out: &mut String, verb: &str, side: Side, isolated: &BTreeMap<IpAddr, AllowSetId>) {
+fn map_entries(
+    out: &mut String,
+    verb: &str,
+    side: Direction,
+    isolated: &BTreeMap<IpAddr, AllowSetId>,
+) {
     for family in FAMILIES {
         let entries: Vec<String> = isolated
             .iter()
@@ -252,16 +232,16 @@ fn map_entries(out: &mut String, verb: &str, side: Side, isolated: &BTreeMap<IpA
 /// How [`PolicyDataplane::apply`] reached the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
-    /// The tables already enforced it.
+    /// The table already enforced it.
     Unchanged,
     /// Elements were added and deleted in place.
     Updated,
-    /// The tables were written whole (first apply, resync, or an update the
-    /// kernel refused because the tables had drifted).
+    /// The table was written whole (first apply, resync, or an update the
+    /// kernel refused because the table had drifted).
     Replaced,
 }
 
-/// Keeps the kernel's policy tables enforcing the latest plan, in the
+/// Keeps the kernel's policy table enforcing the latest plan, in the
 /// network namespace of the calling thread. Blocking: runs `nft`.
 #[derive(Debug, Default)]
 pub struct PolicyDataplane {
@@ -269,7 +249,7 @@ pub struct PolicyDataplane {
 }
 
 impl PolicyDataplane {
-    /// Makes the tables enforce `plan`: in place when the last apply
+    /// Makes the table enforce `plan`: in place when the last apply
     /// succeeded, whole otherwise. Every table changes in one transaction.
     pub fn apply(&mut self, plan: PolicyPlan) -> Result<Applied, NftError> {
         let applied = match self.applied.take() {
@@ -278,10 +258,10 @@ impl PolicyDataplane {
                 if script.is_empty() {
                     Applied::Unchanged
                 } else {
-                    match nft::apply(&script, "update the network policy tables") {
+                    match nft::apply(&script, "update the network policy table") {
                         Ok(()) => Applied::Updated,
                         Err(error) => {
-                            tracing::warn!(%error, "updating the network policy tables in place failed; writing them whole");
+                            tracing::warn!(%error, "updating the network policy table in place failed; writing it whole");
                             self.replace(&plan)?
                         }
                     }
@@ -295,11 +275,11 @@ impl PolicyDataplane {
 
     fn replace(&self, plan: &PolicyPlan) -> Result<Applied, NftError> {
         let script = replace_script(plan);
-        nft::apply(&script, "write the network policy tables")?;
+        nft::apply(&script, "write the network policy table")?;
         Ok(Applied::Replaced)
     }
 
-    /// Has the next apply write the tables whole, repairing any drift.
+    /// Has the next apply write the table whole, repairing any drift.
     pub fn resync(&mut self) {
         self.applied = None;
     }
@@ -335,11 +315,11 @@ pub fn remove_table() -> Result<Removal, NftError> {
     nft::delete_table(TABLE, "remove the network policy table")
 }
 
-fn chain_name(side: Side, id: AllowSetId) -> String {
+fn chain_name(side: Direction, id: AllowSetId) -> String {
     format!("{}-{:016x}", side.name(), id.0)
 }
 
-fn set_name(side: Side, id: AllowSetId, family: IpFamily) -> String {
+fn set_name(side: Direction, id: AllowSetId, family: IpFamily) -> String {
     format!("{}-{:016x}-{}", side.name(), id.0, nft::suffix(family))
 }
 
@@ -358,6 +338,7 @@ fn element(allow: &Allow) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::compile::DirectionPlan;
 
     fn plan(isolated: &[(&str, u64)], sets: &[(u64, &[Allow])]) -> PolicyPlan {
         PolicyPlan {
