@@ -132,7 +132,7 @@ impl AgentMetrics {
         );
         registry.register(
             "policy_denied_packets",
-            "Packets dropped by NetworkPolicy on this node since its tables were written, by direction",
+            "Packets dropped by NetworkPolicy on this node since its table was written, by direction (read every 10 s)",
             metrics.policy_denied_packets.clone(),
         );
         metrics
@@ -206,10 +206,13 @@ impl AgentMetrics {
         self.policy_refused.set(count(refused));
     }
 
-    /// Records one policy sync's duration and the packets the tables have
-    /// dropped, (egress, ingress).
-    pub fn record_policy_synced(&self, seconds: f64, (egress, ingress): (u64, u64)) {
+    /// Records one policy sync's duration.
+    pub fn record_policy_synced(&self, seconds: f64) {
         self.policy_sync_duration.observe(seconds);
+    }
+
+    /// Sets the packets the policy table dropped so far, per direction.
+    pub fn record_policy_denied(&self, (egress, ingress): (u64, u64)) {
         for (direction, packets) in [("egress", egress), ("ingress", ingress)] {
             self.policy_denied_packets
                 .get_or_create(&DirectionLabel { direction })

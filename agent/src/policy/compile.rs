@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use super::model::{
     NamespaceRecord, NamespaceScope, Peer, PodRecord, PolicyRecord, PortMatch, PortRule, Rule,
 };
-use super::selector::Labels;
+use super::selector::{Labels, Selector};
 
 /// An inclusive range of addresses of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -146,9 +146,54 @@ fn to_ranges(ranges: Vec<(u128, u128)>, as_address: impl Fn(u128) -> IpAddr) -> 
 struct Cluster<'a> {
     pods: &'a [PodRecord],
     namespaces: HashMap<&'a str, &'a Labels>,
+    /// The pods of each namespace that has any: a peer's namespace is
+    /// decided once for all its pods.
+    pods_by_namespace: HashMap<&'a str, Vec<&'a PodRecord>>,
 }
 
-impl Cluster<'_> {
+impl<'a> Cluster<'a> {
+    fn new(pods: &'a [PodRecord], namespaces: &'a [NamespaceRecord]) -> Self {
+        let mut pods_by_namespace: HashMap<&str, Vec<&PodRecord>> = HashMap::new();
+        for pod in pods {
+            pods_by_namespace
+                .entry(pod.namespace.as_str())
+                .or_default()
+                .push(pod);
+        }
+        Cluster {
+            pods,
+            namespaces: namespaces
+                .iter()
+                .map(|ns| (ns.name.as_str(), &ns.labels))
+                .collect(),
+            pods_by_namespace,
+        }
+    }
+
+    /// The pods that a pod peer (`namespaces`, `pods`) in a policy of
+    /// `namespace` names.
+    fn named_pods<'p>(
+        &'p self,
+        namespaces: &'p NamespaceScope,
+        pods: &'p Selector,
+        namespace: &'p str,
+    ) -> impl Iterator<Item = &'a PodRecord> + 'p {
+        self.pods_by_namespace
+            .iter()
+            .filter(move |(name, _)| match namespaces {
+                NamespaceScope::Own => **name == namespace,
+                NamespaceScope::Matching(selector) => selector.matches(self.namespace_labels(name)),
+            })
+            .flat_map(|(_, in_namespace)| in_namespace.iter().copied())
+            .filter(move |pod| pods.matches(&pod.labels))
+    }
+
+    /// A namespace's labels; none for one not (yet) seen.
+    fn namespace_labels(&self, name: &str) -> &Labels {
+        static NONE: Labels = Labels::new();
+        self.namespaces.get(name).copied().unwrap_or(&NONE)
+    }
+
     /// Whether `peer`, in a policy of `namespace`, names `pod`.
     fn names_pod(&self, peer: &Peer, namespace: &str, pod: &PodRecord) -> bool {
         match peer {
@@ -156,13 +201,7 @@ impl Cluster<'_> {
                 let namespace_fits = match namespaces {
                     NamespaceScope::Own => pod.namespace == namespace,
                     NamespaceScope::Matching(selector) => {
-                        let empty = Labels::new();
-                        let labels = self
-                            .namespaces
-                            .get(pod.namespace.as_str())
-                            .copied()
-                            .unwrap_or(&empty);
-                        selector.matches(labels)
+                        selector.matches(self.namespace_labels(&pod.namespace))
                     }
                 };
                 namespace_fits && pods.matches(&pod.labels)
@@ -180,10 +219,8 @@ impl Cluster<'_> {
         for peer in &rule.peers {
             match peer {
                 Peer::Block { cidr, except } => ranges.extend(block_ranges(cidr, except)),
-                Peer::Pods { .. } => ranges.extend(
-                    self.pods
-                        .iter()
-                        .filter(|pod| self.names_pod(peer, namespace, pod))
+                Peer::Pods { namespaces, pods } => ranges.extend(
+                    self.named_pods(namespaces, pods, namespace)
                         .flat_map(|pod| pod.ips.iter().copied().map(AddressRange::single)),
                 ),
             }
@@ -312,13 +349,7 @@ pub fn compile(
     namespaces: &[NamespaceRecord],
     policies: &[PolicyRecord],
 ) -> PolicyPlan {
-    let cluster = Cluster {
-        pods,
-        namespaces: namespaces
-            .iter()
-            .map(|ns| (ns.name.as_str(), &ns.labels))
-            .collect(),
-    };
+    let cluster = Cluster::new(pods, namespaces);
     let local: Vec<&PodRecord> = pods.iter().filter(|pod| pod.node == node).collect();
     PolicyPlan {
         ingress: compile_direction(&cluster, &local, policies, Direction::Ingress),
@@ -340,16 +371,23 @@ fn compile_direction(
     let mut plan = DirectionPlan::default();
     // Peer addresses per (policy, rule), computed once for all local pods.
     let mut ranges: HashMap<(usize, usize), Vec<AddressRange>> = HashMap::new();
+    // The policies of each namespace for this direction, in order.
+    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (index, policy) in policies.iter().enumerate() {
+        if direction.rules(policy).is_some() {
+            by_namespace
+                .entry(policy.namespace.as_str())
+                .or_default()
+                .push(index);
+        }
+    }
     for pod in local {
-        let selecting: Vec<usize> = policies
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| {
-                p.namespace == pod.namespace
-                    && direction.rules(p).is_some()
-                    && p.pod_selector.matches(&pod.labels)
-            })
-            .map(|(index, _)| index)
+        let selecting: Vec<usize> = by_namespace
+            .get(pod.namespace.as_str())
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&p| policies[p].pod_selector.matches(&pod.labels))
             .collect();
         if selecting.is_empty() {
             continue;

@@ -57,6 +57,9 @@ pub fn ensure_bridge_netfilter() -> Result<(), BridgeNetfilterError> {
     Ok(())
 }
 
+/// How often the drop counters are read for `weft_agent_policy_denied_packets`.
+const DENIED_READ_EVERY: Duration = Duration::from_secs(10);
+
 /// Why one pass failed.
 #[derive(Debug, thiserror::Error)]
 enum SyncError {
@@ -83,6 +86,9 @@ pub async fn enforce(
     let mut next_resync = Instant::now() + resync;
     let mut retry = None;
     let mut logged_refusals: Vec<PolicyError> = Vec::new();
+    let mut count_denied = tokio::time::interval(DENIED_READ_EVERY);
+    count_denied.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut read_counters = false;
     loop {
         let wait = retry.unwrap_or_else(|| next_resync.saturating_duration_since(Instant::now()));
         tokio::select! {
@@ -93,7 +99,12 @@ pub async fn enforce(
                     lock(&dataplane).resync();
                 }
             }
+            _ = count_denied.tick() => read_counters = true,
             _ = stop.wait_for(|stop| *stop) => break,
+        }
+        if std::mem::take(&mut read_counters) {
+            read_denied(&dataplane, &metrics).await;
+            continue;
         }
         match sync(
             &cache,
@@ -122,7 +133,18 @@ fn lock(dataplane: &Mutex<PolicyDataplane>) -> MutexGuard<'_, PolicyDataplane> {
     dataplane.lock().expect("policy data plane lock poisoned")
 }
 
-/// One pass: compile from the cache, apply, read the drop counters.
+/// Reads the table's drop counters into the metrics. Off the sync's
+/// path: a policy change never waits for a counter read.
+async fn read_denied(dataplane: &Arc<Mutex<PolicyDataplane>>, metrics: &AgentMetrics) {
+    let dataplane = dataplane.clone();
+    match tokio::task::spawn_blocking(move || lock(&dataplane).denied_packets()).await {
+        Ok(Ok(denied)) => metrics.record_policy_denied(denied),
+        Ok(Err(error)) => tracing::debug!(%error, "reading the policy drop counters failed"),
+        Err(error) => tracing::debug!(%error, "the counter read ended abnormally"),
+    }
+}
+
+/// One pass: compile from the cache and apply.
 async fn sync(
     cache: &PolicyCache,
     node_name: &str,
@@ -146,16 +168,19 @@ async fn sync(
         &inputs.namespaces,
         &inputs.policies,
     );
-    metrics.record_policy_plan(&plan, inputs.refused.len());
-    let dataplane = dataplane.clone();
-    let (applied, denied) = tokio::task::spawn_blocking(move || {
+    let (dataplane, recorded, refused) = (dataplane.clone(), metrics.clone(), inputs.refused.len());
+    let applied = tokio::task::spawn_blocking(move || {
         ensure_bridge_netfilter()?;
         let mut dataplane = lock(&dataplane);
         let applied = dataplane.apply(plan)?;
-        Ok::<_, SyncError>((applied, dataplane.denied_packets()?))
+        // The metrics say what the kernel enforces, not what is on its way.
+        if let Some(plan) = dataplane.enforced() {
+            recorded.record_policy_plan(plan, refused);
+        }
+        Ok::<_, SyncError>(applied)
     })
     .await??;
-    metrics.record_policy_synced(started.elapsed().as_secs_f64(), denied);
+    metrics.record_policy_synced(started.elapsed().as_secs_f64());
     tracing::debug!(
         ?applied,
         elapsed_ms = started.elapsed().as_millis() as u64,

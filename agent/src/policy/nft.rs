@@ -284,6 +284,11 @@ impl PolicyDataplane {
         self.applied = None;
     }
 
+    /// The plan the table holds since the last successful apply.
+    pub fn enforced(&self) -> Option<&PolicyPlan> {
+        self.applied.as_ref()
+    }
+
     /// Packets dropped so far, (egress, ingress): the table's counters,
     /// read without listing its sets.
     pub fn denied_packets(&self) -> Result<(u64, u64), NftError> {

@@ -213,7 +213,10 @@ where
 {
     let (cache, metrics) = (cache.clone(), metrics.clone());
     let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let events = watcher(api, watcher::Config::default())
+    // Lists are served from the API server's watch cache (resourceVersion
+    // 0, as client-go's informers do), not read page by page from etcd: an
+    // agent on every node lists every Pod when it starts.
+    let events = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
         .for_each(move |event| {
             match event {
