@@ -18,7 +18,6 @@
 //! scale` (or `convergence`, `dataplane`) runs one.
 
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,13 +39,14 @@ mod testbed;
 #[path = "overlay/flannel.rs"]
 mod flannel;
 
+mod measure;
+
 use flannel::Flannel;
-use testbed::{output, Overlay, OverlaySpec, PATIENCE};
+use measure::{gbit, iperf, median, ms, percentile, status_kib, IPERF_SECONDS};
+use testbed::{Overlay, OverlaySpec, PATIENCE};
 
 /// Samples of the convergence benchmark.
 const CONVERGENCE_SAMPLES: usize = 50;
-/// Seconds of each iperf3 run.
-const IPERF_SECONDS: &str = "5";
 /// Rounds of the dataplane comparison per backend. The machine is shared:
 /// one run of each path swings by 20% with other processes' load, which a
 /// median over interleaved rounds absorbs.
@@ -55,19 +55,8 @@ const DATAPLANE_ROUNDS: usize = 5;
 const LOG_TAIL_LINES: usize = 40;
 
 fn main() -> Result<()> {
-    if !testbed::is_root() {
-        return Ok(());
-    }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    measure::run_as_root(|selection| async move {
+        let wanted = |name: &str| selection.wants(name);
         if wanted("convergence") {
             convergence::<Weft>().await?;
             convergence::<Flannel>().await?;
@@ -275,15 +264,6 @@ fn node_object<const N: usize>(name: &str, slice: IpNet, annotations: [(&str, St
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
 /// The peer slices a node's kernel routes: main-table IPv4 routes through
 /// a gateway to a destination inside the cluster CIDR. Both agents add
 /// exactly these (via the peer's VTEP address, onlink, for vxlan; via its
@@ -393,19 +373,6 @@ async fn convergence<C: Contender>() -> Result<()> {
     contender.stop().await
 }
 
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed status line")?
-        .parse()?)
-}
-
 async fn scale<C: Contender>(peers: usize) -> Result<()> {
     const CLUSTER_CIDR: &str = "10.0.0.0/8";
     let mut contender = C::start(1, "vxlan", CLUSTER_CIDR).await?;
@@ -483,66 +450,6 @@ async fn scale<C: Contender>(peers: usize) -> Result<()> {
         hwm as f64 / 1024.0,
     );
     contender.stop().await
-}
-
-/// Received bits per second of a TCP iperf3 run to `server_ip`, with the
-/// server started by `server` and the client by `client` (both `iperf3`
-/// commands in their namespaces).
-fn iperf(mut server: Command, client: impl Fn() -> Command, server_ip: IpAddr) -> Result<f64> {
-    let mut server = server
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 (install the iperf3 package)")?;
-    // The server needs a moment to listen; retry the client until it
-    // connects. iperf3 -J exits 0 even when it could not connect and puts
-    // the reason in "error".
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let received = loop {
-        let mut attempt = client();
-        attempt.args([
-            "-c",
-            &server_ip.to_string(),
-            "-p",
-            "5201",
-            "-t",
-            IPERF_SECONDS,
-            "-J",
-        ]);
-        let report: Result<Value> =
-            output(attempt).and_then(|text| Ok(serde_json::from_str(&text)?));
-        let problem = match report {
-            Ok(report) => match report["end"]["sum_received"]["bits_per_second"].as_f64() {
-                Some(bits) => break Ok(bits),
-                None => format!("iperf3 reported no throughput: {}", report["error"]),
-            },
-            Err(error) => error.to_string(),
-        };
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!("iperf3 to {server_ip}: {problem}"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    // A one-off server exits after its test; one that never saw it must go.
-    let _ = server.kill();
-    let _ = server.wait();
-    received
-}
-
-fn gbit(bits: f64) -> String {
-    format!("{:.2} Gbit/s", bits / 1e9)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let middle = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
-        (sorted[middle - 1] + sorted[middle]) / 2.0
-    } else {
-        sorted[middle]
-    }
 }
 
 /// Pod-to-pod throughput beside the underlay's, from rounds that each

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use k8s_openapi::api::core::v1::{Node, Pod as PodObject, ServiceAccount};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::Api;
 use nix::libc;
 use weft::netns::Netns;
@@ -406,31 +406,6 @@ async fn a_host_port_is_reached_from_another_node_its_pods_and_outside() -> Resu
     Ok(())
 }
 
-/// Publishes the testbed pod `pod` as a Pod object on `node`, labelled
-/// app=`app` with a container port named http (8080), and reports its
-/// address as a kubelet would.
-async fn publish_pod(overlay: &Overlay, pod: &Pod, node: &str, app: &str) -> Result<()> {
-    let pods: Api<PodObject> = Api::namespaced(overlay.admin.clone(), "default");
-    let name = format!("{app}-{node}");
-    let object: PodObject = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": {"app": app}},
-        "spec": {
-            "nodeName": node,
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "server", "image": "none",
-                            "ports": [{"name": "http", "containerPort": 8080}]}],
-        },
-    }))?;
-    pods.create(&PostParams::default(), &object).await?;
-    let ip = pod.ip().context("pod without address")?.to_string();
-    let status = serde_json::json!({"status": {
-        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-    }});
-    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
-    Ok(())
-}
-
 /// A NetworkPolicy created through the API is enforced by the agent of the
 /// node its pod runs on, for traffic from pods on the other nodes (one
 /// behind the router), and lifted when it is deleted.
@@ -438,16 +413,18 @@ async fn publish_pod(overlay: &Overlay, pod: &Pod, node: &str, app: &str) -> Res
 async fn network_policy_from_the_api_is_enforced_across_nodes() -> Result<()> {
     require_root!();
     let (overlay, pods) = vxlan_overlay_with_pods().await?;
-    let accounts: Api<ServiceAccount> = Api::namespaced(overlay.admin.clone(), "default");
-    if accounts.get_opt("default").await?.is_none() {
-        let account = serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}}))?;
-        accounts.create(&PostParams::default(), &account).await?;
-    }
-    for (pod, (node, app)) in
-        pods.iter()
-            .zip([("node-0", "client"), ("node-1", "db"), ("node-2", "other")])
-    {
-        publish_pod(&overlay, pod, node, app).await?;
+    testbed::ensure_default_service_account(&overlay.admin, "default").await?;
+    for (index, (pod, app)) in pods.iter().zip(["client", "db", "other"]).enumerate() {
+        let node = overlay.node(index);
+        let name = format!("{app}-{}", node.name);
+        testbed::publish_pod(
+            &overlay.admin,
+            pod,
+            &name,
+            &node,
+            &serde_json::json!({"app": app}),
+        )
+        .await?;
     }
     let db = &pods[1];
     serve_peer_address(db, 8080)?;

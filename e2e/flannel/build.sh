@@ -30,13 +30,7 @@ cache_root="${WEFT_E2E_CACHE:-/var/cache/weft-e2e}"
 output="$cache_root/flannel-$version/flanneld"
 
 if [[ ! -x "$output" ]]; then
-  go_bin="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
-  [[ -x "$go_bin" ]] || { echo "flannel/build.sh: no go toolchain found (set GO=/path/to/go)" >&2; exit 1; }
-  # `go mod download -json` prints the unpacked module directory as "Dir".
-  # GOFLAGS is cleared for it: -mod=... is not accepted outside a module.
-  module_dir="$(GOFLAGS= "$go_bin" mod download -json "$module@$version" \
-    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
-  [[ -d "$module_dir" ]] || { echo "flannel/build.sh: go mod download gave no directory for $module@$version" >&2; exit 1; }
+  module_dir="$("$here/../../scripts/go-module-dir" "$module@$version")"
   source_dir="$(mktemp -d)"
   trap 'rm -rf "$source_dir"' EXIT
   cp -R "$module_dir/." "$source_dir"
@@ -45,7 +39,7 @@ if [[ ! -x "$output" ]]; then
     rm -f "$source_dir/pkg/backend/$backend"/*.go
     echo "package $backend" >"$source_dir/pkg/backend/$backend/$backend.go"
   done
-  GO="$go_bin" GOFLAGS="-mod=readonly -buildvcs=false" \
+  GOFLAGS="-mod=readonly -buildvcs=false" \
     "$here/../../scripts/go-build-cached" "$source_dir" . "$output" \
     "-s -w -X $module/pkg/version.Version=$version"
 fi

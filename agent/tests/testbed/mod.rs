@@ -8,15 +8,16 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod as PodObject, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde::Deserialize;
 use serde_json::Value;
@@ -478,4 +479,68 @@ pub fn ping_all(pods: &[Pod], overlay: &Overlay) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Makes sure `namespace` has its `default` ServiceAccount, which the API
+/// server's admission wants before it takes a Pod there (no controller
+/// manager runs here to make it).
+pub async fn ensure_default_service_account(admin: &Client, namespace: &str) -> Result<()> {
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
+    if accounts.get_opt("default").await?.is_none() {
+        let account = serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}}))?;
+        accounts.create(&PostParams::default(), &account).await?;
+    }
+    Ok(())
+}
+
+/// A Pod object bound to `node` with `labels` and one container port
+/// named http (8080), as a scheduler leaves it.
+pub fn pod_object(name: &str, node: &str, labels: &Value) -> Result<PodObject> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "server", "image": "none",
+                            "ports": [{"name": "http", "containerPort": 8080}]}],
+        },
+    }))?)
+}
+
+/// Reports the Pod `name` in `pods` Running at `ip` on the node at
+/// `host_ip`, as its kubelet would.
+pub async fn report_running(
+    pods: &Api<PodObject>,
+    name: &str,
+    ip: IpAddr,
+    host_ip: IpAddr,
+) -> Result<()> {
+    let status = serde_json::json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .with_context(|| format!("reporting Pod {name} Running"))?;
+    Ok(())
+}
+
+/// Publishes the testbed pod `pod` on `node` as the Pod object `name` in
+/// `default` with `labels` (see [`pod_object`]), Running at its address.
+pub async fn publish_pod(
+    admin: &Client,
+    pod: &Pod,
+    name: &str,
+    node: &ClusterNode,
+    labels: &Value,
+) -> Result<()> {
+    let pods: Api<PodObject> = Api::namespaced(admin.clone(), "default");
+    pods.create(
+        &PostParams::default(),
+        &pod_object(name, &node.name, labels)?,
+    )
+    .await
+    .with_context(|| format!("creating Pod {name}"))?;
+    let ip = pod.ip().context("pod without address")?;
+    report_running(&pods, name, ip, IpAddr::V4(node.underlay_ip())).await
 }
