@@ -144,7 +144,6 @@ struct Bench {
     client: Pod,
     stranger: Pod,
     kube_router: Option<KubeRouter>,
-    enforcer: Option<Enforcer>,
 }
 
 fn bench_logs(bench: &Bench) -> String {
@@ -196,7 +195,6 @@ impl Bench {
             client,
             stranger,
             kube_router: None,
-            enforcer: None,
         };
         bench.wait_reach(&bench.client, true).await?;
         Ok(bench)
@@ -204,11 +202,8 @@ impl Bench {
 
     /// Hands enforcement to `enforcer`, with no policy in the cluster.
     async fn enforce_with(&mut self, enforcer: Enforcer) -> Result<()> {
-        self.delete_policies("default").await?;
-        if let Some(kube_router) = self.kube_router.take() {
-            kube_router.stop()?;
-        }
-        self.overlay.agent_env = policy_switch(enforcer == Enforcer::Weft);
+        self.delete_policies().await?;
+        self.hand_over(enforcer)?;
         for node in self.overlay.cluster.nodes().to_vec() {
             self.overlay.restart_agent(&node)?;
         }
@@ -216,16 +211,25 @@ impl Bench {
         if enforcer == Enforcer::KubeRouter {
             self.kube_router = Some(KubeRouter::start(&self.overlay).await?);
         }
-        self.enforcer = Some(enforcer);
         // Enforcing: a default deny shuts the client out, and lifting it
         // lets it in again.
-        let policies = self.policies("default");
+        let policies = self.policies();
         policies
             .create(&PostParams::default(), &deny_servers())
             .await?;
         self.wait_reach(&self.client, false).await?;
-        self.delete_policies("default").await?;
+        self.delete_policies().await?;
         self.wait_reach(&self.client, true).await
+    }
+
+    /// Stops kube-router if it runs, and sets the agents started from now
+    /// on to enforce policy if `enforcer` is Weft.
+    fn hand_over(&mut self, enforcer: Enforcer) -> Result<()> {
+        if let Some(kube_router) = self.kube_router.take() {
+            kube_router.stop()?;
+        }
+        self.overlay.agent_env = policy_switch(enforcer == Enforcer::Weft);
+        Ok(())
     }
 
     async fn stop(mut self) -> Result<()> {
@@ -235,13 +239,14 @@ impl Bench {
         self.overlay.cluster.stop().await
     }
 
-    fn policies(&self, namespace: &str) -> Api<NetworkPolicy> {
-        Api::namespaced(self.overlay.admin.clone(), namespace)
+    /// The NetworkPolicies of `default`, where the bench's pods are.
+    fn policies(&self) -> Api<NetworkPolicy> {
+        Api::namespaced(self.overlay.admin.clone(), "default")
     }
 
-    /// Deletes every NetworkPolicy in `namespace`.
-    async fn delete_policies(&self, namespace: &str) -> Result<()> {
-        self.policies(namespace)
+    /// Deletes every NetworkPolicy in `default`.
+    async fn delete_policies(&self) -> Result<()> {
+        self.policies()
             .delete_collection(&DeleteParams::default(), &ListParams::default())
             .await?;
         Ok(())
@@ -289,7 +294,7 @@ impl Bench {
 
     /// Policy created, and policy updated, until enforced on every node.
     async fn enforcement(&mut self, enforcer: Enforcer) -> Result<()> {
-        let policies = self.policies("default");
+        let policies = self.policies();
         policies
             .create(&PostParams::default(), &deny_servers())
             .await?;
@@ -322,7 +327,7 @@ impl Bench {
             patch_from(&policies, "allow", "nobody").await?;
             self.wait_reach(&self.client, false).await?;
         }
-        self.delete_policies("default").await?;
+        self.delete_policies().await?;
         self.wait_reach(&self.client, true).await?;
         for (what, samples) in [("created", &mut created), ("updated", &mut updated)] {
             samples.sort();
@@ -339,7 +344,7 @@ impl Bench {
     /// A new pod whose label existing policies allow, from Running to
     /// reaching every server.
     async fn coverage(&mut self, enforcer: Enforcer) -> Result<()> {
-        let policies = self.policies("default");
+        let policies = self.policies();
         policies
             .create(&PostParams::default(), &deny_servers())
             .await?;
@@ -373,7 +378,7 @@ impl Bench {
             covered.push(first_reached_all(&pod, &targets, started).await?);
             newcomers.push((name, pod));
         }
-        self.delete_policies("default").await?;
+        self.delete_policies().await?;
         self.wait_reach(&self.stranger, true).await?;
         // The next measurement, and the other enforcer's, see the cluster
         // this one started with.
@@ -415,7 +420,7 @@ impl Bench {
                     self.wait_reach(&self.stranger, false).await?;
                     self.wait_reach(&self.client, true).await?;
                 } else if !with_policies && have_policies {
-                    self.delete_policies("default").await?;
+                    self.delete_policies().await?;
                     self.wait_reach(&self.stranger, true).await?;
                 }
                 have_policies = with_policies;
@@ -429,7 +434,7 @@ impl Bench {
                 rate[usize::from(with_policies)].push(connection_rate(client, target).await?);
             }
         }
-        self.delete_policies("default").await?;
+        self.delete_policies().await?;
         self.wait_reach(&self.stranger, true).await?;
         let [bits_none, bits_many] = throughput.map(|runs| median(&runs));
         let [rate_none, rate_many] = rate.map(|runs| median(&runs));
@@ -448,7 +453,7 @@ impl Bench {
     /// client, each allowing something else; one of each allows the
     /// client's traffic to the server.
     async fn create_datapath_policies(&self) -> Result<()> {
-        let policies = self.policies("default");
+        let policies = self.policies();
         let half = DATAPATH_POLICIES / 2;
         let objects = (0..half).flat_map(|index| {
             let (from, to) = if index == half - 1 {
@@ -542,10 +547,7 @@ impl Bench {
         enforcer: Enforcer,
         expected: &ScaleExpectation,
     ) -> Result<Duration> {
-        if let Some(kube_router) = self.kube_router.take() {
-            kube_router.stop()?;
-        }
-        self.overlay.agent_env = policy_switch(enforcer == Enforcer::Weft);
+        self.hand_over(enforcer)?;
         let node0 = self.overlay.node(0);
         let started = Instant::now();
         self.overlay.restart_agent(&node0)?;

@@ -213,9 +213,11 @@ impl AgentMetrics {
 
     /// Sets the packets the policy table dropped so far, per direction.
     pub fn record_policy_denied(&self, (egress, ingress): (u64, u64)) {
-        for (direction, packets) in [("egress", egress), ("ingress", ingress)] {
+        for (direction, packets) in [(Direction::Egress, egress), (Direction::Ingress, ingress)] {
             self.policy_denied_packets
-                .get_or_create(&DirectionLabel { direction })
+                .get_or_create(&DirectionLabel {
+                    direction: direction.name(),
+                })
                 .set(i64::try_from(packets).unwrap_or(i64::MAX));
         }
     }
