@@ -28,9 +28,9 @@ use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
-use weft::ip::IpFamily;
-use weft::netlink::{Netlink, Route};
-use weft::netns::Netns;
+use weft_core::ip::IpFamily;
+use weft_core::netlink::{Netlink, Route};
+use weft_core::netns::Netns;
 use weft_e2e::{Cluster, ClusterNode, Pod, ProcessHandle};
 
 #[path = "../tests/testbed/mod.rs"]

@@ -42,7 +42,7 @@ use kube::{Api, Client};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
-use weft::netns::Netns;
+use weft_core::netns::Netns;
 use weft_e2e::Pod;
 
 #[path = "../tests/testbed/mod.rs"]

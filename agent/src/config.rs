@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use weft::ip::IpFamily;
+use weft_core::ip::IpFamily;
 use weft_daemon::config::Layer;
 
 /// How the agent reaches peers' slices.

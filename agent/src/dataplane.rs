@@ -17,9 +17,9 @@ use super::overlay::{
     plan, DesiredState, FdbEntry, KernelState, Neighbour, NextHop, Operation, OverlayRoute,
 };
 use super::ROUTE_PROTOCOL;
-use weft::annotations::VtepMac;
-use weft::ip::IpFamily;
-use weft::netlink::{
+use weft_core::annotations::VtepMac;
+use weft_core::ip::IpFamily;
+use weft_core::netlink::{
     FdbRemote, Link, Netlink, NetlinkError, PermanentNeighbour, Removal, Route, RouteProtocol,
     VxlanChange, VxlanSettings,
 };

@@ -4,10 +4,10 @@
 use super::dataplane::{DataplaneError, VXLAN_DEVICE};
 use super::install::InstallError;
 use super::underlay::UnderlayError;
-use weft::ip::ForwardingError;
-use weft::netlink::NetlinkError;
-use weft::nft::NftError;
-use weft::nodefile::NodeFileError;
+use weft_core::ip::ForwardingError;
+use weft_core::netlink::NetlinkError;
+use weft_core::nft::NftError;
+use weft_core::nodefile::NodeFileError;
 use weft_daemon::serve::ServeError;
 
 /// What stops the agent or one reconcile.

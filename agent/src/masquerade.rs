@@ -14,8 +14,8 @@
 
 use ipnet::IpNet;
 
-use weft::ip::IpFamily;
-use weft::nft::{self, NftError};
+use weft_core::ip::IpFamily;
+use weft_core::nft::{self, NftError};
 
 /// The nftables family and name of Weft's table.
 pub const TABLE: &str = "inet weft";

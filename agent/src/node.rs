@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 
 use super::config::Backend;
 use super::peer::{MalformedField, Peer};
-use weft::annotations::VtepMac;
-use weft::annotations::{self, BackendData};
-use weft::ip::IpFamily;
+use weft_core::annotations::VtepMac;
+use weft_core::annotations::{self, BackendData};
+use weft_core::ip::IpFamily;
 
 /// The Node condition the agent sets once the node is programmed.
 pub const CONDITION_TYPE: &str = "NetworkUnavailable";

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 use super::config::Backend;
 use super::peer::{vtep_address, LocalNode, Peer};
-use weft::annotations::VtepMac;
+use weft_core::annotations::VtepMac;
 
 /// A permanent neighbour on `weft.1`: a peer's VTEP address → its VTEP MAC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use weft::annotations::VtepMac;
+use weft_core::annotations::VtepMac;
 
 /// Another node, as far as routing to it is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -38,7 +38,7 @@ use super::retry::{PeerRetries, RETRY_CAP, RETRY_START};
 use super::screen::{screen, Rejected, Rules, Screened};
 use super::setup::NodeSetup;
 use super::uninstall::{ask_api, decide, tear_down, DaemonSetWatcher, OwnDaemonSet, Shutdown};
-use weft::netlink::{Netlink, Removal};
+use weft_core::netlink::{Netlink, Removal};
 use weft_daemon::serve::{self, Health};
 
 /// How long a stopping agent waits for the API to say whether its DaemonSet

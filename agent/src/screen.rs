@@ -25,8 +25,8 @@ use ipnet::IpNet;
 
 use super::config::AgentConfig;
 use super::peer::{LocalNode, Peer};
-use weft::annotations::{self, VtepMac};
-use weft::ip::IpFamily;
+use weft_core::annotations::{self, VtepMac};
+use weft_core::ip::IpFamily;
 
 /// What peers are checked against: the cluster's settings and this node.
 #[derive(Debug, Clone, Copy)]

@@ -20,10 +20,10 @@ use super::node::OwnNode;
 use super::offload::{kernel_release, set_tx_checksum, tx_checksum, wanted_tx_checksum};
 use super::peer::LocalNode;
 use super::underlay::{find_underlay, Underlay, UnderlayChoice};
-use weft::annotations::VtepMac;
-use weft::ip::{enable_forwarding, IpFamily};
-use weft::netlink::{Removal, VxlanChange};
-use weft::nodefile::NodeConfig;
+use weft_core::annotations::VtepMac;
+use weft_core::ip::{enable_forwarding, IpFamily};
+use weft_core::netlink::{Removal, VxlanChange};
+use weft_core::nodefile::NodeConfig;
 
 /// This node's settings, derived from its Node and the underlay, as the
 /// last successful set-up applied them.

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use weft::netlink::{Address, Link, Netlink, NetlinkError};
+use weft_core::netlink::{Address, Link, Netlink, NetlinkError};
 
 /// How the operator (or the Node object) names the underlay.
 #[derive(Debug, Clone)]

@@ -34,9 +34,9 @@ use super::masquerade::TABLE;
 use super::overlay::{DesiredState, Operation};
 use super::policy::nft::TABLE as POLICY_TABLE;
 use super::ROUTE_PROTOCOL;
-use weft::netlink::{Netlink, NetlinkError, Removal};
-use weft::nft::{self, NftError, HOSTPORT_TABLE};
-use weft::DEFAULT_BRIDGE;
+use weft_core::netlink::{Netlink, NetlinkError, Removal};
+use weft_core::nft::{self, NftError, HOSTPORT_TABLE};
+use weft_core::DEFAULT_BRIDGE;
 
 /// The DaemonSet that runs this agent: whether it still exists decides
 /// between restart and uninstall.

@@ -12,10 +12,10 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 use ipnet::IpNet;
 use serde_json::Value;
-use weft::annotations::VtepMac;
-use weft::netlink::{Netlink, VxlanChange};
-use weft::netns::Netns;
-use weft::DEFAULT_BRIDGE;
+use weft_core::annotations::VtepMac;
+use weft_core::netlink::{Netlink, VxlanChange};
+use weft_core::netns::Netns;
+use weft_core::DEFAULT_BRIDGE;
 use weft_agent::config::{AgentConfig, AgentSettings, Backend};
 use weft_agent::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
 use weft_agent::install::{

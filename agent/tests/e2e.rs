@@ -20,7 +20,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, PostParams};
 use kube::Api;
 use nix::libc;
-use weft::netns::Netns;
+use weft_core::netns::Netns;
 use weft_e2e::Pod;
 
 mod testbed;

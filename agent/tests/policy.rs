@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::core::v1::Pod;
-use weft::netns::Netns;
+use weft_core::netns::Netns;
 use weft_agent::policy::compile::{compile, PolicyPlan};
 use weft_agent::policy::enforce::ensure_bridge_netfilter;
 use weft_agent::policy::model::{

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use nix::fcntl::{Flock, FlockArg};
 
-use weft::ip::{addr_bits, IpFamily};
+use weft_core::ip::{addr_bits, IpFamily};
 
 use crate::cni::Attachment;
 

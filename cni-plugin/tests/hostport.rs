@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
 use support::{root_or_skip, Invocation, NamedNetns, Node, Reply};
-use weft::netns::Netns;
+use weft_core::netns::Netns;
 
 /// How long a connection that should work may take; failures wait this long.
 const PATIENCE: Duration = Duration::from_secs(5);

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use proptest::prelude::*;
 use serde_json::Value;
-use weft::nodefile::NodeConfig;
+use weft_core::nodefile::NodeConfig;
 use weft_cni::cni::{
     CniArgs, CniResult, CniVersion, Dns, Interface, Invocation, IpConfig, MacAddress, NetConf,
     Route, SUPPORTED_VERSIONS,

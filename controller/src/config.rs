@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::allocator::{CidrError, SlicePlan};
-use weft::ip::IpFamily;
+use weft_core::ip::IpFamily;
 use weft_daemon::config::Layer;
 
 /// Default namespace of the leader-election Lease.

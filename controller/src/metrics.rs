@@ -8,7 +8,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::allocator::PoolUsage;
-use weft::ip::IpFamily;
+use weft_core::ip::IpFamily;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)] // label values are spelled as they appear in queries

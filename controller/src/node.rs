@@ -5,7 +5,7 @@ use kube::ResourceExt;
 use serde_json::{json, Map, Value};
 
 use crate::allocator::{NodeClaims, NodeSlices};
-use weft::annotations::{POD_CIDR, POD_CIDR_V6};
+use weft_core::annotations::{POD_CIDR, POD_CIDR_V6};
 
 /// What the node already carries: `spec.podCIDRs` (or the singular field when
 /// only that is set) and Weft's annotations.

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::allocator::{ClaimProblem, SlicePlan};
 use crate::metrics::ControllerMetrics;
 use crate::{Error, FIELD_MANAGER};
-use weft::ip::IpFamily;
+use weft_core::ip::IpFamily;
 
 /// Events about cluster-scoped objects live in this namespace (as the
 /// kubelet's node events do); `kubectl describe node` finds them there.

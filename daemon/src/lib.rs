@@ -3,7 +3,7 @@
 //! ([`config`]), process set-up ([`process`]) and the `/healthz`, `/readyz`,
 //! `/metrics` endpoint ([`serve`]).
 //!
-//! A crate of its own rather than part of the `weft` core so the CNI
+//! A crate of its own rather than part of `weft-core` so the CNI
 //! plugin, which runs once per pod start, never builds an HTTP stack.
 
 pub mod config;

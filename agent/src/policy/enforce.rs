@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use kube::Client;
 use tokio::sync::watch;
 use tokio::task::JoinError;
-use weft::nft::NftError;
+use weft_core::nft::NftError;
 
 use super::compile::compile;
 use super::model::PolicyError;

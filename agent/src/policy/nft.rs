@@ -21,9 +21,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::IpAddr;
 
-use weft::ip::IpFamily;
-use weft::netlink::Removal;
-use weft::nft::{self, NftError};
+use weft_core::ip::IpFamily;
+use weft_core::netlink::Removal;
+use weft_core::nft::{self, NftError};
 
 use super::compile::{AddressRange, Allow, AllowSetId, Direction, PolicyPlan};
 

@@ -21,7 +21,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde::Deserialize;
 use serde_json::Value;
-use weft::netns::Netns;
+use weft_core::netns::Netns;
 use weft_e2e::{Cluster, ClusterNode, ClusterSpec, Pod, ProcessHandle};
 
 /// The cluster CIDR the controller and the agents are given by default.

@@ -7,10 +7,10 @@ use serde_json::{Map, Value};
 
 use super::env::check_ifname;
 use super::{Attachment, CniError, CniResult, CniVersion, Dns, ErrorCode};
-use weft::fields::{check_mtu, check_prefix};
-use weft::fields::{FieldError, FieldReader};
-use weft::nodefile::DEFAULT_NODE_FILE;
-use weft::DEFAULT_BRIDGE;
+use weft_core::fields::{check_mtu, check_prefix};
+use weft_core::fields::{FieldError, FieldReader};
+use weft_core::nodefile::DEFAULT_NODE_FILE;
+use weft_core::DEFAULT_BRIDGE;
 
 /// Parent of the per-network IPAM stores when the config names none.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
@@ -228,7 +228,7 @@ fn take_subnets(conf: &mut FieldReader) -> Result<Vec<IpNet>, FieldError> {
                         field,
                         format!(
                             "is {}: write a CIDR string such as \"10.244.1.0/24\"",
-                            weft::fields::kind(&other)
+                            weft_core::fields::kind(&other)
                         ),
                     )),
                 }
@@ -239,7 +239,7 @@ fn take_subnets(conf: &mut FieldReader) -> Result<Vec<IpNet>, FieldError> {
                 "subnet",
                 format!(
                     "is {}: write a CIDR string or a list of at most one IPv4 and one IPv6 CIDR",
-                    weft::fields::kind(&other)
+                    weft_core::fields::kind(&other)
                 ),
             ))
         }

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use super::{CniError, Dns, ErrorCode, NetConf, Route};
 use crate::ipam::{AllocRange, Store};
-use weft::nodefile::NodeConfig;
+use weft_core::nodefile::NodeConfig;
 
 /// The smallest MTU IPv6 allows on a link.
 const IPV6_MIN_MTU: u32 = 1280;
@@ -162,7 +162,7 @@ fn family(conf: &NetConf, node: &NodeConfig, subnet: IpNet) -> Result<FamilyNetw
 mod tests {
     use super::*;
 
-    /// The dual-stack node the node-file tests (in the `weft` core, where
+    /// The dual-stack node the node-file tests (in `weft-core`, where
     /// the format lives) parse too.
     fn node() -> NodeConfig {
         let fixture = concat!(

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use serde_json::{Map, Value};
 
 use super::{CniError, ErrorCode};
-use weft::ip::IpFamily;
+use weft_core::ip::IpFamily;
 
 /// A transport protocol a hostPort can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::{CniError, CniVersion, ErrorCode};
-use weft::fields::{FieldError, FieldReader};
+use weft_core::fields::{FieldError, FieldReader};
 
 /// A hardware address as results carry it: colon-separated hex bytes
 /// (6 for Ethernet; other link types use more, so the length is open).

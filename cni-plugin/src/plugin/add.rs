@@ -21,9 +21,9 @@ use crate::cni::{
     NetConf, Network, PortMapping,
 };
 use crate::ipam::Store;
-use weft::ip::{self, IpFamily};
-use weft::netlink::{Link, Netlink, Outcome, Route, VethPair};
-use weft::netns::Netns;
+use weft_core::ip::{self, IpFamily};
+use weft_core::netlink::{Link, Netlink, Outcome, Route, VethPair};
+use weft_core::netns::Netns;
 
 /// The loopback device is always interface 1 in a network namespace (the
 /// kernel registers it first, as LOOPBACK_IFINDEX).

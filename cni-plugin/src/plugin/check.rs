@@ -8,8 +8,8 @@ use super::hostport;
 use super::{ipam_error, kernel_error, node_netlink, open_netns, CODE_CHECK_FAILED};
 use crate::cni::{CniError, ErrorCode, Invocation, NetConf, PortMapping};
 use crate::ipam::Store;
-use weft::ip::IpFamily;
-use weft::netlink::{Netlink, Route};
+use weft_core::ip::IpFamily;
+use weft_core::netlink::{Netlink, Route};
 
 /// Verifies the pod interface (MAC, MTU, up), its addresses, the routes in
 /// the pod, the host veth on the bridge, the IPAM records and the hostPorts.

@@ -10,8 +10,8 @@ use ipnet::IpNet;
 
 use super::kernel_error;
 use crate::cni::CniError;
-use weft::ip::IpFamily;
-use weft::netlink::Netlink;
+use weft_core::ip::IpFamily;
+use weft_core::netlink::Netlink;
 
 /// What the bridge's addresses need to hold exactly the current gateways.
 #[derive(Debug, Default, PartialEq, Eq)]

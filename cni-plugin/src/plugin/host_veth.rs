@@ -4,7 +4,7 @@
 
 use super::unregister::delete_link_unlisted;
 use crate::cni::{Attachment, CniError, ErrorCode};
-use weft::netlink::{Link, Netlink, NetlinkError, Removal};
+use weft_core::netlink::{Link, Netlink, NetlinkError, Removal};
 
 /// Prefix of every host veth name.
 const NAME_PREFIX: &str = "veth";

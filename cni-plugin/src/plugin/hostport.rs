@@ -34,8 +34,8 @@ use serde_json::Value;
 
 use super::{CODE_CHECK_FAILED, CODE_HOSTPORT_TAKEN};
 use crate::cni::{CniError, ErrorCode, HostIp, PortMapping, Protocol};
-use weft::ip::IpFamily;
-use weft::nft::{self, NftError, HOSTPORT_TABLE};
+use weft_core::ip::IpFamily;
+use weft_core::nft::{self, NftError, HOSTPORT_TABLE};
 
 /// The packet mark bit for connections to masquerade (bit 13, as the
 /// reference portmap plugin uses; kube-proxy uses bits 14 and 15).

@@ -22,9 +22,9 @@ mod unregister;
 
 use crate::cni::{version_json, CniError, CniVersion, Command, ErrorCode, Invocation, NetConf};
 use crate::ipam::IpamError;
-use weft::netlink::{Netlink, NetlinkError};
-use weft::netns::{Netns, NetnsError};
-use weft::nodefile::{NodeConfig, NodeFileError};
+use weft_core::netlink::{Netlink, NetlinkError};
+use weft_core::netns::{Netns, NetnsError};
+use weft_core::nodefile::{NodeConfig, NodeFileError};
 
 /// Plugin-specific error code (the spec leaves 100 and up to plugins): the
 /// pod subnet has no free address.

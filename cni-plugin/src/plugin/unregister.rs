@@ -33,7 +33,7 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::protocols::NETLINK_ROUTE;
 use rtnetlink::sys::{Socket, SocketAddr};
 
-use weft::netlink::{NetlinkError, Removal};
+use weft_core::netlink::{NetlinkError, Removal};
 
 /// Multicast group of link notifications (`RTMGRP_LINK`).
 const LINK_GROUP: u32 = 1;
@@ -349,8 +349,8 @@ mod tests {
     }
 
     mod in_namespaces {
-        use weft::netlink::{Netlink, Outcome, Removal, VethPair};
-        use weft::netns::Netns;
+        use weft_core::netlink::{Netlink, Outcome, Removal, VethPair};
+        use weft_core::netns::Netns;
         use weft_testing::TestNetns;
 
         use super::super::delete_link_unlisted;

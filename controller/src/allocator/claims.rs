@@ -5,7 +5,7 @@
 use std::fmt;
 
 use ipnet::IpNet;
-use weft::ip::IpFamily;
+use weft_core::ip::IpFamily;
 
 /// Where a node's existing pod CIDR was read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,7 +21,7 @@ impl fmt::Display for ClaimSource {
         match self {
             ClaimSource::Spec => f.write_str("spec.podCIDRs"),
             ClaimSource::Annotation(family) => {
-                write!(f, "annotation {}", weft::annotations::pod_cidr_key(*family))
+                write!(f, "annotation {}", weft_core::annotations::pod_cidr_key(*family))
             }
         }
     }

@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use weft::ip::IpFamily;
+use weft_core::ip::IpFamily;
 
 pub use claims::{ClaimProblem, ClaimSource, NodeClaims};
 pub use plan::{CidrError, Placement, SlicePlan};

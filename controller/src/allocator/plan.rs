@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
-use weft::ip::{addr_bits, IpFamily};
+use weft_core::ip::{addr_bits, IpFamily};
 
 /// Slices may be at most this many bits longer than the cluster CIDR, so the
 /// slice count always fits the `i64` a Prometheus gauge carries.

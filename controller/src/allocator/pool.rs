@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use std::time::Instant;
 
 use ipnet::IpNet;
-use weft::ip::IpFamily;
+use weft_core::ip::IpFamily;
 
 use super::claims::{Claim, ClaimProblem};
 use super::plan::{Placement, SlicePlan};

@@ -26,7 +26,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use tokio::sync::Mutex;
-use weft::netns::Netns;
+use weft_core::netns::Netns;
 use weft_e2e::{cleanup_leftovers, Cluster, ClusterNode, ClusterSpec, ProxyMode, BUSYBOX_IMAGE};
 
 /// The tests here take turns: a few kubelets at a time is all two cores carry.
@@ -785,7 +785,7 @@ impl WeftLeftovers {
         for file in [
             "/opt/cni/bin/weft",
             "/etc/cni/net.d/10-weft.conflist",
-            weft::nodefile::DEFAULT_NODE_FILE,
+            weft_core::nodefile::DEFAULT_NODE_FILE,
         ] {
             if node_has_file(node, file)? {
                 files.push(file.to_owned());
