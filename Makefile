@@ -14,7 +14,7 @@ demo-plugin:
 test:
 	scripts/test
 
-## Run the benchmarks (release builds), figures go to the README's Performance section.
+## Run the benchmarks (release builds); figures go to docs/performance.md.
 bench:
 	scripts/bench
 

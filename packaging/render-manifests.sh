@@ -32,7 +32,7 @@ version="$(awk '$1 == "appVersion:" { gsub(/"/, "", $2); print $2 }' "$chart/Cha
 {
   echo "# Weft $version, rendered from charts/weft with its default values by"
   echo "# packaging/render-manifests.sh: edit the chart, then run the script."
-  echo "# Install: kubectl apply -f manifests/  (see the README for the settings)"
+  echo "# Install: kubectl apply -f manifests/  (see docs/configuration.md for the settings)"
   render --namespace kube-system
 } >"$out/manifests/weft.yaml"
 

@@ -32,6 +32,7 @@ use weft_core::ip::IpFamily;
 use weft_core::netlink::{Netlink, Route};
 use weft_core::netns::Netns;
 use weft_e2e::{Cluster, ClusterNode, Pod, ProcessHandle};
+use weft_testing::measure::{percentile, status_kib};
 
 #[path = "../tests/testbed/mod.rs"]
 mod testbed;
@@ -42,7 +43,7 @@ mod flannel;
 mod measure;
 
 use flannel::Flannel;
-use measure::{gbit, iperf, median, ms, percentile, status_kib, IPERF_SECONDS};
+use measure::{gbit, iperf, median, ms, IPERF_SECONDS};
 use testbed::{Overlay, OverlaySpec, PATIENCE};
 
 /// Samples of the convergence benchmark.
@@ -360,8 +361,6 @@ async fn convergence<C: Contender>() -> Result<()> {
             }
         }
     }
-    everywhere.sort();
-    each.sort();
     println!(
         "convergence, {} (10 agents, {CONVERGENCE_SAMPLES} Node creations): route on every agent p50 {} p99 {}; on one agent p50 {} p99 {}",
         C::LABEL,

@@ -44,6 +44,7 @@ use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
 use weft_core::netns::Netns;
 use weft_e2e::Pod;
+use weft_testing::measure::{percentile, status_kib};
 
 #[path = "../tests/testbed/mod.rs"]
 mod testbed;
@@ -54,7 +55,7 @@ mod measure;
 mod kube_router;
 
 use kube_router::KubeRouter;
-use measure::{gbit, iperf, median, ms, percentile, status_kib, IPERF_SECONDS};
+use measure::{gbit, iperf, median, ms, IPERF_SECONDS};
 use testbed::{Overlay, OverlaySpec, PATIENCE};
 
 /// Samples of each enforcement and coverage measurement (p99 is then the
@@ -329,8 +330,7 @@ impl Bench {
         }
         self.delete_policies().await?;
         self.wait_reach(&self.client, true).await?;
-        for (what, samples) in [("created", &mut created), ("updated", &mut updated)] {
-            samples.sort();
+        for (what, samples) in [("created", &created), ("updated", &updated)] {
             println!(
                 "enforcement, {}: policy {what} -> enforced on all 3 nodes: p50 {}, p99 {} ({SAMPLES} samples)",
                 enforcer.label(),
@@ -392,7 +392,6 @@ impl Bench {
             pods.delete(&name, &at_once).await?;
             pod.delete()?;
         }
-        covered.sort();
         println!(
             "coverage, {}: new pod Running -> its connections pass on all 3 nodes: p50 {}, p99 {} ({SAMPLES} samples)",
             enforcer.label(),

@@ -1,5 +1,5 @@
-//! The node cache: what the agent keeps of the cluster's Nodes, filled by a
-//! kube-runtime watcher and read by the reconciler.
+//! The node cache: what the agent keeps of the cluster's Nodes, filled by
+//! a watch ([`crate::watch`]) and read by the reconciler.
 //!
 //! Each Node is cut down on arrival to the fields routing needs (a
 //! [`Peer`](super::peer::Peer), or this node's [`OwnNode`]) in one map by
@@ -8,16 +8,10 @@
 //! keys each entry by an `ObjectRef` and holds it in an `Arc`, which took
 //! 1.7 MiB of heap for 5,000 peers where this map takes 1.3 MiB.
 //!
-//! The watcher's events are taken as the watcher defines them, with no
-//! second copy of the cache: `Apply` and `Delete` change one entry; a
-//! re-list's `InitApply` applies like `Apply`, and `InitDone` deletes what
-//! the re-list did not name, since anything listed before and missing from
-//! a re-list is gone. A re-list is thus a burst of changes followed by the
-//! deletions it implies, like any other run of events, and the cache stays
-//! complete throughout. The reconciler reads nothing before the first
-//! `InitDone`: programming from a partial list would remove routes to nodes
-//! not yet seen. While the API server is away the cache keeps its last
-//! state; the next list brings it up to date.
+//! The watch's events change the cache as [`Mirror`] takes them, so it
+//! stays complete through a re-list. The reconciler reads nothing before
+//! the first list is complete: programming from a partial list would remove
+//! routes to nodes not yet seen.
 //!
 //! The reconciler is woken only by changes that matter: heartbeats and
 //! fields the agent does not read change no entry.
@@ -25,18 +19,16 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::watcher::{self, watcher};
-use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::Instrument;
 
 use super::metrics::AgentMetrics;
 use super::node::{own_node, peer_of, OwnNode};
 use super::peer::PeerSet;
+use super::watch::{watch_into, Entries, Mirror};
 
 /// The cluster as one reconcile sees it.
 #[derive(Debug, Clone, Default)]
@@ -47,34 +39,56 @@ pub(crate) struct NodeSnapshot {
     pub(crate) own: Option<OwnNode>,
 }
 
-/// What the cache holds.
-#[derive(Debug, Default)]
-struct CacheState {
+/// The cache's entries: this node's fields apart, every peer by name.
+#[derive(Debug)]
+struct NodeEntries {
+    own_name: String,
     nodes: NodeSnapshot,
-    /// Set while a re-list is in progress.
-    relist: Option<Relist>,
-    /// Whether a complete list has been seen.
-    synced: bool,
 }
 
-/// A re-list in progress.
-#[derive(Debug, Default)]
-struct Relist {
-    /// Peers cached before it and not named by it yet; what is left at
-    /// `InitDone` is gone. Empty on the first list, which has nothing to
-    /// remove.
-    unlisted: BTreeSet<String>,
-    /// Whether this node was cached before it and is not named by it yet.
-    own_unlisted: bool,
-    /// Whether it has changed an entry so far.
-    changed: bool,
+impl Entries for NodeEntries {
+    type Object = Node;
+    type Key = String;
+
+    fn key(node: &Node) -> String {
+        node.name_any()
+    }
+
+    fn keys(&self) -> BTreeSet<String> {
+        let mut keys: BTreeSet<String> = self.nodes.peers.keys().cloned().collect();
+        if self.nodes.own.is_some() {
+            keys.insert(self.own_name.clone());
+        }
+        keys
+    }
+
+    /// True if anything routing or set-up reads changed.
+    fn put(&mut self, name: String, node: &Node) -> bool {
+        if name == self.own_name {
+            let fresh = own_node(node);
+            let changed = self.nodes.own.as_ref() != Some(&fresh);
+            self.nodes.own = Some(fresh);
+            return changed;
+        }
+        match peer_of(node) {
+            Some(peer) => self.nodes.peers.insert(name, peer.clone()).as_ref() != Some(&peer),
+            None => self.nodes.peers.remove(&name).is_some(),
+        }
+    }
+
+    fn remove(&mut self, name: &String) -> bool {
+        if *name == self.own_name {
+            self.nodes.own.take().is_some()
+        } else {
+            self.nodes.peers.remove(name).is_some()
+        }
+    }
 }
 
 /// The node cache shared by the watch and the reconciler.
 #[derive(Debug)]
 pub(crate) struct NodeCache {
-    own_name: String,
-    state: Mutex<CacheState>,
+    state: Mutex<Mirror<NodeEntries>>,
     changed: Notify,
 }
 
@@ -82,13 +96,15 @@ impl NodeCache {
     /// An empty cache for the agent of node `own_name`.
     fn new(own_name: String) -> Self {
         NodeCache {
-            own_name,
-            state: Mutex::default(),
+            state: Mutex::new(Mirror::new(NodeEntries {
+                own_name,
+                nodes: NodeSnapshot::default(),
+            })),
             changed: Notify::new(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, CacheState> {
+    fn lock(&self) -> MutexGuard<'_, Mirror<NodeEntries>> {
         self.state.lock().expect("node cache lock poisoned")
     }
 
@@ -100,78 +116,20 @@ impl NodeCache {
 
     /// A copy of the cache, once a complete list has been seen.
     pub(crate) fn snapshot(&self) -> Option<NodeSnapshot> {
-        let state = self.lock();
-        state.synced.then(|| state.nodes.clone())
+        self.lock().listed().map(|entries| entries.nodes.clone())
     }
 
     /// Applies one watch event; wakes the reconciler if it mattered.
     fn observe(&self, event: watcher::Event<Node>) {
+        let list_done = matches!(event, watcher::Event::InitDone);
         let mut state = self.lock();
-        let changed = match event {
-            watcher::Event::Init => {
-                state.relist = Some(Relist {
-                    unlisted: state.nodes.peers.keys().cloned().collect(),
-                    own_unlisted: state.nodes.own.is_some(),
-                    changed: false,
-                });
-                false
-            }
-            watcher::Event::InitApply(node) => {
-                let name = node.name_any();
-                let changed = self.apply(&mut state.nodes, &name, &node);
-                if let Some(relist) = state.relist.as_mut() {
-                    if name == self.own_name {
-                        relist.own_unlisted = false;
-                    } else {
-                        relist.unlisted.remove(&name);
-                    }
-                    relist.changed |= changed;
-                }
-                false
-            }
-            watcher::Event::InitDone => {
-                let relist = state.relist.take().unwrap_or_default();
-                let mut changed = !state.synced || relist.changed;
-                for name in &relist.unlisted {
-                    changed |= state.nodes.peers.remove(name).is_some();
-                }
-                if relist.own_unlisted {
-                    changed |= state.nodes.own.take().is_some();
-                }
-                state.synced = true;
-                tracing::info!(peers = state.nodes.peers.len(), "node list complete");
-                changed
-            }
-            watcher::Event::Apply(node) => self.apply(&mut state.nodes, &node.name_any(), &node),
-            watcher::Event::Delete(node) => {
-                let name = node.name_any();
-                if name == self.own_name {
-                    state.nodes.own.take().is_some()
-                } else {
-                    state.nodes.peers.remove(&name).is_some()
-                }
-            }
-        };
+        let changed = state.observe(event);
+        if let Some(entries) = state.listed().filter(|_| list_done) {
+            tracing::info!(peers = entries.nodes.peers.len(), "node list complete");
+        }
         drop(state);
         if changed {
             self.changed.notify_one();
-        }
-    }
-
-    /// Records `node` (called `name`) in `nodes`; true if anything routing
-    /// or set-up reads changed.
-    fn apply(&self, nodes: &mut NodeSnapshot, name: &str, node: &Node) -> bool {
-        if name == self.own_name {
-            let fresh = own_node(node);
-            let changed = nodes.own.as_ref() != Some(&fresh);
-            nodes.own = Some(fresh);
-            return changed;
-        }
-        match peer_of(node) {
-            Some(peer) => {
-                nodes.peers.insert(name.to_string(), peer.clone()).as_ref() != Some(&peer)
-            }
-            None => nodes.peers.remove(name).is_some(),
         }
     }
 }
@@ -185,22 +143,16 @@ pub(crate) fn watch_nodes(
     metrics: AgentMetrics,
 ) -> (Arc<NodeCache>, JoinHandle<()>) {
     let cache = Arc::new(NodeCache::new(own_name));
-    let events = {
-        let cache = cache.clone();
-        watcher(nodes, watcher::Config::default())
-            .default_backoff()
-            .for_each(move |event| {
-                match event {
-                    Ok(event) => cache.observe(event),
-                    Err(error) => {
-                        metrics.record_error("watch");
-                        tracing::warn!(%error, "watching nodes failed; retrying with backoff, the data plane stays as it is");
-                    }
-                }
-                futures::future::ready(())
-            })
-    };
-    (cache, tokio::spawn(events.in_current_span()))
+    let watch = watch_into(
+        nodes,
+        metrics,
+        "watching nodes failed; retrying with backoff, the data plane stays as it is",
+        {
+            let cache = cache.clone();
+            move |event| cache.observe(event)
+        },
+    );
+    (cache, watch)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! [`AgentConfig`], the defaults filled in and every value validated once.
 //!
 //! The keys are the Helm chart's agent values (camelCase, like the
-//! controller's `clusterCidr`); the README's Configuration table lists them.
+//! controller's `clusterCidr`); docs/configuration.md lists them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use weft_core::ip::IpFamily;
 use weft_daemon::config::Layer;
+use weft_daemon::slices::{SlicePlans, SliceSettings, SliceSettingsError};
 
 /// How the agent reaches peers' slices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -107,14 +108,10 @@ pub enum ConfigError {
         /// What to write instead.
         fix: &'static str,
     },
-    /// A required value is missing everywhere.
-    #[error("config key {key} is required: {fix}")]
-    Missing {
-        /// The YAML key.
-        key: &'static str,
-        /// Where to set it.
-        fix: &'static str,
-    },
+    /// The cluster CIDRs and slice sizes do not make the controller's
+    /// slice plans.
+    #[error(transparent)]
+    Slices(#[from] SliceSettingsError),
 }
 
 impl ConfigError {
@@ -154,18 +151,10 @@ pub struct AgentSettings {
     /// Seconds between full reconciles that repair drift (resyncSeconds) [default: 60].
     #[arg(long, env = "WEFT_RESYNC_SECONDS")]
     pub resync_seconds: Option<u64>,
-    /// IPv4 cluster CIDR, as given to the controller (clusterCidr).
-    #[arg(long, env = "WEFT_CLUSTER_CIDR")]
-    pub cluster_cidr: Option<IpNet>,
-    /// IPv6 cluster CIDR, for dual-stack (clusterCidrV6).
-    #[arg(long, env = "WEFT_CLUSTER_CIDR_V6")]
-    pub cluster_cidr_v6: Option<IpNet>,
-    /// Prefix length of every node's IPv4 slice, as given to the controller (sliceSizeV4) [default: 24].
-    #[arg(long, env = "WEFT_SLICE_SIZE_V4")]
-    pub slice_size_v4: Option<u8>,
-    /// Prefix length of every node's IPv6 slice, as given to the controller (sliceSizeV6) [default: 64].
-    #[arg(long, env = "WEFT_SLICE_SIZE_V6")]
-    pub slice_size_v6: Option<u8>,
+    /// The cluster CIDRs and slice sizes, as given to the controller.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub slices: SliceSettings,
     /// Destinations pods reach without masquerade, comma separated (noMasqueradeCidrs).
     #[arg(long, env = "WEFT_NO_MASQUERADE_CIDRS", value_delimiter = ',')]
     pub no_masquerade_cidrs: Option<Vec<IpNet>>,
@@ -212,10 +201,7 @@ impl Layer for AgentSettings {
             iface: higher.iface.or(self.iface),
             iface_regex: higher.iface_regex.or(self.iface_regex),
             resync_seconds: higher.resync_seconds.or(self.resync_seconds),
-            cluster_cidr: higher.cluster_cidr.or(self.cluster_cidr),
-            cluster_cidr_v6: higher.cluster_cidr_v6.or(self.cluster_cidr_v6),
-            slice_size_v4: higher.slice_size_v4.or(self.slice_size_v4),
-            slice_size_v6: higher.slice_size_v6.or(self.slice_size_v6),
+            slices: self.slices.overlaid_with(higher.slices),
             no_masquerade_cidrs: higher.no_masquerade_cidrs.or(self.no_masquerade_cidrs),
             checksum_offload: higher.checksum_offload.or(self.checksum_offload),
             cni_bin_dir: higher.cni_bin_dir.or(self.cni_bin_dir),
@@ -327,38 +313,13 @@ impl AgentSettings {
                 "use a period of at least 1 second (default 60)",
             ));
         }
-        let cluster_cidr = self.cluster_cidr.ok_or(ConfigError::Missing {
-            key: "clusterCidr",
-            fix: "set it to the controller's cluster CIDR with --cluster-cidr, WEFT_CLUSTER_CIDR or clusterCidr in the config file",
-        })?;
-        if !matches!(cluster_cidr, IpNet::V4(_)) {
-            return Err(ConfigError::invalid(
-                "clusterCidr",
-                cluster_cidr,
-                "use an IPv4 CIDR here and put the IPv6 one in clusterCidrV6",
-            ));
-        }
-        let slice_size_v4 = slice_size(
-            cluster_cidr,
-            self.slice_size_v4,
-            IpFamily::V4,
-            "sliceSizeV4",
-        )?;
-        let mut cluster_cidrs = vec![cluster_cidr.trunc()];
-        if let Some(v6) = self.cluster_cidr_v6 {
-            if !matches!(v6, IpNet::V6(_)) {
-                return Err(ConfigError::invalid(
-                    "clusterCidrV6",
-                    v6,
-                    "use an IPv6 CIDR, e.g. fd00:10:244::/56",
-                ));
-            }
-            cluster_cidrs.push(v6.trunc());
-        }
-        let slice_size_v6 = match self.cluster_cidr_v6 {
-            Some(v6) => slice_size(v6, self.slice_size_v6, IpFamily::V6, "sliceSizeV6")?,
-            None => IpFamily::V6.default_slice_prefix(),
-        };
+        let SlicePlans { v4, v6 } = self.slices.resolve()?;
+        let cluster_cidrs = std::iter::once(v4.cluster())
+            .chain(v6.map(|plan| plan.cluster()))
+            .collect();
+        let slice_size_v6 = v6.map_or(IpFamily::V6.default_slice_prefix(), |plan| {
+            plan.slice_prefix()
+        });
         let cni_plugin_source = self
             .cni_plugin_source
             .unwrap_or_else(|| agent_binary.parent().unwrap_or(Path::new("/")).join("weft"));
@@ -371,7 +332,7 @@ impl AgentSettings {
             iface_regex: self.iface_regex,
             resync: Duration::from_secs(resync_seconds),
             cluster_cidrs,
-            slice_size_v4,
+            slice_size_v4: v4.slice_prefix(),
             slice_size_v6,
             no_masquerade_cidrs: self
                 .no_masquerade_cidrs
@@ -408,33 +369,25 @@ impl AgentConfig {
     }
 }
 
-/// The slice size set for `cluster` (or the family's default), checked to
-/// fit inside it.
-fn slice_size(
-    cluster: IpNet,
-    set: Option<u8>,
-    family: IpFamily,
-    key: &'static str,
-) -> Result<u8, ConfigError> {
-    let size = set.unwrap_or(family.default_slice_prefix());
-    if size < cluster.prefix_len() || size > family.max_prefix_len() {
-        return Err(ConfigError::invalid(
-            key,
-            size,
-            "use the controller's slice size: a prefix length no shorter than the cluster CIDR's (defaults 24 and 64)",
-        ));
-    }
-    Ok(size)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn minimal() -> AgentSettings {
         AgentSettings {
-            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            slices: SliceSettings {
+                cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+                ..SliceSettings::default()
+            },
             ..AgentSettings::default()
+        }
+    }
+
+    /// `minimal()` with these cluster CIDRs and slice sizes.
+    fn with_slices(slices: SliceSettings) -> AgentSettings {
+        AgentSettings {
+            slices: minimal().slices.overlaid_with(slices),
+            ..minimal()
         }
     }
 
@@ -501,7 +454,7 @@ mod tests {
         assert_eq!(merged.vni, Some(9));
         assert_eq!(merged.network_policy.enabled, Some(false));
         assert_eq!(merged.port, Some(4789));
-        assert!(merged.cluster_cidr.is_some());
+        assert!(merged.slices.cluster_cidr.is_some());
     }
 
     #[test]
@@ -551,38 +504,38 @@ mod tests {
             ),
             (
                 AgentSettings {
-                    cluster_cidr: None,
+                    slices: SliceSettings::default(),
                     ..minimal()
                 },
                 "clusterCidr",
             ),
             (
-                AgentSettings {
+                with_slices(SliceSettings {
                     cluster_cidr: Some("fd00::/48".parse().unwrap()),
-                    ..minimal()
-                },
+                    ..SliceSettings::default()
+                }),
                 "clusterCidrV6",
             ),
             (
-                AgentSettings {
+                with_slices(SliceSettings {
                     cluster_cidr_v6: Some("10.0.0.0/8".parse().unwrap()),
-                    ..minimal()
-                },
+                    ..SliceSettings::default()
+                }),
                 "clusterCidrV6",
             ),
             (
-                AgentSettings {
+                with_slices(SliceSettings {
                     slice_size_v4: Some(12),
-                    ..minimal()
-                },
+                    ..SliceSettings::default()
+                }),
                 "sliceSizeV4",
             ),
             (
-                AgentSettings {
+                with_slices(SliceSettings {
                     cluster_cidr_v6: Some("fd00::/56".parse().unwrap()),
                     slice_size_v6: Some(129),
-                    ..minimal()
-                },
+                    ..SliceSettings::default()
+                }),
                 "sliceSizeV6",
             ),
         ];
@@ -590,6 +543,47 @@ mod tests {
             let error = layer.resolve(Path::new("/a/weft-agent")).unwrap_err();
             assert!(error.to_string().contains(key), "{error} should name {key}");
         }
+    }
+
+    /// The agent refuses the slice settings the controller refuses, in the
+    /// controller's words (`weft-controller`'s config tests hold the same
+    /// messages).
+    #[test]
+    fn slice_settings_the_controller_refuses_are_refused() {
+        let refused = |slices: SliceSettings| {
+            with_slices(slices)
+                .resolve(Path::new("/a/weft-agent"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            refused(SliceSettings {
+                slice_size_v4: Some(31),
+                ..SliceSettings::default()
+            }),
+            "clusterCidr / sliceSizeV4: slice size /31 leaves no room for pods in ipv4: use a prefix length of at most 30"
+        );
+        assert_eq!(
+            refused(SliceSettings {
+                slice_size_v4: Some(32),
+                ..SliceSettings::default()
+            }),
+            "clusterCidr / sliceSizeV4: slice size /32 leaves no room for pods in ipv4: use a prefix length of at most 30"
+        );
+        assert_eq!(
+            refused(SliceSettings {
+                cluster_cidr: Some("10.244.1.0/16".parse().unwrap()),
+                ..SliceSettings::default()
+            }),
+            "clusterCidr / sliceSizeV4: cluster CIDR 10.244.1.0/16 has host bits set: did you mean 10.244.0.0/16?"
+        );
+        assert_eq!(
+            refused(SliceSettings {
+                cluster_cidr_v6: Some("fd00:10:244::1/56".parse().unwrap()),
+                ..SliceSettings::default()
+            }),
+            "clusterCidrV6 / sliceSizeV6: cluster CIDR fd00:10:244::1/56 has host bits set: did you mean fd00:10:244::/56?"
+        );
     }
 
     #[test]

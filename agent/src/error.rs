@@ -62,14 +62,13 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    /// A short label for the errors metric, from the fixed set the README
+    /// A short label for the errors metric, from the fixed set docs/metrics.md
     /// lists.
     pub(crate) fn label(&self) -> &'static str {
         match self {
             AgentError::Serve(_) => "serve",
-            // Forwarding failures were the data plane's before the sysctl
-            // moved to the core crate; they keep its label so the series
-            // dashboards count stay the same.
+            // IP forwarding is part of the node's kernel set-up, counted
+            // with the other kernel writes.
             AgentError::Netlink(_) | AgentError::Dataplane(_) | AgentError::Forwarding(_) => {
                 "netlink"
             }

@@ -1,15 +1,20 @@
-//! `weft-agent`: programs the overlay on the node it runs on.
+//! `weft-agent`: the node agent. It programs the overlay to every peer
+//! and enforces NetworkPolicy for the pods on its node.
 //!
 //! - What the node knows: [`config`], [`peer`] (peers as routing needs
 //!   them) and [`node`] (reading Node objects into those fields, and the
 //!   patches written to this node). The node cache (module `cache`) keeps
-//!   those fields for every Node, fed by a kube-runtime watcher.
+//!   those fields for every Node, fed by a watch (module `watch`, which
+//!   feeds the [`policy`] records too).
 //! - Trust: [`screen`] checks every peer's slices, public IP and VTEP MAC
 //!   against the cluster settings, this node and the other peers, before
 //!   the overlay plans anything for it.
 //! - Desired state, plan, apply: [`overlay`] computes the entries the node
 //!   wants and the plan that reaches them from a kernel dump; [`dataplane`]
-//!   dumps and applies.
+//!   dumps and applies; a peer whose entries the kernel refuses is retried
+//!   on its own backoff (module `retry`) without holding up the others.
+//! - [`policy`]: NetworkPolicy, from the API's records to the
+//!   `inet weft-policy` table, in a task of its own beside the overlay's.
 //! - Node set-up (module `setup`): [`underlay`], the VTEP device,
 //!   [`offload`], forwarding, the node file, [`install`], [`masquerade`].
 //! - Node writes (module `publish`): this node's annotations and its
@@ -37,14 +42,9 @@ pub mod screen;
 mod setup;
 pub mod underlay;
 pub mod uninstall;
+mod watch;
 
 pub use error::AgentError;
 pub use publish::FIELD_MANAGER;
 pub use run::run;
-
-/// The routing protocol number on every route Weft installs (`proto 87` in
-/// `ip route`; 87 is ASCII `W`). It is how the agent tells its routes from
-/// everyone else's: a dump filtered on it is exactly what Weft owns, so
-/// stale routes of an earlier run are found and foreign routes are never
-/// touched. Not assigned in iproute2's `rt_protos` list.
-pub const ROUTE_PROTOCOL: u8 = 87;
+pub use weft_core::netlink::ROUTE_PROTOCOL;

@@ -11,7 +11,6 @@ use prometheus_client::registry::Registry;
 
 use super::dataplane::ApplyReport;
 use super::overlay::Operation;
-use super::policy::compile::{Direction, PolicyPlan};
 use super::screen::Rejection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,7 +49,7 @@ pub struct AgentMetrics {
     policy_isolated_pods: Family<DirectionLabel, Gauge>,
     policy_refused: Gauge,
     policy_sync_duration: Histogram,
-    policy_denied_packets: Family<DirectionLabel, Gauge>,
+    policy_denied_packets: Family<DirectionLabel, Counter>,
 }
 
 impl AgentMetrics {
@@ -132,7 +131,7 @@ impl AgentMetrics {
         );
         registry.register(
             "policy_denied_packets",
-            "Packets dropped by NetworkPolicy on this node since its table was written, by direction (read every 10 s)",
+            "Packets dropped by NetworkPolicy on this node, by direction (read from the table every 10 s)",
             metrics.policy_denied_packets.clone(),
         );
         metrics
@@ -189,20 +188,18 @@ impl AgentMetrics {
         }
     }
 
-    /// Records what a policy plan enforces and how many policies were
-    /// refused.
-    pub fn record_policy_plan(&self, plan: &PolicyPlan, refused: usize) {
-        for direction in Direction::BOTH {
-            let side = direction.of(plan);
-            let label = DirectionLabel {
-                direction: direction.name(),
-            };
-            let rules: usize = side.allow_sets.values().map(|set| set.len()).sum();
-            self.policy_rules.get_or_create(&label).set(count(rules));
-            self.policy_isolated_pods
-                .get_or_create(&label)
-                .set(count(side.isolated.len()));
-        }
+    /// Records what the policy table enforces in one `direction`
+    /// (`ingress` or `egress`): its allow-set entries and isolated pods.
+    pub fn record_policy_enforced(&self, direction: &'static str, rules: usize, isolated: usize) {
+        let label = DirectionLabel { direction };
+        self.policy_rules.get_or_create(&label).set(count(rules));
+        self.policy_isolated_pods
+            .get_or_create(&label)
+            .set(count(isolated));
+    }
+
+    /// Records how many policies were refused as a whole.
+    pub fn record_policy_refused(&self, refused: usize) {
         self.policy_refused.set(count(refused));
     }
 
@@ -211,15 +208,11 @@ impl AgentMetrics {
         self.policy_sync_duration.observe(seconds);
     }
 
-    /// Sets the packets the policy table dropped so far, per direction.
-    pub fn record_policy_denied(&self, (egress, ingress): (u64, u64)) {
-        for (direction, packets) in [(Direction::Egress, egress), (Direction::Ingress, ingress)] {
-            self.policy_denied_packets
-                .get_or_create(&DirectionLabel {
-                    direction: direction.name(),
-                })
-                .set(i64::try_from(packets).unwrap_or(i64::MAX));
-        }
+    /// Counts `packets` the policy table newly dropped in `direction`.
+    pub fn record_policy_denied(&self, direction: &'static str, packets: u64) {
+        self.policy_denied_packets
+            .get_or_create(&DirectionLabel { direction })
+            .inc_by(packets);
     }
 
     /// Counts one failure of kind `error`.
@@ -240,5 +233,36 @@ fn operation_name(operation: &Operation) -> &'static str {
         Operation::DeleteRoute(_) => "delete_route",
         Operation::DeleteFdb(_) => "delete_fdb",
         Operation::DeleteNeighbour(_) => "delete_neighbour",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    #[test]
+    fn denied_packets_are_a_counter_that_adds_up_what_each_read_found() {
+        let mut registry = Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+        for (egress, ingress) in [(0, 5), (2, 0), (1, 3)] {
+            metrics.record_policy_denied("egress", egress);
+            metrics.record_policy_denied("ingress", ingress);
+        }
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("# TYPE weft_agent_policy_denied_packets counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_agent_policy_denied_packets_total{direction=\"egress\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_agent_policy_denied_packets_total{direction=\"ingress\"} 8\n"),
+            "{text}"
+        );
     }
 }

@@ -86,7 +86,7 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 /// `weft.dev/pod-cidr` and `weft.dev/pod-cidr-v6` annotations, each holding
 /// a CIDR of its family. `spec.podCIDR(s)` is not read: the controller writes
 /// the annotations for every slice it assigns or adopts, and only it may
-/// (see the README's trust model), while a node may set its own spec once.
+/// (see docs/security.md), while a node may set its own spec once.
 /// A value that does not parse as a CIDR of the key's family is returned as
 /// the error, naming the key.
 pub fn pod_cidrs(node: &Node) -> Result<Vec<IpNet>, MalformedField> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// First retry of a refused peer, or of a failed reconcile
-/// ([`super::run`]), doubled after each failure up to [`RETRY_CAP`].
+/// ([`super::run()`]), doubled after each failure up to [`RETRY_CAP`].
 pub(crate) const RETRY_START: Duration = Duration::from_secs(1);
 /// The longest wait before a retry.
 pub(crate) const RETRY_CAP: Duration = Duration::from_secs(30);

@@ -75,19 +75,14 @@ async fn run_inner(
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let health = Health::new();
-    let listener = serve::bind(config.metrics_address).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(serve::serve(
-        listener,
-        Arc::new(registry),
-        health.clone(),
-        {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            }
-        },
-    ));
+    let server = serve::start(config.metrics_address, registry, health.clone(), {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    })
+    .await?;
 
     let daemonset_watch = match own_daemonset {
         Some(own) => {

@@ -365,6 +365,7 @@ mod tests {
 
     use ipnet::{Ipv4Net, Ipv6Net};
     use proptest::prelude::*;
+    use weft_daemon::slices::SliceSettings;
 
     use super::*;
     use crate::config::AgentSettings;
@@ -372,8 +373,11 @@ mod tests {
 
     fn config() -> AgentConfig {
         AgentSettings {
-            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
-            cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
+            slices: SliceSettings {
+                cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+                cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
+                ..SliceSettings::default()
+            },
             ..AgentSettings::default()
         }
         .resolve(Path::new("/weft-agent"))

@@ -3,19 +3,15 @@
 //! bridge namespace) programmed through the same `Dataplane` the agent uses,
 //! verified by `ip`/`bridge` dumps and by pings through the tunnel.
 //!
-//! Needs root; skipped otherwise. Every namespace is removed on success and
-//! on failure (drop guards).
+//! Needs root (see `weft_testing::root_available`). Every namespace is
+//! removed on success and on failure (drop guards).
 
 use std::net::IpAddr;
-use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use ipnet::IpNet;
 use serde_json::Value;
-use weft_core::annotations::VtepMac;
-use weft_core::netlink::{Netlink, VxlanChange};
-use weft_core::netns::Netns;
-use weft_core::DEFAULT_BRIDGE;
 use weft_agent::config::{AgentConfig, AgentSettings, Backend};
 use weft_agent::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
 use weft_agent::install::{
@@ -28,94 +24,51 @@ use weft_agent::overlay::{
 };
 use weft_agent::peer::{LocalNode, Peer};
 use weft_agent::uninstall::{tear_down, TeardownReport};
+use weft_core::annotations::VtepMac;
+use weft_core::netlink::{Netlink, VxlanChange};
+use weft_core::netns::Netns;
+use weft_core::DEFAULT_BRIDGE;
+use weft_testing::{require_root, wait_for, TestNetns};
 
-macro_rules! require_root {
-    () => {
-        if !weft_testing::root_available("creating network namespaces") {
-            return Ok(());
-        }
-    };
-}
-
-/// Runs a command, failing with its stderr.
-fn run(args: &[&str]) -> Result<String> {
-    let output = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {args:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// A network namespace named `wt-<pid>-<tag>`, deleted on drop.
-struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    fn new(tag: &str) -> Result<Self> {
-        let name = format!("wt-{}-{tag}", std::process::id());
-        // A leftover of a crashed earlier run with the same pid would block us.
-        let _ = run(&["ip", "netns", "del", &name]);
-        run(&["ip", "netns", "add", &name])?;
-        let namespace = Namespace { name };
-        namespace.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(namespace)
-    }
-
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.name)
-    }
-
-    fn exec(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        run(&full)
-    }
-
-    fn json(&self, args: &[&str]) -> Result<Vec<Value>> {
-        let text = self.exec(args)?;
-        if text.trim().is_empty() {
-            return Ok(Vec::new());
-        }
-        serde_json::from_str(&text).with_context(|| format!("parsing {args:?}: {text}"))
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = run(&["ip", "netns", "del", &self.name]);
-    }
+/// A namespace for `role` with its loopback up.
+fn namespace(role: &str) -> Result<TestNetns> {
+    let namespace = TestNetns::create(role);
+    namespace.run(&["ip", "link", "set", "lo", "up"])?;
+    Ok(namespace)
 }
 
 /// An underlay: a fabric namespace with a bridge, and node namespaces with
 /// `eth0` on it at 172.31.0.(10+i)/24.
 struct Fabric {
-    nodes: Vec<Namespace>,
+    nodes: Vec<TestNetns>,
     // Dropped last: the veths' fabric ends vanish with the node namespaces.
-    _fabric: Namespace,
+    _fabric: TestNetns,
 }
 
 impl Fabric {
     fn new(test: &str, nodes: usize) -> Result<Self> {
-        let fabric = Namespace::new(&format!("{test}-f"))?;
-        fabric.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
-        fabric.exec(&["ip", "link", "set", "br0", "up"])?;
+        let fabric = namespace(&format!("{test}-f"))?;
+        fabric.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        fabric.run(&["ip", "link", "set", "br0", "up"])?;
         let mut namespaces = Vec::new();
         for i in 0..nodes {
-            let node = Namespace::new(&format!("{test}-{i}"))?;
+            let node = namespace(&format!("{test}-{i}"))?;
             let port = format!("p{i}");
-            fabric.exec(&[
-                "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &node.name,
+            fabric.run(&[
+                "ip",
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                node.name(),
             ])?;
-            fabric.exec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
-            node.exec(&[
+            fabric.run(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+            node.run(&[
                 "ip",
                 "addr",
                 "add",
@@ -123,7 +76,7 @@ impl Fabric {
                 "dev",
                 "eth0",
             ])?;
-            node.exec(&["ip", "link", "set", "eth0", "up"])?;
+            node.run(&["ip", "link", "set", "eth0", "up"])?;
             namespaces.push(node);
         }
         Ok(Fabric {
@@ -178,7 +131,7 @@ fn vtep(node: usize, vni: u32) -> Vtep {
 
 /// Opens the node's data plane and sets up its VTEP on `eth0`.
 async fn vtep_dataplane(
-    namespace: &Namespace,
+    namespace: &TestNetns,
     node: usize,
     vni: u32,
 ) -> Result<(Dataplane, VxlanChange)> {
@@ -203,7 +156,7 @@ fn desired(backend: Backend, node: usize, peers: &[usize]) -> DesiredState {
 }
 
 /// `proto 87` routes as "dst via gateway dev" lines, sorted.
-fn weft_routes(namespace: &Namespace) -> Result<Vec<String>> {
+fn weft_routes(namespace: &TestNetns) -> Result<Vec<String>> {
     let mut routes: Vec<String> = namespace
         .json(&["ip", "-j", "route", "show", "proto", "87"])?
         .iter()
@@ -228,7 +181,7 @@ fn weft_routes(namespace: &Namespace) -> Result<Vec<String>> {
     Ok(routes)
 }
 
-fn weft_neighbours(namespace: &Namespace) -> Result<Vec<String>> {
+fn weft_neighbours(namespace: &TestNetns) -> Result<Vec<String>> {
     let mut found: Vec<String> = namespace
         .json(&[
             "ip",
@@ -253,7 +206,7 @@ fn weft_neighbours(namespace: &Namespace) -> Result<Vec<String>> {
     Ok(found)
 }
 
-fn weft_fdb(namespace: &Namespace) -> Result<Vec<String>> {
+fn weft_fdb(namespace: &TestNetns) -> Result<Vec<String>> {
     let mut found: Vec<String> = namespace
         .json(&["bridge", "-j", "fdb", "show", "dev", VXLAN_DEVICE])?
         .iter()
@@ -270,15 +223,15 @@ fn weft_fdb(namespace: &Namespace) -> Result<Vec<String>> {
     Ok(found)
 }
 
-fn ping(namespace: &Namespace, target: &str) -> bool {
+fn ping(namespace: &TestNetns, target: &str) -> bool {
     namespace
-        .exec(&["ping", "-c", "1", "-W", "2", target])
+        .run(&["ping", "-c", "1", "-W", "2", target])
         .is_ok()
 }
 
 #[tokio::test]
 async fn vxlan_peers_are_programmed_in_order_and_carry_traffic() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("vx", 3)?;
     let mut planes = Vec::new();
     for (i, node) in fabric.nodes.iter().enumerate() {
@@ -344,7 +297,7 @@ async fn vxlan_peers_are_programmed_in_order_and_carry_traffic() -> Result<()> {
 
 #[tokio::test]
 async fn stale_entries_and_foreign_routes_are_handled() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("st", 1)?;
     let node = &fabric.nodes[0];
     let (plane, _) = vtep_dataplane(node, 0, 1).await?;
@@ -352,7 +305,7 @@ async fn stale_entries_and_foreign_routes_are_handled() -> Result<()> {
         .reconcile(&desired(Backend::Vxlan, 0, &[1, 2, 3]))
         .await?;
     // Left by an earlier run (our protocol) and by someone else (boot).
-    node.exec(&[
+    node.run(&[
         "ip",
         "route",
         "add",
@@ -362,7 +315,7 @@ async fn stale_entries_and_foreign_routes_are_handled() -> Result<()> {
         "proto",
         "87",
     ])?;
-    node.exec(&["ip", "route", "add", "10.99.0.0/24", "via", "172.31.0.98"])?;
+    node.run(&["ip", "route", "add", "10.99.0.0/24", "via", "172.31.0.98"])?;
 
     let report = plane.reconcile(&desired(Backend::Vxlan, 0, &[1])).await?;
     ensure!(report.failed.is_empty(), "{:?}", report.failed);
@@ -373,7 +326,7 @@ async fn stale_entries_and_foreign_routes_are_handled() -> Result<()> {
     assert_eq!(weft_neighbours(node)?, vec!["10.244.1.0 0a:58:00:00:00:02"]);
     assert_eq!(weft_fdb(node)?, vec!["0a:58:00:00:00:02 172.31.0.11"]);
     ensure!(
-        node.exec(&["ip", "route", "show", "10.99.0.0/24"])?
+        node.run(&["ip", "route", "show", "10.99.0.0/24"])?
             .contains("172.31.0.98"),
         "a route Weft does not own was touched"
     );
@@ -385,7 +338,7 @@ async fn stale_entries_and_foreign_routes_are_handled() -> Result<()> {
 /// (it would lead nowhere) and every other peer is programmed in full.
 #[tokio::test]
 async fn routes_through_a_refused_vtep_are_held_back() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("hb", 1)?;
     let node = &fabric.nodes[0];
     let (plane, _) = vtep_dataplane(node, 0, 1).await?;
@@ -436,7 +389,7 @@ async fn routes_through_a_refused_vtep_are_held_back() -> Result<()> {
 
 #[tokio::test]
 async fn drift_is_repaired_and_a_second_run_changes_nothing() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("dr", 1)?;
     let node = &fabric.nodes[0];
     let wanted = desired(Backend::Vxlan, 0, &[1, 2]);
@@ -446,8 +399,8 @@ async fn drift_is_repaired_and_a_second_run_changes_nothing() -> Result<()> {
     let index_before =
         node.json(&["ip", "-j", "link", "show", VXLAN_DEVICE])?[0]["ifindex"].clone();
 
-    node.exec(&["ip", "route", "del", "10.244.2.0/24"])?;
-    node.exec(&["ip", "neigh", "del", "10.244.1.0", "dev", VXLAN_DEVICE])?;
+    node.run(&["ip", "route", "del", "10.244.2.0/24"])?;
+    node.run(&["ip", "neigh", "del", "10.244.1.0", "dev", VXLAN_DEVICE])?;
     let report = plane.reconcile(&wanted).await?;
     ensure!(report.applied.len() == 2, "repairs: {:?}", report.applied);
     assert_eq!(
@@ -475,7 +428,7 @@ async fn drift_is_repaired_and_a_second_run_changes_nothing() -> Result<()> {
 
 #[tokio::test]
 async fn changed_settings_recreate_the_device_with_the_same_mac() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("re", 1)?;
     let node = &fabric.nodes[0];
     vtep_dataplane(node, 0, 1).await?;
@@ -492,11 +445,11 @@ async fn changed_settings_recreate_the_device_with_the_same_mac() -> Result<()> 
 
 #[tokio::test]
 async fn host_gw_routes_via_the_peer_address_and_carry_traffic() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("hg", 2)?;
     for (i, node) in fabric.nodes.iter().enumerate() {
         // Stands in for a pod on the node.
-        node.exec(&[
+        node.run(&[
             "ip",
             "addr",
             "add",
@@ -516,7 +469,7 @@ async fn host_gw_routes_via_the_peer_address_and_carry_traffic() -> Result<()> {
         vec!["10.244.1.0/24 via 172.31.0.11 dev eth0"]
     );
     assert!(
-        node0.exec(&["ip", "link", "show", VXLAN_DEVICE]).is_err(),
+        node0.run(&["ip", "link", "show", VXLAN_DEVICE]).is_err(),
         "host-gw made a vxlan device"
     );
     assert!(
@@ -528,8 +481,8 @@ async fn host_gw_routes_via_the_peer_address_and_carry_traffic() -> Result<()> {
 
 #[tokio::test]
 async fn masquerade_table_is_applied_kept_and_restored() -> Result<()> {
-    require_root!();
-    let node = Namespace::new("nft")?;
+    require_root!("creating network namespaces");
+    let node = namespace("nft")?;
     let netns = Netns::open(node.path())?;
     let cluster: Vec<IpNet> = vec!["10.244.0.0/16".parse()?, "fd00:10:244::/56".parse()?];
     let exempt: Vec<IpNet> = vec!["192.168.0.0/16".parse()?];
@@ -538,7 +491,7 @@ async fn masquerade_table_is_applied_kept_and_restored() -> Result<()> {
     assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Replaced);
     assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Unchanged);
 
-    let listing = node.exec(&["nft", "-j", "list", "table", "inet", "weft"])?;
+    let listing = node.run(&["nft", "-j", "list", "table", "inet", "weft"])?;
     let parsed: Value = serde_json::from_str(&listing)?;
     let items = parsed["nftables"].as_array().context("nftables array")?;
     let chain = items
@@ -560,26 +513,26 @@ async fn masquerade_table_is_applied_kept_and_restored() -> Result<()> {
     assert_eq!(sets.len(), 2);
 
     // Removed (or edited) by someone: the next ensure puts it back.
-    node.exec(&["nft", "delete", "table", "inet", "weft"])?;
+    node.run(&["nft", "delete", "table", "inet", "weft"])?;
     assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Replaced);
-    node.exec(&["nft", "flush", "chain", "inet", "weft", "postrouting"])?;
+    node.run(&["nft", "flush", "chain", "inet", "weft", "postrouting"])?;
     assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Replaced);
     assert!(node
-        .exec(&["nft", "list", "table", "inet", "weft"])?
+        .run(&["nft", "list", "table", "inet", "weft"])?
         .contains("masquerade"));
     Ok(())
 }
 
 #[tokio::test]
 async fn tx_checksum_offload_can_be_turned_off_on_the_vtep() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("cs", 1)?;
     let node = &fabric.nodes[0];
     vtep_dataplane(node, 0, 1).await?;
     let netns = Netns::open(node.path())?;
     netns.run_in(|| set_tx_checksum(VXLAN_DEVICE, false))??;
     assert!(!netns.run_in(|| tx_checksum(VXLAN_DEVICE))??);
-    let features = node.exec(&["ip", "-d", "link", "show", VXLAN_DEVICE])?;
+    let features = node.run(&["ip", "-d", "link", "show", VXLAN_DEVICE])?;
     ensure!(features.contains("vxlan"), "{features}");
     netns.run_in(|| set_tx_checksum(VXLAN_DEVICE, true))??;
     assert!(netns.run_in(|| tx_checksum(VXLAN_DEVICE))??);
@@ -615,7 +568,7 @@ fn http_get(netns: &Netns, path: &str) -> Option<String> {
 
 #[tokio::test]
 async fn agent_without_an_api_server_leaves_the_data_plane_alone() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("api", 1)?;
     let node = &fabric.nodes[0];
     // What an earlier agent run programmed.
@@ -633,13 +586,8 @@ async fn agent_without_an_api_server_leaves_the_data_plane_alone() -> Result<()>
         "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: https://127.0.0.1:1\n    insecure-skip-tls-verify: true\ncontexts:\n- name: gone\n  context:\n    cluster: gone\n    user: nobody\ncurrent-context: gone\nusers:\n- name: nobody\n  user:\n    token: none\n",
     )?;
     let log = dir.path().join("agent.log");
-    let agent = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.name,
-            env!("CARGO_BIN_EXE_weft-agent"),
-        ])
+    let agent = node
+        .command(env!("CARGO_BIN_EXE_weft-agent"))
         .args(["--node-name", "node-0", "--cluster-cidr", "10.244.0.0/16"])
         .arg("--metrics-address=127.0.0.1:9465")
         .arg("--cni-bin-dir")
@@ -654,15 +602,21 @@ async fn agent_without_an_api_server_leaves_the_data_plane_alone() -> Result<()>
     let _agent = Running(agent);
 
     let netns = Netns::open(node.path())?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)?.contains("watching nodes failed") {
-        ensure!(
-            std::time::Instant::now() < deadline,
+    wait_for(
+        Duration::from_secs(60),
+        "the agent to try the API server",
+        || {
+            Ok(std::fs::read_to_string(&log)?
+                .contains("watching nodes failed")
+                .then_some(()))
+        },
+    )
+    .with_context(|| {
+        format!(
             "the agent never tried the API server: {}",
-            std::fs::read_to_string(&log)?
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    })?;
     let healthz = http_get(&netns, "/healthz").context("no /healthz")?;
     assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
     let readyz = http_get(&netns, "/readyz").context("no /readyz")?;
@@ -679,7 +633,7 @@ async fn agent_without_an_api_server_leaves_the_data_plane_alone() -> Result<()>
 
 #[tokio::test]
 async fn dual_stack_slices_share_one_tunnel() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("ds", 2)?;
     let slice_v6 = |node: usize| -> IpNet { format!("fd00:10:244:{node}::/64").parse().unwrap() };
     for (i, node) in fabric.nodes.iter().enumerate() {
@@ -710,7 +664,7 @@ async fn dual_stack_slices_share_one_tunnel() -> Result<()> {
         ensure!(report.failed.is_empty(), "{:?}", report.failed);
     }
     let node0 = &fabric.nodes[0];
-    let routes = node0.exec(&["ip", "-6", "route", "show", "proto", "87"])?;
+    let routes = node0.run(&["ip", "-6", "route", "show", "proto", "87"])?;
     ensure!(
         routes.contains("fd00:10:244:1::/64 via fd00:10:244:1:: dev weft.1"),
         "{routes}"
@@ -731,7 +685,7 @@ async fn dual_stack_slices_share_one_tunnel() -> Result<()> {
 
 /// Runs the uninstall teardown inside `namespace` (netlink and `nft` both
 /// act on the calling thread's namespace, so it gets a thread of its own).
-fn tear_down_in(namespace: &Namespace, config: &AgentConfig) -> Result<TeardownReport> {
+fn tear_down_in(namespace: &TestNetns, config: &AgentConfig) -> Result<TeardownReport> {
     let netns = Netns::open(namespace.path())?;
     netns.run_in(|| -> Result<TeardownReport> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -744,7 +698,7 @@ fn tear_down_in(namespace: &Namespace, config: &AgentConfig) -> Result<TeardownR
     })?
 }
 
-fn link_names(namespace: &Namespace) -> Result<Vec<String>> {
+fn link_names(namespace: &TestNetns) -> Result<Vec<String>> {
     Ok(namespace
         .json(&["ip", "-j", "link", "show"])?
         .iter()
@@ -754,15 +708,18 @@ fn link_names(namespace: &Namespace) -> Result<Vec<String>> {
 
 #[tokio::test]
 async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let fabric = Fabric::new("un", 2)?;
     let node = &fabric.nodes[0];
     let files = tempfile::tempdir()?;
     let source = files.path().join("weft-build");
     std::fs::write(&source, b"\x7fELF weft plugin")?;
     let config = AgentSettings {
-        cluster_cidr: Some("10.244.0.0/16".parse()?),
-        cluster_cidr_v6: Some("fd00:10:244::/56".parse()?),
+        slices: weft_daemon::slices::SliceSettings {
+            cluster_cidr: Some("10.244.0.0/16".parse()?),
+            cluster_cidr_v6: Some("fd00:10:244::/56".parse()?),
+            ..Default::default()
+        },
         cni_bin_dir: Some(files.path().join("bin")),
         cni_conf_dir: Some(files.path().join("net.d")),
         cni_plugin_source: Some(source.clone()),
@@ -778,7 +735,7 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
         .reconcile(&desired(Backend::Vxlan, 0, &[1]))
         .await?;
     ensure!(report.failed.is_empty(), "{:?}", report.failed);
-    node.exec(&[
+    node.run(&[
         "ip",
         "addr",
         "add",
@@ -787,7 +744,7 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
         "eth0",
         "nodad",
     ])?;
-    node.exec(&[
+    node.run(&[
         "ip",
         "-6",
         "route",
@@ -800,7 +757,7 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
         "proto",
         "87",
     ])?;
-    node.exec(&["ip", "link", "add", DEFAULT_BRIDGE, "type", "bridge"])?;
+    node.run(&["ip", "link", "add", DEFAULT_BRIDGE, "type", "bridge"])?;
     let mut table = MasqueradeTable::new(&config.cluster_cidrs, &[]);
     Netns::open(node.path())?.run_in(|| table.ensure())??;
     install_plugin(&config.cni_plugin_source, &config.cni_bin_dir)?;
@@ -808,8 +765,8 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
     std::fs::create_dir_all(files.path().join("run"))?;
     std::fs::write(&config.node_file, "{}")?;
     // What is not Weft's: a link, a route, an nft table and a conflist.
-    node.exec(&["ip", "link", "add", "other0", "type", "bridge"])?;
-    node.exec(&[
+    node.run(&["ip", "link", "add", "other0", "type", "bridge"])?;
+    node.run(&[
         "ip",
         "route",
         "add",
@@ -819,7 +776,7 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
         "proto",
         "static",
     ])?;
-    node.exec(&["nft", "add", "table", "inet", "other"])?;
+    node.run(&["nft", "add", "table", "inet", "other"])?;
     let other_conflist = config.cni_conf_dir.join("20-other.conflist");
     std::fs::write(&other_conflist, "{}")?;
     ensure!(!weft_routes(node)?.is_empty() && !weft_fdb(node)?.is_empty());
@@ -835,16 +792,16 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
         "Weft links left: {links:?}"
     );
     ensure!(
-        node.exec(&["ip", "-4", "route", "show", "proto", "87"])?
+        node.run(&["ip", "-4", "route", "show", "proto", "87"])?
             .trim()
             .is_empty()
             && node
-                .exec(&["ip", "-6", "route", "show", "proto", "87"])?
+                .run(&["ip", "-6", "route", "show", "proto", "87"])?
                 .trim()
                 .is_empty(),
         "proto 87 routes left"
     );
-    let tables = node.exec(&["nft", "list", "tables"])?;
+    let tables = node.run(&["nft", "list", "tables"])?;
     ensure!(!tables.contains("inet weft"), "nft table left: {tables}");
     for path in [
         config.cni_conf_dir.join(CONFLIST_NAME),
@@ -856,7 +813,7 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
     // Untouched.
     ensure!(links.iter().any(|l| l == "other0") && links.iter().any(|l| l == "eth0"));
     ensure!(node
-        .exec(&["ip", "route", "show", "192.0.2.0/24"])?
+        .run(&["ip", "route", "show", "192.0.2.0/24"])?
         .contains("via 172.31.0.11"));
     ensure!(tables.contains("inet other"), "{tables}");
     ensure!(other_conflist.exists() && source.exists());

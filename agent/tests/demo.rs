@@ -9,21 +9,21 @@ mod testbed;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use testbed::{output, ping_all, Overlay, OverlaySpec};
+use testbed::{ping_all, Overlay, OverlaySpec};
 
 fn step(what: &str) {
     println!("\n\x1b[1m== {what}\x1b[0m");
 }
 
-fn show(command: Command) -> Result<()> {
-    print!("{}", output(command)?);
+fn show(mut command: Command) -> Result<()> {
+    print!("{}", weft_testing::run(&mut command)?);
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     anyhow::ensure!(
-        testbed::is_root(),
+        weft_testing::root_available("the demo makes network namespaces"),
         "the demo makes network namespaces: run it as root"
     );
     step("control plane (kube-apiserver + etcd), 3 namespace nodes, the controller");

@@ -22,11 +22,12 @@ use kube::Api;
 use nix::libc;
 use weft_core::netns::Netns;
 use weft_e2e::Pod;
+use weft_testing::{require_root, run, wait_for};
 
 mod testbed;
 
 use testbed::{
-    output, ping_all, vxlan_ifindex, vxlan_overlay_with_pods, weft_routes, Overlay, OverlaySpec,
+    ping_all, vxlan_ifindex, vxlan_overlay_with_pods, weft_routes, Overlay, OverlaySpec,
 };
 
 /// The bound for a deleted node's routes to disappear everywhere.
@@ -165,7 +166,7 @@ fn v4(ip: IpAddr) -> Ipv4Addr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_overlay_end_to_end() -> Result<()> {
-    require_root!();
+    require_root!("the e2e harness");
     let (mut overlay, pods) = vxlan_overlay_with_pods().await?;
     let (node0, node1) = (overlay.node(0), overlay.node(1));
     let (pod0, pod1) = (v4(pods[0].ip().unwrap()), v4(pods[1].ip().unwrap()));
@@ -264,7 +265,7 @@ async fn vxlan_overlay_end_to_end() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_gw_routes_peers_on_the_segment() -> Result<()> {
-    require_root!();
+    require_root!("the e2e harness");
     let mut overlay = Overlay::start(OverlaySpec {
         backend: "host-gw",
         ..OverlaySpec::default()
@@ -283,7 +284,7 @@ async fn host_gw_routes_peers_on_the_segment() -> Result<()> {
     assert!(!routes.contains_key(&slices["node-2"]));
     let mut link = overlay.node(0).command("ip");
     link.args(["link", "show", "weft.1"]);
-    assert!(output(link).is_err(), "host-gw created weft.1");
+    assert!(run(&mut link).is_err(), "host-gw created weft.1");
 
     let pods = overlay.add_pods()?;
     ping_all(&pods[..2], &overlay)?;
@@ -292,7 +293,7 @@ async fn host_gw_routes_peers_on_the_segment() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_routing_uses_host_gw_on_the_segment_and_vxlan_beyond() -> Result<()> {
-    require_root!();
+    require_root!("the e2e harness");
     let mut overlay = Overlay::start(OverlaySpec {
         backend: "direct",
         ..OverlaySpec::default()
@@ -361,7 +362,7 @@ fn fetch_from(netns: &Path, target: std::net::SocketAddr) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_port_is_reached_from_another_node_its_pods_and_outside() -> Result<()> {
-    require_root!();
+    require_root!("the e2e harness");
     let mut overlay = Overlay::start(OverlaySpec::default()).await?;
     overlay.start_agents()?;
     overlay.wait_programmed(2).await?;
@@ -411,7 +412,7 @@ async fn a_host_port_is_reached_from_another_node_its_pods_and_outside() -> Resu
 /// behind the router), and lifted when it is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_policy_from_the_api_is_enforced_across_nodes() -> Result<()> {
-    require_root!();
+    require_root!("the e2e harness");
     let (overlay, pods) = vxlan_overlay_with_pods().await?;
     testbed::ensure_default_service_account(&overlay.admin, "default").await?;
     for (index, (pod, app)) in pods.iter().zip(["client", "db", "other"]).enumerate() {
@@ -449,7 +450,7 @@ async fn network_policy_from_the_api_is_enforced_across_nodes() -> Result<()> {
         },
     }))?;
     policies.create(&PostParams::default(), &policy).await?;
-    testbed::wait_for(testbed::PATIENCE, "the other pod shut out of db", || {
+    wait_for(testbed::PATIENCE, "the other pod shut out of db", || {
         Ok((!reaches(&pods[2], 8080)).then_some(()))
     })
     .with_context(|| overlay.logs())?;
@@ -464,7 +465,7 @@ async fn network_policy_from_the_api_is_enforced_across_nodes() -> Result<()> {
     policies
         .delete("db-from-client", &DeleteParams::default())
         .await?;
-    testbed::wait_for(testbed::PATIENCE, "db open again", || {
+    wait_for(testbed::PATIENCE, "db open again", || {
         Ok(reaches(&pods[2], 9090).then_some(()))
     })
     .with_context(|| overlay.logs())?;

@@ -12,12 +12,11 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use serde_json::{json, Value};
 use weft_e2e::ClusterNode;
+use weft_testing::{require_root, run, wait_for};
 
 mod testbed;
 
-use testbed::{
-    agent_get, output, ping_all, vxlan_overlay_with_pods, wait_for, weft_routes, Overlay, PATIENCE,
-};
+use testbed::{agent_get, ping_all, vxlan_overlay_with_pods, weft_routes, Overlay, PATIENCE};
 
 /// A Node to create: its name, annotations, `spec`, and the reason node 0's
 /// agent gives for rejecting it (`None`: it claims nothing an agent could
@@ -40,9 +39,7 @@ struct Programmed {
 
 fn programmed(node: &ClusterNode) -> Result<Programmed> {
     let lines = |program: &str, args: &[&str], keep: &str| -> Result<Vec<String>> {
-        let mut command = node.command(program);
-        command.args(args);
-        let mut lines: Vec<String> = output(command)?
+        let mut lines: Vec<String> = run(node.command(program).args(args))?
             .lines()
             .filter(|line| line.contains(keep))
             .map(str::to_owned)
@@ -120,7 +117,7 @@ fn rejected_peers(node: &ClusterNode) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_nodes_are_rejected_and_move_no_traffic() -> Result<()> {
-    require_root!();
+    require_root!("the e2e harness");
     let (overlay, pods) = vxlan_overlay_with_pods().await?;
     let (node0, node1, routed) = (overlay.node(0), overlay.node(1), overlay.node(2));
     let before = programmed_everywhere(&overlay)?;

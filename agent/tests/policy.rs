@@ -3,17 +3,16 @@
 //! "remote" namespace routed through the node (a pod on another node, or the
 //! outside). Plans compiled from pod and policy records are applied through
 //! the agent's `PolicyDataplane`, and TCP connections between the
-//! namespaces show what passes. Needs root; every namespace is removed on
-//! success and on failure.
+//! namespaces show what passes. Needs root (see
+//! `weft_testing::root_available`); every namespace is removed on success
+//! and on failure.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::core::v1::Pod;
-use weft_core::netns::Netns;
 use weft_agent::policy::compile::{compile, PolicyPlan};
 use weft_agent::policy::enforce::ensure_bridge_netfilter;
 use weft_agent::policy::model::{
@@ -22,25 +21,13 @@ use weft_agent::policy::model::{
 };
 use weft_agent::policy::nft::{Applied, PolicyDataplane};
 use weft_agent::policy::selector::{Requirement, Selector};
-use weft_testing::TestNetns;
+use weft_core::netns::Netns;
+use weft_testing::{require_root, TestNetns};
 
-macro_rules! require_root {
-    () => {
-        if !weft_testing::root_available("creating network namespaces") {
-            return Ok(());
-        }
-    };
-}
-
-/// Runs `command` (words split on spaces) in `namespace`.
-fn run(namespace: &TestNetns, command: &str) -> Result<()> {
-    let status = Command::new("ip")
-        .args(["netns", "exec", namespace.name()])
-        .args(command.split_whitespace())
-        .status()
-        .with_context(|| format!("running {command}"))?;
-    ensure!(status.success(), "{command} failed in {}", namespace.name());
-    Ok(())
+/// A command line written as one string, split into its words for
+/// [`TestNetns::run`].
+fn words(command: &str) -> Vec<&str> {
+    command.split_whitespace().collect()
 }
 
 /// The node with bridge `weft0` (10.244.0.1/24, fd00:10:244::1/64), pods
@@ -73,18 +60,16 @@ impl Testbed {
             "sysctl -qw net.ipv4.ip_forward=1",
             "sysctl -qw net.ipv6.conf.all.forwarding=1",
         ] {
-            run(&node, command)?;
+            node.run(&words(command))?;
         }
         for (i, (name, pod)) in pods.iter().enumerate() {
             let host = format!("veth-{name}");
-            run(
-                &node,
-                &format!(
-                    "ip link add {host} type veth peer name eth0 netns {}",
-                    pod.name()
-                ),
-            )?;
-            run(&node, &format!("ip link set {host} master weft0 up"))?;
+            let link = format!(
+                "ip link add {host} type veth peer name eth0 netns {}",
+                pod.name()
+            );
+            node.run(&words(&link))?;
+            node.run(&words(&format!("ip link set {host} master weft0 up")))?;
             for command in [
                 format!("ip addr add 10.244.0.{}/24 dev eth0", i + 2),
                 format!("ip addr add fd00:10:244::{}/64 dev eth0 nodad", i + 2),
@@ -93,21 +78,19 @@ impl Testbed {
                 "ip route add default via 10.244.0.1".into(),
                 "ip -6 route add default via fd00:10:244::1".into(),
             ] {
-                run(pod, &command)?;
+                pod.run(&words(&command))?;
             }
         }
-        run(
-            &node,
-            &format!(
-                "ip link add uplink type veth peer name eth0 netns {}",
-                remote.name()
-            ),
-        )?;
-        run(&node, "ip addr add 172.31.0.1/24 dev uplink")?;
-        run(&node, "ip link set uplink up")?;
-        run(&remote, "ip addr add 172.31.0.2/24 dev eth0")?;
-        run(&remote, "ip link set eth0 up")?;
-        run(&remote, "ip route add 10.244.0.0/24 via 172.31.0.1")?;
+        let uplink = format!(
+            "ip link add uplink type veth peer name eth0 netns {}",
+            remote.name()
+        );
+        node.run(&words(&uplink))?;
+        node.run(&words("ip addr add 172.31.0.1/24 dev uplink"))?;
+        node.run(&words("ip link set uplink up"))?;
+        remote.run(&words("ip addr add 172.31.0.2/24 dev eth0"))?;
+        remote.run(&words("ip link set eth0 up"))?;
+        remote.run(&words("ip route add 10.244.0.0/24 via 172.31.0.1"))?;
         let testbed = Self { node, pods, remote };
         for (_, pod) in &testbed.pods {
             serve(pod)?;
@@ -258,7 +241,7 @@ const DENIED: bool = false;
 
 #[test]
 fn ingress_policy_admits_only_its_peers_on_its_ports_and_keeps_open_connections() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let testbed = Testbed::start("pin")?;
     let mut dataplane = PolicyDataplane::default();
     let pods = [
@@ -317,7 +300,7 @@ fn ingress_policy_admits_only_its_peers_on_its_ports_and_keeps_open_connections(
 
 #[test]
 fn egress_policy_limits_where_a_pod_may_connect() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let testbed = Testbed::start("pout")?;
     let mut dataplane = PolicyDataplane::default();
     let pods = [
@@ -370,7 +353,7 @@ fn egress_policy_limits_where_a_pod_may_connect() -> Result<()> {
 
 #[test]
 fn a_table_changed_behind_the_agents_back_is_written_whole() -> Result<()> {
-    require_root!();
+    require_root!("creating network namespaces");
     let testbed = Testbed::start("pdrift")?;
     let mut dataplane = PolicyDataplane::default();
     let pods = [
@@ -379,7 +362,9 @@ fn a_table_changed_behind_the_agents_back_is_written_whole() -> Result<()> {
         pod_record("c", "other"),
     ];
     testbed.apply(&mut dataplane, plan(&pods, &[db_from_web()]))?;
-    run(&testbed.node, "nft delete table inet weft-policy")?;
+    testbed
+        .node
+        .run(&words("nft delete table inet weft-policy"))?;
     // The in-place update meets no table, fails, and the table is written
     // whole instead.
     let pods = [

@@ -13,10 +13,11 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{DeleteParams, PostParams};
 use kube::Api;
 use weft_e2e::ClusterNode;
+use weft_testing::{eventually, require_root, run, wait_for};
 
 mod testbed;
 
-use testbed::{output, wait_for, weft_routes, Overlay, OverlaySpec, PATIENCE};
+use testbed::{weft_routes, Overlay, OverlaySpec, PATIENCE};
 
 const NAMESPACE: &str = "kube-system";
 const DAEMONSET: &str = "weft-agent";
@@ -41,19 +42,16 @@ fn daemon_set() -> Result<DaemonSet> {
 fn weft_leftovers(node: &ClusterNode) -> Result<Vec<String>> {
     let mut found = Vec::new();
     for link in ["weft.1", "weft0"] {
-        let mut command = node.command("ip");
-        command.args(["link", "show", link]);
-        if output(command).is_ok() {
+        if run(node.command("ip").args(["link", "show", link])).is_ok() {
             found.push(format!("link {link}"));
         }
     }
     found.extend(weft_routes(node)?.into_keys().map(|r| format!("route {r}")));
-    let mut command = node.command("ip");
-    command.args(["-6", "route", "show", "proto", "87"]);
-    found.extend(output(command)?.lines().map(|r| format!("route {r}")));
-    let mut command = node.command("nft");
-    command.args(["list", "tables"]);
-    if output(command)?.contains("inet weft") {
+    let routes = run(node
+        .command("ip")
+        .args(["-6", "route", "show", "proto", "87"]))?;
+    found.extend(routes.lines().map(|r| format!("route {r}")));
+    if run(node.command("nft").args(["list", "tables"]))?.contains("inet weft") {
         found.push("nft table inet weft".into());
     }
     let files: [PathBuf; 3] = [
@@ -72,7 +70,7 @@ fn weft_leftovers(node: &ClusterNode) -> Result<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_remove_weft_only_when_their_daemon_set_is_gone() -> Result<()> {
-    require_root!();
+    require_root!("the e2e harness");
     let mut overlay = Overlay::start(OverlaySpec {
         nodes: 2,
         routed_nodes: 0,
@@ -130,14 +128,12 @@ async fn agents_remove_weft_only_when_their_daemon_set_is_gone() -> Result<()> {
             .await?,
         NAMESPACE,
     );
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while !matches!(as_agent.get(DAEMONSET).await, Err(kube::Error::Api(s)) if s.code == 403) {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the agent is never refused"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    eventually(PATIENCE, "the agent to be refused", || async {
+        let refused =
+            matches!(as_agent.get(DAEMONSET).await, Err(kube::Error::Api(s)) if s.code == 403);
+        Ok(refused.then_some(()))
+    })
+    .await?;
     for node in overlay.cluster.nodes().to_vec() {
         let agent = overlay.agents[&node.name].clone();
         agent.kill()?;

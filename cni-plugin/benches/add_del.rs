@@ -20,41 +20,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use nix::sched::{setns, CloneFlags};
 use serde_json::json;
+use weft_testing::measure::percentile;
+use weft_testing::{printed_path, TestNetns};
 
 /// Builds the shipped plugin and prints its path.
 const BUILD_PLUGIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/build-plugin.sh");
 /// Where Debian's containernetworking-plugins installs the reference plugins.
 const REFERENCE_DIR: &str = "/usr/lib/cni";
 const WARMUP_CYCLES: usize = 5;
-
-/// A namespace made with `ip netns add`, removed on drop.
-struct BenchNetns {
-    name: String,
-}
-
-impl BenchNetns {
-    fn create(suffix: &str) -> Result<Self> {
-        let name = format!("wb-{}-{suffix}", std::process::id());
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .context("running ip netns add")?;
-        ensure!(status.success(), "ip netns add {name} failed");
-        Ok(Self { name })
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.name)
-    }
-}
-
-impl Drop for BenchNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 /// One plugin under test: binary, config and CNI_PATH.
 struct Plugin {
@@ -70,7 +43,7 @@ impl Plugin {
     /// Runs one verb inside the node namespace and returns its wall time.
     // pre_exec (setns in the child before exec) is unsafe by signature.
     #[allow(unsafe_code)]
-    fn invoke(&self, node: &File, verb: &str, container: &str, pod: &Path) -> Result<Duration> {
+    fn invoke(&self, node: &File, verb: &str, container: &str, pod: &str) -> Result<Duration> {
         let node_fd = node.as_raw_fd();
         let mut command = Command::new(&self.binary);
         command
@@ -115,7 +88,7 @@ impl Plugin {
 
     /// One cycle: fresh pod namespace (untimed), ADD, DEL, namespace gone.
     fn cycle(&mut self, node: &File, id: &str, record: bool) -> Result<()> {
-        let pod = BenchNetns::create(id)?;
+        let pod = TestNetns::create(id);
         let container = format!("bench-{id}");
         let add = self.invoke(node, "ADD", &container, &pod.path())?;
         let del = self.invoke(node, "DEL", &container, &pod.path())?;
@@ -127,26 +100,8 @@ impl Plugin {
     }
 }
 
-fn percentile(samples: &[Duration], fraction: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
-}
-
-/// The plugin binary as packaging builds it.
-fn shipped_plugin() -> Result<PathBuf> {
-    let output = Command::new(BUILD_PLUGIN)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {BUILD_PLUGIN}"))?;
-    ensure!(output.status.success(), "{BUILD_PLUGIN} failed");
-    let path = String::from_utf8(output.stdout).context("plugin path is not UTF-8")?;
-    Ok(PathBuf::from(path.trim()))
 }
 
 fn main() -> Result<()> {
@@ -178,13 +133,13 @@ fn main() -> Result<()> {
         })
         .to_string(),
     )?;
-    let node = BenchNetns::create("node")?;
+    let node = TestNetns::create("node");
     let node_handle = File::open(node.path()).context("opening the node namespace")?;
 
     let mut plugins = [
         Plugin {
             label: "weft",
-            binary: shipped_plugin()?,
+            binary: printed_path(&mut Command::new(BUILD_PLUGIN))?,
             config: json!({
                 "cniVersion": "1.0.0",
                 "name": "weftbench",
@@ -237,10 +192,10 @@ fn main() -> Result<()> {
     );
     let row = |plugin: &Plugin| {
         [
-            percentile(&plugin.add, 0.5),
-            percentile(&plugin.add, 0.99),
-            percentile(&plugin.del, 0.5),
-            percentile(&plugin.del, 0.99),
+            percentile(&plugin.add, 50.0),
+            percentile(&plugin.add, 99.0),
+            percentile(&plugin.del, 50.0),
+            percentile(&plugin.del, 99.0),
         ]
     };
     for plugin in &plugins {

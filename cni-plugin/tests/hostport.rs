@@ -12,8 +12,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
-use support::{root_or_skip, Invocation, NamedNetns, Node, Reply};
+use support::{Invocation, Node, Reply};
 use weft_core::netns::Netns;
+use weft_testing::{require_root, TestNetns};
 
 /// How long a connection that should work may take; failures wait this long.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -23,13 +24,13 @@ const NODE_V4: &str = "192.0.2.1";
 const NODE_V6: &str = "2001:db8:7::1";
 
 /// Runs `work` with a socket made in `netns`.
-fn in_netns<T>(netns: &NamedNetns, work: impl FnOnce() -> T) -> Result<T> {
+fn in_netns<T>(netns: &TestNetns, work: impl FnOnce() -> T) -> Result<T> {
     Ok(Netns::open(netns.path())?.run_here(work)?)
 }
 
 /// A TCP server in `netns` on `port` (every address) that answers each
 /// connection with the peer's address, and a UDP one that echoes the peer.
-fn serve(netns: &NamedNetns, port: u16) -> Result<()> {
+fn serve(netns: &TestNetns, port: u16) -> Result<()> {
     let (tcp, udp) = in_netns(netns, || -> std::io::Result<_> {
         Ok((
             TcpListener::bind(("::", port))?,
@@ -65,7 +66,7 @@ fn unmapped(peer: SocketAddr) -> String {
 
 /// Connects from `netns` to `address:port` over TCP and returns what the
 /// server said (the source address it saw), or `None` if nothing answered.
-fn tcp_from(netns: &NamedNetns, address: &str, port: u16) -> Result<Option<String>> {
+fn tcp_from(netns: &TestNetns, address: &str, port: u16) -> Result<Option<String>> {
     let target = SocketAddr::new(address.parse()?, port);
     let Ok(mut stream) = in_netns(netns, || TcpStream::connect_timeout(&target, PATIENCE))? else {
         return Ok(None);
@@ -76,7 +77,7 @@ fn tcp_from(netns: &NamedNetns, address: &str, port: u16) -> Result<Option<Strin
 }
 
 /// Sends one UDP datagram from `netns` and returns the reply, if any.
-fn udp_from(netns: &NamedNetns, address: &str, port: u16) -> Result<Option<String>> {
+fn udp_from(netns: &TestNetns, address: &str, port: u16) -> Result<Option<String>> {
     let target = SocketAddr::new(address.parse()?, port);
     let local = if target.is_ipv4() {
         "0.0.0.0:0"
@@ -95,9 +96,9 @@ fn udp_from(netns: &NamedNetns, address: &str, port: u16) -> Result<Option<Strin
 
 /// An outside namespace joined to the node by a veth pair, with
 /// `192.0.2.2/24` and `2001:db8:7::2/64` (the node has `.1` and `::1`).
-fn outside(node: &Node, tag: &str) -> Result<NamedNetns> {
-    let outside = NamedNetns::create(&format!("{tag}-out"))?;
-    node.netns.exec_ok(&[
+fn outside(node: &Node, tag: &str) -> Result<TestNetns> {
+    let outside = TestNetns::create(&format!("{tag}-out"));
+    node.netns.run(&[
         "ip",
         "link",
         "add",
@@ -114,10 +115,10 @@ fn outside(node: &Node, tag: &str) -> Result<NamedNetns> {
         (&node.netns, "out0", "192.0.2.1/24", "2001:db8:7::1/64"),
         (&outside, "eth0", "192.0.2.2/24", "2001:db8:7::2/64"),
     ] {
-        netns.exec_ok(&["ip", "addr", "add", v4, "dev", device])?;
-        netns.exec_ok(&["ip", "addr", "add", v6, "dev", device, "nodad"])?;
-        netns.exec_ok(&["ip", "link", "set", device, "up"])?;
-        netns.exec_ok(&["ip", "link", "set", "lo", "up"])?;
+        netns.run(&["ip", "addr", "add", v4, "dev", device])?;
+        netns.run(&["ip", "addr", "add", v6, "dev", device, "nodad"])?;
+        netns.run(&["ip", "link", "set", device, "up"])?;
+        netns.run(&["ip", "link", "set", "lo", "up"])?;
     }
     Ok(outside)
 }
@@ -126,7 +127,7 @@ fn mappings(entries: Value) -> Value {
     json!({ "runtimeConfig": { "portMappings": entries } })
 }
 
-fn add(node: &Node, container: &str, pod: &NamedNetns, extra: &Value) -> Result<Reply> {
+fn add(node: &Node, container: &str, pod: &TestNetns, extra: &Value) -> Result<Reply> {
     node.invoke(
         &Invocation::attach("ADD", container, Some(pod.path())),
         &node.config("1.1.0", extra.clone()),
@@ -138,7 +139,7 @@ fn add(node: &Node, container: &str, pod: &NamedNetns, extra: &Value) -> Result<
 fn elements(node: &Node) -> Result<String> {
     let listing = node
         .netns
-        .exec(&["nft", "-j", "list", "table", "inet", "weft-hostport"])?;
+        .output(&["nft", "-j", "list", "table", "inet", "weft-hostport"])?;
     if !listing.status.success() {
         return Ok(String::new());
     }
@@ -159,12 +160,10 @@ fn elements(node: &Node) -> Result<String> {
 
 #[test]
 fn a_host_port_is_reached_from_outside_the_node_and_other_pods() -> Result<()> {
-    if !root_or_skip("a_host_port_is_reached_from_outside_the_node_and_other_pods") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("hp")?;
     let outside = outside(&node, "hp")?;
-    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    let (a, b) = (node.pod("a"), node.pod("b"));
     serve(&a, 80)?;
     let ports = mappings(json!([
         { "hostPort": 8080, "containerPort": 80, "protocol": "tcp" },
@@ -212,7 +211,7 @@ fn a_host_port_is_reached_from_outside_the_node_and_other_pods() -> Result<()> {
     with_prev["prevResult"] = added.json.clone();
     let check_config = node.config("1.1.0", with_prev);
     node.invoke(&check, &check_config)?.ok()?;
-    node.netns.exec_ok(&[
+    node.netns.run(&[
         "nft",
         "delete",
         "element",
@@ -242,11 +241,9 @@ fn a_host_port_is_reached_from_outside_the_node_and_other_pods() -> Result<()> {
 
 #[test]
 fn a_taken_host_port_is_refused_and_freed_by_del_or_gc() -> Result<()> {
-    if !root_or_skip("a_taken_host_port_is_refused_and_freed_by_del_or_gc") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("hpc")?;
-    let (a, b, c) = (node.pod("a")?, node.pod("b")?, node.pod("c")?);
+    let (a, b, c) = (node.pod("a"), node.pod("b"), node.pod("c"));
     let port = mappings(json!([{ "hostPort": 8080, "containerPort": 80 }]));
     add(&node, "hpc-a", &a, &port)?.ok()?;
     let before = (node.snapshot()?, elements(&node)?);
@@ -298,11 +295,9 @@ fn a_taken_host_port_is_refused_and_freed_by_del_or_gc() -> Result<()> {
 
 #[test]
 fn two_adds_racing_for_one_host_port_give_one_mapping_and_one_refusal() -> Result<()> {
-    if !root_or_skip("two_adds_racing_for_one_host_port_give_one_mapping_and_one_refusal") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("hpr")?;
-    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    let (a, b) = (node.pod("a"), node.pod("b"));
     let port = mappings(json!([{ "hostPort": 8080, "containerPort": 80 }]));
     let (first, second) = std::thread::scope(|scope| {
         let first = scope.spawn(|| add(&node, "hpr-a", &a, &port));

@@ -1,6 +1,7 @@
 //! The `weft` binary run as a container runtime runs it, inside a node
-//! namespace, against pod namespaces made with `ip netns add`. Needs root;
-//! skips otherwise. The root namespace is never touched.
+//! namespace, against pod namespaces made with `ip netns add`. Needs root
+//! (see `weft_testing::root_available`). The root namespace is never
+//! touched.
 
 mod support;
 
@@ -10,15 +11,14 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
-use support::{ping, pod_addresses, root_or_skip, Invocation, NamedNetns, Node, Reply};
+use support::{ping, pod_addresses, Invocation, Node, Reply};
+use weft_testing::{require_root, TestNetns};
 
 #[test]
 fn two_pods_reach_each_other_and_the_gateway_on_both_families() -> Result<()> {
-    if !root_or_skip("two_pods_reach_each_other_and_the_gateway_on_both_families") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("ping")?;
-    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    let (a, b) = (node.pod("a"), node.pod("b"));
     let reply_a = node.add("pod-a", &a)?.ok()?;
     let reply_b = node.add("pod-b", &b)?.ok()?;
     let (addrs_a, addrs_b) = (reply_a.addresses(), reply_b.addresses());
@@ -41,31 +41,26 @@ fn two_pods_reach_each_other_and_the_gateway_on_both_families() -> Result<()> {
         ensure!(ping(&a, gateway)?, "ping gateway {gateway} failed");
     }
     ensure!(
-        a.exec_ok(&["ip", "link", "show", "lo"])?.contains("UP"),
+        a.run(&["ip", "link", "show", "lo"])?.contains("UP"),
         "lo is up"
     );
     ensure!(
-        a.exec_ok(&["ip", "link", "show", "eth0"])?
-            .contains("mtu 1450"),
+        a.run(&["ip", "link", "show", "eth0"])?.contains("mtu 1450"),
         "pod MTU from the node file"
     );
-    let bridge = node.netns.exec_ok(&["ip", "-d", "link", "show", "weft0"])?;
+    let bridge = node.netns.run(&["ip", "-d", "link", "show", "weft0"])?;
     ensure!(bridge.contains("mtu 1450"), "bridge MTU: {bridge}");
     let host_veth = node
         .host_veths()?
         .into_iter()
         .next()
         .context("a host veth")?;
-    let port = node
-        .netns
-        .exec_ok(&["ip", "-d", "link", "show", &host_veth])?;
+    let port = node.netns.run(&["ip", "-d", "link", "show", &host_veth])?;
     ensure!(
         port.contains("hairpin on"),
         "hairpin on the host port: {port}"
     );
-    let forwarding = node
-        .netns
-        .exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"])?;
+    let forwarding = node.netns.run(&["cat", "/proc/sys/net/ipv4/ip_forward"])?;
     ensure!(
         forwarding.trim() == "1",
         "forwarding on in the node namespace"
@@ -75,13 +70,9 @@ fn two_pods_reach_each_other_and_the_gateway_on_both_families() -> Result<()> {
 
 #[test]
 fn fifty_concurrent_adds_get_fifty_distinct_addresses() -> Result<()> {
-    if !root_or_skip("fifty_concurrent_adds_get_fifty_distinct_addresses") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("conc")?;
-    let pods: Vec<NamedNetns> = (0..50)
-        .map(|i| node.pod(&format!("p{i}")))
-        .collect::<Result<_>>()?;
+    let pods: Vec<TestNetns> = (0..50).map(|i| node.pod(&format!("p{i}"))).collect();
     let config = node.config("1.1.0", json!({}));
     let containers: Vec<String> = (0..50).map(|i| format!("conc-{i}")).collect();
     let children = pods
@@ -116,13 +107,11 @@ fn fifty_concurrent_adds_get_fifty_distinct_addresses() -> Result<()> {
 
 #[test]
 fn del_frees_the_address_and_the_veth_and_twice_is_fine() -> Result<()> {
-    if !root_or_skip("del_frees_the_address_and_the_veth_and_twice_is_fine") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("del")?;
     // A /30 has exactly one pod address, so reuse is observable.
     node.write_node_file(&["10.123.4.0/30"], 1450)?;
-    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    let (a, b) = (node.pod("a"), node.pod("b"));
     ensure!(node.add("del-a", &a)?.ok()?.addresses() == ["10.123.4.2/30"]);
     ensure!(node.host_veths()?.len() == 1);
 
@@ -158,11 +147,9 @@ fn del_frees_the_address_and_the_veth_and_twice_is_fine() -> Result<()> {
 
 #[test]
 fn del_succeeds_after_the_netns_is_gone_and_for_unknown_containers() -> Result<()> {
-    if !root_or_skip("del_succeeds_after_the_netns_is_gone_and_for_unknown_containers") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("gone")?;
-    let a = node.pod("a")?;
+    let a = node.pod("a");
     let path = a.path();
     node.add("gone-a", &a)?.ok()?;
     drop(a);
@@ -185,18 +172,16 @@ fn del_succeeds_after_the_netns_is_gone_and_for_unknown_containers() -> Result<(
 
 #[test]
 fn check_passes_then_names_a_route_removed_by_hand() -> Result<()> {
-    if !root_or_skip("check_passes_then_names_a_route_removed_by_hand") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("check")?;
-    let a = node.pod("a")?;
+    let a = node.pod("a");
     let added = node.add("check-a", &a)?.ok()?;
     let config = node.config("1.1.0", json!({ "prevResult": added.json }));
     let check = Invocation::attach("CHECK", "check-a", Some(a.path()));
     let ok = node.invoke(&check, &config)?.ok()?;
     ensure!(ok.stdout.is_empty(), "CHECK prints nothing on success");
 
-    a.exec_ok(&["ip", "route", "del", "default"])?;
+    a.run(&["ip", "route", "del", "default"])?;
     let failed = node.invoke(&check, &config)?;
     ensure!(failed.status != 0, "CHECK must fail");
     ensure!(failed.error_code() == Some(102), "{failed:?}");
@@ -212,14 +197,9 @@ fn check_passes_then_names_a_route_removed_by_hand() -> Result<()> {
 
 #[test]
 fn gc_frees_everything_not_in_valid_attachments() -> Result<()> {
-    if !root_or_skip("gc_frees_everything_not_in_valid_attachments") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("gc")?;
-    let pods: Vec<NamedNetns> = ["a", "b", "c"]
-        .iter()
-        .map(|p| node.pod(p))
-        .collect::<Result<_>>()?;
+    let pods: Vec<TestNetns> = ["a", "b", "c"].iter().map(|p| node.pod(p)).collect();
     let mut kept = Vec::new();
     for (pod, container) in pods.iter().zip(["gc-a", "gc-b", "gc-c"]) {
         let reply = node.add(container, pod)?.ok()?;
@@ -255,9 +235,7 @@ fn gc_frees_everything_not_in_valid_attachments() -> Result<()> {
 
 #[test]
 fn status_is_50_until_the_node_file_exists() -> Result<()> {
-    if !root_or_skip("status_is_50_until_the_node_file_exists") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::without_node_file("status")?;
     let config = node.config("1.1.0", json!({}));
     let not_ready = node.invoke(&Invocation::verb("STATUS"), &config)?;
@@ -311,11 +289,9 @@ fn fails_without_change(
 
 #[test]
 fn bad_input_gets_spec_errors_and_changes_nothing() -> Result<()> {
-    if !root_or_skip("bad_input_gets_spec_errors_and_changes_nothing") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("bad")?;
-    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    let (a, b) = (node.pod("a"), node.pod("b"));
     node.add("bad-a", &a)?.ok()?;
     let config = node.config("1.1.0", json!({}));
     let add_b = Invocation::attach("ADD", "bad-b", Some(b.path()));
@@ -360,7 +336,7 @@ fn bad_input_gets_spec_errors_and_changes_nothing() -> Result<()> {
     fails_without_change(&node, &unknown_arg, &config, 4, "IgnoreUnknown")?;
 
     let waiting = Node::without_node_file("bad2")?;
-    let c = waiting.pod("c")?;
+    let c = waiting.pod("c");
     let add_c = Invocation::attach("ADD", "bad-c", Some(c.path()));
     fails_without_change(
         &waiting,
@@ -374,12 +350,10 @@ fn bad_input_gets_spec_errors_and_changes_nothing() -> Result<()> {
 
 #[test]
 fn exhausted_range_is_an_error_that_changes_nothing() -> Result<()> {
-    if !root_or_skip("exhausted_range_is_an_error_that_changes_nothing") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("full")?;
     node.write_node_file(&["10.123.4.0/30"], 1450)?;
-    let (a, b) = (node.pod("a")?, node.pod("b")?);
+    let (a, b) = (node.pod("a"), node.pod("b"));
     node.add("full-a", &a)?.ok()?;
     let add_b = Invocation::attach("ADD", "full-b", Some(b.path()));
     fails_without_change(
@@ -390,7 +364,7 @@ fn exhausted_range_is_an_error_that_changes_nothing() -> Result<()> {
         "no free address",
     )?;
     ensure!(
-        b.exec(&["ip", "link", "show", "eth0"])?.status.code() != Some(0),
+        b.output(&["ip", "link", "show", "eth0"])?.status.code() != Some(0),
         "no eth0 in pod b"
     );
     Ok(())
@@ -398,9 +372,7 @@ fn exhausted_range_is_an_error_that_changes_nothing() -> Result<()> {
 
 #[test]
 fn result_is_rendered_in_the_config_version_and_chained() -> Result<()> {
-    if !root_or_skip("result_is_rendered_in_the_config_version_and_chained") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("ver")?;
     let version = node.invoke(&Invocation::verb("VERSION"), "")?.ok()?;
     ensure!(
@@ -415,7 +387,7 @@ fn result_is_rendered_in_the_config_version_and_chained() -> Result<()> {
         ("1.1.0", false, true),
     ];
     for (i, (cni_version, ips_have_version, has_mtu)) in cases.into_iter().enumerate() {
-        let pod = node.pod(&format!("v{i}"))?;
+        let pod = node.pod(&format!("v{i}"));
         let container = format!("ver-{i}");
         let reply = node
             .invoke(
@@ -441,7 +413,7 @@ fn result_is_rendered_in_the_config_version_and_chained() -> Result<()> {
     }
 
     // In a conflist after another plugin, with runtime extras and CNI_ARGS.
-    let pod = node.pod("chain")?;
+    let pod = node.pod("chain");
     let prev = json!({
         "cniVersion": "1.1.0",
         "interfaces": [{ "name": "earlier0" }],
@@ -468,19 +440,15 @@ fn result_is_rendered_in_the_config_version_and_chained() -> Result<()> {
 
 #[test]
 fn killed_adds_leak_nothing_and_double_assign_nothing() -> Result<()> {
-    if !root_or_skip("killed_adds_leak_nothing_and_double_assign_nothing") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("kill")?;
     let config = node.config("1.1.0", json!({}));
     // Warm up so the bridge exists and the kills land in the per-pod work.
-    let warm = node.pod("warm")?;
+    let warm = node.pod("warm");
     node.add("kill-warm", &warm)?.ok()?;
 
     let rounds = 20;
-    let pods: Vec<NamedNetns> = (0..rounds)
-        .map(|i| node.pod(&format!("k{i}")))
-        .collect::<Result<_>>()?;
+    let pods: Vec<TestNetns> = (0..rounds).map(|i| node.pod(&format!("k{i}"))).collect();
     let containers: Vec<String> = (0..rounds).map(|i| format!("kill-{i}")).collect();
     for (i, (pod, container)) in pods.iter().zip(&containers).enumerate() {
         let mut child = node.spawn(
@@ -563,11 +531,9 @@ fn killed_adds_leak_nothing_and_double_assign_nothing() -> Result<()> {
 
 #[test]
 fn an_endless_node_file_is_refused_quickly() -> Result<()> {
-    if !root_or_skip("an_endless_node_file_is_refused_quickly") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("zero")?;
-    let a = node.pod("a")?;
+    let a = node.pod("a");
     let config = node.config("1.1.0", json!({ "nodeFile": "/dev/zero" }));
     let started = std::time::Instant::now();
     let add = Invocation::attach("ADD", "zero-a", Some(a.path()));
@@ -593,11 +559,9 @@ fn an_endless_node_file_is_refused_quickly() -> Result<()> {
 
 #[test]
 fn the_plugins_own_netns_is_refused_and_nothing_changes() -> Result<()> {
-    if !root_or_skip("the_plugins_own_netns_is_refused_and_nothing_changes") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("own")?;
-    let a = node.pod("a")?;
+    let a = node.pod("a");
     let added = node.add("own-a", &a)?.ok()?;
     let config = node.config("1.1.0", json!({}));
     // The node's namespace by its bind mount and by the plugin's /proc
@@ -621,18 +585,16 @@ fn the_plugins_own_netns_is_refused_and_nothing_changes() -> Result<()> {
 
 #[test]
 fn after_a_slice_change_only_the_new_gateways_stay_on_the_bridge() -> Result<()> {
-    if !root_or_skip("after_a_slice_change_only_the_new_gateways_stay_on_the_bridge") {
-        return Ok(());
-    }
+    require_root!("creating network namespaces");
     let node = Node::new("slice")?;
-    let (a, b, c) = (node.pod("a")?, node.pod("b")?, node.pod("c")?);
+    let (a, b, c) = (node.pod("a"), node.pod("b"), node.pod("c"));
     node.add("slice-a", &a)?.ok()?;
     ensure!(
         pod_addresses(&node.netns, "weft0")? == ["10.123.4.1/24", "fd12:3:4:5::1/64"],
         "first slice's gateways"
     );
     let link_local = || -> Result<String> {
-        node.netns.exec_ok(&[
+        node.netns.run(&[
             "ip", "-o", "-6", "addr", "show", "dev", "weft0", "scope", "link",
         ])
     };

@@ -7,11 +7,11 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use proptest::prelude::*;
 use serde_json::Value;
-use weft_core::nodefile::NodeConfig;
 use weft_cni::cni::{
     CniArgs, CniResult, CniVersion, Dns, Interface, Invocation, IpConfig, MacAddress, NetConf,
     Route, SUPPORTED_VERSIONS,
 };
+use weft_core::nodefile::NodeConfig;
 
 /// Any JSON value, nested a few levels.
 fn json_value() -> impl Strategy<Value = Value> {

@@ -4,18 +4,17 @@
 //! and [`ControllerConfig`], the defaults filled in and every value validated
 //! once.
 //!
-//! The keys are the Helm chart's `controller` values; the README's
-//! Configuration table lists them.
+//! The keys are the Helm chart's `controller` values; docs/configuration.md
+//! lists them.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::allocator::{CidrError, SlicePlan};
-use weft_core::ip::IpFamily;
+use weft_core::slice::SlicePlan;
 use weft_daemon::config::Layer;
+use weft_daemon::slices::{SlicePlans, SliceSettings, SliceSettingsError};
 
 /// Default namespace of the leader-election Lease.
 pub const DEFAULT_LEASE_NAMESPACE: &str = "kube-system";
@@ -31,20 +30,9 @@ pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:9464";
 /// be read or parsed is a [`weft_daemon::config::ConfigFileError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The IPv4 cluster CIDR is missing.
-    #[error("clusterCidr is not set: pass --cluster-cidr, set WEFT_CLUSTER_CIDR or add clusterCidr to the config file (e.g. 10.244.0.0/16)")]
-    MissingClusterCidr,
-    /// A CIDR and slice size do not make a plan.
-    #[error("{key} / {size_key}: {source}")]
-    Plan {
-        /// The CIDR key.
-        key: &'static str,
-        /// The slice size key.
-        size_key: &'static str,
-        /// What is wrong.
-        #[source]
-        source: CidrError,
-    },
+    /// The cluster CIDRs and slice sizes do not make slice plans.
+    #[error(transparent)]
+    Slices(#[from] SliceSettingsError),
     /// A name that must not be empty is.
     #[error("{key} must not be empty")]
     Empty {
@@ -60,18 +48,10 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, clap::Args)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ControllerSettings {
-    /// IPv4 cluster CIDR the slices come from (clusterCidr).
-    #[arg(long, env = "WEFT_CLUSTER_CIDR")]
-    pub cluster_cidr: Option<IpNet>,
-    /// IPv6 cluster CIDR, for dual-stack (clusterCidrV6).
-    #[arg(long, env = "WEFT_CLUSTER_CIDR_V6")]
-    pub cluster_cidr_v6: Option<IpNet>,
-    /// Prefix length of each node's IPv4 slice (sliceSizeV4) [default: 24].
-    #[arg(long, env = "WEFT_SLICE_SIZE_V4")]
-    pub slice_size_v4: Option<u8>,
-    /// Prefix length of each node's IPv6 slice (sliceSizeV6) [default: 64].
-    #[arg(long, env = "WEFT_SLICE_SIZE_V6")]
-    pub slice_size_v6: Option<u8>,
+    /// The cluster CIDRs and slice sizes, shared with the agent.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub slices: SliceSettings,
     /// Namespace of the leader-election Lease (leaseNamespace) [default: kube-system].
     #[arg(long, env = "WEFT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -89,10 +69,7 @@ pub struct ControllerSettings {
 impl Layer for ControllerSettings {
     fn overlaid_with(self, higher: ControllerSettings) -> ControllerSettings {
         ControllerSettings {
-            cluster_cidr: higher.cluster_cidr.or(self.cluster_cidr),
-            cluster_cidr_v6: higher.cluster_cidr_v6.or(self.cluster_cidr_v6),
-            slice_size_v4: higher.slice_size_v4.or(self.slice_size_v4),
-            slice_size_v6: higher.slice_size_v6.or(self.slice_size_v6),
+            slices: self.slices.overlaid_with(higher.slices),
             lease_namespace: higher.lease_namespace.or(self.lease_namespace),
             lease_name: higher.lease_name.or(self.lease_name),
             slice_hold_seconds: higher.slice_hold_seconds.or(self.slice_hold_seconds),
@@ -122,34 +99,7 @@ impl ControllerSettings {
     /// Fills in the defaults and validates the merged layers (the file
     /// overlaid with environment and flags).
     pub fn resolve(self) -> Result<ControllerConfig, ConfigError> {
-        let cluster = self.cluster_cidr.ok_or(ConfigError::MissingClusterCidr)?;
-        let v4 = SlicePlan::for_family(
-            IpFamily::V4,
-            cluster,
-            self.slice_size_v4
-                .unwrap_or(IpFamily::V4.default_slice_prefix()),
-        )
-        .map_err(|source| ConfigError::Plan {
-            key: "clusterCidr",
-            size_key: "sliceSizeV4",
-            source,
-        })?;
-        let v6 = self
-            .cluster_cidr_v6
-            .map(|cluster| {
-                SlicePlan::for_family(
-                    IpFamily::V6,
-                    cluster,
-                    self.slice_size_v6
-                        .unwrap_or(IpFamily::V6.default_slice_prefix()),
-                )
-                .map_err(|source| ConfigError::Plan {
-                    key: "clusterCidrV6",
-                    size_key: "sliceSizeV6",
-                    source,
-                })
-            })
-            .transpose()?;
+        let SlicePlans { v4, v6 } = self.slices.resolve()?;
         let non_empty = |value: Option<String>, default: &str, key| {
             let value = value.unwrap_or_else(|| default.to_owned());
             if value.is_empty() {
@@ -184,6 +134,8 @@ impl ControllerSettings {
 mod tests {
     use std::path::Path;
 
+    use ipnet::IpNet;
+
     use super::*;
     use weft_daemon::config::ConfigFileError;
 
@@ -214,7 +166,10 @@ mod tests {
     #[test]
     fn defaults_fill_what_no_layer_sets() {
         let config = ControllerSettings {
-            cluster_cidr: Some("10.0.0.0/8".parse().unwrap()),
+            slices: SliceSettings {
+                cluster_cidr: Some("10.0.0.0/8".parse().unwrap()),
+                ..Default::default()
+            },
             ..Default::default()
         }
         .resolve()
@@ -233,7 +188,10 @@ mod tests {
     fn higher_layers_win_key_by_key() {
         let file = parse("clusterCidr: 10.0.0.0/8\nsliceSizeV4: 20\n").unwrap();
         let flags = ControllerSettings {
-            slice_size_v4: Some(22),
+            slices: SliceSettings {
+                slice_size_v4: Some(22),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let config = file.overlaid_with(flags).resolve().unwrap();
@@ -277,5 +235,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(empty.contains("leaseName"), "{empty}");
+    }
+
+    /// The controller's words for refused slice settings, which the agent's
+    /// config tests hold too: both daemons refuse them alike.
+    #[test]
+    fn refused_slice_settings_read_as_in_the_agent() {
+        let refused = |text: &str| parse(text).unwrap().resolve().unwrap_err().to_string();
+        assert_eq!(
+            refused("clusterCidr: 10.244.0.0/16\nsliceSizeV4: 31\n"),
+            "clusterCidr / sliceSizeV4: slice size /31 leaves no room for pods in ipv4: use a prefix length of at most 30"
+        );
+        assert_eq!(
+            refused("clusterCidr: 10.244.1.0/16\n"),
+            "clusterCidr / sliceSizeV4: cluster CIDR 10.244.1.0/16 has host bits set: did you mean 10.244.0.0/16?"
+        );
     }
 }

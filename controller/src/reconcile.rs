@@ -62,14 +62,14 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
     let health = Health::new();
-    let listener = serve::bind(config.metrics_address).await?;
     let shutdown = shutdown.boxed().shared();
-    let server = tokio::spawn(serve::serve(
-        listener,
-        Arc::new(registry),
+    let server = serve::start(
+        config.metrics_address,
+        registry,
         health.clone(),
         shutdown.clone(),
-    ));
+    )
+    .await?;
     let mut election = LeaderElection::new(
         client.clone(),
         &config.lease_namespace,

@@ -17,10 +17,11 @@ use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use crate::allocator::{ClaimProblem, SlicePlan};
+use crate::allocator::ClaimProblem;
 use crate::metrics::ControllerMetrics;
 use crate::{Error, FIELD_MANAGER};
 use weft_core::ip::IpFamily;
+use weft_core::slice::SlicePlan;
 
 /// Events about cluster-scoped objects live in this namespace (as the
 /// kubelet's node events do); `kubectl describe node` finds them there.

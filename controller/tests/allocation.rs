@@ -15,7 +15,8 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use kube::api::{Patch, PatchParams};
-use testbed::{logs, wait_for, ApiRelay, NodeCidrs, Replica, Testbed, PATIENCE};
+use testbed::{logs, ApiRelay, NodeCidrs, Replica, Testbed, PATIENCE};
+use weft_testing::{eventually, require_root};
 
 fn names(prefix: &str, count: usize) -> Vec<String> {
     (0..count).map(|i| format!("{prefix}-{i}")).collect()
@@ -35,7 +36,7 @@ fn v4_slice(cidrs: &NodeCidrs) -> Result<Ipv4Net> {
 }
 
 async fn wait_for_metric(replica: &Replica, series: &str, want: f64) -> Result<()> {
-    wait_for(PATIENCE, &format!("{series} to reach {want}"), || async {
+    eventually(PATIENCE, &format!("{series} to reach {want}"), || async {
         Ok((replica.metric(series)? == Some(want)).then_some(()))
     })
     .await
@@ -44,6 +45,7 @@ async fn wait_for_metric(replica: &Replica, series: &str, want: f64) -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_nodes_get_distinct_slices_that_survive_a_restart() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     let cluster_cidr: Ipv4Net = "10.244.0.0/16".parse()?;
     let first = bed.start_controller("controller-first", &["--cluster-cidr=10.244.0.0/16"])?;
@@ -112,6 +114,7 @@ async fn fifty_nodes_get_distinct_slices_that_survive_a_restart() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_registered_node_gets_its_held_slice_back() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     let controller = bed.start_controller("controller", &["--cluster-cidr=10.244.0.0/16"])?;
     let first = names("node", 3);
@@ -146,6 +149,7 @@ async fn a_re_registered_node_gets_its_held_slice_back() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhaustion_is_reported_and_a_deleted_nodes_slice_is_reused() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     // Four /24 slices only.
     let controller = bed.start_controller("controller", &["--cluster-cidr=10.250.0.0/22"])?;
@@ -179,6 +183,7 @@ async fn exhaustion_is_reported_and_a_deleted_nodes_slice_is_reused() -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_existing_pod_cidrs_are_reported_and_left_alone() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     // Created before the controller starts, the way it finds a cluster.
     // `dup-a` is older than (or ties with and sorts before) `dup-b`, so it keeps the slice.
@@ -249,6 +254,7 @@ async fn invalid_existing_pod_cidrs_are_reported_and_left_alone() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_claims_neither_stall_repairs_nor_flood_events() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     let controller = bed.start_controller("controller", &["--cluster-cidr=10.244.0.0/16"])?;
     let held = ["held".to_owned()];
@@ -271,7 +277,7 @@ async fn bad_claims_neither_stall_repairs_nor_flood_events() -> Result<()> {
     bed.nodes()
         .patch("held", &PatchParams::default(), &Patch::Merge(&tamper))
         .await?;
-    wait_for(
+    eventually(
         PATIENCE,
         "the held node's annotation to be repaired",
         || async {
@@ -306,7 +312,7 @@ async fn bad_claims_neither_stall_repairs_nor_flood_events() -> Result<()> {
             .await?;
     }
     let series = "weft_controller_claim_problems_total{reason=\"PodCidrMisaligned\"}";
-    let event = wait_for(
+    let event = eventually(
         PATIENCE,
         "the flapping node's Event to count again",
         || async {
@@ -339,6 +345,7 @@ async fn bad_claims_neither_stall_repairs_nor_flood_events() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_stack_nodes_get_a_slice_per_family() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     bed.create_node("v4-only", &["10.244.3.0/24"], &[]).await?;
     let controller = bed.start_controller(
@@ -404,6 +411,7 @@ async fn dual_stack_nodes_get_a_slice_per_family() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_elect_one_leader_and_fail_over_when_it_is_killed() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     let args = ["--cluster-cidr=10.244.0.0/16"];
     let replicas = [
@@ -411,7 +419,7 @@ async fn two_replicas_elect_one_leader_and_fail_over_when_it_is_killed() -> Resu
         bed.start_controller("controller-b", &args)?,
     ];
     let both: Vec<&Replica> = replicas.iter().collect();
-    let holder = wait_for(PATIENCE, "a leader", || bed.lease_holder())
+    let holder = eventually(PATIENCE, "a leader", || bed.lease_holder())
         .await
         .with_context(|| logs(&both))?;
     let leader = replicas
@@ -459,6 +467,7 @@ async fn two_replicas_elect_one_leader_and_fail_over_when_it_is_killed() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catches_up_after_the_api_server_was_away() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     let relay = ApiRelay::start(bed.cluster.apiserver_address()).await?;
     let controller = bed.start_controller_through(
@@ -474,7 +483,7 @@ async fn catches_up_after_the_api_server_was_away() -> Result<()> {
     relay.cut();
     // Leadership ends once the lease cannot be renewed; then it keeps retrying.
     for message in ["stopped leading", "cannot reach the API server"] {
-        wait_for(PATIENCE, &format!("the log to say {message:?}"), || async {
+        eventually(PATIENCE, &format!("the log to say {message:?}"), || async {
             Ok(controller.process.log().contains(message).then_some(()))
         })
         .await
@@ -510,6 +519,7 @@ async fn catches_up_after_the_api_server_was_away() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_conflicts_are_retried_without_handing_a_slice_out_twice() -> Result<()> {
+    require_root!("the e2e harness");
     let bed = Testbed::start().await?;
     let nodes = names("node", 40);
     bed.create_nodes(&nodes, 8).await?;

@@ -2,14 +2,20 @@
 //! `weft-agent`, `weft-controller`) use, and nothing component-specific.
 //!
 //! - The kernel: [`netlink`] (links, addresses, routes, vxlan devices,
-//!   neighbours and FDB entries; one connection per namespace) and
+//!   neighbours and FDB entries; one connection per namespace; the route
+//!   protocol that marks the routes Weft owns) and
 //!   [`netns`].
 //! - The files and formats components hand each other: [`nodefile`] (the
 //!   agent writes it, the plugin reads it), [`annotations`] (the
 //!   `weft.dev/*` keys and values on Node objects) and [`fields`] (JSON
 //!   read field by field, so errors name the field).
-//! - [`ip`]: IP families, address arithmetic and the forwarding switch.
-//! - [`nft`]: running `nft` transactions, and the tables' names.
+//! - [`slice`]: the plan that cuts each family's cluster CIDR into per-node
+//!   slices, and the one validation of a cluster CIDR and slice size.
+//! - [`ip`]: IP families, address arithmetic and the forwarding switch;
+//!   [`protocol`]: the transport protocols ports name.
+//! - [`nft`]: running `nft` transactions, nft's words for each IP family,
+//!   and the name of the plugin's hostPort table (which the agent's
+//!   uninstall removes too).
 //!
 //! The daemons' process plumbing (logging, signals, the HTTP endpoint) is in
 //! `weft-daemon`, so the plugin builds without an HTTP stack.
@@ -21,6 +27,8 @@ pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod nodefile;
+pub mod protocol;
+pub mod slice;
 
 /// The bridge pods attach to unless the network config names another. The
 /// plugin creates it; the agent's uninstall removes it.

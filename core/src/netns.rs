@@ -243,19 +243,9 @@ mod tests {
         }
         let own = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         let home = own();
-        let name = format!("wt-{}-netns-here", std::process::id());
-        let status = std::process::Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let path = format!("/var/run/netns/{name}");
-        let inside = Netns::open(&path).unwrap().run_here(own);
+        let made = weft_testing::TestNetns::create("netns-here");
+        let inside = Netns::open(made.path()).unwrap().run_here(own).unwrap();
         let after = own();
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &name])
-            .status();
-        let inside = inside.unwrap();
         assert_ne!(inside, home, "work ran in the target namespace");
         assert_eq!(after, home, "the thread came back");
     }

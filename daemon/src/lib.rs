@@ -1,6 +1,7 @@
 //! What Weft's two long-running daemons (`weft-controller` and
 //! `weft-agent`) share beside their work: how settings are layered
-//! ([`config`]), process set-up ([`process`]) and the `/healthz`, `/readyz`,
+//! ([`config`]), the settings both declare, the cluster CIDRs and slice sizes
+//! ([`slices`]), process set-up ([`process`]) and the `/healthz`, `/readyz`,
 //! `/metrics` endpoint ([`serve`]).
 //!
 //! A crate of its own rather than part of `weft-core` so the CNI
@@ -9,3 +10,4 @@
 pub mod config;
 pub mod process;
 pub mod serve;
+pub mod slices;

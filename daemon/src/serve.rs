@@ -1,7 +1,7 @@
-//! The small HTTP endpoint every Weft daemon runs beside its work:
-//! `/healthz` (the process is serving), `/readyz` (the daemon says it is
-//! ready, see [`Health`]) and `/metrics` (a Prometheus registry in the
-//! OpenMetrics text format, followed by the endpoint's own
+//! The small HTTP endpoint every Weft daemon runs beside its work, started
+//! with [`start`]: `/healthz` (the process is serving), `/readyz` (the
+//! daemon says it is ready, see [`Health`]) and `/metrics` (a Prometheus
+//! registry in the OpenMetrics text format, followed by the endpoint's own
 //! `weft_http_connections` and `weft_http_connections_evicted_total`).
 //!
 //! Anything that reaches the node reaches this port, so the endpoint bounds
@@ -9,8 +9,9 @@
 //! handler must answer within a few more, and only so many connections are
 //! open at once (see `Limits`). With the defaults, 500 slowloris clients
 //! that reconnect whenever they are closed raise the resident memory by
-//! about 2.3 MiB (measured: 3.3 MiB idle, 5.6 MiB at most under that load),
-//! where before every held connection cost about 17 KiB without limit.
+//! about 2.3 MiB (measured: 3.3 MiB idle, 5.6 MiB at most under that load);
+//! without the limits each held connection would cost about 17 KiB, with no
+//! bound on how many are held.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -37,7 +38,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 /// Why the endpoint could not run.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +80,7 @@ impl Health {
     }
 }
 
-/// What one client may hold of the endpoint. [`serve`] uses the defaults;
+/// What one client may hold of the endpoint. [`start`] uses the defaults;
 /// tests shorten them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -206,9 +207,29 @@ struct Endpoint {
     health: Arc<Health>,
 }
 
-/// Binds `address`; split from [`serve`] so a daemon fails fast on a taken port
-/// and tests can bind port 0 and learn the real one.
-pub async fn bind(address: SocketAddr) -> Result<TcpListener, ServeError> {
+/// Serves `/healthz`, `/readyz` (as `health` says) and `/metrics` (from
+/// `registry`) on `address` in a task of its own until `shutdown` resolves,
+/// then gives the connections still open a few seconds to finish; the task
+/// ends with what serving came to. The address is bound before this
+/// returns, so a daemon fails at once on a taken port.
+pub async fn start(
+    address: SocketAddr,
+    registry: Registry,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<JoinHandle<Result<(), ServeError>>, ServeError> {
+    let listener = bind(address).await?;
+    Ok(tokio::spawn(serve(
+        listener,
+        Arc::new(registry),
+        health,
+        shutdown,
+    )))
+}
+
+/// Binds `address`; split from [`serve`] so that [`start`] fails before
+/// spawning anything and tests can bind port 0 and learn the real one.
+async fn bind(address: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(address)
         .await
         .map_err(|source| ServeError::Bind { address, source })
@@ -216,7 +237,7 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// Serves the three endpoints on `listener` until `shutdown` resolves, then
 /// gives the connections still open a few seconds to finish.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     health: Arc<Health>,

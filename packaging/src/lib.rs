@@ -1,31 +1,26 @@
 //! What Weft's packaging tests share: the paths of the chart and the plain
-//! manifests, the helm command (built by `packaging/build-helm.sh`), the
-//! rendering of the chart (`packaging/render-manifests.sh`), and reading a
-//! rendered file back as Kubernetes objects.
+//! manifests, the rendering of the chart (`packaging/render-manifests.sh`),
+//! and reading a rendered file back as Kubernetes objects. helm itself
+//! (`weft_e2e::build_helm`, `weft_e2e::helm_command`) and kubectl
+//! (`weft_e2e::Kubectl`) come from the e2e harness.
 //!
 //! The tests themselves are in `tests/`: `chart.rs` (golden renders, lint,
 //! the config files the components read, RBAC equal to the components' own
 //! files), `apiserver.rs` (server-side validation and a helm install against
-//! a real kube-apiserver) and `image.rs` (the offline image runs).
+//! a real kube-apiserver), `image.rs` (the offline image runs) and `docs.rs`
+//! (every relative link in the README and `docs/` resolves).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Deserialize as _;
-
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the packaging crate sits in the repository root")
-        .to_path_buf()
-}
+use weft_testing::{repository, run};
 
 /// The Helm chart.
 pub fn chart_dir() -> PathBuf {
-    repo_root().join("charts/weft")
+    repository().join("charts/weft")
 }
 
 /// The plain manifests, relative to the repository root.
@@ -33,7 +28,7 @@ const PLAIN_MANIFESTS: &str = "manifests/weft.yaml";
 
 /// The plain manifests, rendered from the chart with its defaults.
 pub fn plain_manifests() -> PathBuf {
-    repo_root().join(PLAIN_MANIFESTS)
+    repository().join(PLAIN_MANIFESTS)
 }
 
 /// Every rendered file `packaging/render-manifests.sh` writes, relative to
@@ -57,53 +52,11 @@ pub fn rendered_files() -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Runs a command to completion; fails with its output if it fails.
-pub fn run(command: &mut Command) -> Result<String> {
-    let output = command
-        .output()
-        .with_context(|| format!("starting {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed ({}):\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    String::from_utf8(output.stdout).with_context(|| format!("{command:?} printed non-UTF-8"))
-}
-
-/// The helm binary, built from its Go module on first use and cached
-/// outside the repository.
-pub fn helm() -> Result<PathBuf> {
-    let script = repo_root().join("packaging/build-helm.sh");
-    let path = run(&mut Command::new(&script))?;
-    let path = PathBuf::from(path.trim());
-    ensure!(
-        path.is_file(),
-        "{} printed {}, which is not a file",
-        script.display(),
-        path.display()
-    );
-    Ok(path)
-}
-
-/// A helm command that keeps its caches and settings in `home` rather than
-/// the user's home directory.
-pub fn helm_command(helm: &Path, home: &Path) -> Command {
-    let mut command = Command::new(helm);
-    command
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"));
-    command
-}
-
 /// Renders the plain manifests and golden files into `out` (see
 /// [`rendered_files`]) with `helm`.
 pub fn render_into(helm: &Path, out: &Path) -> Result<()> {
     run(
-        Command::new(repo_root().join("packaging/render-manifests.sh"))
+        Command::new(repository().join("packaging/render-manifests.sh"))
             .arg(out)
             .env("HELM", helm),
     )?;

@@ -2,10 +2,11 @@
 //! every render passes server-side validation, `helm install` creates RBAC
 //! that grants each component what it uses and nothing more, and the node
 //! write policy holds each component (and each kubelet) to its own part of
-//! the Node objects. Needs root (the harness) and kubectl on PATH.
+//! the Node objects. Needs root (the harness, through
+//! `weft_testing::require_root!`: under `CI=true` none skips) and kubectl on
+//! PATH.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
@@ -13,98 +14,29 @@ use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use serde_json::{json, Value};
-use tempfile::TempDir;
-use weft_e2e::Cluster;
-use weft_packaging::{
-    chart_dir, helm, helm_command, plain_manifests, render_into, rendered_files, repo_root, run,
-    Rendered,
-};
+use weft_e2e::{build_helm, Cluster, Kubectl};
+use weft_packaging::{chart_dir, plain_manifests, render_into, rendered_files, Rendered};
+use weft_testing::{eventually, require_root, run};
 
-/// kubectl against one cluster, with its discovery cache in a temporary
-/// directory rather than the user's home.
-struct Kubectl {
-    kubeconfig: PathBuf,
-    cache: TempDir,
-}
+/// How long the API server may take to enforce a newly created policy.
+const POLICY_PATIENCE: Duration = Duration::from_secs(120);
 
-impl Kubectl {
-    fn new(cluster: &Cluster) -> Result<Kubectl> {
-        Ok(Kubectl {
-            kubeconfig: cluster.kubeconfig().to_path_buf(),
-            cache: tempfile::tempdir()?,
-        })
-    }
-
-    fn command(&self) -> Command {
-        let mut command = Command::new("kubectl");
-        command
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.cache.path());
-        command
-    }
-
-    /// `kubectl apply --dry-run=server --validate=strict -f path`: the API
-    /// server runs defaulting, validation and admission, and stores nothing.
-    fn apply_dry_run(&self, path: &Path) -> Result<String> {
-        run(self
-            .command()
-            .args(["apply", "--dry-run=server", "--validate=strict", "-f"])
-            .arg(path))
-        .with_context(|| format!("server-side dry run of {}", path.display()))
-    }
-
-    /// `kubectl apply -f path`, for real.
-    fn apply(&self, path: &Path) -> Result<String> {
-        run(self.command().arg("apply").arg("-f").arg(path))
-            .with_context(|| format!("applying {}", path.display()))
-    }
-
-    fn ensure_namespace(&self, namespace: &str) -> Result<()> {
-        let exists = self
-            .command()
-            .args(["get", "namespace", namespace])
-            .output()?
-            .status
-            .success();
-        if !exists {
-            run(self.command().args(["create", "namespace", namespace]))?;
-        }
-        Ok(())
-    }
-
-    /// Whether ServiceAccount `kube-system/<account>` may do `request`
-    /// (`kubectl auth can-i` arguments).
-    fn can(&self, account: &str, request: &[&str]) -> Result<bool> {
-        let output = self
-            .command()
-            .args(["auth", "can-i"])
-            .args(request)
-            .arg(format!("--as=system:serviceaccount:kube-system:{account}"))
-            .output()?;
-        let answer = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        match (output.status.code(), answer.as_str()) {
-            (Some(0), "yes") => Ok(true),
-            (Some(1), "no") => Ok(false),
-            _ => bail!(
-                "kubectl auth can-i {request:?} as {account}: {answer} {}",
-                String::from_utf8_lossy(&output.stderr)
-            ),
-        }
-    }
+/// The user kubectl impersonates for ServiceAccount `kube-system/<account>`.
+fn service_account(account: &str) -> String {
+    format!("system:serviceaccount:kube-system:{account}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_render_passes_server_side_validation() -> Result<()> {
-    let helm = helm()?;
+    require_root!("the e2e harness's cluster");
+    let helm = build_helm()?;
     let out = tempfile::tempdir()?;
     render_into(&helm, out.path())?;
     let cluster = Cluster::start_control_plane_only().await?;
-    let kubectl = Kubectl::new(&cluster)?;
+    let kubectl = Kubectl::new(cluster.kubeconfig());
 
     // What a user runs, from the repository.
-    kubectl.apply_dry_run(&repo_root().join("manifests"))?;
+    kubectl.apply_dry_run(&weft_testing::repository().join("manifests"))?;
     // And fresh `helm template` output for every values file; namespaced
     // objects need their namespace to exist, even in a dry run.
     for file in rendered_files()? {
@@ -161,17 +93,13 @@ async fn every_render_passes_server_side_validation() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<()> {
-    let helm = helm()?;
-    let home = tempfile::tempdir()?;
+    require_root!("the e2e harness's cluster");
+    let helm = build_helm()?;
     let cluster = Cluster::start_control_plane_only().await?;
-    let kubectl = Kubectl::new(&cluster)?;
-    let helm_in_cluster = || {
-        let mut command = helm_command(&helm, home.path());
-        command.arg("--kubeconfig").arg(cluster.kubeconfig());
-        command
-    };
+    let kubectl = Kubectl::new(cluster.kubeconfig());
 
-    let installed = run(helm_in_cluster()
+    let installed = run(kubectl
+        .helm(&helm)
         .args(["install", "weft"])
         .arg(chart_dir())
         .args(["--namespace", "kube-system"]))?;
@@ -326,14 +254,16 @@ async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<
     ];
     for (account, request, allowed) in expectations {
         ensure!(
-            kubectl.can(account, request)? == *allowed,
+            kubectl.can(&service_account(account), request)? == *allowed,
             "{account} {} be allowed to {}",
             if *allowed { "should" } else { "should not" },
             request.join(" ")
         );
     }
 
-    run(helm_in_cluster().args(["uninstall", "weft", "--namespace", "kube-system"]))?;
+    run(kubectl
+        .helm(&helm)
+        .args(["uninstall", "weft", "--namespace", "kube-system"]))?;
     let left = run(kubectl.command().args([
         "get",
         "daemonsets,deployments,configmaps,serviceaccounts,roles,rolebindings",
@@ -445,11 +375,12 @@ async fn kubelet_client(cluster: &Cluster, node: &str) -> Result<Client> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_component_writes_only_its_own_part_of_a_node() -> Result<()> {
+    require_root!("the e2e harness's cluster");
     let cluster = Cluster::start_control_plane_only().await?;
-    let kubectl = Kubectl::new(&cluster)?;
+    let kubectl = Kubectl::new(cluster.kubeconfig());
     let admin = cluster.client().await?;
     // What a user runs: the plain manifests, policy included.
-    kubectl.apply(&repo_root().join("manifests"))?;
+    kubectl.apply(&weft_testing::repository().join("manifests"))?;
     let nodes: Api<Node> = Api::all(admin.clone());
     for name in ["node-0", "node-1"] {
         let node = Node {
@@ -484,26 +415,28 @@ async fn each_component_writes_only_its_own_part_of_a_node() -> Result<()> {
     );
     let administrator = Writer::new("an administrator", admin.clone());
 
-    // The API server picks the policy up a moment after it is created.
-    let started = std::time::Instant::now();
-    while agent
-        .annotate("node-1", "weft.dev/public-ip", "192.0.2.1")
-        .await?
-        .is_none()
-    {
-        ensure!(
-            started.elapsed() < std::time::Duration::from_secs(120),
-            "the node write policy never took effect"
-        );
-        administrator
-            .patch(
-                "node-1",
-                false,
-                json!({ "metadata": { "annotations": { "weft.dev/public-ip": null } } }),
-            )
-            .await?;
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
+    // The API server picks the policy up a moment after it is created;
+    // until then the write goes through and is undone.
+    eventually(
+        POLICY_PATIENCE,
+        "the node write policy to take effect",
+        || async {
+            let outcome = agent
+                .annotate("node-1", "weft.dev/public-ip", "192.0.2.1")
+                .await?;
+            if outcome.is_none() {
+                administrator
+                    .patch(
+                        "node-1",
+                        false,
+                        json!({ "metadata": { "annotations": { "weft.dev/public-ip": null } } }),
+                    )
+                    .await?;
+            }
+            Ok(outcome.map(drop))
+        },
+    )
+    .await?;
 
     let backend = r#"{"vtepMAC":"0a:58:0a:f4:00:01"}"#;
     let unavailable = json!({ "status": { "conditions": [{

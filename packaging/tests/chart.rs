@@ -12,22 +12,20 @@ use weft_agent::config::{AgentConfig, AgentSettings};
 use weft_agent::install::render_conflist;
 use weft_controller::{ControllerConfig, ControllerSettings};
 use weft_daemon::config::Layer;
-use weft_packaging::{
-    chart_dir, helm, helm_command, plain_manifests, render_into, rendered_files, repo_root, run,
-    Rendered,
-};
+use weft_e2e::{build_helm, helm_command};
+use weft_packaging::{chart_dir, plain_manifests, render_into, rendered_files, Rendered};
 
 /// Where the image puts weft-agent; the plugin's default source is beside it.
 const AGENT_BINARY: &str = "/usr/local/bin/weft-agent";
 
 #[test]
 fn plain_manifests_and_golden_files_are_the_charts_render() -> Result<()> {
-    let helm = helm()?;
+    let helm = build_helm()?;
     let out = tempfile::tempdir()?;
     render_into(&helm, out.path())?;
     for file in rendered_files()? {
         let fresh = std::fs::read_to_string(out.path().join(&file))?;
-        let committed = std::fs::read_to_string(repo_root().join(&file))
+        let committed = std::fs::read_to_string(weft_testing::repository().join(&file))
             .with_context(|| format!("reading {}", file.display()))?;
         if let Some((line, (want, have))) = fresh
             .lines()
@@ -54,7 +52,7 @@ fn plain_manifests_and_golden_files_are_the_charts_render() -> Result<()> {
 
 #[test]
 fn chart_lints_clean_with_every_values_file() -> Result<()> {
-    let helm = helm()?;
+    let helm = build_helm()?;
     let home = tempfile::tempdir()?;
     let values_files: Vec<PathBuf> = std::fs::read_dir(chart_dir().join("tests"))?
         .map(|entry| entry.map(|e| e.path()))
@@ -66,23 +64,30 @@ fn chart_lints_clean_with_every_values_file() -> Result<()> {
         !values_files.is_empty(),
         "no charts/weft/tests/*.values.yaml"
     );
-    let mut lint = helm_command(&helm, home.path());
-    lint.args(["lint", "--strict"]).arg(chart_dir());
-    run(&mut lint)?;
+    lint(&helm, home.path(), None)?;
     for values in values_files {
-        let mut lint = helm_command(&helm, home.path());
-        lint.args(["lint", "--strict"])
-            .arg(chart_dir())
-            .arg("--values")
-            .arg(&values);
-        run(&mut lint).with_context(|| format!("linting with {}", values.display()))?;
+        lint(&helm, home.path(), Some(&values))
+            .with_context(|| format!("linting with {}", values.display()))?;
     }
+    Ok(())
+}
+
+/// `helm lint --strict` on the chart, with `values` if given. helm prints
+/// its findings on stdout and only a count on stderr, so a failure shows
+/// both.
+fn lint(helm: &Path, home: &Path, values: Option<&Path>) -> Result<()> {
+    let mut lint = helm_command(helm, home);
+    lint.args(["lint", "--strict"]).arg(chart_dir());
+    if let Some(values) = values {
+        lint.arg("--values").arg(values);
+    }
+    weft_testing::run(&mut lint)?;
     Ok(())
 }
 
 #[test]
 fn bad_values_are_refused_naming_the_value() -> Result<()> {
-    let helm = helm()?;
+    let helm = build_helm()?;
     let home = tempfile::tempdir()?;
     let cases = [
         ("agent.backend=udp", "/agent/backend"),
@@ -201,7 +206,7 @@ fn every_render_configures_components_that_agree() -> Result<()> {
             controller,
             agent,
             conflist,
-        } = configs_of(&repo_root().join(&file))
+        } = configs_of(&weft_testing::repository().join(&file))
             .with_context(|| format!("in {}", file.display()))?;
         let check = |agrees: bool, what: &str| -> Result<()> {
             ensure!(agrees, "{}: {what}", file.display());
@@ -358,7 +363,7 @@ fn grants(
 fn plain_manifests_grant_exactly_what_the_components_rbac_files_do() -> Result<()> {
     let manifests = Rendered::load(&plain_manifests())?;
     for component in ["controller", "agent"] {
-        let file = repo_root().join(component).join("rbac.yaml");
+        let file = weft_testing::repository().join(component).join("rbac.yaml");
         let own = Rendered::load(&file)?;
         let identities = own.identities();
         let prefix = format!("weft-{component}");

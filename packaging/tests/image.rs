@@ -2,8 +2,9 @@
 //! name the chart uses, whose binaries run from its own root filesystem, whose
 //! `nft` loads the agent's real masquerade table, whose plugin runs with no
 //! libc at all, and whose shell runs the chart's install-cni script. Needs
-//! root (buildah, chroot, a throwaway network namespace) and builds the
-//! release binaries.
+//! root (buildah, chroot, a throwaway network namespace; through
+//! `weft_testing::require_root!`: under `CI=true` it never skips) and builds
+//! the release binaries.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::Value;
 use weft_agent::masquerade::render_ruleset;
-use weft_packaging::{plain_manifests, repo_root, run, Rendered};
+use weft_packaging::{plain_manifests, Rendered};
+use weft_testing::{printed_path, require_root, run};
 
 /// Reads a JSON blob of an unpacked OCI layout by digest.
 fn blob(layout: &Path, digest: &str) -> Result<Value> {
@@ -60,14 +62,17 @@ fn du_bytes(path: &Path) -> Result<u64> {
 
 #[test]
 fn offline_image_runs_what_the_chart_asks_of_it() -> Result<()> {
+    require_root!("buildah, chroot and a network namespace");
     let work = tempfile::tempdir()?;
     let archive = work.path().join("weft.oci.tar");
-    let printed = run(Command::new(repo_root().join("packaging/build-image.sh"))
-        .env("WEFT_IMAGE_ARCHIVE", &archive)
-        .stderr(Stdio::inherit()))?;
+    let printed = printed_path(
+        Command::new(weft_testing::repository().join("packaging/build-image.sh"))
+            .env("WEFT_IMAGE_ARCHIVE", &archive),
+    )?;
     ensure!(
-        Path::new(printed.trim()) == archive,
-        "build-image.sh printed {printed}"
+        printed == archive,
+        "build-image.sh printed {}",
+        printed.display()
     );
 
     // Named as the plain manifests reference it, so an imported archive is

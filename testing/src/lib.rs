@@ -52,18 +52,23 @@ macro_rules! require_root {
 }
 
 /// Runs `command` to completion and returns its stdout; fails naming the
-/// command, its exit status and its stderr when it cannot start or exits
-/// non-zero.
+/// command, its exit status and what it printed (stderr, and stdout too
+/// where a tool reports there, as `helm lint` does) when it cannot start or
+/// exits non-zero.
 pub fn run(command: &mut Command) -> Result<String> {
     let output = command
         .output()
         .with_context(|| format!("starting {command:?}"))?;
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
+    if !output.status.success() {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let printed = [stdout.trim(), stderr.trim()]
+            .into_iter()
+            .filter(|text| !text.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        bail!("{command:?} failed ({}): {printed}", output.status);
+    }
     String::from_utf8(output.stdout).with_context(|| format!("{command:?} printed non-UTF-8"))
 }
 
@@ -222,7 +227,9 @@ where
 /// The workspace's root directory (where `Cargo.lock` is), for scripts and
 /// fixtures.
 pub fn repository() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("weft-testing sits in the workspace root")
 }
 
 #[cfg(test)]
@@ -232,9 +239,13 @@ mod tests {
     #[test]
     fn run_returns_stdout_and_names_a_failure() {
         assert_eq!(run(Command::new("echo").arg("hi")).unwrap(), "hi\n");
-        let error = run(Command::new("sh").args(["-c", "echo oops >&2; exit 3"])).unwrap_err();
+        let error =
+            run(Command::new("sh").args(["-c", "echo found; echo oops >&2; exit 3"])).unwrap_err();
         let text = format!("{error:#}");
-        assert!(text.contains("oops") && text.contains('3'), "{text}");
+        assert!(
+            text.contains("found") && text.contains("oops") && text.contains('3'),
+            "{text}"
+        );
     }
 
     #[test]
@@ -249,7 +260,10 @@ mod tests {
         let error = wait_for::<()>(Duration::ZERO, "never", || bail!("still starting"))
             .unwrap_err()
             .to_string();
-        assert!(error.contains("never") && error.contains("still starting"), "{error}");
+        assert!(
+            error.contains("never") && error.contains("still starting"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -1,15 +1,15 @@
-//! Measuring helpers the benchmarks share: percentiles, units, a
-//! process's memory, iperf3 runs.
+//! Measuring helpers the agent's benchmarks share: the command line's
+//! selection, units, medians, iperf3 runs. Percentiles and a process's
+//! memory come from `weft_testing::measure`.
 
 use std::future::Future;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
-
-use crate::testbed::{is_root, output};
+use weft_testing::{root_available, run, wait_for};
 
 /// The measurements a bench's command line names (`cargo bench … -- NAME`,
 /// matched as substrings); all when it names none.
@@ -29,7 +29,7 @@ pub fn run_as_root<F>(body: impl FnOnce(Selection) -> F) -> Result<()>
 where
     F: Future<Output = Result<()>>,
 {
-    if !is_root() {
+    if !root_available("the benchmarks make network namespaces") {
         return Ok(());
     }
     let selection = Selection(
@@ -48,29 +48,9 @@ where
 /// Seconds of each iperf3 run.
 pub const IPERF_SECONDS: &str = "5";
 
-/// The `p`th percentile of `sorted` (nearest rank).
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// `d` in milliseconds, one decimal.
 pub fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
-/// A `/proc/PID/status` figure in KiB, e.g. `VmRSS:`.
-pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed status line")?
-        .parse()?)
 }
 
 /// Received bits per second of a TCP iperf3 run to `server_ip`, with the
@@ -86,32 +66,27 @@ pub fn iperf(mut server: Command, client: impl Fn() -> Command, server_ip: IpAdd
     // The server needs a moment to listen; retry the client until it
     // connects. iperf3 -J exits 0 even when it could not connect and puts
     // the reason in "error".
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let received = loop {
-        let mut attempt = client();
-        attempt.args([
-            "-c",
-            &server_ip.to_string(),
-            "-p",
-            "5201",
-            "-t",
-            IPERF_SECONDS,
-            "-J",
-        ]);
-        let report: Result<Value> =
-            output(attempt).and_then(|text| Ok(serde_json::from_str(&text)?));
-        let problem = match report {
-            Ok(report) => match report["end"]["sum_received"]["bits_per_second"].as_f64() {
-                Some(bits) => break Ok(bits),
-                None => format!("iperf3 reported no throughput: {}", report["error"]),
-            },
-            Err(error) => error.to_string(),
-        };
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!("iperf3 to {server_ip}: {problem}"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let received = wait_for(
+        Duration::from_secs(10),
+        &format!("iperf3 to {server_ip}"),
+        || {
+            let mut attempt = client();
+            attempt.args([
+                "-c",
+                &server_ip.to_string(),
+                "-p",
+                "5201",
+                "-t",
+                IPERF_SECONDS,
+                "-J",
+            ]);
+            let report: Value = serde_json::from_str(&run(&mut attempt)?)?;
+            match report["end"]["sum_received"]["bits_per_second"].as_f64() {
+                Some(bits) => Ok(Some(bits)),
+                None => bail!("iperf3 reported no throughput: {}", report["error"]),
+            }
+        },
+    );
     // A one-off server exits after its test; one that never saw it must go.
     let _ = server.kill();
     let _ = server.wait();

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::str::FromStr;
 use std::time::SystemTime;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -19,8 +19,9 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
 use weft_e2e::{Cluster, ClusterNode, Pod, ProcessHandle};
+use weft_testing::printed_path;
 
-use super::testbed::{output, start_cluster};
+use super::testbed::start_cluster;
 use super::{mac_text, node_object, patch_node, Contender};
 
 /// The prefix of every annotation flannel's kube subnet manager reads and writes.
@@ -201,20 +202,11 @@ fn subnet_file(node: &ClusterNode) -> PathBuf {
     node.state_dir.join("subnet.env")
 }
 
-/// Runs `e2e/flannel/build.sh` (a no-op on a warm cache) and returns the
-/// binary it printed.
+/// Runs `e2e/flannel/build.sh` (a no-op on a warm cache; a cold build
+/// takes minutes and shows its progress) and returns the binary it printed.
 fn build_flanneld() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/flannel/build.sh");
-    let mut build = Command::new(&script);
-    // A cold build takes minutes; let its progress show.
-    build.stderr(Stdio::inherit());
-    let printed = output(build).context("building flanneld with e2e/flannel/build.sh")?;
-    let binary = PathBuf::from(printed.trim());
-    ensure!(
-        binary.is_file(),
-        "e2e/flannel/build.sh printed {binary:?}, which is not a file"
-    );
-    Ok(binary)
+    let script = weft_testing::repository().join("e2e/flannel/build.sh");
+    printed_path(&mut Command::new(script)).context("building flanneld with e2e/flannel/build.sh")
 }
 
 /// flannel's chart's ClusterRole, bound to ServiceAccount kube-system/flannel

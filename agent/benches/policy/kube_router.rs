@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use weft_e2e::{ClusterNode, ProcessHandle};
+use weft_testing::{printed_path, run};
 
-use crate::testbed::{output, Overlay};
+use crate::testbed::Overlay;
 
 /// kube-router on some nodes of the bench's cluster.
 pub struct KubeRouter {
@@ -19,9 +20,8 @@ pub struct KubeRouter {
 
 /// Builds (or finds in the cache) the kube-router binary.
 fn binary() -> Result<PathBuf> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../e2e/kube-router/build.sh");
-    let path = output(Command::new(script)).context("building kube-router")?;
-    Ok(PathBuf::from(path.trim()))
+    let script = weft_testing::repository().join("e2e/kube-router/build.sh");
+    printed_path(&mut Command::new(script)).context("building kube-router")
 }
 
 impl KubeRouter {
@@ -83,9 +83,7 @@ impl KubeRouter {
     pub async fn wait_isolated(&self, pods: usize, deadline: Instant) -> Result<()> {
         let (node, _) = &self.running[0];
         loop {
-            let mut save = node.command("iptables-save");
-            save.args(["-t", "filter"]);
-            let rules = output(save)?;
+            let rules = run(node.command("iptables-save").args(["-t", "filter"]))?;
             let chains = rules
                 .lines()
                 .filter(|line| line.contains("run through nw policy"))
@@ -111,11 +109,7 @@ impl KubeRouter {
     pub fn stop(self) -> Result<()> {
         for (node, process) in self.running {
             process.kill()?;
-            let rules = output({
-                let mut save = node.command("iptables-save");
-                save.args(["-t", "filter"]);
-                save
-            })?;
+            let rules = run(node.command("iptables-save").args(["-t", "filter"]))?;
             let kept: String = rules
                 .lines()
                 .filter(|line| !KUBE_ROUTER_CHAINS.iter().any(|chain| line.contains(chain)))
@@ -126,9 +120,7 @@ impl KubeRouter {
             feed(restore, &kept)
                 .with_context(|| format!("removing kube-router's rules on {}", node.name))?;
             // Sets go once no rule refers to them, in one batch.
-            let mut list = node.command("ipset");
-            list.args(["list", "-n"]);
-            let destroy: String = output(list)?
+            let destroy: String = run(node.command("ipset").args(["list", "-n"]))?
                 .lines()
                 .filter(|set| {
                     KUBE_ROUTER_SETS

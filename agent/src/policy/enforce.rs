@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinError;
 use weft_core::nft::NftError;
 
-use super::compile::compile;
+use super::compile::{compile, Direction};
 use super::model::PolicyError;
 use super::nft::PolicyDataplane;
 use super::watch::{watch_policy_inputs, PolicyCache};
@@ -57,7 +57,8 @@ pub fn ensure_bridge_netfilter() -> Result<(), BridgeNetfilterError> {
     Ok(())
 }
 
-/// How often the drop counters are read for `weft_agent_policy_denied_packets`.
+/// How often the drop counters are read for
+/// `weft_agent_policy_denied_packets_total`.
 const DENIED_READ_EVERY: Duration = Duration::from_secs(10);
 
 /// Why one pass failed.
@@ -133,12 +134,16 @@ fn lock(dataplane: &Mutex<PolicyDataplane>) -> MutexGuard<'_, PolicyDataplane> {
     dataplane.lock().expect("policy data plane lock poisoned")
 }
 
-/// Reads the table's drop counters into the metrics. Off the sync's
-/// path: a policy change never waits for a counter read.
+/// Counts the packets the table dropped since the last read into the
+/// metrics. Off the sync's path: a policy change never waits for a counter
+/// read.
 async fn read_denied(dataplane: &Arc<Mutex<PolicyDataplane>>, metrics: &AgentMetrics) {
     let dataplane = dataplane.clone();
-    match tokio::task::spawn_blocking(move || lock(&dataplane).denied_packets()).await {
-        Ok(Ok(denied)) => metrics.record_policy_denied(denied),
+    match tokio::task::spawn_blocking(move || lock(&dataplane).newly_denied()).await {
+        Ok(Ok((egress, ingress))) => {
+            metrics.record_policy_denied(Direction::Egress.name(), egress);
+            metrics.record_policy_denied(Direction::Ingress.name(), ingress);
+        }
         Ok(Err(error)) => tracing::debug!(%error, "reading the policy drop counters failed"),
         Err(error) => tracing::debug!(%error, "the counter read ended abnormally"),
     }
@@ -175,7 +180,12 @@ async fn sync(
         let applied = dataplane.apply(plan)?;
         // The metrics say what the kernel enforces, not what is on its way.
         if let Some(plan) = dataplane.enforced() {
-            recorded.record_policy_plan(plan, refused);
+            for direction in Direction::BOTH {
+                let side = direction.of(plan);
+                let rules = side.allow_sets.values().map(|set| set.len()).sum();
+                recorded.record_policy_enforced(direction.name(), rules, side.isolated.len());
+            }
+            recorded.record_policy_refused(refused);
         }
         Ok::<_, SyncError>(applied)
     })

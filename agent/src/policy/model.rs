@@ -17,36 +17,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::selector::{Labels, Selector, SelectorError};
 
-/// A transport protocol NetworkPolicy ports name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    /// TCP (the default).
-    Tcp,
-    /// UDP.
-    Udp,
-    /// SCTP.
-    Sctp,
-}
-
-impl Protocol {
-    /// The IP protocol number (`meta l4proto`).
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-            Protocol::Sctp => 132,
-        }
-    }
-
-    fn parse(text: Option<&str>) -> Option<Self> {
-        match text.unwrap_or("TCP") {
-            "TCP" => Some(Protocol::Tcp),
-            "UDP" => Some(Protocol::Udp),
-            "SCTP" => Some(Protocol::Sctp),
-            _ => None,
-        }
-    }
-}
+// The records carry it, so their readers find it beside them.
+pub use weft_core::protocol::Protocol;
 
 /// A named container port, which a policy may refer to by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +86,7 @@ impl PodRecord {
                 Some(NamedPort {
                     name: port.name.clone()?,
                     port: u16::try_from(port.container_port).ok()?,
-                    protocol: Protocol::parse(port.protocol.as_deref())?,
+                    protocol: Protocol::from_kubernetes(port.protocol.as_deref())?,
                 })
             })
             .collect();
@@ -404,7 +376,7 @@ fn parse_peer(peer: &NetworkPolicyPeer) -> Result<Peer, (String, String)> {
 
 /// A port rule, or the field under it at fault and why.
 fn parse_port(port: &NetworkPolicyPort) -> Result<PortRule, (String, String)> {
-    let protocol = Protocol::parse(port.protocol.as_deref()).ok_or_else(|| {
+    let protocol = Protocol::from_kubernetes(port.protocol.as_deref()).ok_or_else(|| {
         (
             ".protocol".to_owned(),
             format!(

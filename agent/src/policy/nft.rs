@@ -16,6 +16,10 @@
 //! on the first apply and on resync, and changed in place otherwise: an
 //! allow set's entries and the map's pod addresses are added and deleted
 //! element by element, so pod churn never rewrites the table.
+//!
+//! A whole write restarts the named drop counters at zero, so the packets
+//! they counted are tallied just before (see `DeniedTally`) and the agent's
+//! count of denied packets only ever goes up.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -241,11 +245,53 @@ pub enum Applied {
     Replaced,
 }
 
+/// Packets dropped, (egress, ingress).
+type Denied = (u64, u64);
+
+/// Turns readings of the table's drop counters into packets newly dropped,
+/// counting each drop once although the kernel's counters restart at zero
+/// whenever the table is written whole.
+#[derive(Debug, Default)]
+struct DeniedTally {
+    /// The last reading, or the counters' zero after a whole write. `None`
+    /// before either: the first reading only sets where counting starts,
+    /// since what the table counted before this process started was counted
+    /// by an earlier run.
+    last: Option<Denied>,
+    /// Drops counted and not yet taken.
+    untaken: Denied,
+}
+
+impl DeniedTally {
+    /// Counts what the counters added since the last reading. A reading
+    /// below the last means the table was recreated without this tally
+    /// seeing it, so its counters started again from zero.
+    fn read(&mut self, reading: Denied) {
+        let since = |last: u64, now: u64| now.checked_sub(last).unwrap_or(now);
+        if let Some(last) = self.last {
+            self.untaken.0 = self.untaken.0.saturating_add(since(last.0, reading.0));
+            self.untaken.1 = self.untaken.1.saturating_add(since(last.1, reading.1));
+        }
+        self.last = Some(reading);
+    }
+
+    /// The table was written whole: its counters start again from zero.
+    fn rewritten(&mut self) {
+        self.last = Some((0, 0));
+    }
+
+    /// The drops counted since the last take.
+    fn take(&mut self) -> Denied {
+        std::mem::take(&mut self.untaken)
+    }
+}
+
 /// Keeps the kernel's policy table enforcing the latest plan, in the
 /// network namespace of the calling thread. Blocking: runs `nft`.
 #[derive(Debug, Default)]
 pub struct PolicyDataplane {
     applied: Option<PolicyPlan>,
+    denied: DeniedTally,
 }
 
 impl PolicyDataplane {
@@ -273,9 +319,18 @@ impl PolicyDataplane {
         Ok(applied)
     }
 
-    fn replace(&self, plan: &PolicyPlan) -> Result<Applied, NftError> {
+    fn replace(&mut self, plan: &PolicyPlan) -> Result<Applied, NftError> {
+        // Writing the table restarts its counters: count what they hold
+        // first. Without a table there is nothing to count.
+        match self.counters() {
+            Ok(reading) => self.denied.read(reading),
+            Err(error) => {
+                tracing::debug!(%error, "could not read the drop counters before writing the network policy table (there are none on a first write)")
+            }
+        }
         let script = replace_script(plan);
         nft::apply(&script, "write the network policy table")?;
+        self.denied.rewritten();
         Ok(Applied::Replaced)
     }
 
@@ -289,17 +344,34 @@ impl PolicyDataplane {
         self.applied.as_ref()
     }
 
-    /// Packets dropped so far, (egress, ingress): the table's counters,
-    /// read without listing its sets.
+    /// Packets dropped since the table was last written whole, (egress,
+    /// ingress): the table's counters as they stand.
     pub fn denied_packets(&self) -> Result<(u64, u64), NftError> {
+        match self.counters() {
+            // No table yet: nothing denied.
+            Err(NftError::Nft { .. }) if self.applied.is_none() => Ok((0, 0)),
+            counted => counted,
+        }
+    }
+
+    /// Packets dropped since the last call, (egress, ingress), each counted
+    /// once across whole writes of the table; the first call only starts
+    /// the count.
+    pub fn newly_denied(&mut self) -> Result<(u64, u64), NftError> {
+        match self.counters() {
+            Ok(reading) => self.denied.read(reading),
+            // No table yet: nothing denied.
+            Err(NftError::Nft { .. }) if self.applied.is_none() => {}
+            Err(error) => return Err(error),
+        }
+        Ok(self.denied.take())
+    }
+
+    /// The table's drop counters, read without listing its sets.
+    fn counters(&self) -> Result<Denied, NftError> {
         let mut args = vec!["-j", "list", "counters", "table"];
         args.extend(TABLE.split_whitespace());
-        let listing = match nft::run(&args, None, "read the denied-packet counters") {
-            Ok(listing) => listing,
-            // No table yet: nothing denied.
-            Err(NftError::Nft { .. }) if self.applied.is_none() => return Ok((0, 0)),
-            Err(error) => return Err(error),
-        };
+        let listing = nft::run(&args, None, "read the denied-packet counters")?;
         let parsed: serde_json::Value = serde_json::from_str(&listing).unwrap_or_default();
         let mut denied = (0, 0);
         for item in parsed["nftables"].as_array().into_iter().flatten() {
@@ -413,6 +485,38 @@ mod tests {
         let established = text.find("ct state").unwrap();
         assert!(text.find("vmap").unwrap() > established);
         assert!(!text.contains("flush"));
+    }
+
+    #[test]
+    fn denied_packets_are_counted_once_across_rewrites_and_never_go_down() {
+        let mut tally = DeniedTally::default();
+        let mut total = (0, 0);
+        let mut take = |tally: &mut DeniedTally| {
+            let (egress, ingress) = tally.take();
+            total = (total.0 + egress, total.1 + ingress);
+            total
+        };
+        // What the table counted before this process started is not counted.
+        tally.read((7, 40));
+        assert_eq!(take(&mut tally), (0, 0));
+        tally.read((9, 45));
+        assert_eq!(take(&mut tally), (2, 5));
+        // Read just before a whole write, which restarts the kernel's
+        // counters at zero.
+        tally.read((10, 50));
+        tally.rewritten();
+        tally.read((1, 3));
+        assert_eq!(take(&mut tally), (4, 13));
+        // A rewrite the tally did not see: the reading falls.
+        tally.read((0, 2));
+        assert_eq!(take(&mut tally), (4, 15));
+        tally.read((0, 2));
+        assert_eq!(take(&mut tally), (4, 15));
+        // Without any reading before the first write, counting starts at it.
+        let mut fresh = DeniedTally::default();
+        fresh.rewritten();
+        fresh.read((4, 0));
+        assert_eq!(fresh.take(), (4, 0));
     }
 
     #[test]

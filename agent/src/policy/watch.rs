@@ -1,89 +1,58 @@
 //! What the agent keeps of Pods, Namespaces and NetworkPolicies, filled by
-//! three kube-runtime watchers. Each object is cut down on arrival to its
-//! compact record ([`super::model`]) in a map by namespace and name; no API
-//! object is kept. The watchers' events are taken as the node cache takes
-//! them ([`crate::cache`]): `InitDone` removes what a re-list did not name,
-//! and nothing is read before all three have listed once.
+//! three watches (the agent's module `watch`, which feeds the node cache
+//! too). Each object is cut down on arrival to its compact record
+//! ([`super::model`]) in a map by namespace and name; no API object is
+//! kept. Nothing is read before all three have listed once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::watcher::{self, watcher};
-use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::Instrument;
 
 use super::model::{NamespaceRecord, PodRecord, PolicyError, PolicyRecord};
 use crate::metrics::AgentMetrics;
+use crate::watch::{watch_into, Entries, Mirror};
 
 /// Namespace and name.
 type Key = (String, String);
 
-/// One kind's records, kept by one watcher.
+/// One kind's records: each object of kind `K` cut down by `cut` (`None`:
+/// the object holds nothing policy needs).
 #[derive(Debug)]
-struct Records<R> {
+struct Records<K, R> {
     entries: BTreeMap<Key, R>,
-    /// Keys not yet named by a re-list in progress, and whether it changed
-    /// an entry so far.
-    relist: Option<(BTreeSet<Key>, bool)>,
-    synced: bool,
+    cut: fn(&K) -> Option<R>,
 }
 
-impl<R> Default for Records<R> {
-    fn default() -> Self {
+impl<K, R> Records<K, R> {
+    fn new(cut: fn(&K) -> Option<R>) -> Self {
         Self {
             entries: BTreeMap::new(),
-            relist: None,
-            synced: false,
+            cut,
         }
     }
 }
 
-impl<R: PartialEq> Records<R> {
-    /// Applies one event, cutting objects down with `record` (`None`: the
-    /// object holds nothing policy needs); true if an entry changed.
-    fn observe<K: Resource>(
-        &mut self,
-        event: watcher::Event<K>,
-        record: impl Fn(&K) -> Option<R>,
-    ) -> bool {
-        let key = |object: &K| (object.namespace().unwrap_or_default(), object.name_any());
-        match event {
-            watcher::Event::Init => {
-                self.relist = Some((self.entries.keys().cloned().collect(), false));
-                false
-            }
-            watcher::Event::InitApply(object) => {
-                let key = key(&object);
-                let changed = self.put(key.clone(), record(&object));
-                if let Some((unlisted, relist_changed)) = self.relist.as_mut() {
-                    unlisted.remove(&key);
-                    *relist_changed |= changed;
-                }
-                false
-            }
-            watcher::Event::InitDone => {
-                let (unlisted, relist_changed) = self.relist.take().unwrap_or_default();
-                let mut changed = !self.synced || relist_changed;
-                for key in unlisted {
-                    changed |= self.entries.remove(&key).is_some();
-                }
-                self.synced = true;
-                changed
-            }
-            watcher::Event::Apply(object) => self.put(key(&object), record(&object)),
-            watcher::Event::Delete(object) => self.entries.remove(&key(&object)).is_some(),
-        }
+impl<K: Resource, R: PartialEq> Entries for Records<K, R> {
+    type Object = K;
+    type Key = Key;
+
+    fn key(object: &K) -> Key {
+        (object.namespace().unwrap_or_default(), object.name_any())
     }
 
-    fn put(&mut self, key: Key, record: Option<R>) -> bool {
-        match record {
+    fn keys(&self) -> BTreeSet<Key> {
+        self.entries.keys().cloned().collect()
+    }
+
+    fn put(&mut self, key: Key, object: &K) -> bool {
+        match (self.cut)(object) {
             Some(record) if self.entries.get(&key) == Some(&record) => false,
             Some(record) => {
                 self.entries.insert(key, record);
@@ -91,6 +60,10 @@ impl<R: PartialEq> Records<R> {
             }
             None => self.entries.remove(&key).is_some(),
         }
+    }
+
+    fn remove(&mut self, key: &Key) -> bool {
+        self.entries.remove(key).is_some()
     }
 }
 
@@ -107,11 +80,21 @@ pub struct PolicyInputs {
     pub refused: Vec<PolicyError>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
-    pods: Records<PodRecord>,
-    namespaces: Records<NamespaceRecord>,
-    policies: Records<Result<PolicyRecord, PolicyError>>,
+    pods: Mirror<Records<Pod, PodRecord>>,
+    namespaces: Mirror<Records<Namespace, NamespaceRecord>>,
+    policies: Mirror<Records<NetworkPolicy, Result<PolicyRecord, PolicyError>>>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            pods: Mirror::new(Records::new(PodRecord::of)),
+            namespaces: Mirror::new(Records::new(NamespaceRecord::of)),
+            policies: Mirror::new(Records::new(|policy| Some(PolicyRecord::of(policy)))),
+        }
+    }
 }
 
 /// The records shared by the watchers and the policy loop.
@@ -135,15 +118,19 @@ impl PolicyCache {
     /// A copy of the records, once every watcher has listed once.
     pub fn snapshot(&self) -> Option<PolicyInputs> {
         let state = self.lock();
-        if !(state.pods.synced && state.namespaces.synced && state.policies.synced) {
+        let (Some(pods), Some(namespaces), Some(policies)) = (
+            state.pods.listed(),
+            state.namespaces.listed(),
+            state.policies.listed(),
+        ) else {
             return None;
-        }
+        };
         let mut inputs = PolicyInputs {
-            pods: state.pods.entries.values().cloned().collect(),
-            namespaces: state.namespaces.entries.values().cloned().collect(),
+            pods: pods.entries.values().cloned().collect(),
+            namespaces: namespaces.entries.values().cloned().collect(),
             ..PolicyInputs::default()
         };
-        for policy in state.policies.entries.values() {
+        for policy in policies.entries.values() {
             match policy {
                 Ok(policy) => inputs.policies.push(policy.clone()),
                 Err(refused) => inputs.refused.push(refused.clone()),
@@ -152,13 +139,14 @@ impl PolicyCache {
         Some(inputs)
     }
 
-    fn observe<K: Resource, R: PartialEq>(
+    /// Applies one event to the records `records` picks; wakes the policy
+    /// loop if an entry changed.
+    fn observe<E: Entries>(
         &self,
-        event: watcher::Event<K>,
-        records: impl Fn(&mut State) -> &mut Records<R>,
-        record: impl Fn(&K) -> Option<R>,
+        event: watcher::Event<E::Object>,
+        records: impl Fn(&mut State) -> &mut Mirror<E>,
     ) {
-        let changed = records(&mut self.lock()).observe(event, record);
+        let changed = records(&mut self.lock()).observe(event);
         if changed {
             self.changed.notify_one();
         }
@@ -174,26 +162,20 @@ pub fn watch_policy_inputs(
 ) -> (Arc<PolicyCache>, Vec<JoinHandle<()>>) {
     let cache = Arc::new(PolicyCache::default());
     let tasks = vec![
-        spawn_watch(
-            Api::<Pod>::all(client.clone()),
-            &cache,
-            &metrics,
-            |state| &mut state.pods,
-            PodRecord::of,
-        ),
+        spawn_watch(Api::<Pod>::all(client.clone()), &cache, &metrics, |state| {
+            &mut state.pods
+        }),
         spawn_watch(
             Api::<Namespace>::all(client.clone()),
             &cache,
             &metrics,
             |state| &mut state.namespaces,
-            NamespaceRecord::of,
         ),
         spawn_watch(
             Api::<NetworkPolicy>::all(client),
             &cache,
             &metrics,
             |state| &mut state.policies,
-            |policy| Some(PolicyRecord::of(policy)),
         ),
     ];
     (cache, tasks)
@@ -203,32 +185,20 @@ fn spawn_watch<K, R>(
     api: Api<K>,
     cache: &Arc<PolicyCache>,
     metrics: &AgentMetrics,
-    records: fn(&mut State) -> &mut Records<R>,
-    record: fn(&K) -> Option<R>,
+    records: fn(&mut State) -> &mut Mirror<Records<K, R>>,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
     R: PartialEq + 'static,
 {
-    let (cache, metrics) = (cache.clone(), metrics.clone());
-    let kind = K::kind(&K::DynamicType::default()).into_owned();
-    // Lists are served from the API server's watch cache (resourceVersion
-    // 0, as client-go's informers do), not read page by page from etcd: an
-    // agent on every node lists every Pod when it starts.
-    let events = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .for_each(move |event| {
-            match event {
-                Ok(event) => cache.observe(event, records, record),
-                Err(error) => {
-                    metrics.record_error("watch");
-                    tracing::warn!(%error, kind, "watching for network policy failed; retrying with backoff, the enforced rules stay as they are");
-                }
-            }
-            futures::future::ready(())
-        });
-    tokio::spawn(events.in_current_span())
+    let cache = cache.clone();
+    watch_into(
+        api,
+        metrics.clone(),
+        "watching for network policy failed; retrying with backoff, the enforced rules stay as they are",
+        move |event| cache.observe(event, records),
+    )
 }
 
 #[cfg(test)]
@@ -254,20 +224,14 @@ mod tests {
     }
 
     fn observe(cache: &PolicyCache, event: watcher::Event<Namespace>) {
-        cache.observe(event, |state| &mut state.namespaces, NamespaceRecord::of);
+        cache.observe(event, |state| &mut state.namespaces);
     }
 
     fn list_all_but_namespaces(cache: &PolicyCache) {
-        cache.observe(
-            watcher::Event::<Pod>::InitDone,
-            |s| &mut s.pods,
-            PodRecord::of,
-        );
-        cache.observe(
-            watcher::Event::<NetworkPolicy>::InitDone,
-            |s| &mut s.policies,
-            |p| Some(PolicyRecord::of(p)),
-        );
+        cache.observe(watcher::Event::<Pod>::InitDone, |s| &mut s.pods);
+        cache.observe(watcher::Event::<NetworkPolicy>::InitDone, |s| {
+            &mut s.policies
+        });
     }
 
     #[test]
@@ -312,22 +276,12 @@ mod tests {
             "spec": {"podSelector": {}, "policyTypes": ["Sideways"]},
         }))
         .unwrap();
-        cache.observe(
-            watcher::Event::Apply(policy),
-            |s| &mut s.policies,
-            |p| Some(PolicyRecord::of(p)),
-        );
-        cache.observe(
-            watcher::Event::<Pod>::InitDone,
-            |s| &mut s.pods,
-            PodRecord::of,
-        );
+        cache.observe(watcher::Event::Apply(policy), |s| &mut s.policies);
+        cache.observe(watcher::Event::<Pod>::InitDone, |s| &mut s.pods);
         observe(&cache, watcher::Event::InitDone);
-        cache.observe(
-            watcher::Event::<NetworkPolicy>::InitDone,
-            |s| &mut s.policies,
-            |p| Some(PolicyRecord::of(p)),
-        );
+        cache.observe(watcher::Event::<NetworkPolicy>::InitDone, |s| {
+            &mut s.policies
+        });
         let inputs = cache.snapshot().expect("listed");
         assert!(inputs.policies.is_empty());
         assert_eq!(inputs.refused[0].field, "spec.policyTypes");

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod as PodObject, ServiceAccount};
@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use weft_core::netns::Netns;
 use weft_e2e::{Cluster, ClusterNode, ClusterSpec, Pod, ProcessHandle};
+use weft_testing::{eventually, run, wait_for};
 
 /// The cluster CIDR the controller and the agents are given by default.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
@@ -30,22 +31,6 @@ pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const PATIENCE: Duration = Duration::from_secs(180);
 /// Where each agent serves /healthz, /readyz and /metrics, in its node's namespace.
 pub const METRICS_PORT: u16 = 9465;
-
-/// Whether this test may use the e2e harness (root); see
-/// [`weft_testing::root_available`].
-pub fn is_root() -> bool {
-    weft_testing::root_available("the e2e harness")
-}
-
-/// Returns `Ok(())` from the test early when it cannot run (not root).
-#[macro_export]
-macro_rules! require_root {
-    () => {
-        if !$crate::testbed::is_root() {
-            return Ok(());
-        }
-    };
-}
 
 /// Builds (if needed) a binary of another workspace package into the same
 /// target directory and profile as this test, and returns its path.
@@ -62,47 +47,15 @@ pub fn workspace_binary(package: &str, name: &str) -> Result<PathBuf> {
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         build.arg("--release");
     }
-    let status = build.status().with_context(|| format!("building {name}"))?;
-    ensure!(status.success(), "building {name} failed");
+    run(&mut build).with_context(|| format!("building {name}"))?;
     Ok(profile_dir.join(name))
-}
-
-/// Polls `check` every 200 ms until it yields a value or `deadline` passes.
-pub fn wait_for<T>(
-    deadline: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check()? {
-            return Ok(value);
-        }
-        if start.elapsed() > deadline {
-            bail!("gave up after {deadline:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-pub fn output(mut command: Command) -> Result<String> {
-    let shown = format!("{command:?}");
-    let out = command
-        .output()
-        .with_context(|| format!("running {shown}"))?;
-    ensure!(
-        out.status.success(),
-        "{shown} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Weft's routes on a node, as `destination -> "via <gw> dev <dev>"`.
 pub fn weft_routes(node: &ClusterNode) -> Result<BTreeMap<String, String>> {
-    let mut command = node.command("ip");
-    command.args(["-j", "route", "show", "proto", "87"]);
-    let text = output(command)?;
+    let text = run(node
+        .command("ip")
+        .args(["-j", "route", "show", "proto", "87"]))?;
     let routes: Vec<Value> = if text.trim().is_empty() {
         Vec::new()
     } else {
@@ -123,9 +76,8 @@ pub fn weft_routes(node: &ClusterNode) -> Result<BTreeMap<String, String>> {
 }
 
 pub fn vxlan_ifindex(node: &ClusterNode) -> Result<u64> {
-    let mut command = node.command("ip");
-    command.args(["-j", "link", "show", "weft.1"]);
-    let links: Vec<Value> = serde_json::from_str(&output(command)?)?;
+    let text = run(node.command("ip").args(["-j", "link", "show", "weft.1"]))?;
+    let links: Vec<Value> = serde_json::from_str(&text)?;
     links
         .first()
         .and_then(|l| l["ifindex"].as_u64())
@@ -166,14 +118,10 @@ pub async fn start_cluster(nodes: usize, routed_nodes: usize) -> Result<(Cluster
     .await?;
     let admin = cluster.client().await?;
     let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let deadline = Instant::now() + PATIENCE;
-    while namespaces.get_opt("kube-system").await?.is_none() {
-        ensure!(
-            Instant::now() < deadline,
-            "namespace kube-system never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(PATIENCE, "namespace kube-system", || async {
+        Ok(namespaces.get_opt("kube-system").await?.map(drop))
+    })
+    .await?;
     Ok((cluster, admin))
 }
 
@@ -346,8 +294,7 @@ impl Overlay {
     /// and node 0 holds `expected_routes` routes.
     pub async fn wait_programmed(&self, expected_routes: usize) -> Result<()> {
         let nodes: Api<Node> = Api::all(self.admin.clone());
-        let deadline = Instant::now() + PATIENCE;
-        loop {
+        eventually(PATIENCE, "the agents to program their nodes", || async {
             let mut up = 0;
             for node in nodes.list(&Default::default()).await? {
                 let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
@@ -365,14 +312,16 @@ impl Overlay {
                 .nodes()
                 .iter()
                 .all(|n| agent_ready(n).unwrap_or(false));
-            if up == self.spec.nodes && ready && routes == expected_routes {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("agents not programmed after {PATIENCE:?} ({up}/{} nodes up, ready {ready}, node-0 has {routes} routes)\n{}", self.spec.nodes, self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            // Not yet: the reason is what a timeout reports.
+            ensure!(
+                up == self.spec.nodes && ready && routes == expected_routes,
+                "{up}/{} nodes up, ready {ready}, node-0 has {routes} routes",
+                self.spec.nodes
+            );
+            Ok(Some(()))
+        })
+        .await
+        .with_context(|| self.logs())
     }
 
     /// One pod per node (see [`Overlay::add_pod`]).

@@ -1,12 +1,10 @@
 //! CNI protocol types for the `weft` plugin: the error object, the `CNI_*`
-//! environment, the network configuration read from stdin, the effective
-//! network once merged with the node file, and results in every supported
-//! spec version. Everything here is pure logic; the kernel work lives elsewhere.
+//! environment, the network configuration read from stdin, and results in
+//! every supported spec version. Everything here is pure logic; the kernel work lives elsewhere.
 
 mod config;
 mod env;
 mod error;
-mod network;
 mod port_mappings;
 mod result;
 
@@ -16,8 +14,7 @@ use std::str::FromStr;
 pub use config::{NetConf, DEFAULT_DATA_DIR};
 pub use env::{Attachment, CniArgs, Command, Invocation};
 pub use error::{CniError, ErrorCode};
-pub use network::{FamilyNetwork, Network};
-pub use port_mappings::{HostIp, PortMapping, Protocol};
+pub use port_mappings::{HostIp, PortMapping};
 pub use result::{CniResult, Dns, Interface, IpConfig, MacAddress, Route};
 
 /// A CNI specification version this plugin speaks.

@@ -2,51 +2,13 @@
 //! conflist advertises the `portMappings` capability (the kubelet fills it
 //! from each container's `ports[].hostPort`).
 
-use std::fmt;
 use std::net::IpAddr;
 
 use serde_json::{Map, Value};
 
 use super::{CniError, ErrorCode};
 use weft_core::ip::IpFamily;
-
-/// A transport protocol a hostPort can carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-    /// SCTP.
-    Sctp,
-}
-
-impl Protocol {
-    /// The name nftables uses, which is also the CNI spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-
-    /// Parses nftables' (and CNI's) spelling, in any case.
-    pub fn parse(text: &str) -> Option<Protocol> {
-        match text.to_ascii_lowercase().as_str() {
-            "tcp" => Some(Protocol::Tcp),
-            "udp" => Some(Protocol::Udp),
-            "sctp" => Some(Protocol::Sctp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use weft_core::protocol::Protocol;
 
 /// Which of the node's addresses a hostPort listens on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -15,10 +15,11 @@ use ipnet::IpNet;
 use super::gateways::set_bridge_gateways;
 use super::host_veth::HostVeth;
 use super::hostport;
+use super::Network;
 use super::{ipam_error, kernel_error, load_node, node_netlink, open_netns, CODE_KERNEL};
 use crate::cni::{
     Attachment, CniError, CniResult, ErrorCode, Interface, Invocation, IpConfig, MacAddress,
-    NetConf, Network, PortMapping,
+    NetConf, PortMapping,
 };
 use crate::ipam::Store;
 use weft_core::ip::{self, IpFamily};

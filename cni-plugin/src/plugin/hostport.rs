@@ -33,9 +33,10 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use super::{CODE_CHECK_FAILED, CODE_HOSTPORT_TAKEN};
-use crate::cni::{CniError, ErrorCode, HostIp, PortMapping, Protocol};
+use crate::cni::{CniError, ErrorCode, HostIp, PortMapping};
 use weft_core::ip::IpFamily;
 use weft_core::nft::{self, NftError, HOSTPORT_TABLE};
+use weft_core::protocol::Protocol;
 
 /// The packet mark bit for connections to masquerade (bit 13, as the
 /// reference portmap plugin uses; kube-proxy uses bits 14 and 15).
@@ -165,10 +166,7 @@ fn render_skeleton(slices: &[IpNet]) -> String {
     let table = HOSTPORT_TABLE;
     let mut out = format!("add table {table}\n");
     for family in [IpFamily::V4, IpFamily::V6] {
-        let (v, addr) = match family {
-            IpFamily::V4 => ("v4", "ipv4_addr"),
-            IpFamily::V6 => ("v6", "ipv6_addr"),
-        };
+        let (v, addr) = (nft::suffix(family), nft::address_type(family));
         let any_key = "inet_proto . inet_service";
         let ip_key = format!("{addr} . inet_proto . inet_service");
         let target = format!("{addr} . inet_service");
@@ -194,9 +192,10 @@ fn render_skeleton(slices: &[IpNet]) -> String {
         );
     }
     for family in [IpFamily::V4, IpFamily::V6] {
-        let (v, ip, nfproto, loopback) = match family {
-            IpFamily::V4 => ("v4", "ip", "ipv4", "127.0.0.0/8"),
-            IpFamily::V6 => ("v6", "ip6", "ipv6", "::1"),
+        let (v, ip) = (nft::suffix(family), nft::header(family));
+        let (nfproto, loopback) = match family {
+            IpFamily::V4 => ("ipv4", "127.0.0.0/8"),
+            IpFamily::V6 => ("ipv6", "::1"),
         };
         let port = "meta l4proto . th dport";
         for slice in slices.iter().filter(|slice| IpFamily::of(slice) == family) {

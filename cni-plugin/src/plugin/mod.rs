@@ -14,11 +14,14 @@ mod check;
 mod gateways;
 mod host_veth;
 mod hostport;
+mod network;
 mod remove;
 // Forks a child that shares the parent's memory: the one place the plugin
 // needs unsafe code, kept beside the DEL path that uses it.
 #[allow(unsafe_code)]
 mod unregister;
+
+pub use network::{FamilyNetwork, Network};
 
 use crate::cni::{version_json, CniError, CniVersion, Command, ErrorCode, Invocation, NetConf};
 use crate::ipam::IpamError;

@@ -1,85 +1,25 @@
 //! Test fixtures: a node namespace with its node file and IPAM directory,
 //! pod namespaces, and the `weft` binary run the way a runtime runs it.
 //!
-//! Every namespace is removed by `Drop`, which also runs while a failing
-//! test unwinds; names carry the test process id and a per-test tag so
-//! tests can run in parallel.
+//! Namespaces are [`TestNetns`], removed on drop, which also runs while a
+//! failing test unwinds; names carry the test process id and a per-test tag
+//! so tests can run in parallel.
 
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
+use weft_testing::TestNetns;
 
 /// The plugin binary under test.
 pub const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 /// The network name every test config uses.
 pub const NETWORK: &str = "weftnet";
-
-/// True when the tests can create namespaces; prints why not otherwise.
-pub fn root_or_skip(test: &str) -> bool {
-    weft_testing::root_available(&format!("{test} creates network namespaces"))
-}
-
-/// A network namespace created with `ip netns add`, deleted on drop.
-pub struct NamedNetns {
-    name: String,
-}
-
-impl NamedNetns {
-    /// Creates `wt-<pid>-<suffix>`.
-    pub fn create(suffix: &str) -> Result<Self> {
-        let name = format!("wt-{}-{suffix}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        Ok(Self { name })
-    }
-
-    /// The namespace's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The path a runtime passes as CNI_NETNS.
-    pub fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.name)
-    }
-
-    /// Runs a command inside the namespace.
-    pub fn exec(&self, args: &[&str]) -> Result<Output> {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .output()
-            .with_context(|| format!("running {args:?} in {}", self.name))
-    }
-
-    /// Runs a command inside the namespace and returns its stdout; fails
-    /// if it exits non-zero.
-    pub fn exec_ok(&self, args: &[&str]) -> Result<String> {
-        let output = self.exec(args)?;
-        ensure!(
-            output.status.success(),
-            "{args:?} in {} failed: {}",
-            self.name,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    }
-}
-
-impl Drop for NamedNetns {
-    fn drop(&mut self) {
-        // The namespace's processes (pings) have exited by now; plugin runs
-        // are waited for by the code that started them.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 /// What one plugin run printed and how it exited.
 #[derive(Debug)]
@@ -184,7 +124,7 @@ impl<'a> Invocation<'a> {
 /// directory with the node file and the IPAM data.
 pub struct Node {
     /// The node namespace.
-    pub netns: NamedNetns,
+    pub netns: TestNetns,
     tag: String,
     dir: tempfile::TempDir,
 }
@@ -200,7 +140,7 @@ impl Node {
     /// A node namespace whose agent has not written the node file yet.
     pub fn without_node_file(tag: &str) -> Result<Self> {
         Ok(Self {
-            netns: NamedNetns::create(&format!("{tag}-node"))?,
+            netns: TestNetns::create(&format!("{tag}-node")),
             tag: tag.to_owned(),
             dir: tempfile::tempdir().context("creating the node's directory")?,
         })
@@ -228,8 +168,8 @@ impl Node {
     }
 
     /// A pod namespace of this node.
-    pub fn pod(&self, name: &str) -> Result<NamedNetns> {
-        NamedNetns::create(&format!("{}-{name}", self.tag))
+    pub fn pod(&self, name: &str) -> TestNetns {
+        TestNetns::create(&format!("{}-{name}", self.tag))
     }
 
     /// The plugin config in `version`, with `extra` keys merged in.
@@ -250,9 +190,8 @@ impl Node {
     /// Starts the plugin inside the node namespace, exactly as a runtime
     /// would (environment + stdin), without waiting for it.
     pub fn spawn(&self, invocation: &Invocation, stdin: &str) -> Result<Child> {
-        let mut command = Command::new("ip");
+        let mut command = self.netns.command(WEFT);
         command
-            .args(["netns", "exec", self.netns.name(), WEFT])
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .stdin(Stdio::piped())
@@ -285,7 +224,7 @@ impl Node {
     }
 
     /// ADD of (`container`, eth0) into `pod` with the default 1.1.0 config.
-    pub fn add(&self, container: &str, pod: &NamedNetns) -> Result<Reply> {
+    pub fn add(&self, container: &str, pod: &TestNetns) -> Result<Reply> {
         self.invoke(
             &Invocation::attach("ADD", container, Some(pod.path())),
             &self.config("1.1.0", json!({})),
@@ -302,7 +241,7 @@ impl Node {
 
     /// Names of the links in the node namespace.
     pub fn links(&self) -> Result<BTreeSet<String>> {
-        let out = self.netns.exec_ok(&["ip", "-o", "link", "show"])?;
+        let out = self.netns.run(&["ip", "-o", "link", "show"])?;
         Ok(out
             .lines()
             .filter_map(|line| line.split(": ").nth(1))
@@ -355,31 +294,16 @@ impl Node {
                 .collect::<Vec<_>>()
                 .join("\n")
         };
-        let links = ours(self.netns.exec_ok(&["ip", "-o", "addr", "show"])?);
-        let routes = ours(
-            self.netns
-                .exec_ok(&["ip", "route", "show", "table", "all"])?,
-        );
+        let links = ours(self.netns.run(&["ip", "-o", "addr", "show"])?);
+        let routes = ours(self.netns.run(&["ip", "route", "show", "table", "all"])?);
         let store = self.allocations()?;
         Ok(format!("{links}\n{routes}\n{store:?}"))
     }
 }
 
-fn run(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
 /// IPv4 addresses of `ifname` in `pod`, as `a.b.c.d/len`.
-pub fn pod_addresses(pod: &NamedNetns, ifname: &str) -> Result<Vec<String>> {
-    let out = pod.exec(&["ip", "-o", "addr", "show", "dev", ifname])?;
+pub fn pod_addresses(pod: &TestNetns, ifname: &str) -> Result<Vec<String>> {
+    let out = pod.output(&["ip", "-o", "addr", "show", "dev", ifname])?;
     if !out.status.success() {
         return Ok(Vec::new());
     }
@@ -395,10 +319,10 @@ pub fn pod_addresses(pod: &NamedNetns, ifname: &str) -> Result<Vec<String>> {
 }
 
 /// Pings `address` once from `pod`; true if a reply came back.
-pub fn ping(pod: &NamedNetns, address: &str) -> Result<bool> {
+pub fn ping(pod: &TestNetns, address: &str) -> Result<bool> {
     let family = if address.contains(':') { "-6" } else { "-4" };
     Ok(pod
-        .exec(&["ping", family, "-c", "1", "-W", "5", address])?
+        .output(&["ping", family, "-c", "1", "-W", "5", address])?
         .status
         .success())
 }

@@ -21,7 +21,11 @@ impl fmt::Display for ClaimSource {
         match self {
             ClaimSource::Spec => f.write_str("spec.podCIDRs"),
             ClaimSource::Annotation(family) => {
-                write!(f, "annotation {}", weft_core::annotations::pod_cidr_key(*family))
+                write!(
+                    f,
+                    "annotation {}",
+                    weft_core::annotations::pod_cidr_key(*family)
+                )
             }
         }
     }

@@ -1,5 +1,5 @@
-//! Per-node pod CIDR slices: how a cluster CIDR is cut into equal slices
-//! ([`SlicePlan`]) and who holds which slice ([`PodCidrAllocator`]).
+//! Per-node pod CIDR slices: who holds which slice ([`PodCidrAllocator`])
+//! of the cut that a [`SlicePlan`] makes of each family's cluster CIDR.
 //!
 //! Everything here is pure: no Kubernetes types, no clock reads (callers pass
 //! `now`), so the controller's decisions can be tested exhaustively in memory.
@@ -14,7 +14,6 @@
 //! restart or fail-over forgets them and the slice becomes plain free.
 //!
 //! # Parts
-//! - [`SlicePlan`] (`plan`): the cut of a cluster CIDR into numbered slices.
 //! - [`NodeClaims`] (`claims`): what a node already carries, and the
 //!   [`ClaimProblem`]s for which a node is left alone and reported.
 //! - `pool`: one family's taken, blocked, held and free slices.
@@ -22,7 +21,6 @@
 //!   a node across them.
 
 mod claims;
-mod plan;
 mod pool;
 
 use std::collections::BTreeSet;
@@ -30,9 +28,9 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use weft_core::ip::IpFamily;
+use weft_core::slice::SlicePlan;
 
 pub use claims::{ClaimProblem, ClaimSource, NodeClaims};
-pub use plan::{CidrError, Placement, SlicePlan};
 pub use pool::PoolUsage;
 use pool::{FamilyOutcome, SlicePool};
 
@@ -204,8 +202,15 @@ impl PodCidrAllocator {
 mod tests {
     use std::collections::HashMap;
 
-    use super::plan::tests::{net, plan};
     use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn plan(cluster: &str, slice: u8) -> SlicePlan {
+        SlicePlan::new(net(cluster), slice).unwrap()
+    }
 
     fn v4_only(cluster: &str, slice: u8) -> PodCidrAllocator {
         PodCidrAllocator::new(plan(cluster, slice), None, Duration::ZERO)

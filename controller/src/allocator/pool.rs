@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use ipnet::IpNet;
 use weft_core::ip::IpFamily;
+use weft_core::slice::{Placement, SlicePlan};
 
 use super::claims::{Claim, ClaimProblem};
-use super::plan::{Placement, SlicePlan};
 
 /// Slice counts for one family, for metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use futures::{StreamExt, TryStreamExt};
@@ -24,6 +24,7 @@ use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
 use weft_e2e::{Cluster, ProcessHandle};
+use weft_testing::eventually;
 
 /// Namespace of the controller's ServiceAccount and Lease, as in rbac.yaml.
 pub const NAMESPACE: &str = "kube-system";
@@ -61,7 +62,7 @@ impl Testbed {
     pub async fn start() -> Result<Self> {
         let cluster = Cluster::start_control_plane_only().await?;
         let admin = cluster.client().await?;
-        wait_for(PATIENCE, "namespace kube-system", || {
+        eventually(PATIENCE, "namespace kube-system", || {
             let namespaces: Api<Namespace> = Api::all(admin.clone());
             async move { Ok(namespaces.get_opt(NAMESPACE).await?.map(drop)) }
         })
@@ -199,7 +200,7 @@ impl Testbed {
         names: &[String],
         replicas: &[&Replica],
     ) -> Result<BTreeMap<String, NodeCidrs>> {
-        let outcome = wait_for(PATIENCE, "every node to get a pod CIDR", || async {
+        let outcome = eventually(PATIENCE, "every node to get a pod CIDR", || async {
             let cidrs = self.cidrs().await?;
             let done = names.iter().all(|name| {
                 cidrs
@@ -234,7 +235,7 @@ impl Testbed {
         reason: &str,
         replicas: &[&Replica],
     ) -> Result<Event> {
-        let outcome = wait_for(
+        let outcome = eventually(
             PATIENCE,
             &format!("a {reason} event on node {node}"),
             || async { Ok(self.events(node, reason).await?.into_iter().next()) },
@@ -384,32 +385,6 @@ pub fn logs(replicas: &[&Replica]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Polls `probe` every 250 ms until it yields a value or `patience` runs out.
-pub async fn wait_for<T, F, Fut>(patience: Duration, what: &str, mut probe: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + patience;
-    let mut last_error = None;
-    loop {
-        match probe().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(error) => last_error = Some(error),
-        }
-        if Instant::now() > deadline {
-            match last_error {
-                Some(error) => {
-                    bail!("gave up waiting for {what} after {patience:?}; last error: {error:#}")
-                }
-                None => bail!("gave up waiting for {what} after {patience:?}"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn free_port() -> Result<u16> {

@@ -38,6 +38,13 @@ pub use netlink_packet_route::route::{RouteProtocol, RouteScope};
 pub use route::Route;
 pub use vxlan::{VxlanAttributes, VxlanChange, VxlanLink, VxlanSettings};
 
+/// The routing protocol number on every route Weft installs (`proto 87` in
+/// `ip route`; 87 is ASCII `W`). It is how the agent tells its routes from
+/// everyone else's: a dump filtered on it is exactly what Weft owns, so
+/// stale routes of an earlier run are found and foreign routes are never
+/// touched. Not assigned in iproute2's `rt_protos` list.
+pub const ROUTE_PROTOCOL: u8 = 87;
+
 /// The rtnetlink socket of one network namespace.
 #[derive(Debug, Clone)]
 pub struct Netlink {

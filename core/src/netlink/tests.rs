@@ -7,10 +7,6 @@ use weft_testing::TestNetns;
 use super::*;
 use crate::ip::IpFamily;
 
-fn is_root() -> bool {
-    weft_testing::root_available("netlink tests create network namespaces")
-}
-
 /// Opens a test namespace's handle.
 fn open(ns: &TestNetns) -> Netns {
     Netns::open(ns.path()).unwrap()
@@ -18,7 +14,7 @@ fn open(ns: &TestNetns) -> Netns {
 
 #[tokio::test(flavor = "current_thread")]
 async fn bridge_veth_addresses_routes_in_namespaces() {
-    if !is_root() {
+    if !weft_testing::root_available("netlink tests create network namespaces") {
         return;
     }
     let node = TestNetns::create("nl-node");
@@ -174,7 +170,7 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn non_bridge_link_is_not_reused_as_bridge() {
-    if !is_root() {
+    if !weft_testing::root_available("netlink tests create network namespaces") {
         return;
     }
     let node = TestNetns::create("nl-kind");

@@ -10,7 +10,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::AtomicI64;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use weft_testing::eventually;
 
 /// Far beyond any timeout these tests set.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -143,15 +143,6 @@ impl Drop for Slowloris {
     }
 }
 
-/// Waits until `condition` holds; panics naming `what` after [`PATIENCE`].
-async fn wait_until<F: Future<Output = bool>>(what: &str, mut condition: impl FnMut() -> F) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "gave up waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Runs blocking client work off the runtime, so the server keeps running.
 async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(work).await.unwrap()
@@ -236,10 +227,10 @@ async fn bind_error_names_the_address() {
     assert!(message.contains(&address.to_string()), "{message}");
 }
 
-/// The case from issue 13: slowloris clients that drip a header byte now and
-/// then used to hold their connections, and so the endpoint's memory,
-/// indefinitely. Here they are never timed out and reconnect when evicted,
-/// so /healthz is answered only because a newcomer takes the oldest's place.
+/// Slowloris clients drip a header byte now and then to hold their
+/// connections, and so the endpoint's memory, indefinitely. Here they are
+/// never timed out and reconnect when evicted, so /healthz is answered only
+/// because a newcomer takes the oldest's place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_answers_while_500_slowloris_connections_are_held() {
     let limits = Limits {
@@ -250,10 +241,13 @@ async fn healthz_answers_while_500_slowloris_connections_are_held() {
     let peak = Peak::watch(&server);
     let slowloris = Slowloris::start(server.address, 500).await;
 
-    wait_until("/healthz answers beside the slowloris connections", || {
-        answers_ok(server.address, "/healthz")
-    })
-    .await;
+    eventually(
+        PATIENCE,
+        "/healthz answers beside the slowloris connections",
+        || async { Ok(answers_ok(server.address, "/healthz").await.then_some(())) },
+    )
+    .await
+    .unwrap();
     drop(slowloris);
     // Accepted in order, all 500 came before the answered GET.
     let evicted = server.connections.evicted.get();
@@ -316,10 +310,11 @@ async fn idle_connections_are_closed_after_the_header_read_timeout() {
     assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
     assert!(answered.contains("\r\n\r\nok\n"), "{answered}");
     assert_eq!(off_runtime(|| read_until_closed(silent)).await, "");
-    wait_until("the server counts no open connection", || async {
-        server.open() == 0
+    eventually(PATIENCE, "the server counts no open connection", || async {
+        Ok((server.open() == 0).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     server.stop().await;
 }
 
@@ -335,28 +330,37 @@ async fn a_connection_beyond_the_cap_takes_the_oldest_ones_place() {
     let peak = Peak::watch(&server);
     let connect = || TcpStream::connect(server.address).unwrap();
     let oldest = connect();
-    wait_until("the oldest connection is open", || async {
-        server.open() == 1
+    eventually(PATIENCE, "the oldest connection is open", || async {
+        Ok((server.open() == 1).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     let mut held: Vec<_> = (0..3).map(|_| connect()).collect();
-    wait_until("the cap is reached", || async { server.open() == 4 }).await;
+    eventually(PATIENCE, "the cap is reached", || async {
+        Ok((server.open() == 4).then_some(()))
+    })
+    .await
+    .unwrap();
 
     held.push(connect());
     assert_eq!(off_runtime(|| read_until_closed(oldest)).await, "");
     held.extend((0..50).map(|_| connect()));
-    wait_until("every newcomer has evicted one", || async {
-        server.connections.evicted.get() == 51
+    eventually(PATIENCE, "every newcomer has evicted one", || async {
+        Ok((server.connections.evicted.get() == 51).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(server.open(), 4);
     assert!(answers_ok(server.address, "/healthz").await);
 
     drop(held);
-    wait_until("closed connections give their slots back", || async {
-        server.open() == 0
-    })
-    .await;
+    eventually(
+        PATIENCE,
+        "closed connections give their slots back",
+        || async { Ok((server.open() == 0).then_some(())) },
+    )
+    .await
+    .unwrap();
     let highest = peak.highest();
     assert!(highest <= 4, "{highest} connections were open at once");
     server.stop().await;
@@ -385,9 +389,10 @@ async fn shutdown_ends_serving_while_a_connection_is_held() {
     };
     let server = Running::endpoint(limits).await;
     let _held = TcpStream::connect(server.address).unwrap();
-    wait_until("the held connection is open", || async {
-        server.open() == 1
+    eventually(PATIENCE, "the held connection is open", || async {
+        Ok((server.open() == 1).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     server.stop().await;
 }

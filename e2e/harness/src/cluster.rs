@@ -19,6 +19,7 @@ use crate::control_plane::{
 use crate::exec::netns_path;
 use crate::forwarder::NodeForward;
 use crate::images::{self, NodeImages};
+use crate::kube_proxy::ProxyMode;
 use crate::node::{self, ClusterNode, Outside, Segment};
 use crate::process::ProcessHandle;
 use crate::run::{cleanup, Run, RunGuard};
@@ -56,26 +57,6 @@ pub struct ClusterSpec {
     pub images: Vec<PathBuf>,
     /// The mode of kube-proxy on kubelet nodes.
     pub proxy_mode: ProxyMode,
-}
-
-/// kube-proxy's mode on kubelet nodes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProxyMode {
-    /// `--proxy-mode=nftables`.
-    #[default]
-    Nftables,
-    /// `--proxy-mode=iptables` (the iptables-nft backend here).
-    Iptables,
-}
-
-impl ProxyMode {
-    /// The flag's value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyMode::Nftables => "nftables",
-            ProxyMode::Iptables => "iptables",
-        }
-    }
 }
 
 /// What a node of the cluster is.

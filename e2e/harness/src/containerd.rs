@@ -113,12 +113,13 @@ pub(crate) fn import(machine: &NodeMachine, archive: &Path) -> Result<()> {
     let archive = std::path::absolute(archive)
         .with_context(|| format!("resolving image archive {}", archive.display()))?;
     // ctr mounts snapshots to unpack them, so it runs inside the node too.
-    crate::exec::run(
+    weft_testing::run(
         machine
             .command("ctr")
             .args(["--address", SOCKET, "--namespace", CRI_NAMESPACE])
             .args(["images", "import"])
             .arg(&archive),
     )
-    .with_context(|| format!("importing image archive {}", archive.display()))
+    .with_context(|| format!("importing image archive {}", archive.display()))?;
+    Ok(())
 }

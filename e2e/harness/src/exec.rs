@@ -1,28 +1,12 @@
-//! Running programs for the harness: to completion with their stderr in the
-//! error, inside a network namespace by name, or as a one-shot ping; the end
-//! of a log for error messages; and the architecture name that Node labels
-//! and image configs carry. It depends on no other module of the crate.
+//! Running programs for the harness inside a network namespace by name, or
+//! as a one-shot ping (to completion with their stderr in the error is
+//! [`weft_testing::run`]); the end of a log for error messages; and the
+//! architecture name that Node labels and image configs carry. It depends on
+//! no other module of the crate.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use anyhow::{bail, Context, Result};
-
-/// Runs a command to completion, failing with its stderr if it fails.
-pub(crate) fn run(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?} (is iproute2 installed?)"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 /// The path of the network namespace `ip netns` knows as `netns`, for `setns`
 /// or `nsenter --net=`.

@@ -13,8 +13,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use weft_testing::run;
 
-use crate::exec::{go_arch, run};
+use crate::exec::go_arch;
 
 /// The pod sandbox image every kubelet node's containerd is configured with.
 pub const PAUSE_IMAGE: &str = "localhost/weft-e2e/pause:v1";
@@ -219,21 +220,9 @@ pub(crate) fn write_oci_archive(
 
 /// Moves `file` into the layout's blobs under its digest.
 fn add_blob(layout: &Path, file: &Path) -> Result<Blob> {
-    let output = Command::new("sha256sum")
-        .arg(file)
-        .output()
-        .context("running sha256sum (coreutils)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let Some(hex) = text
-        .split_whitespace()
-        .next()
-        .filter(|_| output.status.success())
-    else {
-        bail!(
-            "sha256sum {} failed: {}",
-            file.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
+    let sums = run(Command::new("sha256sum").arg(file)).context("running sha256sum (coreutils)")?;
+    let Some(hex) = sums.split_whitespace().next() else {
+        bail!("sha256sum {} printed no digest", file.display());
     };
     let size = std::fs::metadata(file)
         .with_context(|| format!("reading the size of {}", file.display()))?

@@ -4,14 +4,16 @@
 //! manifests/`, done once the agents run everywhere and every node is Ready.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
+use weft_testing::{eventually, printed_path, repository};
 
+use crate::kubectl::Kubectl;
 use crate::Cluster;
 
 /// The namespace `manifests/` installs Weft into.
@@ -24,63 +26,31 @@ const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
 /// nodes are usually ready within a minute.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The repository's root directory.
-pub(crate) fn repository() -> PathBuf {
-    // The crate is e2e/harness.
-    let harness = Path::new(env!("CARGO_MANIFEST_DIR"));
-    harness.ancestors().nth(2).unwrap_or(harness).to_owned()
-}
-
-/// Runs `script` (a path from the repository's root) with bash in the
-/// repository, its progress on stderr, and returns its trimmed stdout.
-pub fn run_repository_script(script: &str) -> Result<String> {
-    let output = Command::new("bash")
-        .arg(repository().join(script))
-        .current_dir(repository())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {script}"))?;
-    ensure!(
-        output.status.success(),
-        "{script} failed ({}); its output above says why",
-        output.status
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
 /// Builds Weft's image with `packaging/build-image.sh` (release binaries,
 /// minutes when cold) and returns the OCI archive to pass in
 /// [`crate::ClusterSpec::images`].
 pub fn build_weft_image() -> Result<PathBuf> {
-    run_repository_script("packaging/build-image.sh").map(PathBuf::from)
+    printed_path(
+        Command::new("bash")
+            .arg(repository().join("packaging/build-image.sh"))
+            .current_dir(repository()),
+    )
 }
 
 /// Applies `manifests/` to `cluster` (whose nodes have Weft's image) and
 /// waits until an agent pod is ready on every node and every node is Ready.
 pub async fn install_from_manifests(cluster: &Cluster) -> Result<()> {
-    let manifests = repository().join("manifests");
-    let output = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .arg("apply")
-        .arg("-f")
-        .arg(&manifests)
-        .output()
-        .context("running kubectl (is it installed?)")?;
-    ensure!(
-        output.status.success(),
-        "kubectl apply -f {} failed ({}): {}",
-        manifests.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    Kubectl::new(cluster.kubeconfig()).apply(&repository().join("manifests"))?;
 
     let client = cluster.client().await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let nodes: Api<Node> = Api::all(client);
     let node_names: BTreeSet<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
+    let what = format!(
+        "Weft's agents ready and every node Ready (logs in {})",
+        cluster.run_dir().display()
+    );
+    eventually(READY_TIMEOUT, &what, || async {
         let agents = pods
             .list(&ListParams::default().labels(AGENT_SELECTOR))
             .await
@@ -113,17 +83,12 @@ pub async fn install_from_manifests(cluster: &Cluster) -> Result<()> {
             .filter_map(|node| node.metadata.name.clone())
             .collect();
         if agents_ready == node_names && nodes_ready == node_names {
-            return Ok(());
+            return Ok(Some(()));
         }
-        if Instant::now() > deadline {
-            bail!(
-                "Weft not ready after {READY_TIMEOUT:?}: agents ready on {agents_ready:?}, \
-                 nodes Ready {nodes_ready:?}, of {node_names:?}; see the logs in {}",
-                cluster.run_dir().display()
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        // Not yet; the state, as an error, is what a timeout reports.
+        bail!("agents ready on {agents_ready:?}, nodes Ready {nodes_ready:?}, of {node_names:?}")
+    })
+    .await
 }
 
 /// Whether conditions, as (type, status), hold `Ready=True` (for a pod or a

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::cluster::ProxyMode;
 use crate::control_plane::{write_kubeconfig, Credentials, Pki};
 use crate::machine::NodeMachine;
 use crate::node::ClusterNode;
@@ -16,6 +15,26 @@ use crate::run::RunGuard;
 /// The pod network every real-node test installs (the manifests' default),
 /// from which kube-proxy tells pod traffic from the rest.
 pub(crate) const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+/// kube-proxy's mode on kubelet nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// `--proxy-mode=nftables`.
+    #[default]
+    Nftables,
+    /// `--proxy-mode=iptables` (the iptables-nft backend here).
+    Iptables,
+}
+
+impl ProxyMode {
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Nftables => "nftables",
+            ProxyMode::Iptables => "iptables",
+        }
+    }
+}
 
 /// Starts the node's kube-proxy (`<node>-kube-proxy`) as `system:kube-proxy`,
 /// the user the API server's bootstrap policy binds to `system:node-proxier`.

@@ -17,6 +17,13 @@
 //! in [`ClusterSpec::images`]), with CoreDNS as the cluster DNS once a
 //! network plugin runs.
 //!
+//! [`Kubectl`] and [`helm_command`] run kubectl and helm against a cluster
+//! as an operator would ([`build_helm`] builds helm); [`build_weft_image`]
+//! and [`install_from_manifests`] install Weft the way `manifests/` says;
+//! [`conformance`] runs Kubernetes' own network e2e tests against it.
+//! Running programs, waiting on conditions and the root check come from
+//! `weft-testing`, below this crate.
+//!
 //! Needs root. The root network namespace is never changed: every link,
 //! address, route and sysctl lives in namespaces named `we2e-<run>-…`.
 //!
@@ -29,6 +36,32 @@
 //! cluster.stop().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Modules
+//!
+//! - `cluster`: [`Cluster`] and [`ClusterSpec`], what a run brings up and
+//!   tears down.
+//! - `control_plane`: etcd, kube-apiserver (and for kubelet nodes
+//!   kube-controller-manager and kube-scheduler), their certificates and
+//!   kubeconfigs, and the Kubernetes binaries `e2e/k8s/build.sh` builds.
+//! - `underlay`: the namespaces, bridges and router of the underlay network.
+//! - `node`, `pod`: [`ClusterNode`], [`Outside`] and [`Pod`], wired as a
+//!   container runtime would through a CNI plugin.
+//! - `machine`, `cgroup`, `containerd`, `kubelet`, `kube_proxy`, `dns`,
+//!   `images`: kubelet nodes ([`NodeMachine`], [`ProxyMode`]), the cluster
+//!   DNS and the images they run.
+//! - `forwarder`: the apiserver reached from inside node namespaces.
+//! - `process`, `run`: the processes a run starts ([`ProcessHandle`]), its
+//!   directory and state, teardown and [`cleanup_leftovers`].
+//! - `exec`: programs run inside a network namespace by name, one-shot
+//!   pings, log tails, the architecture name.
+//! - `kubectl`: [`Kubectl`], [`helm_command`], [`build_helm`].
+//! - `install`: [`build_weft_image`], [`install_from_manifests`].
+//! - [`conformance`]: the upstream network e2e suite, its images and report.
+//!
+//! No module imports one that imports it back: shared items live in the
+//! module that owns them (kube-proxy's mode in `kube_proxy`), and the
+//! repository's root comes from `weft-testing`.
 
 mod cgroup;
 mod cluster;
@@ -41,6 +74,7 @@ mod forwarder;
 mod images;
 mod install;
 mod kube_proxy;
+mod kubectl;
 mod kubelet;
 mod machine;
 mod node;
@@ -49,9 +83,11 @@ mod process;
 mod run;
 mod underlay;
 
-pub use cluster::{Cluster, ClusterSpec, NodeKind, ProxyMode};
+pub use cluster::{Cluster, ClusterSpec, NodeKind};
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
-pub use install::{build_weft_image, install_from_manifests, run_repository_script};
+pub use install::{build_weft_image, install_from_manifests};
+pub use kube_proxy::ProxyMode;
+pub use kubectl::{build_helm, helm_command, Kubectl};
 pub use machine::NodeMachine;
 pub use node::{ClusterNode, Outside, Segment};
 pub use pod::{Pod, POD_INTERFACE};

@@ -15,10 +15,12 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
+use weft_testing::run;
 
-use crate::exec::run;
+/// What to check first when `ip` cannot run or fails unexpectedly.
+const IPROUTE2_HINT: &str = "running ip (is iproute2 installed?)";
 
 /// The addresses of one underlay segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,23 +51,15 @@ impl SegmentAddressing {
 
 /// Runs `ip` with `args`; the error carries the command line and its stderr.
 pub(crate) fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args))
+    run(Command::new("ip").args(args)).context(IPROUTE2_HINT)?;
+    Ok(())
 }
 
 /// Names of all network namespaces `ip netns` knows.
 pub(crate) fn list_netns() -> Result<Vec<String>> {
-    let output = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .context("running ip netns list (is iproute2 installed?)")?;
-    if !output.status.success() {
-        bail!(
-            "ip netns list failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
+    let listing = run(Command::new("ip").args(["netns", "list"])).context(IPROUTE2_HINT)?;
     // Lines look like "name" or "name (id: 3)".
-    Ok(String::from_utf8_lossy(&output.stdout)
+    Ok(listing
         .lines()
         .filter_map(|line| line.split_whitespace().next())
         .map(str::to_owned)
@@ -114,7 +108,8 @@ pub(crate) fn set_sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
         "-c",
         &format!("echo {value} > {path}"),
     ]))
-    .with_context(|| format!("setting {key}={value} in namespace {netns}"))
+    .with_context(|| format!("setting {key}={value} in namespace {netns}"))?;
+    Ok(())
 }
 
 /// The fabric namespace with one bridge per segment.

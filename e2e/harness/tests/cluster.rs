@@ -1,5 +1,6 @@
 //! Acceptance tests of the harness itself: a real control plane, nodes, RBAC,
-//! pods through a CNI plugin, teardown and crash cleanup. Need root.
+//! pods through a CNI plugin, teardown and crash cleanup. Need root (through
+//! `weft_testing::require_root!`: under `CI=true` none skips).
 
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
@@ -15,17 +16,21 @@ use kube::api::{
     Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use weft_e2e::{cleanup_leftovers, Cluster, ClusterSpec, Segment};
+use weft_testing::{eventually, require_root, wait_for};
 
 /// Guards against a hang (e.g. a watch that never delivers); not a timing
 /// assertion: every wait below normally ends in well under a second.
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
+/// How long a crashed run's processes may take to die after cleanup.
+const EXIT_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The reference plugin standing in for `weft` in the runtime-side test.
+const BRIDGE_PLUGIN: &str = "/usr/lib/cni/bridge";
+
 fn netns_of_run(run_id: &str) -> Vec<String> {
-    let output = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&output.stdout)
+    weft_testing::run(Command::new("ip").args(["netns", "list"]))
+        .expect("ip netns list")
         .lines()
         .filter_map(|line| line.split_whitespace().next())
         .filter(|name| name.starts_with(&format!("we2e-{run_id}-")))
@@ -39,6 +44,7 @@ fn pid_exists(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_are_listed_watched_and_leave_nothing_behind() -> Result<()> {
+    require_root!("a cluster's network namespaces");
     let cluster = Cluster::start(ClusterSpec {
         nodes: 3,
         routed_nodes: 1,
@@ -75,15 +81,13 @@ async fn three_nodes_are_listed_watched_and_leave_nothing_behind() -> Result<()>
             .find(|c| c.type_ == "Ready")
             .context("Ready condition")?;
         ensure!(ready.status == "True");
-        let link = node
-            .command("ip")
-            .args(["-o", "link", "show", &node.underlay_link])
-            .output()?;
-        ensure!(
-            String::from_utf8_lossy(&link.stdout).contains("mtu 1400"),
-            "{} MTU",
-            node.name
-        );
+        let link = weft_testing::run(node.command("ip").args([
+            "-o",
+            "link",
+            "show",
+            &node.underlay_link,
+        ]))?;
+        ensure!(link.contains("mtu 1400"), "{} MTU", node.name);
     }
     let segments: Vec<Segment> = cluster.nodes().iter().map(|n| n.segment).collect();
     ensure!(
@@ -190,6 +194,7 @@ fn list_nodes_from_inside(netns: &Path, kubeconfig: &Path) -> Result<Vec<String>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_account_is_denied_until_bound_to_a_role() -> Result<()> {
+    require_root!("a cluster's network namespaces");
     let cluster = Cluster::start_control_plane_only().await?;
     let pods: Api<PodObject> = Api::namespaced(
         cluster.service_account_client("default", "reader").await?,
@@ -240,20 +245,19 @@ async fn service_account_is_denied_until_bound_to_a_role() -> Result<()> {
         .await?;
 
     // The RBAC authorizer reads bindings from an informer: allow it to catch up.
-    let allowed = tokio::time::timeout(HANG_GUARD, async {
-        loop {
+    // Only a 403 means "not yet": any other error ends the wait (`Some(Err)`).
+    eventually(
+        HANG_GUARD,
+        "the reader allowed after the RoleBinding",
+        || async {
             match pods.list(&ListParams::default()).await {
-                Ok(_) => return Ok(()),
-                Err(kube::Error::Api(status)) if status.code == 403 => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => return Err(e),
+                Ok(_) => Ok(Some(Ok(()))),
+                Err(kube::Error::Api(status)) if status.code == 403 => Ok(None),
+                Err(e) => Ok(Some(Err(e))),
             }
-        }
-    })
-    .await
-    .context("never allowed after the RoleBinding")?;
-    allowed?;
+        },
+    )
+    .await??;
     // Still nothing beyond the role.
     let nodes: Api<Node> = Api::all(cluster.service_account_client("default", "reader").await?);
     ensure!(
@@ -268,14 +272,12 @@ async fn service_account_is_denied_until_bound_to_a_role() -> Result<()> {
 /// inside the node namespace, result parsing, DEL with prevResult.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_wired_by_a_cni_plugin_reach_each_other() -> Result<()> {
-    let bridge = PathBuf::from("/usr/lib/cni/bridge");
-    if !bridge.exists() {
-        eprintln!(
-            "skipped: {} missing (apt-get install containernetworking-plugins)",
-            bridge.display()
-        );
-        return Ok(());
-    }
+    require_root!("a cluster's network namespaces");
+    let bridge = PathBuf::from(BRIDGE_PLUGIN);
+    ensure!(
+        bridge.exists(),
+        "{BRIDGE_PLUGIN} is missing: apt-get install containernetworking-plugins (scripts/deps installs it)"
+    );
     let cluster = Cluster::start(ClusterSpec {
         nodes: 1,
         register_nodes: false,
@@ -326,6 +328,7 @@ async fn pods_wired_by_a_cni_plugin_reach_each_other() -> Result<()> {
 /// lives; a namespace whose owner is gone it removes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cleanup_with_another_runs_root_spares_a_live_run() -> Result<()> {
+    require_root!("a cluster's network namespaces");
     let cluster = Cluster::start(ClusterSpec {
         nodes: 1,
         register_nodes: true,
@@ -369,6 +372,7 @@ async fn a_cleanup_with_another_runs_root_spares_a_live_run() -> Result<()> {
 
 #[test]
 fn a_crashed_run_is_cleaned_up() -> Result<()> {
+    require_root!("a cluster's network namespaces");
     let mut up = Command::new(env!("CARGO_BIN_EXE_weft-e2e"))
         .args(["up", "--nodes", "1"])
         .stdout(Stdio::piped())
@@ -408,15 +412,10 @@ fn a_crashed_run_is_cleaned_up() -> Result<()> {
     );
     // The control plane died with its parent (PR_SET_PDEATHSIG) or by cleanup.
     for pid in pids {
-        let mut waits = 0;
-        while pid_exists(pid) && waits < 100 {
-            std::thread::sleep(Duration::from_millis(50));
-            waits += 1;
-        }
-        ensure!(
-            !pid_exists(pid),
-            "process {pid} of the crashed run survived"
-        );
+        wait_for(EXIT_PATIENCE, &format!("process {pid} to exit"), || {
+            Ok((!pid_exists(pid)).then_some(()))
+        })
+        .with_context(|| format!("process {pid} of the crashed run survived"))?;
     }
     Ok(())
 }

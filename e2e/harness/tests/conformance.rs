@@ -2,11 +2,13 @@
 //! binary exactly as `make conformance` runs the full selection: pod to pod
 //! across nodes, pod to Service, cluster DNS, hostPort and NetworkPolicy, on three kubelet
 //! nodes (one behind a router) with Weft installed from `manifests/`.
-//! Needs root, containerd, runc and kubectl; builds e2e.test and agnhost
+//! Needs root (through `weft_testing::require_root!`: under `CI=true` it
+//! never skips), containerd, runc and kubectl; builds e2e.test and agnhost
 //! on a cold cache.
 
 use anyhow::{ensure, Result};
 use weft_e2e::conformance::{self, Outcome, Selector, SuiteRun};
+use weft_testing::require_root;
 
 /// One test per path Weft carries, named in full so each selects one test.
 const SLICE: [(&str, &str); 5] = [
@@ -34,6 +36,7 @@ const SLICE: [(&str, &str); 5] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_network_tests_pass_on_weft() -> Result<()> {
+    require_root!("kubelet nodes: namespaces, cgroups, containerd");
     let full = SuiteRun::from_selection_files()?;
     let suite = SuiteRun {
         focus: SLICE

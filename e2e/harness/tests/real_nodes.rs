@@ -12,7 +12,8 @@
 //! uninstall (CoreDNS stays: it is the cluster's, not Weft's), and a
 //! teardown that leaves nothing on the host. Also: a run killed outright
 //! leaves nothing once cleaned up.
-//! Needs root, containerd and runc.
+//! Needs root (through `weft_testing::require_root!`: under `CI=true` none
+//! skips), containerd and runc.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -21,13 +22,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use tokio::sync::Mutex;
 use weft_core::netns::Netns;
-use weft_e2e::{cleanup_leftovers, Cluster, ClusterNode, ClusterSpec, ProxyMode, BUSYBOX_IMAGE};
+use weft_e2e::{
+    cleanup_leftovers, Cluster, ClusterNode, ClusterSpec, Kubectl, ProxyMode, BUSYBOX_IMAGE,
+};
+use weft_testing::{eventually, require_root};
 
 /// The tests here take turns: a few kubelets at a time is all two cores carry.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -82,9 +86,11 @@ impl Install {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_on_kubelet_nodes_carries_pod_traffic_across_nodes_and_uninstalls() -> Result<()> {
+    require_root!("kubelet nodes: namespaces, cgroups, containerd");
     let _turn = ONE_AT_A_TIME.lock().await;
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let repo = repo.canonicalize().context("locating the repository")?;
+    let repo = weft_testing::repository()
+        .canonicalize()
+        .context("locating the repository")?;
     for tool in ["containerd", "runc", "kubectl"] {
         ensure!(
             command_exists(tool),
@@ -93,17 +99,12 @@ async fn weft_on_kubelet_nodes_carries_pod_traffic_across_nodes_and_uninstalls()
     }
     let started = Instant::now();
     let image = weft_e2e::build_weft_image()?;
-    let helm = weft_e2e::run_repository_script("packaging/build-helm.sh")?;
+    let helm = weft_e2e::build_helm()?;
     let build_time = started.elapsed();
     let host = HostState::read()?;
 
     let mut timings = vec![("image and helm builds".to_owned(), build_time)];
-    for install in [
-        Install::Manifests,
-        Install::Helm {
-            helm: PathBuf::from(&helm),
-        },
-    ] {
+    for install in [Install::Manifests, Install::Helm { helm }] {
         let flow_started = Instant::now();
         let run = flow(&repo, &image, &install)
             .await
@@ -125,6 +126,7 @@ async fn weft_on_kubelet_nodes_carries_pod_traffic_across_nodes_and_uninstalls()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_run_with_kubelet_nodes_leaves_nothing_after_cleanup() -> Result<()> {
+    require_root!("kubelet nodes: namespaces, cgroups, containerd");
     let _turn = ONE_AT_A_TIME.lock().await;
     let mut up = Command::new(env!("CARGO_BIN_EXE_weft-e2e"))
         .args(["up", "--kubelet", "--nodes", "1"])
@@ -152,8 +154,8 @@ async fn a_killed_run_with_kubelet_nodes_leaves_nothing_after_cleanup() -> Resul
     };
     // A container running when the owner dies: a shim, a pause process and
     // a workload, with mounts, inside the node. Host network: no CNI here.
-    let kubectl = Kubectl { kubeconfig };
-    kubectl.apply_stdin(
+    let kubectl = Kubectl::new(&kubeconfig);
+    kubectl.apply_manifest(
         &serde_json::json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -171,7 +173,7 @@ async fn a_killed_run_with_kubelet_nodes_leaves_nothing_after_cleanup() -> Resul
         })
         .to_string(),
     )?;
-    eventually("the sleeper pod Running", || async {
+    eventually(HANG_GUARD, "the sleeper pod Running", || async {
         let phase = kubectl.run(&["get", "pod", "sleeper", "-o", "jsonpath={.status.phase}"])?;
         Ok((phase == "Running").then_some(()))
     })
@@ -181,9 +183,11 @@ async fn a_killed_run_with_kubelet_nodes_leaves_nothing_after_cleanup() -> Resul
     up.wait().context("reaping weft-e2e up")?;
     // Everything dies with the owner (parent-death signals down to each
     // node's init, whose exit ends its PID namespace) ...
-    eventually("every process of the killed run gone", || async {
-        Ok(run_processes(&run.dir).is_empty().then_some(()))
-    })
+    eventually(
+        HANG_GUARD,
+        "every process of the killed run gone",
+        || async { Ok(run_processes(&run.dir).is_empty().then_some(())) },
+    )
     .await?;
     // ... and cleanup removes what stays: namespaces, cgroups, files.
     cleanup_leftovers()?;
@@ -232,7 +236,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     };
     let client = cluster.client().await?;
     phase.done("three kubelet nodes registered, one behind a router");
-    let kubectl = Kubectl::new(&cluster);
+    let kubectl = Kubectl::new(cluster.kubeconfig());
     // No node has a pod network yet, so none is Ready: a CNI config of the
     // host's must not leak into the nodes and stand in for Weft's.
     let nodes: Api<Node> = Api::all(client.clone());
@@ -254,27 +258,33 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
             kubectl.run(&["apply", "-f", &repo.join("manifests").display().to_string()])?;
         }
         Install::Helm { helm } => {
-            helm_command(helm, &cluster)
-                .args(["install", "weft"])
-                .arg(repo.join("charts/weft"))
-                .args(["--namespace", install.namespace(), "--create-namespace"])
-                .output_checked()?;
+            weft_testing::run(
+                kubectl
+                    .helm(helm)
+                    .args(["install", "weft"])
+                    .arg(repo.join("charts/weft"))
+                    .args(["--namespace", install.namespace(), "--create-namespace"]),
+            )?;
         }
     }
     let namespace = install.namespace();
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let agents = ListParams::default().labels("app.kubernetes.io/component=agent");
     let node_names: BTreeSet<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
-    eventually("an agent pod Running and ready on every node", || async {
-        let list = pods.list(&agents).await?;
-        let ready: BTreeSet<String> = list
-            .items
-            .iter()
-            .filter(|pod| is_ready(pod))
-            .filter_map(|pod| pod.spec.as_ref()?.node_name.clone())
-            .collect();
-        Ok((ready == node_names).then_some(()))
-    })
+    eventually(
+        HANG_GUARD,
+        "an agent pod Running and ready on every node",
+        || async {
+            let list = pods.list(&agents).await?;
+            let ready: BTreeSet<String> = list
+                .items
+                .iter()
+                .filter(|pod| is_ready(pod))
+                .filter_map(|pod| pod.spec.as_ref()?.node_name.clone())
+                .collect();
+            Ok((ready == node_names).then_some(()))
+        },
+    )
     .await?;
     phase.done("agents Running on every node");
 
@@ -304,7 +314,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         }
     }
 
-    eventually("every node Ready", || async {
+    eventually(HANG_GUARD, "every node Ready", || async {
         let list = nodes.list(&ListParams::default()).await?;
         Ok((list.items.len() == 3 && list.items.iter().all(node_is_ready)).then_some(()))
     })
@@ -335,12 +345,12 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         );
     }
 
-    kubectl.apply_stdin(&test_deployment())?;
+    kubectl.apply_manifest(&test_deployment())?;
     let test_pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let selector = ListParams::default().labels(&format!("app={TEST_DEPLOYMENT}"));
     // Pod name -> (node, pod IP).
     let placed: BTreeMap<String, (String, IpAddr)> =
-        eventually("a test pod Running on every node", || async {
+        eventually(HANG_GUARD, "a test pod Running on every node", || async {
             let list = test_pods.list(&selector).await?;
             let placed: BTreeMap<String, (String, IpAddr)> = list
                 .items
@@ -415,7 +425,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         endpoints.trim() == first_node,
         "kubernetes Service endpoints: {endpoints:?}"
     );
-    kubectl.apply_stdin(&test_service())?;
+    kubectl.apply_manifest(&test_service())?;
     let cluster_ip = kubectl.run(&[
         "get",
         "service",
@@ -430,6 +440,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
             cluster_ip.trim()
         );
         eventually(
+            HANG_GUARD,
             &format!("every test pod answering {from} through the Service"),
             || async {
                 let Ok(answer) = kubectl.run(&["exec", from, "--", "sh", "-c", &request]) else {
@@ -447,15 +458,18 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
                 let seen = seen
                     .trim_matches(|c| c == '[' || c == ']')
                     .trim_start_matches("::ffff:");
-                ensure!(
-                    backend == from || seen == from_ip.to_string(),
-                    "{backend} saw {from} ({from_ip}) as {seen}"
-                );
+                // A wrong answer ends the wait at once (`Some(Err)`): a
+                // probe's error would only count as "not yet".
+                if !(backend == from || seen == from_ip.to_string()) {
+                    return Ok(Some(Err(anyhow!(
+                        "{backend} saw {from} ({from_ip}) as {seen}"
+                    ))));
+                }
                 served.borrow_mut().insert(backend.to_owned());
-                Ok((served.borrow().len() == placed.len()).then_some(()))
+                Ok((served.borrow().len() == placed.len()).then_some(Ok(())))
             },
         )
-        .await?;
+        .await??;
     }
     phase.done("a ClusterIP Service reaches every backend from every pod");
 
@@ -472,7 +486,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         .spec
         .and_then(|spec| spec.replicas)
         .context("the CoreDNS Deployment has no replica count")?;
-    eventually("every CoreDNS pod Ready", || async {
+    eventually(HANG_GUARD, "every CoreDNS pod Ready", || async {
         let list = system_pods.list(&dns_selector).await?;
         let ready = list.items.iter().filter(|pod| is_ready(pod)).count();
         Ok((ready == usize::try_from(coredns_replicas)?).then_some(()))
@@ -509,13 +523,23 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
             ("web.default.svc.cluster.local", web_ip),
             ("kubernetes.default.svc.cluster.local", kubernetes_ip),
         ] {
-            eventually(&format!("{pod} ({node}) resolving {name}"), || async {
-                let Ok(answer) = kubectl.run(&["exec", pod, "--", "nslookup", name]) else {
-                    return Ok(None);
-                };
-                check_resolved(pod, name, expected, nslookup_addresses(&answer), &answer)
-            })
-            .await?;
+            eventually(
+                HANG_GUARD,
+                &format!("{pod} ({node}) resolving {name}"),
+                || async {
+                    let Ok(answer) = kubectl.run(&["exec", pod, "--", "nslookup", name]) else {
+                        return Ok(None);
+                    };
+                    Ok(check_resolved(
+                        pod,
+                        name,
+                        expected,
+                        nslookup_addresses(&answer),
+                        &answer,
+                    ))
+                },
+            )
+            .await??;
         }
         // ping prints the address the pod's resolver (search path, ndots)
         // gave before it sends anything; whether a ClusterIP answers ICMP is
@@ -526,15 +550,22 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         ] {
             let script = format!("ping -c1 -W1 {name} 2>&1 | head -n1");
             eventually(
+                HANG_GUARD,
                 &format!("{pod} ({node}) resolving {name} by its short name"),
                 || async {
                     let Ok(answer) = kubectl.run(&["exec", pod, "--", "sh", "-c", &script]) else {
                         return Ok(None);
                     };
-                    check_resolved(pod, name, expected, ping_address(&answer), &answer)
+                    Ok(check_resolved(
+                        pod,
+                        name,
+                        expected,
+                        ping_address(&answer),
+                        &answer,
+                    ))
                 },
             )
-            .await?;
+            .await??;
         }
     }
     phase.done("every pod resolves Services through CoreDNS");
@@ -574,7 +605,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
         "kube-system",
         "--replicas=0",
     ])?;
-    eventually("the test and CoreDNS pods gone", || async {
+    eventually(HANG_GUARD, "the test and CoreDNS pods gone", || async {
         let test_pods_gone = test_pods.list(&selector).await?.items.is_empty();
         let dns_pods_gone = system_pods.list(&dns_selector).await?.items.is_empty();
         Ok((test_pods_gone && dns_pods_gone).then_some(()))
@@ -590,13 +621,17 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
             ])?;
         }
         Install::Helm { helm } => {
-            helm_command(helm, &cluster)
-                .args(["uninstall", "weft", "--namespace", namespace, "--wait"])
-                .output_checked()?;
+            weft_testing::run(kubectl.helm(helm).args([
+                "uninstall",
+                "weft",
+                "--namespace",
+                namespace,
+                "--wait",
+            ]))?;
         }
     }
     let every_weft_pod = ListParams::default().labels("app.kubernetes.io/name=weft");
-    eventually("every Weft pod gone", || async {
+    eventually(HANG_GUARD, "every Weft pod gone", || async {
         Ok(pods
             .list(&every_weft_pod)
             .await?
@@ -663,24 +698,27 @@ fn ping_address(output: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Done once `name` resolved to `expected`; not yet if it did not resolve
-/// (CoreDNS or kube-proxy may still be catching up); an error if it
-/// resolved to anything else.
+/// Done (`Some(Ok)`) once `name` resolved to `expected`; not yet (`None`)
+/// if it did not resolve (CoreDNS or kube-proxy may still be catching up);
+/// a failure that ends the wait (`Some(Err)`) if it resolved to anything
+/// else.
 fn check_resolved(
     pod: &str,
     name: &str,
     expected: IpAddr,
     found: Vec<IpAddr>,
     answer: &str,
-) -> Result<Option<()>> {
+) -> Option<Result<()>> {
     if found.is_empty() {
-        return Ok(None);
+        return None;
     }
-    ensure!(
-        found == [expected],
-        "{pod} resolved {name} to {found:?}, not the Service's {expected}:\n{answer}"
-    );
-    Ok(Some(()))
+    Some(if found == [expected] {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "{pod} resolved {name} to {found:?}, not the Service's {expected}:\n{answer}"
+        ))
+    })
 }
 
 /// The test pods' `/cgi-bin/peer`: the pod's name and the address the
@@ -745,7 +783,8 @@ struct WeftLeftovers {
     links: Vec<String>,
     /// Routes with Weft's protocol number.
     routes: Vec<String>,
-    /// nftables tables named `weft`.
+    /// nftables tables whose names start with `weft` (`weft`,
+    /// `weft-hostport`, `weft-policy`, …).
     tables: Vec<String>,
     /// The plugin, the conflist and the node file.
     files: Vec<String>,
@@ -754,9 +793,7 @@ struct WeftLeftovers {
 impl WeftLeftovers {
     fn on(node: &ClusterNode) -> Result<Self> {
         let run_in_node = |program: &str, args: &[&str]| -> Result<String> {
-            let mut command = node.command(program);
-            command.args(args);
-            command.output_checked()
+            weft_testing::run(node.command(program).args(args))
         };
         let links = run_in_node("ip", &["-o", "link", "show"])?
             .lines()
@@ -764,7 +801,7 @@ impl WeftLeftovers {
             .map(|name| name.split('@').next().unwrap_or(name).to_owned())
             .filter(|name| name.starts_with("weft") || name.starts_with("veth"))
             .collect();
-        let protocol = weft_agent::ROUTE_PROTOCOL.to_string();
+        let protocol = weft_core::netlink::ROUTE_PROTOCOL.to_string();
         let mut routes = Vec::new();
         for family in ["-4", "-6"] {
             routes.extend(
@@ -778,7 +815,11 @@ impl WeftLeftovers {
         }
         let tables = run_in_node("nft", &["list", "tables"])?
             .lines()
-            .filter(|line| line.split_whitespace().last() == Some("weft"))
+            .filter(|line| {
+                line.split_whitespace()
+                    .last()
+                    .is_some_and(|name| name.starts_with("weft"))
+            })
             .map(str::to_owned)
             .collect();
         let mut files = Vec::new();
@@ -830,9 +871,7 @@ fn assert_run_left_nothing(run: &RunTraces) -> Result<()> {
         .map(|pid| format!("process {pid} (its command line or mounts name {dir})"))
         .collect();
     let prefix = format!("we2e-{}-", run.id);
-    let netns = Command::new("ip")
-        .args(["netns", "list"])
-        .output_checked()?;
+    let netns = weft_testing::run(Command::new("ip").args(["netns", "list"]))?;
     found.extend(
         netns
             .lines()
@@ -875,83 +914,17 @@ impl HostState {
                 Ok((key.to_string(), value.trim().to_owned()))
             })
             .collect::<Result<_>>()?;
-        let ruleset = Command::new("nft")
-            .args(["list", "ruleset"])
-            .output_checked()?;
+        let ruleset = weft_testing::run(Command::new("nft").args(["list", "ruleset"]))?;
         Ok(Self { tunables, ruleset })
     }
 }
 
-/// Runs kubectl with the cluster's admin kubeconfig.
-struct Kubectl {
-    kubeconfig: PathBuf,
-}
-
-impl Kubectl {
-    fn new(cluster: &Cluster) -> Self {
-        Self {
-            kubeconfig: cluster.kubeconfig().to_owned(),
-        }
-    }
-
-    fn command(&self) -> Command {
-        let mut command = Command::new("kubectl");
-        command.arg("--kubeconfig").arg(&self.kubeconfig);
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Result<String> {
-        self.command().args(args).output_checked()
-    }
-
-    fn apply_stdin(&self, manifest: &str) -> Result<()> {
-        let file = self.kubeconfig.with_file_name("test-deployment.json");
-        std::fs::write(&file, manifest).with_context(|| format!("writing {}", file.display()))?;
-        self.run(&["apply", "-f", &file.display().to_string()])?;
-        Ok(())
-    }
-}
-
-/// helm against the cluster, with its cache and config inside the run
-/// directory rather than the user's home.
-fn helm_command(helm: &Path, cluster: &Cluster) -> Command {
-    let home = cluster.run_dir().join("helm");
-    let mut command = Command::new(helm);
-    command
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"));
-    command
-}
-
-/// Runs one of the repository's scripts that print a path on stdout.
+/// Whether `program` is on `PATH`.
 fn command_exists(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .output()
         .is_ok_and(|output| output.status.success())
-}
-
-/// A command's stdout, or an error with its stderr.
-trait OutputChecked {
-    fn output_checked(&mut self) -> Result<String>;
-}
-
-impl OutputChecked for Command {
-    fn output_checked(&mut self) -> Result<String> {
-        let shown = format!("{self:?}");
-        let output = self.output().with_context(|| format!("running {shown}"))?;
-        ensure!(
-            output.status.success(),
-            "{shown} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr),
-            String::from_utf8_lossy(&output.stdout)
-        );
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    }
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -974,24 +947,6 @@ fn node_is_ready(node: &Node) -> bool {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True")
         })
-}
-
-/// Polls `check` until it yields a value; fails after [`HANG_GUARD`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + HANG_GUARD;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("gave up after {HANG_GUARD:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Prints how long each phase of a flow took (figures for the report, not

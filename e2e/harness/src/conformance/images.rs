@@ -16,8 +16,8 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
+use weft_testing::run;
 
-use crate::exec::run;
 use crate::images::{install_busybox, write_oci_archive};
 
 /// Host programs the tests run in their pods, with options busybox's
@@ -146,7 +146,7 @@ fn assemble_rootfs(rootfs: &Path, agnhost: &Path) -> Result<()> {
 /// The shared libraries (and the dynamic loader) `binary` loads, as `ldd`
 /// lists them.
 fn shared_libraries(binary: &str) -> Result<Vec<PathBuf>> {
-    let listing = super::command_output(Command::new("ldd").arg(binary))?;
+    let listing = run(Command::new("ldd").arg(binary))?;
     // Lines are `name => /path (address)` or `/path (address)`; the vDSO
     // has no path.
     Ok(listing
@@ -196,22 +196,21 @@ mod tests {
 
     #[test]
     fn the_tests_shell_finds_the_host_tools_before_busybox() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: chroot needs root");
+        if !weft_testing::root_available("chroot into the image's root filesystem") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("rootfs");
         // Any binary stands in for agnhost here.
         assemble_rootfs(&rootfs, Path::new("/usr/bin/dash")).unwrap();
-        let found = super::super::command_output(Command::new("chroot").arg(&rootfs).args([
+        let found = run(Command::new("chroot").arg(&rootfs).args([
             "/bin/sh",
             "-c",
             "PATH=/usr/bin:/bin; for t in nc curl dig getent seq; do command -v $t; done",
         ]))
         .unwrap();
         assert_eq!(
-            found,
+            found.trim(),
             "/usr/bin/nc\n/usr/bin/curl\n/usr/bin/dig\n/usr/bin/getent\n/bin/seq"
         );
         let usage = Command::new("chroot")

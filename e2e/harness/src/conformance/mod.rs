@@ -17,13 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
+use weft_testing::repository;
 
 pub use report::{markdown, parse_junit, parse_selectors, Outcome, RunFacts, Selector, TestResult};
 
 use crate::control_plane::k8s_binaries;
 use crate::exec::tail;
-use crate::install::{build_weft_image, install_from_manifests, repository};
+use crate::install::{build_weft_image, install_from_manifests};
 use crate::{Cluster, ClusterSpec};
 
 /// Three nodes: a pod's peers on its own node and on others, as the
@@ -94,10 +95,14 @@ impl SuiteResults {
 /// logs named on stderr if the run fails before the tests end).
 pub async fn run(suite: &SuiteRun) -> Result<SuiteResults> {
     let started = Instant::now();
-    let date = command_output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    let date = weft_testing::run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?
+        .trim()
+        .to_owned();
     let binaries = k8s_binaries(&["e2e.test", "agnhost", "coredns"]).await?;
     let e2e_test = binaries.join("e2e.test");
-    let kubernetes = command_output(Command::new(&e2e_test).arg("--version"))?;
+    let kubernetes = weft_testing::run(Command::new(&e2e_test).arg("--version"))?
+        .trim()
+        .to_owned();
     std::fs::create_dir_all(&suite.output)
         .with_context(|| format!("creating {}", suite.output.display()))?;
 
@@ -210,7 +215,7 @@ async fn run_suite(
 /// The images the suite's network tests run, as `(name, reference)`
 /// (`e2e.test --network-images`).
 fn network_images(e2e_test: &Path) -> Result<Vec<(String, String)>> {
-    command_output(Command::new(e2e_test).arg("--network-images"))?
+    weft_testing::run(Command::new(e2e_test).arg("--network-images"))?
         .lines()
         .map(|line| {
             let (name, reference) = line.split_once(' ').with_context(|| {
@@ -241,18 +246,4 @@ fn machine() -> Result<String> {
         field(&read("/proc/cpuinfo")?, "model name"),
         field(&read("/proc/meminfo")?, "MemTotal"),
     ))
-}
-
-/// A command's stdout, trimmed, or an error with its stderr.
-fn command_output(command: &mut Command) -> Result<String> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }

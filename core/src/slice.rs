@@ -1,12 +1,17 @@
-//! How one family's cluster CIDR is cut into equal per-node slices, and
-//! where any CIDR falls among them. Settings that cannot make such a cut are
-//! refused here, with the fix, before the controller starts.
+//! Per IP family a [`SlicePlan`]: the cut of the cluster CIDR into equal
+//! per-node slices, and where any CIDR falls among them.
+//!
+//! The controller hands out the slices and the agent routes them, so both
+//! validate their settings through [`SlicePlan::for_family`]: a cluster CIDR
+//! and slice size that cannot make a plan are refused with the same error,
+//! naming the keys ([`cluster_cidr_key`], [`slice_size_key`]) and the fix.
+//! The settings themselves are declared once, in `weft-daemon`.
 
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
+use crate::ip::{addr_bits, IpFamily};
 use ipnet::IpNet;
-use weft_core::ip::{addr_bits, IpFamily};
 
 /// Slices may be at most this many bits longer than the cluster CIDR, so the
 /// slice count always fits the `i64` a Prometheus gauge carries.
@@ -15,8 +20,24 @@ const MAX_SLICE_BITS: u8 = 62;
 /// A slice must leave room for the node's bridge gateway and at least one pod.
 const MIN_HOST_BITS: u8 = 2;
 
+/// The config key of `family`'s cluster CIDR.
+pub fn cluster_cidr_key(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "clusterCidr",
+        IpFamily::V6 => "clusterCidrV6",
+    }
+}
+
+/// The config key of `family`'s slice size.
+pub fn slice_size_key(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "sliceSizeV4",
+        IpFamily::V6 => "sliceSizeV6",
+    }
+}
+
 /// Why a cluster CIDR and slice size do not make a usable plan.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CidrError {
     /// The slice prefix is shorter than the cluster prefix.
     #[error("slice size /{slice} is larger than the cluster CIDR {cluster}: set the slice size to a prefix length of at least {}", cluster.prefix_len())]
@@ -53,7 +74,11 @@ pub enum CidrError {
         cluster: IpNet,
     },
     /// The CIDR given for one family belongs to the other.
-    #[error("{cluster} is not an {expected} CIDR")]
+    #[error(
+        "{cluster} is not an {expected} CIDR: an {} cluster CIDR goes in {}",
+        IpFamily::of(cluster),
+        cluster_cidr_key(IpFamily::of(cluster))
+    )]
     WrongFamily {
         /// The CIDR as given.
         cluster: IpNet,
@@ -193,16 +218,14 @@ impl SlicePlan {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
 
-    /// Parses a CIDR literal; the allocator's tests share it.
-    pub(in crate::allocator) fn net(s: &str) -> IpNet {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
-    /// A plan from literals; the allocator's tests share it.
-    pub(in crate::allocator) fn plan(cluster: &str, slice: u8) -> SlicePlan {
+    fn plan(cluster: &str, slice: u8) -> SlicePlan {
         SlicePlan::new(net(cluster), slice).unwrap()
     }
 

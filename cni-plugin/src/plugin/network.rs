@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 
-use super::{CniError, Dns, ErrorCode, NetConf, Route};
+use crate::cni::{CniError, Dns, ErrorCode, NetConf, Route};
 use crate::ipam::{AllocRange, Store};
 use weft_core::nodefile::NodeConfig;
 
@@ -167,7 +167,7 @@ mod tests {
     fn node() -> NodeConfig {
         let fixture = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../weft/tests/fixtures/node-dual.json"
+            "/../core/tests/fixtures/node-dual.json"
         );
         NodeConfig::load(std::path::Path::new(fixture)).unwrap()
     }
