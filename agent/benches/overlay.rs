@@ -84,6 +84,9 @@ fn main() -> Result<()> {
 trait Contender: Sized {
     /// Name in the printed figures.
     const LABEL: &'static str;
+    /// What of the contender's data path was on, printed with the
+    /// dataplane figures.
+    const FEATURES: &'static str;
 
     /// A cluster of `nodes` namespace nodes, on one underlay segment, whose
     /// agents will run `backend` in `cluster_cidr`; no agent runs yet.
@@ -153,6 +156,7 @@ struct Weft(Overlay);
 
 impl Contender for Weft {
     const LABEL: &'static str = "weft";
+    const FEATURES: &'static str = "routed pod veths, guard table (anti-spoofing, VXLAN sender check), NetworkPolicy enforcement on with no policy";
 
     async fn start(
         nodes: usize,
@@ -532,8 +536,9 @@ async fn dataplane<C: Contender>(backend: &'static str) -> Result<()> {
     };
     let comparison = Comparison::measure(DATAPLANE_ROUNDS, underlay, pod_to_pod)?;
     println!(
-        "dataplane, {} {backend} (pod-to-pod TCP, iperf3 {IPERF_SECONDS} s, medians of {DATAPLANE_ROUNDS} interleaved rounds): {}",
+        "dataplane, {} {backend} (pod-to-pod TCP, iperf3 {IPERF_SECONDS} s, medians of {DATAPLANE_ROUNDS} interleaved rounds; {}): {}",
         C::LABEL,
+        C::FEATURES,
         comparison.summary(),
     );
     contender.stop().await

@@ -16,8 +16,10 @@
 //! The reconciler is woken only by changes that matter: heartbeats and
 //! fields the agent does not read change no entry.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::IpNet;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher;
@@ -90,6 +92,9 @@ impl Entries for NodeEntries {
 pub(crate) struct NodeCache {
     state: Mutex<Mirror<NodeEntries>>,
     changed: Notify,
+    /// Woken with `changed`, for the policy loop: a `Notify` wakes one
+    /// waiter, and the reconciler is the other.
+    changed_for_policy: Notify,
 }
 
 impl NodeCache {
@@ -101,6 +106,7 @@ impl NodeCache {
                 nodes: NodeSnapshot::default(),
             })),
             changed: Notify::new(),
+            changed_for_policy: Notify::new(),
         }
     }
 
@@ -119,6 +125,30 @@ impl NodeCache {
         self.lock().listed().map(|entries| entries.nodes.clone())
     }
 
+    /// Like [`Self::changed`], for the policy loop.
+    pub(crate) async fn changed_for_policy(&self) {
+        self.changed_for_policy.notified().await;
+    }
+
+    /// Every node's pod slices by name (this node's and each peer's), once
+    /// a complete list has been seen: what NetworkPolicy checks pod
+    /// addresses against. A node with no public IP yet is not a peer and
+    /// has none here.
+    pub(crate) fn pod_slices(&self) -> Option<BTreeMap<String, Vec<IpNet>>> {
+        let state = self.lock();
+        let entries = state.listed()?;
+        let mut slices: BTreeMap<String, Vec<IpNet>> = entries
+            .nodes
+            .peers
+            .iter()
+            .map(|(name, peer)| (name.clone(), peer.pod_cidrs.clone()))
+            .collect();
+        if let Some(own) = &entries.nodes.own {
+            slices.insert(entries.own_name.clone(), own.pod_cidrs.clone());
+        }
+        Some(slices)
+    }
+
     /// Applies one watch event; wakes the reconciler if it mattered.
     fn observe(&self, event: watcher::Event<Node>) {
         let list_done = matches!(event, watcher::Event::InitDone);
@@ -130,6 +160,7 @@ impl NodeCache {
         drop(state);
         if changed {
             self.changed.notify_one();
+            self.changed_for_policy.notify_one();
         }
     }
 }

@@ -2,27 +2,46 @@
 //! owns, and applying a plan through netlink.
 //!
 //! The one path by which the agent changes neighbours, FDB entries and
-//! routes: [`Dataplane::reconcile`] dumps, plans ([`super::overlay::plan`])
-//! and applies, for the peers on every reconcile and with an empty desired
-//! state when uninstall empties the node ([`super::uninstall`]).
+//! routes: [`Dataplane::reconcile_holding`] dumps, plans ([`plan_routes`]
+//! over [`super::overlay::plan`]) and applies, for the peers and this
+//! node's slices on every reconcile, and with an empty desired state when
+//! uninstall empties the node ([`super::uninstall`]).
+//!
+//! Routes: Weft replaces or deletes only routes with [`ROUTE_PROTOCOL`],
+//! the ones its dump shows as its own; any other route it wants is created
+//! exclusively (EEXIST leaves what is there). A destination the main table
+//! already routes with someone else's route (a kernel route of a bridge, an
+//! operator's blackhole) is a [`RouteConflict`]: that route stays, Weft adds
+//! none beside it, and the caller holds the entries that need it until the
+//! other route is gone, checked again on every reconcile.
+//!
+//! This node's slices get an `unreachable` route ([`OwnSlices`]): a packet
+//! for a pod address no pod holds stops here instead of following the
+//! default route out of the node. The plugin's pod routes (/32, /128) are
+//! more specific.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
 use std::mem;
 use std::net::IpAddr;
 
 use futures::StreamExt;
 use ipnet::IpNet;
 
+use super::config::AgentConfig;
+use super::node::{check_own_slices, NodeAddress, OwnNode, OwnSliceError};
 use super::overlay::{
     plan, DesiredState, FdbEntry, KernelState, Neighbour, NextHop, Operation, OverlayRoute,
 };
+use super::peer::Peer;
 use super::ROUTE_PROTOCOL;
 use weft_core::annotations::VtepMac;
 use weft_core::ip::IpFamily;
 use weft_core::netlink::{
-    FdbRemote, Link, Netlink, NetlinkError, PermanentNeighbour, Removal, Route, RouteProtocol,
-    VxlanChange, VxlanSettings,
+    FdbRemote, Link, Netlink, NetlinkError, Outcome, PermanentNeighbour, Removal, Route,
+    RouteProtocol, RouteType, VxlanChange, VxlanSettings,
 };
+use weft_core::DEFAULT_BRIDGE;
 
 /// The name of Weft's VXLAN device.
 pub const VXLAN_DEVICE: &str = "weft.1";
@@ -47,6 +66,9 @@ pub enum DataplaneError {
         /// The operation that needed it.
         operation: Operation,
     },
+    /// This node's slice annotation is refused.
+    #[error(transparent)]
+    OwnSlice(#[from] OwnSliceError),
 }
 
 /// The settings of this node's tunnel endpoint.
@@ -79,6 +101,180 @@ pub struct ApplyReport {
     /// Routes not attempted because their neighbour or FDB entry failed: a
     /// route through an unresolvable VTEP would blackhole the slice.
     pub held_back: Vec<Operation>,
+    /// Destinations Weft wants that someone else's route holds: the plan's
+    /// conflicts, then the routes the kernel refused to add beside one that
+    /// appeared after the dump.
+    pub conflicts: Vec<RouteConflict>,
+    /// The changes made to this node's `unreachable` slice routes.
+    pub own_slices: Vec<OwnSliceChange>,
+}
+
+/// A route in the main table that is not Weft's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForeignRoute {
+    /// Who made it (`proto` in `ip route`).
+    pub protocol: RouteProtocol,
+    /// Its type: unicast, blackhole, unreachable, …
+    pub kind: RouteType,
+}
+
+impl fmt::Display for ForeignRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = format!("{:?}", self.kind).to_lowercase();
+        write!(
+            f,
+            "a {kind} route of proto {} ({})",
+            self.protocol,
+            u8::from(self.protocol)
+        )
+    }
+}
+
+/// A destination Weft wants to route that the main table already routes
+/// with another owner's route. That route is left as it is, Weft adds no
+/// route beside it, and the entries that need the destination (the peer's
+/// neighbour, FDB entry and routes) are held until the route is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteConflict {
+    /// A peer's slice or one of this node's.
+    pub destination: IpNet,
+    /// The other route as the dump showed it; `None` when only the kernel
+    /// told of it, refusing to add Weft's route beside one that appeared
+    /// after the dump.
+    pub foreign: Option<ForeignRoute>,
+}
+
+impl RouteConflict {
+    /// Whether the destination is one of `peer`'s slices.
+    pub fn concerns(&self, peer: &Peer) -> bool {
+        peer.pod_cidrs
+            .iter()
+            .any(|slice| slice.trunc() == self.destination)
+    }
+}
+
+impl fmt::Display for RouteConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.foreign {
+            Some(foreign) => write!(f, "{} is already routed by {foreign}", self.destination),
+            None => write!(
+                f,
+                "{} is already routed: the kernel refused to add Weft's route beside another",
+                self.destination
+            ),
+        }
+    }
+}
+
+/// This node's slices once they passed [`check_own_slices`] (see
+/// [`Dataplane::check_own_slices`]); each gets an `unreachable` route with
+/// [`ROUTE_PROTOCOL`]. The default, no slices, removes those routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnSlices(Vec<IpNet>);
+
+impl OwnSlices {
+    /// The slices.
+    pub fn slices(&self) -> &[IpNet] {
+        &self.0
+    }
+}
+
+/// A change to the `unreachable` route of one of this node's slices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnSliceChange {
+    /// Create it (or turn Weft's route to the slice into it).
+    Set(IpNet),
+    /// Remove it: the slice is no longer this node's.
+    Delete(IpNet),
+}
+
+/// What a dump of the main table and of `weft.1` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dump {
+    /// Weft's neighbours, FDB entries and peer routes, which the overlay
+    /// plans from.
+    pub owned: KernelState,
+    /// Slices with Weft's `unreachable` route.
+    pub own_slices: BTreeSet<IpNet>,
+    /// The destinations of every route with [`ROUTE_PROTOCOL`], of any type
+    /// and next hop: the only routes Weft replaces.
+    pub owned_destinations: BTreeSet<IpNet>,
+    /// Per destination, a route of another owner (the first the dump met).
+    pub foreign: BTreeMap<IpNet, ForeignRoute>,
+}
+
+/// Every change one reconcile makes, decided from a dump by
+/// [`plan_routes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// This node's `unreachable` slice routes, changed first.
+    pub own_slices: Vec<OwnSliceChange>,
+    /// The overlay's operations, in the overlay's order, without routes to
+    /// a conflicting destination.
+    pub operations: Vec<Operation>,
+    /// Wanted destinations that another owner's route holds.
+    pub conflicts: Vec<RouteConflict>,
+    /// Destinations whose route is Weft's, which a set replaces in place; a
+    /// route to any other destination is created exclusively, so one that
+    /// appeared after the dump is never overwritten.
+    pub replaceable: BTreeSet<IpNet>,
+}
+
+/// The plan that takes the kernel from `dump` to `desired` and `own`: the
+/// overlay's operations ([`plan`]) and the own-slice routes, leaving out
+/// every route whose destination another owner's route holds (reported as
+/// [`RoutePlan::conflicts`]).
+///
+/// A slice that changes hands between this node and a peer keeps one route
+/// throughout: Weft's route to it is replaced in place (unreachable to via
+/// the peer, or back), never deleted first.
+pub fn plan_routes(desired: &DesiredState, own: &OwnSlices, dump: &Dump) -> RoutePlan {
+    let taken = |destination: &IpNet| dump.foreign.contains_key(destination);
+    let conflicts = own
+        .slices()
+        .iter()
+        .chain(desired.routes.keys())
+        .filter_map(|&destination| {
+            dump.foreign
+                .get(&destination)
+                .map(|&foreign| RouteConflict {
+                    destination,
+                    foreign: Some(foreign),
+                })
+        })
+        .collect();
+    let mut operations = plan(desired, &dump.owned);
+    operations.retain(
+        |operation| !matches!(operation, Operation::SetRoute(route) if taken(&route.destination)),
+    );
+    let wanted: BTreeSet<IpNet> = own.slices().iter().copied().collect();
+    let mut own_slices: Vec<OwnSliceChange> = wanted
+        .iter()
+        .filter(|slice| !dump.own_slices.contains(slice) && !taken(slice))
+        .map(|&slice| OwnSliceChange::Set(slice))
+        .collect();
+    // A former slice now a peer's is replaced in place by the peer's route;
+    // deleting it as well could remove that route (an IPv6 delete does not
+    // match on the route type).
+    own_slices.extend(
+        dump.own_slices
+            .iter()
+            .filter(|slice| !wanted.contains(slice) && !desired.routes.contains_key(slice))
+            .map(|&slice| OwnSliceChange::Delete(slice)),
+    );
+    RoutePlan {
+        own_slices,
+        operations,
+        conflicts,
+        replaceable: dump.owned_destinations.clone(),
+    }
+}
+
+/// What one route set found.
+enum RouteSet {
+    Done,
+    /// The kernel already has a route to the destination (EEXIST).
+    Taken,
 }
 
 /// The data plane of one network namespace.
@@ -129,15 +325,6 @@ impl Dataplane {
         Ok(self.netlink.delete_link_by_name(VXLAN_DEVICE).await?)
     }
 
-    /// The MAC of an existing `weft.1`, if there is one.
-    pub async fn existing_vtep_mac(&self) -> Result<Option<VtepMac>, DataplaneError> {
-        Ok(self
-            .existing_vtep()
-            .await?
-            .and_then(|l| l.mac)
-            .and_then(|mac| VtepMac::try_from(mac.as_slice()).ok()))
-    }
-
     /// Takes an existing `weft.1` as it is, without changing it, so that
     /// [`Dataplane::dump`] and [`Dataplane::apply`] reach its neighbours
     /// and FDB entries: how uninstall empties a device it did not set up.
@@ -154,10 +341,40 @@ impl Dataplane {
         Ok(link.filter(|l| l.kind.as_deref() == Some("vxlan")))
     }
 
-    /// Dumps the entries Weft owns: permanent neighbours and FDB remotes on
-    /// `weft.1`, and routes with [`ROUTE_PROTOCOL`] in the main table.
-    pub async fn dump(&self) -> Result<KernelState, DataplaneError> {
-        let mut state = KernelState::default();
+    /// This node's slices from `own`, checked by [`check_own_slices`]
+    /// against the agent's settings and this node's addresses (read here;
+    /// those of `weft.1` and of the bridge earlier releases used are Weft's
+    /// own and left out). Nothing may be programmed from a refused slice.
+    pub async fn check_own_slices(
+        &self,
+        config: &AgentConfig,
+        node: &str,
+        own: &OwnNode,
+    ) -> Result<OwnSlices, DataplaneError> {
+        let links = self.netlink.links().await?;
+        let addresses = self
+            .netlink
+            .addresses(None)
+            .await?
+            .into_iter()
+            .filter_map(|address| {
+                let link = links.iter().find(|l| l.index == address.link_index)?;
+                (link.name != VXLAN_DEVICE && link.name != DEFAULT_BRIDGE).then(|| NodeAddress {
+                    link: link.name.clone(),
+                    address: address.address,
+                })
+            })
+            .collect::<Vec<_>>();
+        let slices = check_own_slices(node, own, config, &addresses)?;
+        Ok(OwnSlices(slices))
+    }
+
+    /// Dumps what bears on Weft's entries: permanent neighbours and FDB
+    /// remotes on `weft.1`, and the main table's routes, Weft's (those with
+    /// [`ROUTE_PROTOCOL`]) and the others'.
+    pub async fn dump(&self) -> Result<Dump, DataplaneError> {
+        let mut dump = Dump::default();
+        let state = &mut dump.owned;
         if let Some(index) = self.vxlan_index {
             state.neighbours = self
                 .netlink
@@ -183,49 +400,71 @@ impl Dataplane {
         for family in [IpFamily::V4, IpFamily::V6] {
             for route in self.netlink.routes(family, Route::MAIN_TABLE).await? {
                 if route.protocol != RouteProtocol::from(ROUTE_PROTOCOL) {
+                    dump.foreign
+                        .entry(route.destination)
+                        .or_insert(ForeignRoute {
+                            protocol: route.protocol,
+                            kind: route.kind,
+                        });
                     continue;
                 }
-                // Weft only makes routes with a gateway; any other route
-                // with its protocol number is left alone rather than guessed at.
-                let Some(gateway) = route.gateway else {
-                    continue;
-                };
-                let next_hop = match (self.vxlan_index, route.output_interface) {
-                    (Some(vxlan), Some(oif)) if vxlan == oif => NextHop::Vtep(gateway),
-                    _ => NextHop::Underlay(gateway),
-                };
-                state.routes.push(OverlayRoute {
-                    destination: route.destination,
-                    next_hop,
-                });
+                dump.owned_destinations.insert(route.destination);
+                match (route.kind, route.gateway) {
+                    (RouteType::Unreachable, _) => {
+                        dump.own_slices.insert(route.destination);
+                    }
+                    (RouteType::Unicast, Some(gateway)) => {
+                        let next_hop = match (self.vxlan_index, route.output_interface) {
+                            (Some(vxlan), Some(oif)) if vxlan == oif => NextHop::Vtep(gateway),
+                            _ => NextHop::Underlay(gateway),
+                        };
+                        dump.owned.routes.push(OverlayRoute {
+                            destination: route.destination,
+                            next_hop,
+                        });
+                    }
+                    // Weft makes no other route; one with its protocol
+                    // number is left alone rather than guessed at.
+                    _ => {}
+                }
             }
         }
-        Ok(state)
+        Ok(dump)
     }
 
     /// Dumps, plans and applies: one reconcile of the kernel against
-    /// `desired`.
+    /// `desired`, with no slices of this node's (so their routes go, as
+    /// uninstall wants).
     pub async fn reconcile(&self, desired: &DesiredState) -> Result<ApplyReport, DataplaneError> {
-        self.reconcile_holding(desired, |_| false).await
+        self.reconcile_holding(desired, &OwnSlices::default(), |_| |_: &Operation| false)
+            .await
     }
 
-    /// [`Dataplane::reconcile`], leaving out the operations `hold` picks:
-    /// their entries stay as the kernel has them (a peer the kernel keeps
+    /// One reconcile of the kernel against `desired` and this node's slices
+    /// `own`, leaving out the operations that `hold` picks once it has seen
+    /// the plan's conflicts: their entries stay as the kernel has them (a
+    /// peer whose slice another owner's route holds, or one the kernel keeps
     /// refusing, waiting out its backoff).
-    pub async fn reconcile_holding(
+    pub async fn reconcile_holding<H>(
         &self,
         desired: &DesiredState,
-        hold: impl Fn(&Operation) -> bool,
-    ) -> Result<ApplyReport, DataplaneError> {
-        let current = self.dump().await?;
-        let mut operations = plan(desired, &current);
-        operations.retain(|operation| !hold(operation));
-        self.apply(&operations).await
+        own: &OwnSlices,
+        hold: impl FnOnce(&[RouteConflict]) -> H,
+    ) -> Result<ApplyReport, DataplaneError>
+    where
+        H: Fn(&Operation) -> bool,
+    {
+        let dump = self.dump().await?;
+        let mut plan = plan_routes(desired, own, &dump);
+        let hold = hold(&plan.conflicts);
+        plan.operations.retain(|operation| !hold(operation));
+        self.apply(&plan).await
     }
 
-    /// Applies operations in order. A failed operation does not stop the
-    /// others, except that routes through a VTEP whose neighbour or FDB
-    /// entry failed are held back.
+    /// Applies a plan: this node's slice routes (a failure there fails the
+    /// whole apply, as node set-up does), then the operations in order. A
+    /// failed operation does not stop the others, except that routes
+    /// through a VTEP whose neighbour or FDB entry failed are held back.
     ///
     /// Consecutive operations of one kind (as [`plan`] groups them: set
     /// neighbours, FDB entries, routes, then delete routes, FDB entries,
@@ -233,8 +472,21 @@ impl Dataplane {
     /// with up to `IN_FLIGHT` requests awaiting their answers; a run starts
     /// only once the one before it is answered, which keeps neighbour, FDB
     /// entry, route in that order, and removal in reverse.
-    pub async fn apply(&self, operations: &[Operation]) -> Result<ApplyReport, DataplaneError> {
-        let mut report = ApplyReport::default();
+    pub async fn apply(&self, plan: &RoutePlan) -> Result<ApplyReport, DataplaneError> {
+        let mut report = ApplyReport {
+            conflicts: plan.conflicts.clone(),
+            ..ApplyReport::default()
+        };
+        for &change in &plan.own_slices {
+            match self.apply_own_slice(change, &plan.replaceable).await? {
+                RouteSet::Done => report.own_slices.push(change),
+                RouteSet::Taken => report.conflicts.push(RouteConflict {
+                    destination: own_slice(change),
+                    foreign: None,
+                }),
+            }
+        }
+        let operations = plan.operations.as_slice();
         // VTEP addresses whose neighbour, or whose MAC's FDB entry, could
         // not be set: a route through them would lead nowhere.
         let mut broken_vteps: HashSet<IpAddr> = HashSet::new();
@@ -248,14 +500,25 @@ impl Dataplane {
                 });
             report.held_back.extend(held_back);
             let outcomes: Vec<_> = futures::stream::iter(ready)
-                .map(|operation| async move { (operation, self.apply_one(operation).await) })
+                .map(|operation| async move {
+                    let outcome = self.apply_one(operation, &plan.replaceable).await;
+                    (operation, outcome)
+                })
                 .buffered(IN_FLIGHT)
                 .collect()
                 .await;
             let mut broken_macs: HashSet<VtepMac> = HashSet::new();
             for (operation, outcome) in outcomes {
                 match outcome {
-                    Ok(()) => report.applied.push(operation),
+                    Ok(RouteSet::Done) => report.applied.push(operation),
+                    Ok(RouteSet::Taken) => {
+                        if let Operation::SetRoute(route) = operation {
+                            report.conflicts.push(RouteConflict {
+                                destination: route.destination,
+                                foreign: None,
+                            });
+                        }
+                    }
                     Err(DataplaneError::Netlink(error)) => {
                         match operation {
                             Operation::SetNeighbour(n) => {
@@ -281,7 +544,47 @@ impl Dataplane {
         Ok(report)
     }
 
-    async fn apply_one(&self, operation: Operation) -> Result<(), DataplaneError> {
+    async fn apply_own_slice(
+        &self,
+        change: OwnSliceChange,
+        replaceable: &BTreeSet<IpNet>,
+    ) -> Result<RouteSet, DataplaneError> {
+        let route = Route {
+            kind: RouteType::Unreachable,
+            protocol: RouteProtocol::from(ROUTE_PROTOCOL),
+            ..Route::new(own_slice(change))
+        };
+        Ok(match change {
+            OwnSliceChange::Set(_) => self.set_route(&route, replaceable).await?,
+            OwnSliceChange::Delete(_) => {
+                self.netlink.delete_route(&route).await?;
+                RouteSet::Done
+            }
+        })
+    }
+
+    /// Replaces the route if its destination has Weft's route, else creates
+    /// it exclusively: another owner's route is never overwritten.
+    async fn set_route(
+        &self,
+        route: &Route,
+        replaceable: &BTreeSet<IpNet>,
+    ) -> Result<RouteSet, NetlinkError> {
+        if replaceable.contains(&route.destination) {
+            self.netlink.replace_route(route).await?;
+            return Ok(RouteSet::Done);
+        }
+        Ok(match self.netlink.add_route(route).await? {
+            Outcome::Created => RouteSet::Done,
+            Outcome::AlreadyPresent => RouteSet::Taken,
+        })
+    }
+
+    async fn apply_one(
+        &self,
+        operation: Operation,
+        replaceable: &BTreeSet<IpNet>,
+    ) -> Result<RouteSet, DataplaneError> {
         let vxlan = || {
             self.vxlan_index
                 .ok_or(DataplaneError::NoVxlanDevice { operation })
@@ -293,7 +596,9 @@ impl Dataplane {
                     .await?;
             }
             Operation::SetFdb(f) => self.netlink.replace_fdb(&fdb_remote(vxlan()?, f)).await?,
-            Operation::SetRoute(r) => self.netlink.replace_route(&self.kernel_route(r)?).await?,
+            Operation::SetRoute(r) => {
+                return Ok(self.set_route(&self.kernel_route(r)?, replaceable).await?);
+            }
             Operation::DeleteRoute(r) => {
                 self.netlink.delete_route(&self.kernel_route(r)?).await?;
             }
@@ -306,7 +611,7 @@ impl Dataplane {
                     .await?;
             }
         }
-        Ok(())
+        Ok(RouteSet::Done)
     }
 
     fn kernel_route(&self, route: OverlayRoute) -> Result<Route, DataplaneError> {
@@ -333,6 +638,12 @@ impl Dataplane {
     }
 }
 
+fn own_slice(change: OwnSliceChange) -> IpNet {
+    match change {
+        OwnSliceChange::Set(slice) | OwnSliceChange::Delete(slice) => slice,
+    }
+}
+
 fn permanent_neighbour(link_index: u32, neighbour: Neighbour) -> PermanentNeighbour {
     PermanentNeighbour {
         link_index,
@@ -346,5 +657,187 @@ fn fdb_remote(link_index: u32, entry: FdbEntry) -> FdbRemote {
         link_index,
         mac: entry.mac.octets(),
         remote: entry.remote,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Backend;
+    use crate::overlay::desired_state;
+    use crate::peer::LocalNode;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn peer(name: &str, slices: &[&str], public_ip: &str, mac: u8) -> Peer {
+        Peer {
+            node_name: name.into(),
+            pod_cidrs: slices.iter().map(|s| net(s)).collect(),
+            public_ip: public_ip.parse().unwrap(),
+            vtep_mac: Some(VtepMac::new([0x0a, 0x58, 0, 0, 0, mac])),
+            created: 0,
+            malformed: None,
+        }
+    }
+
+    /// This node with 10.244.0.0/24; node-b (dual-stack) and node-c as
+    /// peers over vxlan.
+    fn desired() -> DesiredState {
+        let local = LocalNode {
+            name: "node-a".into(),
+            pod_cidrs: vec![net("10.244.0.0/24")],
+            underlay: net("172.31.0.10/24"),
+        };
+        let peers = [
+            peer(
+                "node-b",
+                &["10.244.1.0/24", "fd00:10:244:1::/64"],
+                "172.31.0.11",
+                1,
+            ),
+            peer("node-c", &["10.244.2.0/24"], "172.31.0.12", 2),
+        ];
+        desired_state(Backend::Vxlan, &local, &peers)
+    }
+
+    fn own() -> OwnSlices {
+        OwnSlices(vec![net("10.244.0.0/24")])
+    }
+
+    fn foreign(protocol: RouteProtocol, kind: RouteType) -> ForeignRoute {
+        ForeignRoute { protocol, kind }
+    }
+
+    fn set_routes(plan: &RoutePlan) -> Vec<IpNet> {
+        plan.operations
+            .iter()
+            .filter_map(|operation| match operation {
+                Operation::SetRoute(route) => Some(route.destination),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_node_gets_its_unreachable_slice_and_every_peer() {
+        let plan = plan_routes(&desired(), &own(), &Dump::default());
+        assert_eq!(
+            plan.own_slices,
+            vec![OwnSliceChange::Set(net("10.244.0.0/24"))]
+        );
+        assert_eq!(set_routes(&plan).len(), 3);
+        assert!(plan.conflicts.is_empty());
+        // Nothing is Weft's yet: every route is created exclusively.
+        assert!(plan.replaceable.is_empty());
+    }
+
+    #[test]
+    fn another_owners_route_is_a_conflict_and_gets_no_route_beside_it() {
+        let blackhole = foreign(RouteProtocol::Static, RouteType::BlackHole);
+        let bridge = foreign(RouteProtocol::Kernel, RouteType::Unicast);
+        let dump = Dump {
+            foreign: BTreeMap::from([
+                (net("10.244.1.0/24"), blackhole),
+                (net("10.244.0.0/24"), bridge),
+                // Not a wanted destination: no conflict.
+                (net("10.244.0.0/16"), bridge),
+            ]),
+            ..Dump::default()
+        };
+        let plan = plan_routes(&desired(), &own(), &dump);
+        assert_eq!(
+            plan.conflicts,
+            vec![
+                RouteConflict {
+                    destination: net("10.244.0.0/24"),
+                    foreign: Some(bridge),
+                },
+                RouteConflict {
+                    destination: net("10.244.1.0/24"),
+                    foreign: Some(blackhole),
+                },
+            ]
+        );
+        assert!(plan.own_slices.is_empty(), "{:?}", plan.own_slices);
+        assert_eq!(
+            set_routes(&plan),
+            vec![net("10.244.2.0/24"), net("fd00:10:244:1::/64")]
+        );
+        // node-b's neighbour and FDB entry stay in the plan: holding the
+        // whole peer is the caller's choice (see RouteConflict::concerns).
+        assert!(plan
+            .operations
+            .contains(&Operation::SetNeighbour(Neighbour {
+                ip: "10.244.1.0".parse().unwrap(),
+                mac: VtepMac::new([0x0a, 0x58, 0, 0, 0, 1]),
+            })));
+        let b = peer("node-b", &["10.244.1.0/24"], "172.31.0.11", 1);
+        let c = peer("node-c", &["10.244.2.0/24"], "172.31.0.12", 2);
+        assert!(plan.conflicts[1].concerns(&b));
+        assert!(!plan.conflicts.iter().any(|conflict| conflict.concerns(&c)));
+        assert_eq!(
+            plan.conflicts[1].to_string(),
+            "10.244.1.0/24 is already routed by a blackhole route of proto static (4)"
+        );
+    }
+
+    #[test]
+    fn own_slice_routes_follow_the_slice_and_are_replaced_in_place_across_owners() {
+        let desired = desired();
+        // The slice moved: 10.244.9.0/24 was this node's and is no longer
+        // anyone's; 10.244.2.0/24 was this node's and is node-c's now.
+        let dump = Dump {
+            own_slices: BTreeSet::from([
+                net("10.244.0.0/24"),
+                net("10.244.9.0/24"),
+                net("10.244.2.0/24"),
+            ]),
+            owned_destinations: BTreeSet::from([
+                net("10.244.0.0/24"),
+                net("10.244.9.0/24"),
+                net("10.244.2.0/24"),
+            ]),
+            ..Dump::default()
+        };
+        let plan = plan_routes(&desired, &own(), &dump);
+        assert_eq!(
+            plan.own_slices,
+            vec![OwnSliceChange::Delete(net("10.244.9.0/24"))]
+        );
+        assert!(set_routes(&plan).contains(&net("10.244.2.0/24")));
+        assert!(plan.replaceable.contains(&net("10.244.2.0/24")));
+
+        // Back: a peer's route of Weft's becomes this node's unreachable
+        // route in place, and the stale peer route's delete finds nothing.
+        let mut back = dump.clone();
+        back.own_slices.clear();
+        back.owned.routes.push(OverlayRoute {
+            destination: net("10.244.0.0/24"),
+            next_hop: NextHop::Vtep("10.244.0.0".parse().unwrap()),
+        });
+        let plan = plan_routes(&desired, &own(), &back);
+        assert_eq!(
+            plan.own_slices,
+            vec![OwnSliceChange::Set(net("10.244.0.0/24"))]
+        );
+        assert!(plan.replaceable.contains(&net("10.244.0.0/24")));
+    }
+
+    #[test]
+    fn no_own_slices_remove_every_unreachable_route() {
+        let dump = Dump {
+            own_slices: BTreeSet::from([net("10.244.0.0/24"), net("fd00:10:244::/64")]),
+            ..Dump::default()
+        };
+        let plan = plan_routes(&DesiredState::default(), &OwnSlices::default(), &dump);
+        assert_eq!(
+            plan.own_slices,
+            vec![
+                OwnSliceChange::Delete(net("10.244.0.0/24")),
+                OwnSliceChange::Delete(net("fd00:10:244::/64")),
+            ]
+        );
     }
 }

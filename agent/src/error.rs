@@ -37,12 +37,16 @@ pub enum AgentError {
     /// The masquerade table could not be applied.
     #[error(transparent)]
     Masquerade(#[from] NftError),
+    /// The guard table could not be applied.
+    #[error(transparent)]
+    Guard(NftError),
     /// Checksum offload on the VXLAN device could not be read or set.
     #[error("setting tx checksum offload on {VXLAN_DEVICE}: {0} (set checksumOffload: on to leave it alone)")]
     Offload(std::io::Error),
-    /// No VTEP MAC could be generated.
-    #[error("generating a VTEP MAC from /dev/urandom: {0}")]
-    RandomMac(std::io::Error),
+    /// Set-up ran for a node without a slice, from which the VTEP MAC
+    /// derives (the agent waits for one first, so this is a bug).
+    #[error("no pod slice to derive the VTEP MAC from: wait for weft-controller to assign one")]
+    NoSlice,
     /// The Node has no InternalIP and no interface is configured.
     #[error("node {node} has no InternalIP address: set iface or ifaceRegex so the agent can find its underlay")]
     NoNodeAddress {
@@ -69,6 +73,7 @@ impl AgentError {
             AgentError::Serve(_) => "serve",
             // IP forwarding is part of the node's kernel set-up, counted
             // with the other kernel writes.
+            AgentError::Dataplane(DataplaneError::OwnSlice(_)) => "own_slice",
             AgentError::Netlink(_) | AgentError::Dataplane(_) | AgentError::Forwarding(_) => {
                 "netlink"
             }
@@ -76,8 +81,9 @@ impl AgentError {
             AgentError::Install(_) => "cni_install",
             AgentError::NodeFile(_) => "node_file",
             AgentError::Masquerade(_) => "masquerade",
+            AgentError::Guard(_) => "guard",
             AgentError::Offload(_) => "checksum_offload",
-            AgentError::RandomMac(_) => "vtep_mac",
+            AgentError::NoSlice => "vtep_mac",
             AgentError::Api { .. } => "api",
         }
     }

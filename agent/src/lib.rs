@@ -9,12 +9,16 @@
 //! - Trust: [`screen`] checks every peer's slices, public IP and VTEP MAC
 //!   against the cluster settings, this node and the other peers, before
 //!   the overlay plans anything for it.
+//! - [`guard`]: the `inet weft-guard` table, always on: pods send only
+//!   from their own addresses, VXLAN is taken only from accepted peers.
 //! - Desired state, plan, apply: [`overlay`] computes the entries the node
 //!   wants and the plan that reaches them from a kernel dump; [`dataplane`]
 //!   dumps and applies; a peer whose entries the kernel refuses is retried
 //!   on its own backoff (module `retry`) without holding up the others.
 //! - [`policy`]: NetworkPolicy, from the API's records to the
 //!   `inet weft-policy` table, in a task of its own beside the overlay's.
+//! - [`nft_watch`]: restores Weft's nftables tables moments after a change
+//!   made behind the agent's back.
 //! - Node set-up (module `setup`): [`underlay`], the VTEP device,
 //!   [`offload`], forwarding, the node file, [`install`], [`masquerade`].
 //! - Node writes (module `publish`): this node's annotations and its
@@ -27,9 +31,11 @@ mod cache;
 pub mod config;
 pub mod dataplane;
 mod error;
+pub mod guard;
 pub mod install;
 pub mod masquerade;
 pub mod metrics;
+pub mod nft_watch;
 pub mod node;
 pub mod offload;
 pub mod overlay;

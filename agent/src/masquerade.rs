@@ -17,6 +17,8 @@ use ipnet::IpNet;
 use weft_core::ip::IpFamily;
 use weft_core::nft::{self, NftError};
 
+use crate::nft_watch::TableCheck;
+
 /// The nftables family and name of Weft's table.
 pub const TABLE: &str = "inet weft";
 
@@ -122,6 +124,17 @@ impl MasqueradeTable {
         nft::apply(&self.ruleset, "replace table inet weft")?;
         self.applied_listing = list_table()?;
         Ok(TableChange::Replaced)
+    }
+
+    /// [`Self::ensure`] as the table watch ([`crate::nft_watch`]) calls it
+    /// after any change to the table. A second `MasqueradeTable` for the
+    /// same settings may do this beside node set-up's: both write the same
+    /// ruleset, whose listing is the same whichever wrote it last.
+    pub fn restore_if_changed(&mut self) -> Result<TableCheck, NftError> {
+        Ok(match self.ensure()? {
+            TableChange::Unchanged => TableCheck::Intact,
+            TableChange::Replaced => TableCheck::Restored,
+        })
     }
 }
 

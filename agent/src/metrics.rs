@@ -30,6 +30,11 @@ struct DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabel {
+    table: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabel {
     error: &'static str,
 }
@@ -42,6 +47,7 @@ pub struct AgentMetrics {
     skipped: Gauge,
     rejected: Family<ReasonLabel, Gauge>,
     refused: Gauge,
+    route_conflicts: Gauge,
     reconcile_duration: Histogram,
     netlink_operations: Family<OperationLabel, Counter>,
     errors: Family<ErrorLabel, Counter>,
@@ -50,6 +56,9 @@ pub struct AgentMetrics {
     policy_refused: Gauge,
     policy_sync_duration: Histogram,
     policy_denied_packets: Family<DirectionLabel, Counter>,
+    guard_dropped_packets: Family<ReasonLabel, Counter>,
+    policy_rejected_pod_ips: Family<ReasonLabel, Gauge>,
+    table_restored: Family<TableLabel, Counter>,
 }
 
 impl AgentMetrics {
@@ -61,6 +70,7 @@ impl AgentMetrics {
             skipped: Gauge::default(),
             rejected: Family::default(),
             refused: Gauge::default(),
+            route_conflicts: Gauge::default(),
             // 100 µs .. ~6 s: a no-op diff up to programming thousands of peers.
             reconcile_duration: Histogram::new(exponential_buckets(0.0001, 3.0, 11)),
             netlink_operations: Family::default(),
@@ -71,6 +81,9 @@ impl AgentMetrics {
             // 100 µs .. ~6 s: an unchanged plan up to writing the tables whole.
             policy_sync_duration: Histogram::new(exponential_buckets(0.0001, 3.0, 11)),
             policy_denied_packets: Family::default(),
+            guard_dropped_packets: Family::default(),
+            policy_rejected_pod_ips: Family::default(),
+            table_restored: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("weft_agent");
         registry.register(
@@ -97,6 +110,11 @@ impl AgentMetrics {
             "refused_peers",
             "Peers whose entries the kernel refused, waiting for their retry",
             metrics.refused.clone(),
+        );
+        registry.register(
+            "route_conflicts",
+            "Routes Weft wants (peer slices, this node's slices) whose destination another owner's route holds: left alone, the entries that need them held",
+            metrics.route_conflicts.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",
@@ -134,6 +152,21 @@ impl AgentMetrics {
             "Packets dropped by NetworkPolicy on this node, by direction (read from the table every 10 s)",
             metrics.policy_denied_packets.clone(),
         );
+        registry.register(
+            "guard_dropped_packets",
+            "Packets the guard table dropped, by reason: spoofed (a pod's source not its own), link_local (a pod's IPv6 link-local traffic other than neighbour discovery), vxlan_stranger (VXLAN from no accepted peer, or for pods not the sender's); read from the table every resync",
+            metrics.guard_dropped_packets.clone(),
+        );
+        registry.register(
+            "policy_rejected_pod_ips",
+            "Pod addresses claimed in Pod status that select nothing in NetworkPolicy, by reason",
+            metrics.policy_rejected_pod_ips.clone(),
+        );
+        registry.register(
+            "policy_table_restored",
+            "Weft nftables tables restored after a change made behind the agent's back, by table",
+            metrics.table_restored.clone(),
+        );
         metrics
     }
 
@@ -164,6 +197,11 @@ impl AgentMetrics {
                 .set(count(n));
         }
         self.refused.set(count(refused));
+    }
+
+    /// Records how many wanted routes another owner's route holds now.
+    pub fn record_route_conflicts(&self, conflicts: usize) {
+        self.route_conflicts.set(count(conflicts));
     }
 
     /// Records one reconcile's duration and kernel operations.
@@ -212,6 +250,40 @@ impl AgentMetrics {
     pub fn record_policy_denied(&self, direction: &'static str, packets: u64) {
         self.policy_denied_packets
             .get_or_create(&DirectionLabel { direction })
+            .inc_by(packets);
+    }
+
+    /// Records the pod addresses NetworkPolicy rejects now, one reason
+    /// label per address; every label in `labels` is set, zero included.
+    pub fn record_policy_rejected_pod_ips(
+        &self,
+        labels: &[&'static str],
+        reasons: impl IntoIterator<Item = &'static str>,
+    ) {
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for reason in reasons {
+            *counts.entry(reason).or_default() += 1;
+        }
+        for &reason in labels {
+            let n = counts.get(reason).copied().unwrap_or(0);
+            self.policy_rejected_pod_ips
+                .get_or_create(&ReasonLabel { reason })
+                .set(count(n));
+        }
+    }
+
+    /// Counts one restoration of nftables table `table` (family and name).
+    pub fn record_table_restored(&self, table: &'static str) {
+        self.table_restored
+            .get_or_create(&TableLabel { table })
+            .inc();
+    }
+
+    /// Counts `packets` the guard table newly dropped for `reason` (a
+    /// `DropReason` label); zero still shows the reason.
+    pub fn record_guard_dropped(&self, reason: &'static str, packets: u64) {
+        self.guard_dropped_packets
+            .get_or_create(&ReasonLabel { reason })
             .inc_by(packets);
     }
 
@@ -264,5 +336,29 @@ mod tests {
             text.contains("weft_agent_policy_denied_packets_total{direction=\"ingress\"} 8\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn guard_drops_are_a_counter_by_reason() {
+        let mut registry = Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+        for (spoofed, stranger) in [(2, 0), (3, 1)] {
+            metrics.record_guard_dropped("spoofed", spoofed);
+            metrics.record_guard_dropped("vxlan_stranger", stranger);
+        }
+        metrics.record_guard_dropped("link_local", 0);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("# TYPE weft_agent_guard_dropped_packets counter"),
+            "{text}"
+        );
+        for line in [
+            "weft_agent_guard_dropped_packets_total{reason=\"spoofed\"} 5\n",
+            "weft_agent_guard_dropped_packets_total{reason=\"vxlan_stranger\"} 1\n",
+            "weft_agent_guard_dropped_packets_total{reason=\"link_local\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line}{text}");
+        }
     }
 }

@@ -65,8 +65,8 @@ impl LocalNode {
 }
 
 /// The VTEP address of a slice: its network address. It is assigned to the
-/// slice owner's `weft.1` (/32 or /128) and is never handed to a pod, since
-/// the plugin's allocatable range starts after the gateway.
+/// slice owner's `weft.1` (/32 or /128) and is never handed to a pod: the
+/// plugin's allocatable range leaves out a slice's network address.
 pub fn vtep_address(slice: &IpNet) -> IpAddr {
     slice.network()
 }

@@ -1,4 +1,5 @@
-//! Per-peer backoff for entries the kernel refuses.
+//! Holding a peer's entries: per-peer backoff for entries the kernel
+//! refuses, and route conflicts with other owners' routes.
 //!
 //! A peer whose neighbour, FDB entry or route the kernel refuses must not
 //! hold up anyone else: the rest of the reconcile goes on, and the peer is
@@ -6,11 +7,20 @@
 //! waits, its entries are left as the kernel has them (the reconcile holds
 //! back every operation on them), so a refusal neither repeats on every
 //! change nor removes what still works.
+//!
+//! A peer whose slice another owner's route holds
+//! ([`RouteConflict`]) is held the same way, but with no backoff: every
+//! reconcile dumps the routes again, and the first that finds the other
+//! route gone programs the peer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::dataplane::RouteConflict;
+use super::overlay::EntryOwners;
+use super::peer::Peer;
 
 /// First retry of a refused peer, or of a failed reconcile
 /// ([`super::run()`]), doubled after each failure up to [`RETRY_CAP`].
@@ -81,9 +91,69 @@ impl PeerRetries {
     }
 }
 
+/// The entries to hold this reconcile: those of the `accepted` peers that
+/// are `waiting` for their retry or have a slice in `conflicts`.
+pub(crate) fn held_peers<'p>(
+    accepted: &[&'p Peer],
+    waiting: &BTreeSet<&str>,
+    conflicts: &[RouteConflict],
+) -> EntryOwners<'p> {
+    if waiting.is_empty() && conflicts.is_empty() {
+        // The usual case: no owner map over every peer.
+        return EntryOwners::default();
+    }
+    EntryOwners::of(accepted.iter().copied().filter(|peer| {
+        waiting.contains(peer.node_name.as_str())
+            || conflicts.iter().any(|conflict| conflict.concerns(peer))
+    }))
+}
+
+/// The route conflicts last logged, so that a standing conflict is logged
+/// once and each change (a new one, one resolved) again.
+#[derive(Debug, Default)]
+pub(crate) struct ConflictLog {
+    logged: Vec<RouteConflict>,
+}
+
+impl ConflictLog {
+    /// Logs `conflicts` unless they are the ones logged last, naming whose
+    /// entries each holds: the peer among `peers` with that slice, or this
+    /// node.
+    pub(crate) fn record(&mut self, conflicts: &[RouteConflict], peers: &[&Peer]) {
+        if conflicts == self.logged.as_slice() {
+            return;
+        }
+        for conflict in conflicts {
+            let peer = peers.iter().find(|peer| conflict.concerns(peer));
+            let owner = conflict
+                .foreign
+                .map(|foreign| u8::from(foreign.protocol).to_string());
+            let held = peer.map_or_else(
+                || "this node's unreachable slice route".to_string(),
+                |peer| format!("the entries of peer {}", peer.node_name),
+            );
+            tracing::warn!(
+                destination = %conflict.destination,
+                owner_protocol = owner.as_deref().unwrap_or("unknown"),
+                "route conflict: {conflict}; Weft leaves that route alone and holds {held} until it is removed"
+            );
+        }
+        if conflicts.is_empty() {
+            tracing::info!("route conflicts resolved: every wanted route is Weft's to set");
+        }
+        self.logged = conflicts.to_vec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use ipnet::IpNet;
+    use weft_core::annotations::VtepMac;
+    use weft_core::netlink::{RouteProtocol, RouteType};
+
     use super::*;
+    use crate::dataplane::ForeignRoute;
+    use crate::overlay::{NextHop, Operation, OverlayRoute};
 
     #[test]
     fn refusals_back_off_and_success_forgets() {
@@ -126,5 +196,46 @@ mod tests {
             now += last;
         }
         assert_eq!(last, RETRY_CAP);
+    }
+
+    #[test]
+    fn waiting_and_conflicting_peers_are_held_whole() {
+        let peer = |name: &str, slice: &str| Peer {
+            node_name: name.into(),
+            pod_cidrs: vec![slice.parse().unwrap()],
+            public_ip: "172.31.0.11".parse().unwrap(),
+            vtep_mac: Some(VtepMac::new([0x0a, 0x58, 0, 0, 0, name.len() as u8])),
+            created: 0,
+            malformed: None,
+        };
+        let peers = [
+            peer("b", "10.244.1.0/24"),
+            peer("cc", "10.244.2.0/24"),
+            peer("ddd", "10.244.3.0/24"),
+        ];
+        let accepted: Vec<&Peer> = peers.iter().collect();
+        let route = |slice: &str| {
+            let destination: IpNet = slice.parse().unwrap();
+            Operation::SetRoute(OverlayRoute {
+                destination,
+                next_hop: NextHop::Vtep(destination.network()),
+            })
+        };
+        let conflict = RouteConflict {
+            destination: "10.244.2.0/24".parse().unwrap(),
+            foreign: Some(ForeignRoute {
+                protocol: RouteProtocol::Static,
+                kind: RouteType::BlackHole,
+            }),
+        };
+        let waiting = BTreeSet::from(["b"]);
+        let held = held_peers(&accepted, &waiting, &[conflict]);
+        assert_eq!(held.owner(&route("10.244.1.0/24")), Some("b"));
+        assert_eq!(held.owner(&route("10.244.2.0/24")), Some("cc"));
+        assert_eq!(held.owner(&route("10.244.3.0/24")), None);
+        assert_eq!(
+            held_peers(&accepted, &BTreeSet::new(), &[]).owner(&route("10.244.1.0/24")),
+            None
+        );
     }
 }

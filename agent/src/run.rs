@@ -29,12 +29,15 @@ use super::cache::{watch_nodes, NodeCache, NodeSnapshot};
 use super::config::AgentConfig;
 use super::dataplane::{ApplyReport, Dataplane};
 use super::error::AgentError;
+use super::guard::{Guard, GuardChange, GuardState, TABLE as GUARD_TABLE};
+use super::masquerade::{MasqueradeTable, TABLE as MASQUERADE_TABLE};
 use super::metrics::AgentMetrics;
-use super::overlay::{desired_state, EntryOwners, SkippedPeer};
+use super::nft_watch::{Registration, TableRegistry, TableWatch};
+use super::overlay::{desired_state, EntryOwners, Operation, SkippedPeer};
 use super::policy::enforce::enforce;
 use super::policy::nft::{remove_table, TABLE as POLICY_TABLE};
 use super::publish::NodePublisher;
-use super::retry::{PeerRetries, RETRY_CAP, RETRY_START};
+use super::retry::{held_peers, ConflictLog, PeerRetries, RETRY_CAP, RETRY_START};
 use super::screen::{screen, Rejected, Rules, Screened};
 use super::setup::NodeSetup;
 use super::uninstall::{ask_api, decide, tear_down, DaemonSetWatcher, OwnDaemonSet, Shutdown};
@@ -96,9 +99,22 @@ async fn run_inner(
     };
     let nodes: Api<Node> = Api::all(client.clone());
     let (cache, watch) = watch_nodes(nodes.clone(), node_name.clone(), metrics.clone());
+    let table_watch = start_table_watch(&config, &metrics);
     let (stop_policy, policy_stop) = tokio::sync::watch::channel(false);
-    let policy = start_policy(&config, &client, &node_name, &metrics, policy_stop).await;
+    let policy = start_policy(
+        &config,
+        &client,
+        &node_name,
+        &cache,
+        table_watch.as_ref().map(|(watch, _)| watch.registry()),
+        &metrics,
+        policy_stop,
+    )
+    .await;
     let mut reconciler = Reconciler::new(config, node_name, nodes, metrics, health)?;
+    let guard_watch = table_watch
+        .as_ref()
+        .map(|(watch, _)| reconciler.guard.register(&watch.registry()));
     reconciler.run_until(&cache, shutdown).await;
     watch.abort();
     // Policy stops before a teardown could remove its table.
@@ -108,6 +124,9 @@ async fn run_inner(
             tracing::warn!(%join, "network policy task ended abnormally");
         }
     }
+    // Nothing is restored once a teardown may remove the tables.
+    drop(guard_watch);
+    drop(table_watch);
     let removed = match daemonset_watch {
         Some((watch, own)) => remove_if_uninstalled(&own, watch, client, &reconciler).await,
         None => false,
@@ -125,6 +144,28 @@ async fn run_inner(
     Ok(())
 }
 
+/// Starts the watch that restores Weft's nftables tables moments after a
+/// change made behind the agent's back, with the masquerade table
+/// registered (the policy task registers its own). `None`, logged, when
+/// the notifications cannot be had: resync still repairs the tables.
+fn start_table_watch(
+    config: &AgentConfig,
+    metrics: &AgentMetrics,
+) -> Option<(TableWatch, Registration)> {
+    let watch = match TableWatch::start(metrics.clone()) {
+        Ok(watch) => watch,
+        Err(error) => {
+            tracing::warn!(%error, "not watching Weft's nftables tables");
+            return None;
+        }
+    };
+    let mut masquerade = MasqueradeTable::new(&config.cluster_cidrs, &config.no_masquerade_cidrs);
+    let registration = watch
+        .registry()
+        .register(MASQUERADE_TABLE, move || masquerade.restore_if_changed());
+    Some((watch, registration))
+}
+
 /// Starts enforcing NetworkPolicy when the configuration asks for it; when
 /// it does not, removes a table an earlier run left, so turning policy off
 /// stops enforcement.
@@ -132,6 +173,8 @@ async fn start_policy(
     config: &AgentConfig,
     client: &Client,
     node_name: &str,
+    nodes: &Arc<NodeCache>,
+    tables: Option<TableRegistry>,
     metrics: &AgentMetrics,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -139,6 +182,8 @@ async fn start_policy(
         let task = enforce(
             client.clone(),
             node_name.to_owned(),
+            nodes.clone(),
+            tables,
             metrics.clone(),
             config.resync,
             stop,
@@ -214,12 +259,16 @@ struct Reconciler {
     dataplane: Dataplane,
     setup: NodeSetup,
     publisher: NodePublisher,
+    /// The guard table, written before anything else on the node.
+    guard: Guard,
     /// The last skipped peers logged, so a standing problem is logged once.
     logged_skips: Vec<SkippedPeer>,
     /// The last rejected peers logged, likewise.
     logged_rejections: Vec<Rejected>,
     /// Peers the kernel refused, on their backoff.
     retries: PeerRetries,
+    /// The route conflicts logged last.
+    conflicts: ConflictLog,
     waiting_logged: bool,
 }
 
@@ -235,6 +284,7 @@ impl Reconciler {
             dataplane: Dataplane::new(Netlink::current()?),
             setup: NodeSetup::new(&config),
             publisher: NodePublisher::new(nodes, node_name.clone()),
+            guard: Guard::default(),
             config,
             node_name,
             metrics,
@@ -242,6 +292,7 @@ impl Reconciler {
             logged_skips: Vec::new(),
             logged_rejections: Vec::new(),
             retries: PeerRetries::default(),
+            conflicts: ConflictLog::default(),
             waiting_logged: false,
         })
     }
@@ -285,7 +336,22 @@ impl Reconciler {
     /// One pass: node set-up when this node changed (or on a `full` pass),
     /// then the peers, then the Node writes.
     async fn reconcile(&mut self, nodes: &NodeSnapshot, full: bool) -> Result<(), AgentError> {
-        let Some(own) = nodes.own.as_ref().filter(|own| !own.pod_cidrs.is_empty()) else {
+        // Pods are guarded before the set-up installs the plugin that wires
+        // them; a table the last run left keeps guarding meanwhile.
+        if self.guard.start().await.map_err(AgentError::Guard)? == GuardChange::Written {
+            tracing::info!(
+                table = GUARD_TABLE,
+                "guard table written: pods checked, VXLAN checked once peers are known"
+            );
+        }
+        if full {
+            self.count_guard_drops().await;
+        }
+        let Some(own) = nodes
+            .own
+            .as_ref()
+            .filter(|own| !own.pod_cidrs.is_empty() || own.malformed_pod_cidr.is_some())
+        else {
             if !self.waiting_logged {
                 tracing::info!("waiting for the controller to assign this node a pod CIDR");
                 self.waiting_logged = true;
@@ -293,6 +359,18 @@ impl Reconciler {
             return Ok(());
         };
         let started = Instant::now();
+        // Nothing is set up from a slice that fails a peer's checks.
+        let own_slices = match self
+            .dataplane
+            .check_own_slices(&self.config, &self.node_name, own)
+            .await
+        {
+            Ok(slices) => slices,
+            Err(refused) => {
+                self.health.set_ready(false);
+                return Err(refused.into());
+            }
+        };
         let setup = self
             .setup
             .ensure(
@@ -311,6 +389,21 @@ impl Reconciler {
             vtep_mac: setup.vtep.as_ref().map(|vtep| vtep.mac),
         };
         let screened = screen(&rules, nodes.peers.values());
+        // Before the routes: a new peer's VXLAN is let in before traffic
+        // to its pods can leave.
+        let guard = GuardState::of(
+            self.config.backend.uses_vxlan().then_some(self.config.port),
+            screened.accepted.iter().copied(),
+        );
+        let change = self.guard.ensure(guard).await.map_err(AgentError::Guard)?;
+        if change != GuardChange::Unchanged {
+            tracing::info!(
+                table = GUARD_TABLE,
+                ?change,
+                peers = screened.accepted.len(),
+                "guard table VXLAN senders set"
+            );
+        }
         let desired = desired_state(
             self.config.backend,
             &setup.local,
@@ -320,22 +413,19 @@ impl Reconciler {
         // Only accepted peers are held: a waiting peer rejected since has
         // its entries removed like any other rejected peer's.
         let waiting: BTreeSet<&str> = self.retries.waiting(now).collect();
-        let waiting = if waiting.is_empty() {
-            EntryOwners::default()
-        } else {
-            EntryOwners::of(
-                screened
-                    .accepted
-                    .iter()
-                    .copied()
-                    .filter(|peer| waiting.contains(peer.node_name.as_str())),
-            )
-        };
         let report = self
             .dataplane
-            .reconcile_holding(&desired, |operation| waiting.owner(operation).is_some())
+            .reconcile_holding(&desired, &own_slices, |conflicts| {
+                let held = held_peers(&screened.accepted, &waiting, conflicts);
+                move |operation: &Operation| held.owner(operation).is_some()
+            })
             .await?;
         self.record_refusals(now, &screened, &report);
+        self.conflicts.record(&report.conflicts, &screened.accepted);
+        self.metrics.record_route_conflicts(report.conflicts.len());
+        for change in &report.own_slices {
+            tracing::info!(?change, "this node's unreachable slice route changed");
+        }
         self.metrics.record_state(
             nodes.peers.len(),
             desired.routes.len(),
@@ -375,6 +465,22 @@ impl Reconciler {
             .await?;
         self.health.set_ready(true);
         Ok(())
+    }
+
+    /// Adds what the guard table dropped since the last reading to the
+    /// metrics. Only on full passes: nft fetches every set element to read
+    /// a counter.
+    async fn count_guard_drops(&self) {
+        match self.guard.newly_dropped().await {
+            Ok(drops) => {
+                for (reason, packets) in drops.iter() {
+                    self.metrics.record_guard_dropped(reason.label(), packets);
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "reading the guard table's drop counters failed")
+            }
+        }
     }
 
     /// Traces the operations the kernel refused to their peers, logs each,

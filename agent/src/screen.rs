@@ -8,16 +8,24 @@
 //! ([`Rejection::label`]). Pure: [`screen`] reads the peers and decides.
 //!
 //! Two peers claiming one slice or one VTEP MAC are a conflict, and a
-//! conflict must never move traffic away from the node that held the claim
-//! first. The decision uses the Nodes' `creationTimestamp`: the API server
-//! sets it, no client can change it, and every agent sees the same value,
-//! so all nodes decide alike. The older Node keeps the claim and the newer
-//! one is rejected; Nodes created in the same second with one claim are all
-//! rejected, since nothing unforgeable tells them apart. (A Node created
-//! long ago that later claims a newer node's slice would win; but slices
-//! come only from the controller's annotations, which only the controller
-//! may write and which it never gives out twice.) Names decide nothing.
+//! conflict must never move traffic away from the node the claim belongs
+//! to. Slices come only from the controller's annotations, which only the
+//! controller may write and which it never gives out twice; the slices
+//! screening keeps never overlap. A VTEP MAC is derived from its node's
+//! slice ([`VtepMac::for_slices`]), so a MAC one kept slice derives belongs
+//! to that slice's peer: it keeps the MAC and every other peer publishing
+//! it is rejected, whenever their Nodes were created. A copier therefore
+//! cuts nobody off.
+//!
+//! Claims nothing settles that way (a slice claimed twice, a MAC of the
+//! random kind agents used before MACs were derived) go by the Nodes'
+//! `creationTimestamp`: the API server sets it, no client can change it,
+//! and every agent sees the same value, so all nodes decide alike. The
+//! older Node keeps the claim and the newer one is rejected; Nodes created
+//! in the same second with one claim are all rejected, since nothing
+//! unforgeable tells them apart. Names decide nothing.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -81,7 +89,14 @@ pub enum Rejection {
     PublicIpInClusterCidr(IpAddr),
     /// The VTEP MAC is this node's.
     OwnVtepMac(VtepMac),
-    /// Another peer holds the VTEP MAC.
+    /// The VTEP MAC is derived from another peer's slice.
+    VtepMacDerived {
+        /// The MAC.
+        mac: VtepMac,
+        /// The peer whose slice it is derived from.
+        owner: String,
+    },
+    /// Another peer holds the VTEP MAC, which no peer's slice derives.
     VtepMacTaken {
         /// The MAC.
         mac: VtepMac,
@@ -119,7 +134,9 @@ impl Rejection {
             Rejection::OwnPublicIp(_) => "public_ip_own",
             Rejection::PublicIpInClusterCidr(_) => "public_ip_in_cluster_cidr",
             Rejection::OwnVtepMac(_) => "vtep_mac_own",
-            Rejection::VtepMacTaken { .. } => "vtep_mac_conflict",
+            Rejection::VtepMacDerived { .. } | Rejection::VtepMacTaken { .. } => {
+                "vtep_mac_conflict"
+            }
         }
     }
 
@@ -135,7 +152,9 @@ impl Rejection {
             Rejection::UnusablePublicIp(_)
             | Rejection::OwnPublicIp(_)
             | Rejection::PublicIpInClusterCidr(_) => annotations::PUBLIC_IP,
-            Rejection::OwnVtepMac(_) | Rejection::VtepMacTaken { .. } => annotations::BACKEND_DATA,
+            Rejection::OwnVtepMac(_)
+            | Rejection::VtepMacDerived { .. }
+            | Rejection::VtepMacTaken { .. } => annotations::BACKEND_DATA,
         }
     }
 }
@@ -168,6 +187,10 @@ impl fmt::Display for Rejection {
                 write!(f, "{ip} lies inside the cluster CIDR")
             }
             Rejection::OwnVtepMac(mac) => write!(f, "VTEP MAC {mac} is this node's"),
+            Rejection::VtepMacDerived { mac, owner } => write!(
+                f,
+                "VTEP MAC {mac} is derived from the slice of node {owner}, which holds it"
+            ),
             Rejection::VtepMacTaken { mac, holder } => write!(
                 f,
                 "VTEP MAC {mac} is also claimed by node {holder}, whose Node is older or as old"
@@ -218,16 +241,11 @@ pub fn screen<'p>(rules: &Rules<'_>, peers: impl IntoIterator<Item = &'p Peer>) 
             .iter()
             .map(move |slice| (*slice, peer.created, index))
     });
-    settle_claims(slices, &candidates, &mut losers, |slice, holder| {
-        Rejection::SliceTaken { slice, holder }
+    let taken = |slice, holder| Rejection::SliceTaken { slice, holder };
+    by_claim(slices, |group| {
+        settle_by_age(group, &candidates, &mut losers, &taken);
     });
-    let macs = candidates
-        .iter()
-        .enumerate()
-        .filter_map(|(index, peer)| peer.vtep_mac.map(|mac| (mac, peer.created, index)));
-    settle_claims(macs, &candidates, &mut losers, |mac, holder| {
-        Rejection::VtepMacTaken { mac, holder }
-    });
+    settle_vtep_macs(&candidates, &mut losers);
     let mut accepted = Vec::with_capacity(candidates.len());
     for (peer, lost) in candidates.into_iter().zip(losers) {
         match lost {
@@ -241,35 +259,88 @@ pub fn screen<'p>(rules: &Rules<'_>, peers: impl IntoIterator<Item = &'p Peer>) 
     Screened { accepted, rejected }
 }
 
-/// Settles claims of one kind (`(claim, created, candidate index)`): per
-/// claim, the one strictly oldest claimant keeps it and every other
-/// claimant gets `taken(claim, holder)` in `losers`, unless it already lost
-/// something. Sorting groups equal claims oldest first.
-fn settle_claims<K: Ord + Copy>(
-    claims: impl Iterator<Item = (K, i64, usize)>,
+/// A claim of one kind: `(claim, created, candidate index)`. Sorted, equal
+/// claims group together oldest first.
+type Claim<K> = (K, i64, usize);
+
+/// Calls `settle` with the claimants of each claim, oldest first.
+fn by_claim<K: Ord + Copy>(
+    claims: impl Iterator<Item = Claim<K>>,
+    settle: impl FnMut(&[Claim<K>]),
+) {
+    let mut claims: Vec<Claim<K>> = claims.collect();
+    claims.sort_unstable();
+    claims.chunk_by(|a, b| a.0 == b.0).for_each(settle);
+}
+
+/// Settles one claim among `group` (sorted oldest first) by age: the one
+/// strictly oldest claimant keeps it and every other claimant gets
+/// `taken(claim, holder)` in `losers`, unless it already lost something.
+fn settle_by_age<K: Copy>(
+    group: &[Claim<K>],
     candidates: &[&Peer],
     losers: &mut [Option<Rejection>],
-    taken: impl Fn(K, String) -> Rejection,
+    taken: &impl Fn(K, String) -> Rejection,
 ) {
-    let mut claims: Vec<(K, i64, usize)> = claims.collect();
-    claims.sort_unstable();
-    for group in claims.chunk_by(|a, b| a.0 == b.0) {
-        let [(claim, oldest, first), rest @ ..] = group else {
+    let [(claim, oldest, first), rest @ ..] = group else {
+        return;
+    };
+    let Some(&(_, second_oldest, second)) = rest.first() else {
+        return;
+    };
+    // A tie for oldest leaves nobody entitled: the first loses to the
+    // second, everyone else to the first.
+    let holder = |index: usize| candidates[index].node_name.clone();
+    if second_oldest == *oldest {
+        losers[*first].get_or_insert_with(|| taken(*claim, holder(second)));
+    }
+    for &(_, _, index) in rest {
+        losers[index].get_or_insert_with(|| taken(*claim, holder(*first)));
+    }
+}
+
+/// Settles VTEP MACs once slices are settled. A MAC derived from a kept
+/// slice belongs to that slice's peer: every other claimant loses it,
+/// whatever its age. The rest, and the rare MAC two kept IPv6 slices derive
+/// alike, go by age among those entitled to them.
+fn settle_vtep_macs(candidates: &[&Peer], losers: &mut [Option<Rejection>]) {
+    // Peers that lost a slice own nothing; sorted oldest first.
+    let mut owners: BTreeMap<VtepMac, Vec<(i64, usize)>> = BTreeMap::new();
+    for (index, peer) in candidates.iter().enumerate() {
+        if losers[index].is_some() {
             continue;
-        };
-        let Some(&(_, second_oldest, second)) = rest.first() else {
-            continue;
-        };
-        // A tie for oldest leaves nobody entitled: the first loses to the
-        // second, everyone else to the first.
-        let holder = |index: usize| candidates[index].node_name.clone();
-        if second_oldest == *oldest {
-            losers[*first].get_or_insert_with(|| taken(*claim, holder(second)));
         }
-        for &(_, _, index) in rest {
-            losers[index].get_or_insert_with(|| taken(*claim, holder(*first)));
+        if let Some(mac) = VtepMac::for_slices(&peer.pod_cidrs) {
+            owners.entry(mac).or_default().push((peer.created, index));
         }
     }
+    owners
+        .values_mut()
+        .for_each(|owners| owners.sort_unstable());
+    let claims = candidates
+        .iter()
+        .enumerate()
+        .filter_map(|(index, peer)| peer.vtep_mac.map(|mac| (mac, peer.created, index)));
+    let taken = |mac, holder| Rejection::VtepMacTaken { mac, holder };
+    by_claim(claims, |group| {
+        let mac = group[0].0;
+        let Some(owners) = owners.get(&mac) else {
+            settle_by_age(group, candidates, losers, &taken);
+            return;
+        };
+        let (entitled, copiers): (Vec<Claim<VtepMac>>, Vec<Claim<VtepMac>>) = group
+            .iter()
+            .copied()
+            .partition(|&(_, created, index)| owners.contains(&(created, index)));
+        let owner = entitled.first().map_or(owners[0].1, |&(_, _, index)| index);
+        for (_, _, index) in copiers {
+            losers[index].get_or_insert_with(|| Rejection::VtepMacDerived {
+                mac,
+                owner: candidates[owner].node_name.clone(),
+            });
+        }
+        settle_by_age(&entitled, candidates, losers, &taken);
+    });
 }
 
 /// The first thing wrong with `peer` taken alone.
@@ -392,16 +463,37 @@ mod tests {
         }
     }
 
-    const OWN_MAC: VtepMac = VtepMac::new([0x0a, 0x58, 0, 0, 0, 0xaa]);
+    /// Derived from this node's slice, 10.244.0.0/24.
+    const OWN_MAC: VtepMac = VtepMac::new([0x0a, 0x58, 0x0a, 0xf4, 0, 0]);
 
+    /// A MAC of the random kind agents used before MACs were derived.
+    fn legacy_mac(last: u8) -> VtepMac {
+        VtepMac::new([0x0a, 0x58, 0, 0, 0, last])
+    }
+
+    /// The MAC derived from `slice`.
+    fn derived(slice: &str) -> VtepMac {
+        VtepMac::derived_from(&slice.parse().unwrap())
+    }
+
+    /// A peer with the [`legacy_mac`] `mac`.
     fn peer(name: &str, slice: &str, public_ip: &str, mac: u8, created: i64) -> Peer {
         Peer {
             node_name: name.into(),
             pod_cidrs: vec![slice.parse().unwrap()],
             public_ip: public_ip.parse().unwrap(),
-            vtep_mac: Some(VtepMac::new([0x0a, 0x58, 0, 0, 0, mac])),
+            vtep_mac: Some(legacy_mac(mac)),
             created,
             malformed: None,
+        }
+    }
+
+    /// A peer publishing `mac`, with a slice and public IP of its own.
+    fn publishing(name: &str, slice: &str, mac: VtepMac, created: i64) -> Peer {
+        let last = slice.split('.').nth(2).unwrap();
+        Peer {
+            vtep_mac: Some(mac),
+            ..peer(name, slice, &format!("172.31.0.{last}"), 0, created)
         }
     }
 
@@ -531,12 +623,52 @@ mod tests {
     }
 
     #[test]
-    fn the_older_node_keeps_a_mac_whatever_the_names() {
+    fn the_older_node_keeps_a_legacy_mac_whatever_the_names() {
         let holder = peer("node-1", "10.244.1.0/24", "172.31.0.11", 1, 100);
         let newcomer = peer("aaa-intruder", "10.244.6.0/24", "172.31.0.66", 1, 200);
         let (accepted, rejected) = outcome(&[newcomer, holder]);
         assert_eq!(accepted, vec!["node-1"]);
         assert_eq!(rejected, vec![("aaa-intruder".into(), "vtep_mac_conflict")]);
+    }
+
+    #[test]
+    fn a_derived_mac_stays_with_its_slice_whatever_the_age() {
+        let mac = derived("10.244.1.0/24");
+        for copier_created in [100, 200, 300] {
+            let owner = publishing("node-1", "10.244.1.0/24", mac, 200);
+            let copier = publishing("aaa-copier", "10.244.6.0/24", mac, copier_created);
+            let (config, local) = (config(), local());
+            let peers = [copier, owner];
+            let screened = screen(&rules(&config, &local), &peers);
+            let accepted: Vec<_> = screened.accepted.iter().map(|p| &p.node_name).collect();
+            assert_eq!(
+                accepted,
+                vec!["node-1"],
+                "copier created at {copier_created}"
+            );
+            let rejected = &screened.rejected[0];
+            assert_eq!(rejected.node_name, "aaa-copier");
+            assert_eq!(rejected.reason.label(), "vtep_mac_conflict");
+            assert!(
+                rejected.reason.to_string().contains("node-1"),
+                "{}",
+                rejected.reason
+            );
+        }
+    }
+
+    #[test]
+    fn a_derived_mac_is_kept_for_an_owner_that_still_publishes_a_legacy_one() {
+        let owner = peer("node-1", "10.244.1.0/24", "172.31.0.11", 1, 200);
+        let squatter = publishing(
+            "aaa-squatter",
+            "10.244.6.0/24",
+            derived("10.244.1.0/24"),
+            100,
+        );
+        let (accepted, rejected) = outcome(&[squatter, owner]);
+        assert_eq!(accepted, vec!["node-1"]);
+        assert_eq!(rejected, vec![("aaa-squatter".into(), "vtep_mac_conflict")]);
     }
 
     #[test]
@@ -576,12 +708,17 @@ mod tests {
             Rejection::OwnPublicIp(ip),
             Rejection::PublicIpInClusterCidr(ip),
             Rejection::OwnVtepMac(mac),
+            Rejection::VtepMacDerived {
+                mac,
+                owner: holder(),
+            },
             Rejection::VtepMacTaken {
                 mac,
                 holder: holder(),
             },
         ];
-        let labels: Vec<_> = all.iter().map(Rejection::label).collect();
+        let mut labels: Vec<_> = all.iter().map(Rejection::label).collect();
+        labels.dedup();
         assert_eq!(labels, Rejection::LABELS);
     }
 
@@ -616,19 +753,46 @@ mod tests {
         ]
     }
 
+    /// What a peer publishes as its MAC.
+    #[derive(Debug, Clone, Copy)]
+    enum MacChoice {
+        None,
+        /// A [`legacy_mac`].
+        Legacy(u8),
+        /// The one its own slices derive, as agents publish.
+        OwnDerived,
+        /// The one derived from the cluster slice 10.244.x.0/24 (x = 0 is
+        /// this node's).
+        DerivedFrom(u8),
+    }
+
+    fn any_mac_choice() -> impl Strategy<Value = MacChoice> {
+        prop_oneof![
+            1 => Just(MacChoice::None),
+            3 => (0u8..6).prop_map(MacChoice::Legacy),
+            3 => Just(MacChoice::OwnDerived),
+            3 => (0u8..8).prop_map(MacChoice::DerivedFrom),
+        ]
+    }
+
     prop_compose! {
         fn any_peer(name: String)(
             pod_cidrs in proptest::collection::vec(any_slice(), 0..3),
             public_ip in any_public_ip(),
-            mac in proptest::option::of(0u8..8),
+            mac in any_mac_choice(),
             created in 0i64..4,
         ) -> Peer {
+            let vtep_mac = match mac {
+                MacChoice::None => None,
+                MacChoice::Legacy(last) => Some(legacy_mac(last)),
+                MacChoice::OwnDerived => VtepMac::for_slices(&pod_cidrs),
+                MacChoice::DerivedFrom(x) => Some(derived(&format!("10.244.{x}.0/24"))),
+            };
             Peer {
                 node_name: name.clone(),
                 pod_cidrs,
                 public_ip,
-                // 0xaa is this node's MAC.
-                vtep_mac: mac.map(|m| VtepMac::new([0x0a, 0x58, 0, 0, 0, if m == 7 { 0xaa } else { m }])),
+                vtep_mac,
                 created,
                 malformed: None,
             }
@@ -695,13 +859,62 @@ mod tests {
         }
 
         /// A Node created after every other one, whatever it claims, takes
-        /// nothing from a peer that was accepted before it came.
+        /// nothing from a peer that was accepted before it came, but the
+        /// MAC its own slice derives (which no agent publishes for another
+        /// node's).
         #[test]
         fn a_newcomer_moves_nothing(mut peers in any_peers(), newcomer in any_peer("newcomer".into())) {
             let before = accepted_names(&peers);
+            let newcomer_mac = VtepMac::for_slices(&newcomer.pod_cidrs);
+            let holding_newcomer_mac: BTreeSet<String> = peers
+                .iter()
+                .filter(|peer| newcomer_mac.is_some() && peer.vtep_mac == newcomer_mac)
+                .map(|peer| peer.node_name.clone())
+                .collect();
             peers.push(Peer { created: 4, ..newcomer });
             let after = accepted_names(&peers);
-            prop_assert!(before.is_subset(&after), "{before:?} then {after:?}");
+            let kept: BTreeSet<String> = before.difference(&holding_newcomer_mac).cloned().collect();
+            prop_assert!(kept.is_subset(&after), "{before:?} then {after:?}");
+        }
+
+        /// Peers copying the MAC an accepted peer derives from its slice
+        /// never displace it, whenever their Nodes were created (in the
+        /// same second included), whatever their names and wherever they
+        /// come in the list; each copier is rejected.
+        #[test]
+        fn a_copier_never_displaces_a_derived_mac_owner(
+            mut peers in any_peers(),
+            owner_slice in 8u8..12,
+            owner_created in 0i64..4,
+            copiers in proptest::collection::vec(
+                (any_peer("copier".into()), any::<prop::sample::Index>(), "[a-z]{1,8}"),
+                1..4,
+            ),
+        ) {
+            let slice = format!("10.244.{owner_slice}.0/24");
+            let mac = derived(&slice);
+            peers.push(Peer {
+                public_ip: IpAddr::from([172, 31, 0, 100 + owner_slice]),
+                ..publishing("owner", &slice, mac, owner_created)
+            });
+            prop_assume!(accepted_names(&peers).contains("owner"));
+            let owner_net: IpNet = slice.parse().unwrap();
+            let mut copier_names = BTreeSet::new();
+            for (copier, at, name) in copiers {
+                // Its own slices only: the controller never gives out the
+                // owner's twice.
+                let pod_cidrs = copier.pod_cidrs.into_iter().filter(|s| !overlaps(s, &owner_net)).collect();
+                let name = format!("copier-{name}-{}", copier_names.len());
+                copier_names.insert(name.clone());
+                let copier = Peer { node_name: name, pod_cidrs, vtep_mac: Some(mac), ..copier };
+                peers.insert(at.index(peers.len() + 1), copier);
+            }
+            let (accepted, rejected) = outcome(&peers);
+            prop_assert!(accepted.iter().any(|name| name == "owner"), "{rejected:?}");
+            for (name, _) in &rejected {
+                copier_names.remove(name);
+            }
+            prop_assert!(copier_names.is_empty(), "copiers accepted: {copier_names:?}");
         }
     }
 

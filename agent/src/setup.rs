@@ -101,7 +101,7 @@ impl NodeSetup {
                 port: config.port,
                 local: underlay.address.addr(),
                 underlay_index: underlay.link_index,
-                mac: vtep_mac(dataplane, own).await?,
+                mac: vtep_mac(own)?,
                 mtu,
                 addresses: own
                     .pod_cidrs
@@ -194,17 +194,14 @@ async fn underlay(
     Ok(find_underlay(dataplane.netlink(), &choice).await?)
 }
 
-/// The MAC to give `weft.1`: the one published on the Node (so peers'
-/// entries stay valid across device re-creation), else the existing
-/// device's, else a fresh one.
-async fn vtep_mac(dataplane: &Dataplane, own: &OwnNode) -> Result<VtepMac, AgentError> {
-    if let Some(mac) = own.published_vtep_mac {
-        return Ok(mac);
-    }
-    if let Some(mac) = dataplane.existing_vtep_mac().await? {
-        return Ok(mac);
-    }
-    VtepMac::random().map_err(AgentError::RandomMac)
+/// The MAC to give `weft.1`: the one derived from the node's slice, which
+/// peers give to this node whoever else publishes it, and which stays the
+/// same across device re-creation. A node that used a random MAC (older
+/// agents did) moves to the derived one: its device is re-created
+/// (ensure_vtep) and peers follow the published annotation, so traffic to
+/// this node drops for the moment that takes, once.
+fn vtep_mac(own: &OwnNode) -> Result<VtepMac, AgentError> {
+    VtepMac::for_slices(&own.pod_cidrs).ok_or(AgentError::NoSlice)
 }
 
 /// Sets `weft.1`'s tx checksum offload as the policy wants it for this

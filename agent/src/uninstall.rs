@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use super::config::AgentConfig;
 use super::dataplane::{Dataplane, DataplaneError, VXLAN_DEVICE};
+use super::guard::TABLE as GUARD_TABLE;
 use super::install::{CONFLIST_NAME, PLUGIN_NAME};
 use super::masquerade::TABLE;
 use super::overlay::{DesiredState, Operation};
@@ -162,7 +163,7 @@ pub struct TeardownReport {
 /// the runtime stops wiring new pods to a network going away, then the
 /// protocol-87 routes, FDB entries and neighbours on `weft.1` (reconciled
 /// to nothing), `weft.1` itself, `weft0`, the `inet weft`,
-/// `inet weft-hostport` and `inet weft-policy` tables, the
+/// `inet weft-hostport`, `inet weft-policy` and `inet weft-guard` tables, the
 /// plugin binary (only if it is the agent's copy) and the node file.
 /// Running it again finds nothing to do.
 pub async fn tear_down(netlink: &Netlink, config: &AgentConfig) -> TeardownReport {
@@ -174,7 +175,7 @@ pub async fn tear_down(netlink: &Netlink, config: &AgentConfig) -> TeardownRepor
     // Blocking, but only for the few milliseconds nft takes; nothing else
     // runs on a stopping agent. The plugin's hostPort table goes too: the
     // pods it maps to lose their network with the rest.
-    for table in [TABLE, HOSTPORT_TABLE, POLICY_TABLE] {
+    for table in [TABLE, HOSTPORT_TABLE, POLICY_TABLE, GUARD_TABLE] {
         match nft::delete_table(table, "delete a table of Weft's") {
             Ok(Removal::Removed) => report.removed.push(format!("nftables table {table}")),
             Ok(Removal::AlreadyGone) => {}

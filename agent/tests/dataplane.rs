@@ -13,19 +13,23 @@ use anyhow::{ensure, Context, Result};
 use ipnet::IpNet;
 use serde_json::Value;
 use weft_agent::config::{AgentConfig, AgentSettings, Backend};
-use weft_agent::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
+use weft_agent::dataplane::{
+    ApplyReport, Dataplane, DataplaneError, ForeignRoute, OwnSliceChange, OwnSlices, RouteConflict,
+    RoutePlan, Vtep, VXLAN_DEVICE,
+};
 use weft_agent::install::{
     install_conflist, install_plugin, render_conflist, CONFLIST_NAME, PLUGIN_NAME,
 };
 use weft_agent::masquerade::{MasqueradeTable, TableChange};
+use weft_agent::node::OwnNode;
 use weft_agent::offload::{set_tx_checksum, tx_checksum};
 use weft_agent::overlay::{
-    desired_state, DesiredState, FdbEntry, Neighbour, NextHop, Operation, OverlayRoute,
+    desired_state, DesiredState, EntryOwners, FdbEntry, Neighbour, NextHop, Operation, OverlayRoute,
 };
 use weft_agent::peer::{LocalNode, Peer};
 use weft_agent::uninstall::{tear_down, TeardownReport};
 use weft_core::annotations::VtepMac;
-use weft_core::netlink::{Netlink, VxlanChange};
+use weft_core::netlink::{Netlink, RouteProtocol, RouteType, VxlanChange};
 use weft_core::netns::Netns;
 use weft_core::DEFAULT_BRIDGE;
 use weft_testing::{require_root, wait_for, TestNetns};
@@ -155,10 +159,13 @@ fn desired(backend: Backend, node: usize, peers: &[usize]) -> DesiredState {
     desired_state(backend, &local(node), &peers)
 }
 
-/// `proto 87` routes as "dst via gateway dev" lines, sorted.
+/// `proto 87` IPv4 peer routes (not the own slices' unreachable ones) as
+/// "dst via gateway dev" lines, sorted.
 fn weft_routes(namespace: &TestNetns) -> Result<Vec<String>> {
     let mut routes: Vec<String> = namespace
-        .json(&["ip", "-j", "route", "show", "proto", "87"])?
+        .json(&[
+            "ip", "-j", "route", "show", "proto", "87", "type", "unicast",
+        ])?
         .iter()
         .map(|r| {
             format!(
@@ -374,7 +381,12 @@ async fn routes_through_a_refused_vtep_are_held_back() -> Result<()> {
         ])
         .collect();
 
-    let report = plane.apply(&operations).await?;
+    let report = plane
+        .apply(&RoutePlan {
+            operations,
+            ..RoutePlan::default()
+        })
+        .await?;
     let failed: Vec<Operation> = report.failed.iter().map(|(op, _)| *op).collect();
     assert_eq!(failed, vec![Operation::SetFdb(refused)]);
     assert_eq!(report.held_back, vec![route(2)]);
@@ -432,12 +444,11 @@ async fn changed_settings_recreate_the_device_with_the_same_mac() -> Result<()> 
     let fabric = Fabric::new("re", 1)?;
     let node = &fabric.nodes[0];
     vtep_dataplane(node, 0, 1).await?;
-    let (plane, change) = vtep_dataplane(node, 0, 7).await?;
+    let (_, change) = vtep_dataplane(node, 0, 7).await?;
     assert_eq!(change, VxlanChange::Recreated);
     let link = &node.json(&["ip", "-j", "-d", "link", "show", VXLAN_DEVICE])?[0];
     assert_eq!(link["linkinfo"]["info_data"]["id"], 7);
     assert_eq!(link["address"], "0a:58:00:00:00:01");
-    assert_eq!(plane.existing_vtep_mac().await?, Some(mac(0)));
     let addresses = node.json(&["ip", "-j", "-4", "addr", "show", "dev", VXLAN_DEVICE])?;
     assert_eq!(addresses[0]["addr_info"][0]["local"], "10.244.0.0");
     Ok(())
@@ -828,5 +839,572 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
     );
     ensure!(again.kept.len() == 1, "{:?}", again.kept);
     ensure!(config.cni_bin_dir.join(PLUGIN_NAME).exists());
+    Ok(())
+}
+
+fn slice_v6(node: usize) -> IpNet {
+    format!("fd00:10:244:{node}::/64").parse().unwrap()
+}
+
+/// The agent's settings for these tests: `cluster` cut into /24s, and
+/// fd00:10:244::/56 into /64s.
+fn agent_config(cluster: &str) -> Result<AgentConfig> {
+    Ok(AgentSettings {
+        slices: weft_daemon::slices::SliceSettings {
+            cluster_cidr: Some(cluster.parse()?),
+            cluster_cidr_v6: Some("fd00:10:244::/56".parse()?),
+            ..Default::default()
+        },
+        ..AgentSettings::default()
+    }
+    .resolve(std::path::Path::new("/weft-agent"))?)
+}
+
+/// `slices` as node-0's own, checked as the agent checks them against the
+/// addresses in `plane`'s namespace.
+async fn own_slices(plane: &Dataplane, slices: &[IpNet]) -> Result<OwnSlices> {
+    let own = OwnNode {
+        pod_cidrs: slices.to_vec(),
+        ..OwnNode::default()
+    };
+    Ok(plane
+        .check_own_slices(&agent_config("10.244.0.0/16")?, "node-0", &own)
+        .await?)
+}
+
+/// One reconcile as the agent makes it: a peer with a slice that another
+/// owner's route holds is held whole (see `retry::held_peers`).
+async fn reconcile_as_agent(
+    plane: &Dataplane,
+    local: &LocalNode,
+    peers: &[Peer],
+    own: &OwnSlices,
+) -> Result<ApplyReport> {
+    let desired = desired_state(Backend::Vxlan, local, peers);
+    Ok(plane
+        .reconcile_holding(&desired, own, |conflicts| {
+            let held = EntryOwners::of(
+                peers
+                    .iter()
+                    .filter(|peer| conflicts.iter().any(|conflict| conflict.concerns(peer))),
+            );
+            move |operation: &Operation| held.owner(operation).is_some()
+        })
+        .await?)
+}
+
+/// Weft's `unreachable` routes of both families, sorted.
+fn unreachable_routes(namespace: &TestNetns) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for family in ["-4", "-6"] {
+        found.extend(
+            namespace
+                .json(&[
+                    "ip",
+                    "-j",
+                    family,
+                    "route",
+                    "show",
+                    "proto",
+                    "87",
+                    "type",
+                    "unreachable",
+                ])?
+                .iter()
+                .filter_map(|r| r["dst"].as_str().map(str::to_string)),
+        );
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn foreign(protocol: RouteProtocol, kind: RouteType) -> Option<ForeignRoute> {
+    Some(ForeignRoute { protocol, kind })
+}
+
+/// Another owner's route to a peer's slice (an operator's blackhole, a
+/// static route at another metric) survives the reconcile, which reports
+/// it and programs nothing of that peer; once the route is gone, the next
+/// reconcile programs the peer.
+#[tokio::test]
+async fn another_owners_route_to_a_peer_slice_stays_and_holds_the_peer() -> Result<()> {
+    require_root!("creating network namespaces");
+    let fabric = Fabric::new("fo", 1)?;
+    let node = &fabric.nodes[0];
+    let (plane, _) = vtep_dataplane(node, 0, 1).await?;
+    node.run(&[
+        "ip",
+        "route",
+        "add",
+        "blackhole",
+        "10.244.1.0/24",
+        "proto",
+        "static",
+    ])?;
+    node.run(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.3.0/24",
+        "via",
+        "172.31.0.99",
+        "metric",
+        "100",
+    ])?;
+    let peers = [1, 2, 3].map(peer);
+    let own = OwnSlices::default();
+
+    let report = reconcile_as_agent(&plane, &local(0), &peers, &own).await?;
+    ensure!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(
+        report.conflicts,
+        vec![
+            RouteConflict {
+                destination: slice(1),
+                foreign: foreign(RouteProtocol::Static, RouteType::BlackHole),
+            },
+            RouteConflict {
+                destination: slice(3),
+                foreign: foreign(RouteProtocol::Boot, RouteType::Unicast),
+            },
+        ]
+    );
+    ensure!(node
+        .run(&["ip", "route", "show", "10.244.1.0/24"])?
+        .contains("blackhole"));
+    ensure!(node
+        .run(&["ip", "route", "show", "10.244.3.0/24"])?
+        .contains("via 172.31.0.99"));
+    // Peers 1 and 3 are held whole: no neighbour or FDB entry of theirs.
+    assert_eq!(
+        weft_routes(node)?,
+        vec!["10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink"]
+    );
+    assert_eq!(weft_neighbours(node)?, vec!["10.244.2.0 0a:58:00:00:00:03"]);
+    assert_eq!(weft_fdb(node)?, vec!["0a:58:00:00:00:03 172.31.0.12"]);
+    let again = reconcile_as_agent(&plane, &local(0), &peers, &own).await?;
+    ensure!(
+        again.applied.is_empty() && again.conflicts == report.conflicts,
+        "{again:?}"
+    );
+
+    node.run(&["ip", "route", "del", "blackhole", "10.244.1.0/24"])?;
+    node.run(&["ip", "route", "del", "10.244.3.0/24", "metric", "100"])?;
+    let report = reconcile_as_agent(&plane, &local(0), &peers, &own).await?;
+    ensure!(
+        report.failed.is_empty() && report.conflicts.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(
+        weft_routes(node)?,
+        vec![
+            "10.244.1.0/24 via 10.244.1.0 dev weft.1 onlink",
+            "10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink",
+            "10.244.3.0/24 via 10.244.3.0 dev weft.1 onlink",
+        ]
+    );
+    assert_eq!(weft_fdb(node)?.len(), 3);
+    Ok(())
+}
+
+/// A node upgraded from the bridge design still routes its slice through
+/// `weft0` (a kernel route, in both families): that route stays and is
+/// reported, the bridge's addresses do not get the slice refused, and the
+/// unreachable routes come once the bridge is gone.
+#[tokio::test]
+async fn a_kernel_route_for_the_own_slice_is_not_replaced() -> Result<()> {
+    require_root!("creating network namespaces");
+    let node = namespace("kr")?;
+    node.run(&["ip", "link", "add", DEFAULT_BRIDGE, "type", "bridge"])?;
+    node.run(&["ip", "addr", "add", "10.244.0.1/24", "dev", DEFAULT_BRIDGE])?;
+    node.run(&[
+        "ip",
+        "addr",
+        "add",
+        "fd00:10:244::1/64",
+        "dev",
+        DEFAULT_BRIDGE,
+        "nodad",
+    ])?;
+    node.run(&["ip", "link", "set", DEFAULT_BRIDGE, "up"])?;
+    let plane = Dataplane::new(Netlink::in_netns(&Netns::open(node.path())?)?);
+    let own = own_slices(&plane, &[slice(0), slice_v6(0)]).await?;
+
+    let report = plane
+        .reconcile_holding(&DesiredState::default(), &own, |_| |_: &Operation| false)
+        .await?;
+    let kernel = foreign(RouteProtocol::Kernel, RouteType::Unicast);
+    assert_eq!(
+        report.conflicts,
+        vec![
+            RouteConflict {
+                destination: slice(0),
+                foreign: kernel,
+            },
+            RouteConflict {
+                destination: slice_v6(0),
+                foreign: kernel,
+            },
+        ]
+    );
+    assert_eq!(unreachable_routes(&node)?, Vec::<String>::new());
+    ensure!(node
+        .run(&["ip", "route", "show", "10.244.0.0/24"])?
+        .contains("dev weft0 proto kernel"));
+    ensure!(node
+        .run(&["ip", "-6", "route", "show", "fd00:10:244::/64"])?
+        .contains("dev weft0 proto kernel"));
+
+    // Its pods restarted onto routed veths, the bridge is removed.
+    node.run(&["ip", "link", "del", DEFAULT_BRIDGE])?;
+    let report = plane
+        .reconcile_holding(&DesiredState::default(), &own, |_| |_: &Operation| false)
+        .await?;
+    ensure!(report.conflicts.is_empty(), "{:?}", report.conflicts);
+    assert_eq!(
+        unreachable_routes(&node)?,
+        vec!["10.244.0.0/24", "fd00:10:244::/64"]
+    );
+    Ok(())
+}
+
+/// Sets up node `i`'s VTEP on `eth0` with its slices' network addresses,
+/// as node set-up does, also when the slices change.
+async fn set_vtep(plane: &mut Dataplane, i: usize, slices: &[IpNet]) -> Result<()> {
+    let eth0 = plane
+        .netlink()
+        .link_by_name("eth0")
+        .await?
+        .context("eth0 missing")?;
+    plane
+        .ensure_vtep(&Vtep {
+            underlay_index: eth0.index,
+            addresses: slices
+                .iter()
+                .map(|s| IpNet::new(s.network(), s.max_prefix_len()))
+                .collect::<Result<_, _>>()?,
+            ..vtep(i, 1)
+        })
+        .await?;
+    Ok(())
+}
+
+/// This node's slices get an `unreachable` route: an unallocated pod
+/// address stops at the node instead of following the default route, a
+/// pod's host route is more specific. When the slices become a peer's, the
+/// routes turn into the peer's routes in place, and back; with no slices
+/// (uninstall) they go.
+#[tokio::test]
+async fn own_slices_get_unreachable_routes_that_follow_the_slices() -> Result<()> {
+    require_root!("creating network namespaces");
+    let fabric = Fabric::new("ur", 1)?;
+    let node = &fabric.nodes[0];
+    node.run(&[
+        "ip",
+        "addr",
+        "add",
+        "fd00:31::10/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    node.run(&["ip", "route", "add", "default", "via", "172.31.0.1"])?;
+    node.run(&["ip", "-6", "route", "add", "default", "via", "fd00:31::1"])?;
+    // What the plugin adds for a pod of the slice.
+    node.run(&["ip", "route", "add", "10.244.0.5/32", "via", "172.31.0.50"])?;
+    let mut plane = Dataplane::new(Netlink::in_netns(&Netns::open(node.path())?)?);
+    let both = [slice(0), slice_v6(0)];
+    set_vtep(&mut plane, 0, &both).await?;
+    let own = own_slices(&plane, &both).await?;
+    let no_hold = |_: &[RouteConflict]| |_: &Operation| false;
+
+    let report = plane
+        .reconcile_holding(&DesiredState::default(), &own, no_hold)
+        .await?;
+    assert_eq!(
+        report.own_slices,
+        vec![
+            OwnSliceChange::Set(slice(0)),
+            OwnSliceChange::Set(slice_v6(0))
+        ]
+    );
+    assert_eq!(
+        unreachable_routes(node)?,
+        vec!["10.244.0.0/24", "fd00:10:244::/64"]
+    );
+    let unallocated = node.run(&["ip", "route", "get", "10.244.0.77"]);
+    ensure!(
+        unallocated.is_err(),
+        "an unallocated pod address is routed: {unallocated:?}"
+    );
+    let unallocated = node.run(&["ip", "-6", "route", "get", "fd00:10:244::77"]);
+    ensure!(
+        unallocated.is_err(),
+        "an unallocated pod address is routed: {unallocated:?}"
+    );
+    ensure!(node
+        .run(&["ip", "route", "get", "10.244.0.5"])?
+        .contains("via 172.31.0.50"));
+    let again = plane
+        .reconcile_holding(&DesiredState::default(), &own, no_hold)
+        .await?;
+    ensure!(
+        again.own_slices.is_empty() && again.applied.is_empty(),
+        "{again:?}"
+    );
+
+    // The node gets 10.244.7.0/24; its former slices go to peer 1.
+    set_vtep(&mut plane, 0, &[slice(7)]).await?;
+    let moved = own_slices(&plane, &[slice(7)]).await?;
+    let taker = Peer {
+        pod_cidrs: both.to_vec(),
+        ..peer(1)
+    };
+    let here = LocalNode {
+        pod_cidrs: vec![slice(7)],
+        ..local(0)
+    };
+    let report = reconcile_as_agent(&plane, &here, &[taker], &moved).await?;
+    ensure!(
+        report.failed.is_empty() && report.conflicts.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(unreachable_routes(node)?, vec!["10.244.7.0/24"]);
+    ensure!(node
+        .run(&["ip", "route", "show", "10.244.0.0/24"])?
+        .contains("via 10.244.0.0 dev weft.1"));
+    ensure!(node
+        .run(&["ip", "-6", "route", "show", "fd00:10:244::/64"])?
+        .contains("via fd00:10:244:: dev weft.1"));
+
+    // Back to this node.
+    set_vtep(&mut plane, 0, &both).await?;
+    let report = plane
+        .reconcile_holding(&DesiredState::default(), &own, no_hold)
+        .await?;
+    ensure!(
+        report.failed.is_empty() && report.conflicts.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(
+        unreachable_routes(node)?,
+        vec!["10.244.0.0/24", "fd00:10:244::/64"]
+    );
+    ensure!(
+        !node
+            .run(&["ip", "-6", "route", "show", "proto", "87"])?
+            .contains("via"),
+        "a peer route is left"
+    );
+    ensure!(weft_neighbours(node)?.is_empty() && weft_fdb(node)?.is_empty());
+
+    // No slices of this node's, as uninstall reconciles: the routes go.
+    plane.reconcile(&DesiredState::default()).await?;
+    assert_eq!(unreachable_routes(node)?, Vec::<String>::new());
+    Ok(())
+}
+
+/// One agent pass on node `i` of a vxlan fabric where node `j` holds
+/// `slices[j]`: the VTEP addresses follow the node's slice (as set-up sets
+/// them), then the peers and the node's own slice.
+async fn agent_pass(node: &TestNetns, i: usize, slices: &[IpNet]) -> Result<ApplyReport> {
+    let mut plane = Dataplane::new(Netlink::in_netns(&Netns::open(node.path())?)?);
+    set_vtep(&mut plane, i, &slices[i..=i]).await?;
+    let own = OwnNode {
+        pod_cidrs: vec![slices[i]],
+        ..OwnNode::default()
+    };
+    let own = plane
+        .check_own_slices(&agent_config("10.244.0.0/16")?, &format!("node-{i}"), &own)
+        .await?;
+    let peers: Vec<Peer> = (0..slices.len())
+        .filter(|&p| p != i)
+        .map(|p| Peer {
+            pod_cidrs: vec![slices[p]],
+            ..peer(p)
+        })
+        .collect();
+    let local = LocalNode {
+        pod_cidrs: vec![slices[i]],
+        ..local(i)
+    };
+    let report = reconcile_as_agent(&plane, &local, &peers, &own).await?;
+    ensure!(
+        report.failed.is_empty() && report.conflicts.is_empty(),
+        "node {i}: {report:?}"
+    );
+    Ok(report)
+}
+
+/// A pod at `address` on `node`, attached as the plugin attaches pods: a
+/// veth pair not enslaved to anything, the pod's /32 routed to the host
+/// end, permanent neighbours both ways and the pod's gateway 169.254.1.1.
+fn routed_pod(node: &TestNetns, role: &str, address: &str) -> Result<TestNetns> {
+    let pod = namespace(role)?;
+    let (host_mac, pod_mac) = ("0a:58:0a:00:00:01", "0a:58:0a:00:00:02");
+    node.run(&[
+        "ip",
+        "link",
+        "add",
+        "vethpod",
+        "address",
+        host_mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "address",
+        pod_mac,
+        "netns",
+        pod.name(),
+    ])?;
+    node.run(&["ip", "link", "set", "vethpod", "up"])?;
+    node.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    node.run(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{address}/32"),
+        "dev",
+        "vethpod",
+    ])?;
+    node.run(&[
+        "ip",
+        "neigh",
+        "add",
+        address,
+        "lladdr",
+        pod_mac,
+        "dev",
+        "vethpod",
+        "nud",
+        "permanent",
+    ])?;
+    pod.run(&["ip", "addr", "add", &format!("{address}/32"), "dev", "eth0"])?;
+    pod.run(&["ip", "link", "set", "eth0", "up"])?;
+    pod.run(&[
+        "ip",
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])?;
+    pod.run(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ])?;
+    pod.run(&[
+        "ip",
+        "neigh",
+        "add",
+        "169.254.1.1",
+        "lladdr",
+        host_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    Ok(pod)
+}
+
+/// A node whose slice moves away and back is reachable again after one
+/// reconcile on each node: nothing of the move is left to wait out.
+#[tokio::test]
+async fn a_slice_that_moves_away_and_back_is_routed_again_after_one_reconcile() -> Result<()> {
+    require_root!("creating network namespaces");
+    let fabric = Fabric::new("mv", 2)?;
+    let (node0, node1) = (&fabric.nodes[0], &fabric.nodes[1]);
+    let _pod = routed_pod(node0, "mv-pod", "10.244.0.5")?;
+    let nodes = &fabric.nodes;
+    let pass = |slices: [IpNet; 2]| async move {
+        for (i, node) in nodes.iter().enumerate() {
+            agent_pass(node, i, &slices).await?;
+        }
+        anyhow::Ok(())
+    };
+    pass([slice(0), slice(1)]).await?;
+    ensure!(
+        ping(node1, "10.244.0.5"),
+        "node 1 cannot reach node 0's pod"
+    );
+
+    pass([slice(7), slice(1)]).await?;
+    assert_eq!(
+        weft_routes(node1)?,
+        vec!["10.244.7.0/24 via 10.244.7.0 dev weft.1 onlink"]
+    );
+    assert_eq!(unreachable_routes(node0)?, vec!["10.244.7.0/24"]);
+
+    pass([slice(0), slice(1)]).await?;
+    assert_eq!(
+        weft_routes(node1)?,
+        vec!["10.244.0.0/24 via 10.244.0.0 dev weft.1 onlink"]
+    );
+    assert_eq!(unreachable_routes(node0)?, vec!["10.244.0.0/24"]);
+    ensure!(
+        ping(node1, "10.244.0.5"),
+        "node 0's pod is unreachable after its slice came back"
+    );
+    Ok(())
+}
+
+/// A slice of this node's that fails a peer's checks (not a slice of the
+/// cluster CIDR, the wrong size, the underlay's subnet) is refused with an
+/// error naming the annotation and the fix, before anything is programmed:
+/// the own-slice routes need the checked slices.
+#[tokio::test]
+async fn a_bad_own_slice_is_refused_and_nothing_is_programmed() -> Result<()> {
+    require_root!("creating network namespaces");
+    let fabric = Fabric::new("bs", 1)?;
+    let node = &fabric.nodes[0];
+    let plane = Dataplane::new(Netlink::in_netns(&Netns::open(node.path())?)?);
+    // A cluster CIDR that holds the underlay subnet 172.31.0.0/24.
+    let config = agent_config("172.16.0.0/12")?;
+    for (bad, problem) in [
+        ("0.0.0.0/0", "outside the cluster CIDR 172.16.0.0/12"),
+        ("172.31.0.0/24", "overlaps 172.31.0.10/24 on eth0"),
+        ("172.20.0.0/25", "not an aligned /24 network"),
+    ] {
+        let own = OwnNode {
+            pod_cidrs: vec![bad.parse()?],
+            ..OwnNode::default()
+        };
+        let refused = plane.check_own_slices(&config, "node-0", &own).await;
+        let Err(DataplaneError::OwnSlice(error)) = refused else {
+            anyhow::bail!("{bad} was not refused: {refused:?}");
+        };
+        assert_eq!(error.field, "weft.dev/pod-cidr");
+        let message = error.to_string();
+        for part in [problem, "kubectl annotate node node-0 weft.dev/pod-cidr-"] {
+            ensure!(message.contains(part), "{bad}: {part} missing in {message}");
+        }
+    }
+    let fine = OwnNode {
+        pod_cidrs: vec!["172.20.0.0/24".parse()?],
+        ..OwnNode::default()
+    };
+    plane.check_own_slices(&config, "node-0", &fine).await?;
+    ensure!(
+        node.run(&["ip", "route", "show", "proto", "87"])?
+            .trim()
+            .is_empty()
+            && node
+                .run(&["ip", "-6", "route", "show", "proto", "87"])?
+                .trim()
+                .is_empty()
+            && node.run(&["ip", "link", "show", VXLAN_DEVICE]).is_err(),
+        "something was programmed"
+    );
     Ok(())
 }

@@ -3,16 +3,21 @@
 //! an agent per node (vxlan, three nodes, one behind a router). Each hostile
 //! Node is rejected by every agent, and nothing moves: every node's routes,
 //! FDB entries and neighbours stay as they were, and every pod still
-//! reaches every other. Needs root.
+//! reaches every other. That holds for a copier of a node's VTEP MAC whose
+//! Node is as old as the victim's, too. Needs root.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::{json, Value};
-use weft_e2e::ClusterNode;
-use weft_testing::{require_root, run, wait_for};
+use weft_core::annotations::VtepMac;
+use weft_e2e::{ClusterNode, Pod, Segment};
+use weft_testing::{eventually, require_root, run, wait_for};
 
 mod testbed;
 
@@ -77,6 +82,28 @@ async fn create(overlay: &Overlay, hostile: &Hostile) -> Result<()> {
     Ok(())
 }
 
+/// The annotation `key` of `node`.
+fn annotation(node: &Node, key: &str) -> Result<String> {
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key).cloned())
+        .with_context(|| {
+            let name = node.metadata.name.as_deref().unwrap_or_default();
+            format!("Node {name} has no {key}")
+        })
+}
+
+/// The creation second of `node`, as the API server recorded it.
+fn created(node: &Node) -> Result<i64> {
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    let time = node.metadata.creation_timestamp.as_ref();
+    Ok(time
+        .with_context(|| format!("Node {name} has no creationTimestamp"))?
+        .0
+        .as_second())
+}
+
 /// Waits until the agent on `node` has logged a rejection of each of
 /// `names` (with `reason`, where given).
 fn wait_rejected(
@@ -118,18 +145,11 @@ fn rejected_peers(node: &ClusterNode) -> Result<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_nodes_are_rejected_and_move_no_traffic() -> Result<()> {
     require_root!("the e2e harness");
-    let (overlay, pods) = vxlan_overlay_with_pods().await?;
+    let (mut overlay, mut pods) = vxlan_overlay_with_pods().await?;
     let (node0, node1, routed) = (overlay.node(0), overlay.node(1), overlay.node(2));
     let before = programmed_everywhere(&overlay)?;
 
     let nodes: Api<Node> = Api::all(overlay.admin.clone());
-    let annotation = |node: &Node, key: &str| {
-        node.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(key).cloned())
-            .with_context(|| format!("node-1 has no {key}"))
-    };
     let node1_object = nodes.get(&node1.name).await?;
     let node1_slice = annotation(&node1_object, "weft.dev/pod-cidr")?;
     let node1_data = annotation(&node1_object, "weft.dev/backend-data")?;
@@ -294,5 +314,104 @@ async fn hostile_nodes_are_rejected_and_move_no_traffic() -> Result<()> {
         "node 0's programmed state moved"
     );
     ping_all(&pods, &overlay)?;
+
+    a_twin_copying_a_mac_moves_nothing(&mut overlay, &mut pods, &free_ip(252)).await?;
     overlay.cluster.stop().await
+}
+
+/// A hostile Node created in the same second as a new real node (else,
+/// when the second turns in between, before it: never after) copies the
+/// VTEP MAC that node derives from its slice. Agents once settled a MAC
+/// by creation time and rejected both claimants of one second, cutting the
+/// victim off; now the MAC stays with the node whose slice derives it, and
+/// nothing moves. Screening's same-second rule itself is property-tested
+/// in `screen.rs`.
+async fn a_twin_copying_a_mac_moves_nothing(
+    overlay: &mut Overlay,
+    pods: &mut Vec<Pod>,
+    twin_ip: &str,
+) -> Result<()> {
+    let nodes: Api<Node> = Api::all(overlay.admin.clone());
+    // Start at the top of a second, so the twin and the node registered
+    // right after it (tens of milliseconds) fall into one second.
+    let since_epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?;
+    tokio::time::sleep(Duration::from_nanos(
+        1_000_000_000 - u64::from(since_epoch.subsec_nanos()),
+    ))
+    .await;
+    // No MAC yet: its agent publishes one only once it copies the victim's.
+    let twin = Hostile {
+        name: "aaa-twin",
+        annotations: json!({
+            "weft.dev/public-ip": twin_ip,
+            "weft.dev/backend-type": "vxlan",
+        }),
+        spec: json!({}),
+        reason: Some("vtep_mac_conflict"),
+    };
+    create(overlay, &twin).await?;
+    let victim = overlay.cluster.add_node(Segment::Main).await?.clone();
+    let (twin_created, victim_created) = (
+        created(&nodes.get(twin.name).await?)?,
+        created(&nodes.get(&victim.name).await?)?,
+    );
+    ensure!(
+        twin_created <= victim_created,
+        "{} was created after {}",
+        twin.name,
+        victim.name
+    );
+    let when = match victim_created - twin_created {
+        0 => "in the same second as".to_string(),
+        seconds => format!("{seconds}s before"),
+    };
+    eprintln!("{} created {when} {}", twin.name, victim.name);
+
+    // The victim joins: agent, pod, and every pod reaches every other.
+    overlay.start_agent(&victim)?;
+    let victim_mac = eventually(PATIENCE, "the new node's VTEP MAC", || async {
+        let node = nodes.get(&victim.name).await?;
+        let (Ok(slice), Ok(data)) = (
+            annotation(&node, "weft.dev/pod-cidr"),
+            annotation(&node, "weft.dev/backend-data"),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some((slice.parse::<IpNet>()?, data)))
+    })
+    .await
+    .with_context(|| overlay.logs())?;
+    let (victim_slice, victim_data) = victim_mac;
+    let mac = VtepMac::derived_from(&victim_slice);
+    ensure!(
+        victim_data.contains(&mac.to_string()),
+        "{} publishes {victim_data}, not the MAC {mac} its slice {victim_slice} derives",
+        victim.name
+    );
+    pods.push(overlay.add_pod(&victim)?);
+    ping_all(pods, overlay)?;
+    let before = programmed_everywhere(overlay)?;
+    let fdb_entry = format!("{mac} dst {}", victim.underlay_ip());
+    for (name, programmed) in before.iter().filter(|(name, _)| **name != victim.name) {
+        ensure!(
+            programmed.fdb.iter().any(|line| line.contains(&fdb_entry)),
+            "{name} has no FDB entry {fdb_entry}: {programmed:?}"
+        );
+    }
+
+    // The twin copies the victim's MAC.
+    let copy = json!({"metadata": {"annotations": {"weft.dev/backend-data": victim_data}}});
+    nodes
+        .patch(twin.name, &PatchParams::default(), &Patch::Merge(&copy))
+        .await
+        .with_context(|| format!("patching Node {}", twin.name))?;
+    wait_rejected(overlay, &overlay.node(0), &[(twin.name, twin.reason)])?;
+    for node in overlay.cluster.nodes().iter().skip(1) {
+        wait_rejected(overlay, node, &[(twin.name, None)])?;
+    }
+    let after = programmed_everywhere(overlay)?;
+    for (name, was) in &before {
+        assert_eq!(&after[name], was, "{name}'s programmed state moved");
+    }
+    ping_all(pods, overlay)
 }

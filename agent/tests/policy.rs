@@ -1,28 +1,34 @@
 //! Network-namespace tests of the NetworkPolicy data plane, without an API
-//! server: one node namespace with the pod bridge, three pods on it and a
+//! server: one node namespace, three pods routed to it as the plugin wires
+//! them (a veth each, /32 and /128 host routes, no shared link) and a
 //! "remote" namespace routed through the node (a pod on another node, or the
 //! outside). Plans compiled from pod and policy records are applied through
 //! the agent's `PolicyDataplane`, and TCP connections between the
-//! namespaces show what passes. Needs root (see
+//! namespaces show what passes. The table watch runs as the agent runs it,
+//! on a thread started in the node namespace. Needs root (see
 //! `weft_testing::root_available`); every namespace is removed on success
 //! and on failure.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::core::v1::Pod;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
+use weft_agent::metrics::AgentMetrics;
+use weft_agent::nft_watch::TableWatch;
 use weft_agent::policy::compile::{compile, PolicyPlan};
-use weft_agent::policy::enforce::ensure_bridge_netfilter;
 use weft_agent::policy::model::{
-    NamespaceRecord, NamespaceScope, Peer, PodRecord, PolicyRecord, PortMatch, PortRule, Protocol,
-    Rule,
+    screen_pod_addresses, AddressRejection, NamespaceRecord, NamespaceScope, NodeSlices, Peer,
+    PodRecord, PolicyRecord, PortMatch, PortRule, Protocol, Rule,
 };
-use weft_agent::policy::nft::{Applied, PolicyDataplane};
+use weft_agent::policy::nft::{Applied, PolicyDataplane, TABLE};
 use weft_agent::policy::selector::{Requirement, Selector};
 use weft_core::netns::Netns;
-use weft_testing::{require_root, TestNetns};
+use weft_testing::{require_root, wait_for, TestNetns};
 
 /// A command line written as one string, split into its words for
 /// [`TestNetns::run`].
@@ -30,9 +36,10 @@ fn words(command: &str) -> Vec<&str> {
     command.split_whitespace().collect()
 }
 
-/// The node with bridge `weft0` (10.244.0.1/24, fd00:10:244::1/64), pods
-/// `a`, `b`, `c` at .2, .3, .4 and a remote namespace at 172.31.0.2 routed
-/// through the node.
+/// The node with pods `a`, `b`, `c` at 10.244.0.2, .3, .4 (and
+/// fd00:10:244::2, ::3, ::4), each routed on its own veth with the gateways
+/// 169.254.1.1 and fe80::1 as the plugin sets them, and a remote namespace
+/// at 172.31.0.2 routed through the node.
 struct Testbed {
     node: TestNetns,
     pods: Vec<(&'static str, TestNetns)>,
@@ -53,10 +60,6 @@ impl Testbed {
             .map(|name| (*name, TestNetns::create(&format!("{test}-{name}"))))
             .collect();
         for command in [
-            "ip link add weft0 type bridge",
-            "ip addr add 10.244.0.1/24 dev weft0",
-            "ip addr add fd00:10:244::1/64 dev weft0 nodad",
-            "ip link set weft0 up",
             "sysctl -qw net.ipv4.ip_forward=1",
             "sysctl -qw net.ipv6.conf.all.forwarding=1",
         ] {
@@ -64,21 +67,43 @@ impl Testbed {
         }
         for (i, (name, pod)) in pods.iter().enumerate() {
             let host = format!("veth-{name}");
+            let host_mac = format!("0a:58:00:00:00:{:02x}", i + 2);
+            let pod_mac = format!("0a:58:00:00:01:{:02x}", i + 2);
             let link = format!(
-                "ip link add {host} type veth peer name eth0 netns {}",
+                "ip link add {host} address {host_mac} type veth peer name eth0 address {pod_mac} netns {}",
                 pod.name()
             );
             node.run(&words(&link))?;
-            node.run(&words(&format!("ip link set {host} master weft0 up")))?;
+            node.run(&words(&format!("ip link set {host} up")))?;
             for command in [
-                format!("ip addr add 10.244.0.{}/24 dev eth0", i + 2),
-                format!("ip addr add fd00:10:244::{}/64 dev eth0 nodad", i + 2),
+                format!("ip addr add 10.244.0.{}/32 dev eth0", i + 2),
+                format!("ip addr add fd00:10:244::{}/128 dev eth0 nodad", i + 2),
                 "ip link set eth0 up".into(),
                 "ip link set lo up".into(),
-                "ip route add default via 10.244.0.1".into(),
-                "ip -6 route add default via fd00:10:244::1".into(),
+                "ip route add 169.254.1.1 dev eth0 scope link".into(),
+                "ip route add default via 169.254.1.1 dev eth0".into(),
+                format!("ip neigh add 169.254.1.1 lladdr {host_mac} dev eth0 nud permanent"),
+                "ip -6 route add default via fe80::1 dev eth0".into(),
+                format!("ip -6 neigh add fe80::1 lladdr {host_mac} dev eth0 nud permanent"),
             ] {
                 pod.run(&words(&command))?;
+            }
+            // Permanent neighbours both ways, as the plugin makes them: no
+            // ARP or ND (the veths' link-local addresses may still be
+            // tentative) stands between a test and its first packet.
+            for command in [
+                format!("ip route add 10.244.0.{}/32 dev {host}", i + 2),
+                format!("ip -6 route add fd00:10:244::{}/128 dev {host}", i + 2),
+                format!(
+                    "ip neigh add 10.244.0.{} lladdr {pod_mac} dev {host} nud permanent",
+                    i + 2
+                ),
+                format!(
+                    "ip -6 neigh add fd00:10:244::{} lladdr {pod_mac} dev {host} nud permanent",
+                    i + 2
+                ),
+            ] {
+                node.run(&words(&command))?;
             }
         }
         let uplink = format!(
@@ -110,10 +135,7 @@ impl Testbed {
 
     /// Applies `plan` in the node namespace.
     fn apply(&self, dataplane: &mut PolicyDataplane, plan: PolicyPlan) -> Result<Applied> {
-        Netns::open(self.node.path())?.run_here(|| {
-            ensure_bridge_netfilter()?;
-            anyhow::Ok(dataplane.apply(plan)?)
-        })?
+        Ok(Netns::open(self.node.path())?.run_here(|| dataplane.apply(plan))??)
     }
 
     fn denied(&self, dataplane: &PolicyDataplane) -> Result<(u64, u64)> {
@@ -172,15 +194,20 @@ fn reaches(namespace: &TestNetns, address: &str, port: u16) -> Result<bool> {
 /// once the kubelet has reported its addresses.
 fn pod_record(name: &str, app: &str) -> PodRecord {
     let index = PODS.iter().position(|p| *p == name).expect("a pod") + 2;
+    let ips = [format!("10.244.0.{index}"), format!("fd00:10:244::{index}")];
+    claimed(name, app, "node-0", &ips)
+}
+
+/// The record of pod `name` (app=`app`) bound to `node`, whose status
+/// claims `ips`.
+fn claimed(name: &str, app: &str, node: &str, ips: &[String]) -> PodRecord {
+    let ips: Vec<_> = ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"namespace": "x", "name": name, "labels": {"app": app}},
-        "spec": {"nodeName": "node-0", "containers": [
+        "spec": {"nodeName": node, "containers": [
             {"name": "server", "ports": [{"name": "http", "containerPort": 8080}]},
         ]},
-        "status": {"phase": "Running", "podIPs": [
-            {"ip": format!("10.244.0.{index}")},
-            {"ip": format!("fd00:10:244::{index}")},
-        ]},
+        "status": {"phase": "Running", "podIPs": ips},
     }))
     .expect("a valid Pod");
     PodRecord::of(&pod).expect("a pod on the pod network")
@@ -381,4 +408,150 @@ fn a_table_changed_behind_the_agents_back_is_written_whole() -> Result<()> {
             ("c", "10.244.0.3", 8080, ALLOWED),
         ],
     )
+}
+
+#[test]
+fn a_pod_claiming_an_address_of_another_nodes_slice_lets_nobody_in() -> Result<()> {
+    require_root!("creating network namespaces");
+    let testbed = Testbed::start("pliar")?;
+    let mut dataplane = PolicyDataplane::default();
+    // node-1's kubelet writes that its web pod has c's address.
+    let liar = claimed("liar", "web", "node-1", &["10.244.0.4".into()]);
+    let pods = vec![
+        pod_record("a", "web"),
+        pod_record("b", "db"),
+        pod_record("c", "other"),
+        liar,
+    ];
+    // Taken at its word, the lie lets c in as if it were web.
+    testbed.apply(&mut dataplane, plan(&pods, &[db_from_web()]))?;
+    expect(&testbed, &[("c", "10.244.0.3", 8080, ALLOWED)])?;
+
+    let slice = |text: &str| text.parse().expect("a CIDR");
+    let slices = NodeSlices::from([
+        (
+            "node-0".to_owned(),
+            vec![slice("10.244.0.0/24"), slice("fd00:10:244::/64")],
+        ),
+        (
+            "node-1".to_owned(),
+            vec![slice("10.244.1.0/24"), slice("fd00:10:244:1::/64")],
+        ),
+    ]);
+    let screened = screen_pod_addresses(pods, &slices);
+    let rejected: Vec<_> = screened
+        .rejected
+        .iter()
+        .map(|r| (r.name.as_str(), r.ip.to_string(), r.reason))
+        .collect();
+    ensure!(
+        rejected
+            == [(
+                "liar",
+                "10.244.0.4".into(),
+                AddressRejection::OutsideNodeSlices
+            )],
+        "{rejected:?}"
+    );
+    testbed.apply(&mut dataplane, plan(&screened.pods, &[db_from_web()]))?;
+    expect(
+        &testbed,
+        &[
+            ("c", "10.244.0.3", 8080, DENIED),
+            ("a", "10.244.0.3", 8080, ALLOWED),
+            // c keeps its own address: the lie does not make it a duplicate.
+            ("b", "10.244.0.4", 9090, ALLOWED),
+        ],
+    )
+}
+
+#[test]
+fn a_deleted_or_hand_changed_table_is_restored_at_once() -> Result<()> {
+    require_root!("creating network namespaces");
+    let testbed = Testbed::start("prestore")?;
+    let dataplane = Arc::new(Mutex::new(PolicyDataplane::default()));
+    let pods = [
+        pod_record("a", "web"),
+        pod_record("b", "db"),
+        pod_record("c", "other"),
+    ];
+    let mut registry = Registry::default();
+    let metrics = AgentMetrics::register(&mut registry);
+    // As the agent runs it: a thread in the node's namespace, with the
+    // policy data plane's check registered.
+    let watch = Netns::open(testbed.node.path())?.run_here(|| TableWatch::start(metrics))??;
+    let _registration = watch.registry().register(TABLE, {
+        let dataplane = dataplane.clone();
+        move || dataplane.lock().expect("not poisoned").restore_if_changed()
+    });
+    let apply = |plan| testbed.apply(&mut dataplane.lock().expect("not poisoned"), plan);
+    apply(plan(&pods, &[db_from_web()]))?;
+    // The agent's own in-place update notifies too, and restores nothing.
+    let pods = [
+        pod_record("a", "web"),
+        pod_record("b", "db"),
+        pod_record("c", "web"),
+    ];
+    ensure!(apply(plan(&pods, &[db_from_web()]))? == Applied::Updated);
+    let restored = |count: u32| -> Result<Option<()>> {
+        let mut text = String::new();
+        encode(&mut text, &registry)?;
+        let line = format!("weft_agent_policy_table_restored_total{{table=\"{TABLE}\"}} {count}\n");
+        Ok(text.contains(&line).then_some(()))
+    };
+
+    let started = Instant::now();
+    testbed
+        .node
+        .run(&words("nft delete table inet weft-policy"))?;
+    wait_for(Duration::from_secs(10), "the deleted table back", || {
+        let listed = testbed
+            .node
+            .output(&words("nft list table inet weft-policy"))?;
+        Ok(listed.status.success().then_some(()))
+    })?;
+    println!(
+        "a deleted policy table was back after {:?}",
+        started.elapsed()
+    );
+    expect(
+        &testbed,
+        &[
+            ("a", "fd00:10:244::3", 9090, DENIED),
+            ("remote", "10.244.0.3", 8080, DENIED),
+            ("c", "10.244.0.3", 8080, ALLOWED),
+        ],
+    )?;
+    wait_for(Duration::from_secs(10), "one restore counted", || {
+        restored(1)
+    })?;
+
+    // Everything accepted before any check.
+    let started = Instant::now();
+    testbed
+        .node
+        .run(&words("nft insert rule inet weft-policy forward accept"))?;
+    wait_for(Duration::from_secs(10), "the hand-made rule gone", || {
+        let chain = testbed
+            .node
+            .run(&words("nft list chain inet weft-policy forward"))?;
+        Ok((!chain.lines().any(|line| line.trim() == "accept")).then_some(()))
+    })?;
+    println!(
+        "a rule added by hand was gone after {:?}",
+        started.elapsed()
+    );
+    expect(&testbed, &[("remote", "10.244.0.3", 8080, DENIED)])?;
+    wait_for(Duration::from_secs(10), "two restores counted", || {
+        restored(2)
+    })?;
+
+    // Each restore's own notifications found the table intact: no third.
+    apply(plan(&pods, &[]))?;
+    expect(&testbed, &[("remote", "10.244.0.3", 8080, ALLOWED)])?;
+    ensure!(
+        restored(2)?.is_some(),
+        "a restore after the agent's own write"
+    );
+    Ok(())
 }

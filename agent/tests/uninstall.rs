@@ -17,7 +17,7 @@ use weft_testing::{eventually, require_root, run, wait_for};
 
 mod testbed;
 
-use testbed::{weft_routes, Overlay, OverlaySpec, PATIENCE};
+use testbed::{Overlay, OverlaySpec, PATIENCE};
 
 const NAMESPACE: &str = "kube-system";
 const DAEMONSET: &str = "weft-agent";
@@ -41,19 +41,25 @@ fn daemon_set() -> Result<DaemonSet> {
 /// What Weft leaves on `node`, one line per thing; empty when clean.
 fn weft_leftovers(node: &ClusterNode) -> Result<Vec<String>> {
     let mut found = Vec::new();
+    // weft0 is the legacy pod bridge, which uninstall removes too.
     for link in ["weft.1", "weft0"] {
         if run(node.command("ip").args(["link", "show", link])).is_ok() {
             found.push(format!("link {link}"));
         }
     }
-    found.extend(weft_routes(node)?.into_keys().map(|r| format!("route {r}")));
-    let routes = run(node
-        .command("ip")
-        .args(["-6", "route", "show", "proto", "87"]))?;
-    found.extend(routes.lines().map(|r| format!("route {r}")));
-    if run(node.command("nft").args(["list", "tables"]))?.contains("inet weft") {
-        found.push("nft table inet weft".into());
+    for family in ["-4", "-6"] {
+        let routes = run(node
+            .command("ip")
+            .args([family, "route", "show", "proto", "87"]))?;
+        found.extend(routes.lines().map(|r| format!("route {r}")));
     }
+    let tables = run(node.command("nft").args(["list", "tables"]))?;
+    found.extend(
+        tables
+            .lines()
+            .filter(|table| table.starts_with("table inet weft"))
+            .map(|table| format!("nft {table}")),
+    );
     let files: [PathBuf; 3] = [
         node.state_dir.join("net.d/10-weft.conflist"),
         node.state_dir.join("bin/weft"),
@@ -100,7 +106,9 @@ async fn agents_remove_weft_only_when_their_daemon_set_is_gone() -> Result<()> {
     );
     let kept = weft_leftovers(&node0)?;
     ensure!(
-        kept.iter().any(|k| k == "link weft.1") && kept.iter().any(|k| k == "link weft0"),
+        kept.iter().any(|k| k == "link weft.1")
+            && kept.iter().any(|k| k == "nft table inet weft-guard")
+            && kept.iter().any(|k| k.starts_with("route unreachable")),
         "restart removed state: {kept:?}"
     );
     overlay.wait_programmed(1).await?;

@@ -72,8 +72,11 @@ pub enum IpamError {
 }
 
 /// The addresses of one subnet that may be handed to pods: everything except
-/// the network address (IPv6: the subnet-router anycast), the gateway (the
-/// first host) and, for IPv4, the broadcast address.
+/// the network address (IPv6: the subnet-router anycast), the first host
+/// and, for IPv4, the broadcast address. The first host stays reserved
+/// because a node attached by the bridge design keeps it on `weft0` until
+/// its last bridged pod is gone, and a pod holding it would be shadowed by
+/// that local address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AllocRange {
     subnet: IpNet,
@@ -87,7 +90,8 @@ impl AllocRange {
         let subnet = subnet.trunc();
         let network = addr_bits(subnet.network());
         let top = addr_bits(subnet.broadcast());
-        // Skip the network address and the gateway; IPv4 also loses broadcast.
+        // Skip the network address and the first host; IPv4 also loses
+        // broadcast.
         let first = network.checked_add(2);
         let last = match subnet {
             IpNet::V4(_) => top.checked_sub(1),
@@ -106,11 +110,6 @@ impl AllocRange {
     /// The subnet the range belongs to.
     pub fn subnet(&self) -> IpNet {
         self.subnet
-    }
-
-    /// The gateway: the subnet's first host address.
-    pub fn gateway(&self) -> IpAddr {
-        self.at(addr_bits(self.subnet.network()) + 1)
     }
 
     /// First allocatable address.
@@ -518,9 +517,8 @@ mod tests {
     }
 
     #[test]
-    fn ranges_skip_network_gateway_and_broadcast() {
+    fn ranges_skip_network_first_host_and_broadcast() {
         let r = range("10.244.1.0/24");
-        assert_eq!(r.gateway(), ip("10.244.1.1"));
         assert_eq!(
             (r.first(), r.last()),
             (ip("10.244.1.2"), ip("10.244.1.254"))

@@ -5,7 +5,7 @@
 //!   environment, results in every supported version, error JSON.
 //! - [`ipam`]: the crash-safe on-disk address store of one network.
 //! - [`plugin`]: the verbs (ADD, DEL, CHECK, GC, STATUS, VERSION) over the
-//!   bridge, the veth pair and the pod's network namespace, and the
+//!   pod's routed veth pair and its network namespace, and the
 //!   hostPort mappings.
 
 pub mod cni;

@@ -6,18 +6,27 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddrV6, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use nix::net::if_::if_nametoindex;
 use serde_json::json;
 
-use support::{ping, pod_addresses, Invocation, Node, Reply};
-use weft_testing::{require_root, TestNetns};
+use support::{ping, pod_addresses, Invocation, Node, Reply, NODE_V4, NODE_V6};
+use weft_core::netns::Netns;
+use weft_testing::{require_root, wait_for, TestNetns};
+
+/// The address of an `address/len` as ADD reports it.
+fn host(cidr: &str) -> &str {
+    cidr.split('/').next().unwrap_or_default()
+}
 
 #[test]
-fn two_pods_reach_each_other_and_the_gateway_on_both_families() -> Result<()> {
+fn two_pods_reach_each_other_the_node_and_the_outside_on_both_families() -> Result<()> {
     require_root!("creating network namespaces");
     let node = Node::new("ping")?;
+    let outside = node.uplink()?;
     let (a, b) = (node.pod("a"), node.pod("b"));
     let reply_a = node.add("pod-a", &a)?.ok()?;
     let reply_b = node.add("pod-b", &b)?.ok()?;
@@ -31,14 +40,163 @@ fn two_pods_reach_each_other_and_the_gateway_on_both_families() -> Result<()> {
         "pod a has what ADD reported"
     );
 
-    let host = |cidr: &str| cidr.split('/').next().unwrap_or_default().to_owned();
     for (from, to) in [(&a, &addrs_b), (&b, &addrs_a)] {
         for address in to {
-            ensure!(ping(from, &host(address))?, "ping {address} failed");
+            ensure!(ping(from, host(address))?, "ping {address} failed");
         }
     }
-    for gateway in ["10.123.4.1", "fd12:3:4:5::1"] {
-        ensure!(ping(&a, gateway)?, "ping gateway {gateway} failed");
+    for address in [NODE_V4, NODE_V6] {
+        ensure!(ping(&a, address)?, "pod → node {address} failed");
+    }
+    for address in &addrs_a {
+        ensure!(
+            ping(&node.netns, host(address))?,
+            "node → pod {address} failed"
+        );
+        ensure!(
+            ping(&outside, host(address))?,
+            "outside → pod {address} failed"
+        );
+    }
+    let forwarding = node.netns.run(&["cat", "/proc/sys/net/ipv4/ip_forward"])?;
+    ensure!(
+        forwarding.trim() == "1",
+        "forwarding on in the node namespace"
+    );
+    Ok(())
+}
+
+/// `ip -j` objects of `args` run in `netns`, as text (for messages and
+/// simple matching).
+fn listing(netns: &TestNetns, args: &[&str]) -> Result<Vec<String>> {
+    Ok(netns
+        .json(args)?
+        .iter()
+        .map(|object| object.to_string())
+        .collect())
+}
+
+#[test]
+fn add_wires_a_routed_veth_with_permanent_neighbours_and_no_bridge() -> Result<()> {
+    require_root!("creating network namespaces");
+    let node = Node::new("wire")?;
+    let a = node.pod("a");
+    let added = node.add("wire-a", &a)?.ok()?;
+    let result = &added.json;
+    ensure!(
+        added.addresses().len() == 2
+            && added.addresses()[0].ends_with("/32")
+            && added.addresses()[1].ends_with("/128"),
+        "{result}"
+    );
+    ensure!(
+        result["ips"][0]["gateway"] == "169.254.1.1" && result["ips"][1]["gateway"] == "fe80::1",
+        "{result}"
+    );
+    ensure!(result["ips"][0]["interface"] == 1, "{result}");
+    let interfaces = result["interfaces"].as_array().context("interfaces")?;
+    ensure!(interfaces.len() == 2, "host veth and pod: {result}");
+    let host_veth = interfaces[0]["name"].as_str().context("host veth")?;
+    let host_mac = interfaces[0]["mac"].as_str().context("host MAC")?;
+    let pod_mac = interfaces[1]["mac"].as_str().context("pod MAC")?;
+    let addresses = added.addresses();
+    let (v4, v6) = (host(&addresses[0]), host(&addresses[1]));
+
+    // The node: no bridge, a host veth in none, up, with our alias.
+    ensure!(
+        !node.links()?.contains("weft0"),
+        "no bridge: {:?}",
+        node.links()?
+    );
+    let link = node
+        .netns
+        .json(&["ip", "-j", "-d", "link", "show", host_veth])?;
+    let link = link.first().context("host veth listed")?;
+    ensure!(
+        link.get("master").is_none() && link["mtu"] == 1450,
+        "{link}"
+    );
+    ensure!(
+        link["ifalias"] == "weft:weftnet:wire-a:eth0"
+            && link["flags"].to_string().contains("\"UP\""),
+        "{link}"
+    );
+    // Routes to the pod's addresses alone into its veth, resolved by
+    // permanent neighbours to the pod's MAC.
+    let routes = listing(
+        &node.netns,
+        &["ip", "-j", "route", "show", "dev", host_veth],
+    )?;
+    ensure!(
+        routes
+            .iter()
+            .any(|r| r.contains(&format!("\"dst\":\"{v4}\"")) && r.contains("\"scope\":\"link\"")),
+        "{routes:?}"
+    );
+    let routes = listing(
+        &node.netns,
+        &["ip", "-j", "-6", "route", "show", "dev", host_veth],
+    )?;
+    ensure!(
+        routes
+            .iter()
+            .any(|r| r.contains(&format!("\"dst\":\"{v6}\""))),
+        "{routes:?}"
+    );
+    let neighbours = listing(
+        &node.netns,
+        &[
+            "ip",
+            "-j",
+            "neigh",
+            "show",
+            "dev",
+            host_veth,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    for ip in [v4, v6] {
+        ensure!(
+            neighbours
+                .iter()
+                .any(|n| n.contains(&format!("\"dst\":\"{ip}\""))
+                    && n.contains(&format!("\"lladdr\":\"{pod_mac}\""))),
+            "{ip} → {pod_mac}: {neighbours:?}"
+        );
+    }
+
+    // The pod: its gateways on the link, resolved to the host veth's MAC.
+    let routes = a.run(&["ip", "route", "show"])?;
+    for line in [
+        "default via 169.254.1.1 dev eth0",
+        "169.254.1.1 dev eth0 scope link",
+    ] {
+        ensure!(routes.contains(line), "{line} in {routes}");
+    }
+    let routes = a.run(&["ip", "-6", "route", "show"])?;
+    ensure!(routes.contains("default via fe80::1 dev eth0"), "{routes}");
+    let neighbours = listing(
+        &a,
+        &[
+            "ip",
+            "-j",
+            "neigh",
+            "show",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    for gateway in ["169.254.1.1", "fe80::1"] {
+        ensure!(
+            neighbours
+                .iter()
+                .any(|n| n.contains(&format!("\"dst\":\"{gateway}\""))
+                    && n.contains(&format!("\"lladdr\":\"{host_mac}\""))),
+            "{gateway} → {host_mac}: {neighbours:?}"
+        );
     }
     ensure!(
         a.run(&["ip", "link", "show", "lo"])?.contains("UP"),
@@ -48,23 +206,93 @@ fn two_pods_reach_each_other_and_the_gateway_on_both_families() -> Result<()> {
         a.run(&["ip", "link", "show", "eth0"])?.contains("mtu 1450"),
         "pod MTU from the node file"
     );
-    let bridge = node.netns.run(&["ip", "-d", "link", "show", "weft0"])?;
-    ensure!(bridge.contains("mtu 1450"), "bridge MTU: {bridge}");
-    let host_veth = node
-        .host_veths()?
-        .into_iter()
-        .next()
-        .context("a host veth")?;
-    let port = node.netns.run(&["ip", "-d", "link", "show", &host_veth])?;
-    ensure!(
-        port.contains("hairpin on"),
-        "hairpin on the host port: {port}"
-    );
-    let forwarding = node.netns.run(&["cat", "/proc/sys/net/ipv4/ip_forward"])?;
-    ensure!(
-        forwarding.trim() == "1",
-        "forwarding on in the node namespace"
-    );
+    Ok(())
+}
+
+/// Waits up to five seconds on `socket` and returns every datagram that
+/// arrived before `marker` (which ends the wait), or an error when the
+/// marker never came.
+fn received_before(socket: &UdpSocket, marker: &[u8]) -> Result<Vec<String>> {
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut before = Vec::new();
+    let mut buffer = [0u8; 64];
+    loop {
+        let (length, from) = socket
+            .recv_from(&mut buffer)
+            .context("the unicast marker never arrived")?;
+        if &buffer[..length] == marker {
+            return Ok(before);
+        }
+        before.push(format!(
+            "{:?} from {from}",
+            String::from_utf8_lossy(&buffer[..length])
+        ));
+    }
+}
+
+#[test]
+fn pods_share_no_link_broadcasts_and_link_local_stay_in_the_pod() -> Result<()> {
+    require_root!("creating network namespaces");
+    let node = Node::new("l2")?;
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    node.add("l2-a", &a)?.ok()?;
+    let b_addresses = node.add("l2-b", &b)?.ok()?.addresses();
+    let (b_v4, b_v6) = (host(&b_addresses[0]), host(&b_addresses[1]));
+    // Settled (not tentative), so it would answer if anything reached it.
+    let b_link_local = wait_for(
+        Duration::from_secs(10),
+        "pod b's link-local address",
+        || {
+            Ok(b.json(&[
+                "ip",
+                "-j",
+                "-6",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+                "-tentative",
+            ])?
+            .iter()
+            .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+            .find_map(|address| address["local"].as_str().map(str::to_owned)))
+        },
+    )?;
+
+    let in_netns = |netns: &TestNetns, bind: &str| -> Result<UdpSocket> {
+        Ok(Netns::open(netns.path())?.run_here(|| UdpSocket::bind(bind))??)
+    };
+    let listen_v4 = in_netns(&b, "0.0.0.0:7001")?;
+    let listen_v6 = in_netns(&b, "[::]:7002")?;
+    let send_v4 = in_netns(&a, "0.0.0.0:0")?;
+    send_v4.set_broadcast(true)?;
+    let send_v6 = in_netns(&a, "[::]:0")?;
+    let a_eth0 = Netns::open(a.path())?.run_here(|| if_nametoindex("eth0"))??;
+
+    // IPv4: the limited and the slice's broadcast, then a unicast marker.
+    for target in ["255.255.255.255:7001", "10.123.4.255:7001"] {
+        // Refused locally or dropped on the way: either way it must not
+        // arrive.
+        let _ = send_v4.send_to(b"broadcast", target);
+    }
+    send_v4.send_to(b"marker", format!("{b_v4}:7001"))?;
+    let leaked = received_before(&listen_v4, b"marker")?;
+    ensure!(leaked.is_empty(), "pod b received {leaked:?}");
+
+    // IPv6: b's link-local address and all nodes on a's link, then the
+    // marker to b's routed address.
+    let link_local = |address: &str| -> Result<SocketAddrV6> {
+        Ok(SocketAddrV6::new(address.parse()?, 7002, 0, a_eth0))
+    };
+    for target in [link_local(&b_link_local)?, link_local("ff02::1")?] {
+        let _ = send_v6.send_to(b"link-local", target);
+    }
+    send_v6.send_to(b"marker", format!("[{b_v6}]:7002"))?;
+    let leaked = received_before(&listen_v6, b"marker")?;
+    ensure!(leaked.is_empty(), "pod b received {leaked:?}");
+
     Ok(())
 }
 
@@ -112,7 +340,7 @@ fn del_frees_the_address_and_the_veth_and_twice_is_fine() -> Result<()> {
     // A /30 has exactly one pod address, so reuse is observable.
     node.write_node_file(&["10.123.4.0/30"], 1450)?;
     let (a, b) = (node.pod("a"), node.pod("b"));
-    ensure!(node.add("del-a", &a)?.ok()?.addresses() == ["10.123.4.2/30"]);
+    ensure!(node.add("del-a", &a)?.ok()?.addresses() == ["10.123.4.2/32"]);
     ensure!(node.host_veths()?.len() == 1);
 
     node.del("del-a", Some(a.path()))?.ok()?;
@@ -125,7 +353,7 @@ fn del_frees_the_address_and_the_veth_and_twice_is_fine() -> Result<()> {
     node.del("del-a", Some(a.path()))?.ok()?;
 
     ensure!(
-        node.add("del-b", &b)?.ok()?.addresses() == ["10.123.4.2/30"],
+        node.add("del-b", &b)?.ok()?.addresses() == ["10.123.4.2/32"],
         "freed address reusable"
     );
     // A runtime may hand DEL a cached result it damaged; DEL does not need
@@ -171,7 +399,7 @@ fn del_succeeds_after_the_netns_is_gone_and_for_unknown_containers() -> Result<(
 }
 
 #[test]
-fn check_passes_then_names_a_route_removed_by_hand() -> Result<()> {
+fn check_passes_then_names_what_was_removed_by_hand() -> Result<()> {
     require_root!("creating network namespaces");
     let node = Node::new("check")?;
     let a = node.pod("a");
@@ -180,18 +408,44 @@ fn check_passes_then_names_a_route_removed_by_hand() -> Result<()> {
     let check = Invocation::attach("CHECK", "check-a", Some(a.path()));
     let ok = node.invoke(&check, &config)?.ok()?;
     ensure!(ok.stdout.is_empty(), "CHECK prints nothing on success");
+    let host_veth = added.json["interfaces"][0]["name"]
+        .as_str()
+        .context("host veth")?
+        .to_owned();
+    let v4 = added.addresses()[0].clone();
 
+    let fails_naming = |what: &str| -> Result<()> {
+        let failed = node.invoke(&check, &config)?;
+        ensure!(failed.error_code() == Some(102), "{failed:?}");
+        ensure!(failed.error_msg().contains(what), "{}", failed.error_msg());
+        Ok(())
+    };
+    // In the pod, then repaired by hand.
     a.run(&["ip", "route", "del", "default"])?;
-    let failed = node.invoke(&check, &config)?;
-    ensure!(failed.status != 0, "CHECK must fail");
-    ensure!(failed.error_code() == Some(102), "{failed:?}");
-    ensure!(
-        failed
-            .error_msg()
-            .contains("route 0.0.0.0/0 via 10.123.4.1 is missing"),
-        "{}",
-        failed.error_msg()
-    );
+    fails_naming("route 0.0.0.0/0 via 169.254.1.1 is missing from CNI_NETNS")?;
+    a.run(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ])?;
+    node.invoke(&check, &config)?.ok()?;
+    // On the node.
+    node.netns
+        .run(&["ip", "route", "del", &v4, "dev", &host_veth])?;
+    fails_naming(&format!(
+        "route {v4} dev {host_veth} is missing from the node"
+    ))?;
+    node.netns.run(&[
+        "ip", "route", "add", &v4, "dev", &host_veth, "scope", "link",
+    ])?;
+    node.invoke(&check, &config)?.ok()?;
+    a.run(&["ip", "neigh", "del", "fe80::1", "dev", "eth0"])?;
+    fails_naming("permanent neighbour fe80::1 lladdr")?;
     Ok(())
 }
 
@@ -201,10 +455,12 @@ fn gc_frees_everything_not_in_valid_attachments() -> Result<()> {
     let node = Node::new("gc")?;
     let pods: Vec<TestNetns> = ["a", "b", "c"].iter().map(|p| node.pod(p)).collect();
     let mut kept = Vec::new();
+    let mut kept_result = serde_json::Value::Null;
     for (pod, container) in pods.iter().zip(["gc-a", "gc-b", "gc-c"]) {
         let reply = node.add(container, pod)?.ok()?;
         if container == "gc-a" {
             kept = reply.addresses();
+            kept_result = reply.json;
         }
     }
     let valid = json!({
@@ -226,10 +482,13 @@ fn gc_frees_everything_not_in_valid_attachments() -> Result<()> {
     );
     ensure!(node.host_veths()?.len() == 1, "only gc-a's veth remains");
     ensure!(pod_addresses(&pods[0], "eth0")? == kept, "gc-a untouched");
-    ensure!(
-        ping(&pods[0], "10.123.4.1")?,
-        "gc-a still reaches its gateway"
-    );
+    let check = node.config("1.1.0", json!({ "prevResult": kept_result }));
+    node.invoke(
+        &Invocation::attach("CHECK", "gc-a", Some(pods[0].path())),
+        &check,
+    )?
+    .ok()
+    .context("gc-a is still wired as ADD left it")?;
     Ok(())
 }
 
@@ -402,14 +661,14 @@ fn result_is_rendered_in_the_config_version_and_chained() -> Result<()> {
             "{result}"
         );
         ensure!(
-            result["interfaces"][2].get("mtu").is_some() == has_mtu,
+            result["interfaces"][1].get("mtu").is_some() == has_mtu,
             "{result}"
         );
         ensure!(
-            result["interfaces"][2]["sandbox"] == pod.path().as_str(),
+            result["interfaces"][1]["sandbox"] == pod.path().as_str(),
             "{result}"
         );
-        ensure!(result["ips"][0]["interface"] == 2, "{result}");
+        ensure!(result["ips"][0]["interface"] == 1, "{result}");
     }
 
     // In a conflist after another plugin, with runtime extras and CNI_ARGS.
@@ -430,11 +689,20 @@ fn result_is_rendered_in_the_config_version_and_chained() -> Result<()> {
     let chained = node.invoke(&invocation, &config)?.ok()?.json;
     ensure!(chained["interfaces"][0]["name"] == "earlier0", "{chained}");
     ensure!(
-        chained["interfaces"][3]["mac"] == "0a:58:00:00:00:42",
+        chained["interfaces"][2]["mac"] == "0a:58:00:00:00:42",
         "{chained}"
     );
     ensure!(chained["ips"][0]["address"] == "192.0.2.7/24", "{chained}");
-    ensure!(chained["ips"][1]["interface"] == 3, "{chained}");
+    ensure!(chained["ips"][1]["interface"] == 2, "{chained}");
+    // The node resolves the pod by the MAC the runtime asked for.
+    let host_veth = chained["interfaces"][1]["name"]
+        .as_str()
+        .context("host veth")?;
+    let neighbours = node.netns.run(&["ip", "neigh", "show", "dev", host_veth])?;
+    ensure!(
+        neighbours.contains("lladdr 0a:58:00:00:00:42 PERMANENT"),
+        "{neighbours}"
+    );
     Ok(())
 }
 
@@ -443,7 +711,8 @@ fn killed_adds_leak_nothing_and_double_assign_nothing() -> Result<()> {
     require_root!("creating network namespaces");
     let node = Node::new("kill")?;
     let config = node.config("1.1.0", json!({}));
-    // Warm up so the bridge exists and the kills land in the per-pod work.
+    // Warm up (forwarding on, binary in the page cache) so the kills land
+    // in the per-pod work.
     let warm = node.pod("warm");
     node.add("kill-warm", &warm)?.ok()?;
 
@@ -584,43 +853,96 @@ fn the_plugins_own_netns_is_refused_and_nothing_changes() -> Result<()> {
 }
 
 #[test]
-fn after_a_slice_change_only_the_new_gateways_stay_on_the_bridge() -> Result<()> {
+fn after_a_slice_change_new_pods_get_it_and_old_ones_keep_working() -> Result<()> {
     require_root!("creating network namespaces");
     let node = Node::new("slice")?;
-    let (a, b, c) = (node.pod("a"), node.pod("b"), node.pod("c"));
-    node.add("slice-a", &a)?.ok()?;
-    ensure!(
-        pod_addresses(&node.netns, "weft0")? == ["10.123.4.1/24", "fd12:3:4:5::1/64"],
-        "first slice's gateways"
-    );
-    let link_local = || -> Result<String> {
-        node.netns.run(&[
-            "ip", "-o", "-6", "addr", "show", "dev", "weft0", "scope", "link",
-        ])
-    };
-    let kernels = link_local()?;
-    ensure!(
-        kernels.contains("fe80::"),
-        "the bridge has a link-local address: {kernels}"
-    );
-
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let old = node.add("slice-a", &a)?.ok()?.addresses();
     node.write_node_file(&["10.123.5.0/24", "fd12:3:4:6::/64"], 1450)?;
-    let reply = node.add("slice-b", &b)?.ok()?;
-    let new_gateways = ["10.123.5.1/24", "fd12:3:4:6::1/64"];
-    let on_bridge = pod_addresses(&node.netns, "weft0")?;
-    ensure!(on_bridge == new_gateways, "bridge has {on_bridge:?}");
+    let new = node.add("slice-b", &b)?.ok()?.addresses();
     ensure!(
-        link_local()? == kernels,
-        "link-local addresses kept: {kernels}"
+        new.iter()
+            .all(|a| a.starts_with("10.123.5.") || a.starts_with("fd12:3:4:6:")),
+        "{new:?}"
     );
-    ensure!(ping(&b, "10.123.5.1")? && ping(&b, "fd12:3:4:6::1")?);
-    ensure!(reply
-        .addresses()
-        .iter()
-        .all(|a| a.starts_with("10.123.5.") || a.starts_with("fd12:3:4:6:")));
+    for (from, to) in [(&a, &new), (&b, &old)] {
+        for address in to {
+            ensure!(ping(from, host(address))?, "ping {address} failed");
+        }
+    }
+    Ok(())
+}
 
-    // The next ADD finds nothing to change.
-    node.add("slice-c", &c)?.ok()?;
-    ensure!(pod_addresses(&node.netns, "weft0")? == new_gateways);
+#[test]
+fn a_node_file_with_an_unusable_slice_is_refused_and_changes_nothing() -> Result<()> {
+    require_root!("creating network namespaces");
+    let node = Node::new("refuse")?;
+    let _outside = node.uplink()?;
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    node.add("refuse-a", &a)?.ok()?;
+    let add_b = Invocation::attach("ADD", "refuse-b", Some(b.path()));
+    let config = node.config("1.1.0", json!({}));
+    for (slices, problem) in [
+        (["0.0.0.0/0", "fd12:3:4:5::/64"], "is /0"),
+        (["10.123.4.0/24", "::/0"], "is /0"),
+        (["127.0.0.0/24", "fd12:3:4:5::/64"], "loopback"),
+        (["169.254.0.0/24", "fd12:3:4:5::/64"], "link-local"),
+        (["10.123.4.0/24", "fe80::/64"], "link-local"),
+        (["224.1.0.0/24", "fd12:3:4:5::/64"], "multicast"),
+        (["10.123.4.0/24", "ff05::/64"], "multicast"),
+        (["0.0.0.0/24", "fd12:3:4:5::/64"], "unspecified"),
+        // The node's own network on its uplink.
+        (["192.0.2.0/26", "fd12:3:4:5::/64"], "192.0.2.1/24 on up0"),
+        (
+            ["10.123.4.0/24", "2001:db8:7::/64"],
+            "2001:db8:7::1/64 on up0",
+        ),
+    ] {
+        // In cluster CIDRs of their own, which the node file requires.
+        node.write_node_file_in(&slices, &slices, 1450)?;
+        let refused = fails_without_change(&node, &add_b, &config, 7, problem)?;
+        ensure!(
+            refused.error_msg().contains("field \"podCidrs\"")
+                && refused.error_msg().contains("--cluster-cidr"),
+            "{}",
+            refused.error_msg()
+        );
+        ensure!(
+            b.output(&["ip", "link", "show", "eth0"])?.status.code() != Some(0),
+            "no eth0 in pod b"
+        );
+        let status = node.invoke(&Invocation::verb("STATUS"), &config)?;
+        ensure!(
+            status.error_code() == Some(50) && status.error_msg().contains(problem),
+            "{status:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn wefts_own_devices_are_not_the_underlay() -> Result<()> {
+    require_root!("creating network namespaces");
+    let node = Node::new("own-dev")?;
+    // The VXLAN device with the slice's network address as its VTEP, and
+    // the bridge of nodes attached by the bridge design with the first host.
+    node.netns.run(&[
+        "ip", "link", "add", "weft.1", "type", "vxlan", "id", "1", "dstport", "8472",
+    ])?;
+    node.netns
+        .run(&["ip", "addr", "add", "10.123.4.0/32", "dev", "weft.1"])?;
+    node.netns
+        .run(&["ip", "link", "add", "weft0", "type", "bridge"])?;
+    node.netns
+        .run(&["ip", "addr", "add", "10.123.4.1/24", "dev", "weft0"])?;
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    node.add("own-dev-a", &a)?.ok()?;
+    let b_addresses = node.add("own-dev-b", &b)?.ok()?.addresses();
+    ensure!(ping(&a, host(&b_addresses[0]))?, "pods reach each other");
+    node.invoke(
+        &Invocation::verb("STATUS"),
+        &node.config("1.1.0", json!({})),
+    )?
+    .ok()?;
     Ok(())
 }

@@ -270,16 +270,47 @@ async fn bad_claims_neither_stall_repairs_nor_flood_events() -> Result<()> {
     bed.wait_for_event("wide", "PodCidrMisaligned", &[&controller])
         .await?;
 
-    // The held node's annotation is tampered with and written back.
+    // The held node's annotation is tampered with: the controller never
+    // changes a set annotation, so it reports the node and keeps both its
+    // spec slice and the tampered one (outside the /20) from other nodes.
+    let tampered = "10.244.16.0/24";
     let tamper = serde_json::json!({
-        "metadata": { "annotations": { "weft.dev/pod-cidr": "10.244.99.0/24" } }
+        "metadata": { "annotations": { "weft.dev/pod-cidr": tampered } }
     });
     bed.nodes()
         .patch("held", &PatchParams::default(), &Patch::Merge(&tamper))
         .await?;
+    let event = bed
+        .wait_for_event("held", "AnnotationDisagreesWithSpec", &[&controller])
+        .await?;
+    let note = event.message.unwrap_or_default();
+    for part in [
+        tampered,
+        &*slice.to_string(),
+        "kubectl annotate node held weft.dev/pod-cidr-",
+    ] {
+        ensure!(note.contains(part), "{part} missing from {note}");
+    }
+    // And a new node still gets a slice, outside the /20 and the tampered one.
+    let fresh = ["fresh".to_owned()];
+    bed.create_nodes(&fresh, 1).await?;
+    let cidrs = bed.wait_for_slices(&fresh, &[&controller]).await?;
+    assert_eq!(
+        v4_slice(&cidrs["fresh"])?,
+        "10.244.17.0/24".parse::<Ipv4Net>()?
+    );
+    assert_eq!(cidrs["held"].annotation.as_deref(), Some(tampered));
+    // The administrator's fix: remove the annotation; the controller writes
+    // the node's slice into it again.
+    let remove = serde_json::json!({
+        "metadata": { "annotations": { "weft.dev/pod-cidr": null } }
+    });
+    bed.nodes()
+        .patch("held", &PatchParams::default(), &Patch::Merge(&remove))
+        .await?;
     eventually(
         PATIENCE,
-        "the held node's annotation to be repaired",
+        "the held node's annotation to be rewritten",
         || async {
             let cidrs = bed.cidrs().await?;
             Ok((cidrs["held"].annotation.as_deref() == Some(&*slice.to_string())).then_some(()))
@@ -287,14 +318,6 @@ async fn bad_claims_neither_stall_repairs_nor_flood_events() -> Result<()> {
     )
     .await
     .with_context(|| logs(&[&controller]))?;
-    // And a new node still gets a slice, outside the /20 only.
-    let fresh = ["fresh".to_owned()];
-    bed.create_nodes(&fresh, 1).await?;
-    let cidrs = bed.wait_for_slices(&fresh, &[&controller]).await?;
-    assert_eq!(
-        v4_slice(&cidrs["fresh"])?,
-        "10.244.16.0/24".parse::<Ipv4Net>()?
-    );
 
     // A claim that changes as fast as it can be written: every change is a
     // new occurrence, yet there is one Event, updated at most once a minute.

@@ -1,15 +1,18 @@
 //! The `weft.dev/*` annotations Weft keeps on Node objects, and their formats.
 //!
 //! Pod CIDR annotations hold one CIDR in its usual text form
-//! (`10.244.3.0/24`, `fd00:10:0:3::/64`). The controller always writes them,
-//! even when `spec.podCIDRs` carries the same slice, so that
+//! (`10.244.3.0/24`, `fd00:10:0:3::/64`). The controller writes each once,
+//! where it is unset, even when `spec.podCIDRs` carries the same slice, and
+//! never changes or removes it (the write policy holds it to that), so that
 //! `kubectl get nodes -o custom-columns=NAME:.metadata.name,CIDR:.metadata.annotations.weft\.dev/pod-cidr`
 //! shows every node's slice, and so an IPv6 slice can be recorded on a node
 //! whose immutable `spec.podCIDRs` was set single-stack.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::str::FromStr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ip::IpFamily;
@@ -57,9 +60,11 @@ pub struct BackendData {
 /// The MAC address of a node's VXLAN tunnel endpoint (the `weft.1` device).
 ///
 /// Published in the node's `weft.dev/backend-data` annotation; peers point
-/// their neighbour and FDB entries at it, so it must not change while the
-/// node lives (the agent restores it from that annotation when it recreates
-/// the device).
+/// their neighbour and FDB entries at it. The agent derives it from the
+/// node's slice ([`VtepMac::for_slices`]), so it stays the same while the
+/// node keeps its slice, survives device re-creation without being stored,
+/// and has exactly one rightful holder: peers give a derived MAC to the node
+/// whose slice it comes from, whoever else publishes it.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VtepMac([u8; 6]);
 
@@ -83,15 +88,38 @@ impl VtepMac {
         self.0
     }
 
-    /// A fresh random, locally administered unicast address, for a node that
-    /// has never published one.
-    pub fn random() -> std::io::Result<Self> {
-        use std::io::Read;
-        let mut octets = [0u8; 6];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut octets)?;
-        // Clear the multicast bit, set the locally-administered bit.
-        octets[0] = (octets[0] & 0xfe) | 0x02;
-        Ok(VtepMac(octets))
+    /// The MAC derived from `slice`: `0a:58` (locally administered, unicast)
+    /// followed by the last four bytes of the slice's network part. For
+    /// IPv4 that is the whole network address (`10.244.1.0/24` gives
+    /// `0a:58:0a:f4:01:00`). For IPv6 it is the 32 bits that end at the
+    /// prefix (`fd00:10:244:1::/64` gives `0a:58:02:44:00:01`), not the
+    /// address's last bytes, which are zero in every slice of /96 or wider.
+    /// Distinct IPv4 slices always give distinct MACs; IPv6 slices of one
+    /// size do as long as their cluster CIDR holds at most 2^32 of them.
+    pub fn derived_from(slice: &IpNet) -> Self {
+        let tail = match slice.network() {
+            IpAddr::V4(network) => network.octets(),
+            IpAddr::V6(network) => {
+                let host_bits = 128 - u32::from(slice.prefix_len());
+                let network_part = u128::from(network).checked_shr(host_bits).unwrap_or(0);
+                // Truncating keeps the low 32 bits, where slices differ.
+                (network_part as u32).to_be_bytes()
+            }
+        };
+        let [a, b, c, d] = tail;
+        VtepMac([0x0a, 0x58, a, b, c, d])
+    }
+
+    /// The MAC a node with `slices` uses: derived from its IPv4 slice, else
+    /// from its IPv6 slice; `None` for a node without a slice. Agents and
+    /// peers both use this one choice, so they agree on who holds a MAC.
+    pub fn for_slices(slices: &[IpNet]) -> Option<Self> {
+        [IpFamily::V4, IpFamily::V6].into_iter().find_map(|family| {
+            slices
+                .iter()
+                .find(|slice| IpFamily::of(slice) == family)
+                .map(Self::derived_from)
+        })
     }
 }
 
@@ -187,8 +215,34 @@ mod tests {
     }
 
     #[test]
-    fn random_mac_is_local_unicast() {
-        let mac = VtepMac::random().unwrap();
-        assert_eq!(mac.octets()[0] & 0x03, 0x02);
+    fn macs_derive_from_the_slice_network_part() {
+        let derived = |slice: &str| VtepMac::derived_from(&slice.parse().unwrap()).to_string();
+        assert_eq!(derived("10.244.1.0/24"), "0a:58:0a:f4:01:00");
+        assert_eq!(derived("10.244.255.128/25"), "0a:58:0a:f4:ff:80");
+        assert_eq!(derived("fd00:10:244:1::/64"), "0a:58:02:44:00:01");
+        assert_eq!(derived("fd00:10:244:1:0:0:7:0/112"), "0a:58:00:00:00:07");
+        assert_eq!(derived("fd00::/60"), "0a:58:00:00:00:00");
+        assert_eq!(derived("::/0"), "0a:58:00:00:00:00");
+        // Derived MACs are usable unicast addresses.
+        let mac = derived("0.0.0.0/24");
+        assert_eq!(mac.parse::<VtepMac>().unwrap().to_string(), mac);
+    }
+
+    #[test]
+    fn a_node_uses_its_ipv4_slice_and_else_its_ipv6_slice() {
+        let slices = |list: &[&str]| -> Vec<IpNet> {
+            list.iter().map(|slice| slice.parse().unwrap()).collect()
+        };
+        let dual = slices(&["fd00:10:244:3::/64", "10.244.3.0/24"]);
+        let v6_only = slices(&["fd00:10:244:3::/64"]);
+        assert_eq!(
+            VtepMac::for_slices(&dual).unwrap().to_string(),
+            "0a:58:0a:f4:03:00"
+        );
+        assert_eq!(
+            VtepMac::for_slices(&v6_only).unwrap().to_string(),
+            "0a:58:02:44:00:03"
+        );
+        assert_eq!(VtepMac::for_slices(&[]), None);
     }
 }

@@ -30,6 +30,7 @@ pub mod nodefile;
 pub mod protocol;
 pub mod slice;
 
-/// The bridge pods attach to unless the network config names another. The
-/// plugin creates it; the agent's uninstall removes it.
+/// The bridge pods were attached to before pods got routed veths. Nothing
+/// creates it any more; on a node upgraded from that design it carries the
+/// pods not yet re-created, and the agent's uninstall removes it.
 pub const DEFAULT_BRIDGE: &str = "weft0";

@@ -2,18 +2,23 @@
 //! every render passes server-side validation, `helm install` creates RBAC
 //! that grants each component what it uses and nothing more, and the node
 //! write policy holds each component (and each kubelet) to its own part of
-//! the Node objects. Needs root (the harness, through
+//! the Node objects, a set slice in place and the controller to its own
+//! Lease, with NodeRestriction keeping each kubelet to its own pods' tokens.
+//! Needs root (the harness, through
 //! `weft_testing::require_root!`: under `CI=true` none skips) and kubectl on
 //! PATH.
 
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ServiceAccount};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use serde_json::{json, Value};
+use weft_agent::node::network_up_patch;
 use weft_e2e::{build_helm, Cluster, Kubectl};
 use weft_packaging::{chart_dir, plain_manifests, render_into, rendered_files, Rendered};
 use weft_testing::{eventually, require_root, run};
@@ -301,23 +306,35 @@ impl Writer {
     /// Applies a merge patch to `node` (or its status); `Ok(None)` when the
     /// API server allowed it, `Ok(Some(message))` when the policy denied it.
     async fn patch(&self, node: &str, status: bool, patch: Value) -> Result<Option<String>> {
+        self.send(node, status, &Patch::Merge(patch)).await
+    }
+
+    /// Applies `patch`, of any type, as [`Writer::patch`] does.
+    async fn send(&self, node: &str, status: bool, patch: &Patch<Value>) -> Result<Option<String>> {
         let params = PatchParams::default();
         let result = if status {
-            self.nodes
-                .patch_status(node, &params, &Patch::Merge(&patch))
-                .await
+            self.nodes.patch_status(node, &params, patch).await
         } else {
-            self.nodes.patch(node, &params, &Patch::Merge(&patch)).await
+            self.nodes.patch(node, &params, patch).await
         };
-        match result {
-            Ok(_) => Ok(None),
-            Err(kube::Error::Api(status))
-                if status.code == 403 && status.message.contains("weft-node-writers") =>
-            {
-                Ok(Some(status.message))
-            }
-            Err(error) => Err(error).with_context(|| format!("{} patching {node}", self.who)),
-        }
+        policy_denial(result, "weft-node-writers")
+            .with_context(|| format!("{} patching {node}", self.who))
+    }
+
+    /// Sets label `key` on `node`.
+    async fn label(&self, node: &str, key: &str) -> Result<Option<String>> {
+        self.patch(
+            node,
+            false,
+            json!({ "metadata": { "labels": { key: "y" } } }),
+        )
+        .await
+    }
+
+    /// Sets `field` of `node`'s spec.
+    async fn spec(&self, node: &str, field: &str, value: Value) -> Result<Option<String>> {
+        self.patch(node, false, json!({ "spec": { field: value } }))
+            .await
     }
 
     async fn annotate(&self, node: &str, key: &str, value: &str) -> Result<Option<String>> {
@@ -335,6 +352,18 @@ impl Writer {
             (true, Some(denial)) => bail!("{} should be allowed to {what}: {denial}", self.who),
             (false, None) => bail!("{} should not be allowed to {what}", self.who),
         }
+    }
+}
+
+/// `Ok(None)` when the API server allowed a request, `Ok(Some(message))`
+/// when `policy` denied it; any other failure is an error.
+fn policy_denial<T>(result: kube::Result<T>, policy: &str) -> Result<Option<String>> {
+    match result {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains(policy) => {
+            Ok(Some(status.message))
+        }
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -403,12 +432,10 @@ async fn each_component_writes_only_its_own_part_of_a_node() -> Result<()> {
             .service_account_client("kube-system", "weft-agent")
             .await?,
     );
-    let controller = Writer::new(
-        "the controller",
-        cluster
-            .service_account_client("kube-system", "weft-controller")
-            .await?,
-    );
+    let controller_client = cluster
+        .service_account_client("kube-system", "weft-controller")
+        .await?;
+    let controller = Writer::new("the controller", controller_client.clone());
     let kubelet = Writer::new(
         "node-0's kubelet",
         kubelet_client(&cluster, "node-0").await?,
@@ -438,11 +465,24 @@ async fn each_component_writes_only_its_own_part_of_a_node() -> Result<()> {
     )
     .await?;
 
+    // node-0's status as its kubelet reports it; the agent's own condition
+    // patch must leave it as it is.
+    let reported = json!({ "status": {
+        "addresses": [{ "type": "InternalIP", "address": "192.0.2.10" }],
+        "conditions": [{
+            "type": "Ready", "status": "True",
+            "reason": "KubeletReady", "message": "kubelet is posting ready status",
+        }],
+    } });
+    administrator.patch("node-0", true, reported).await?;
+
     let backend = r#"{"vtepMAC":"0a:58:0a:f4:00:01"}"#;
     let unavailable = json!({ "status": { "conditions": [{
         "type": "NetworkUnavailable", "status": "False",
         "reason": "WeftIsUp", "message": "weft-agent is running",
     }] } });
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let taint = |effect: &str| json!([{ "key": "example.com/x", "effect": effect }]);
     let cases: Vec<(&Writer, bool, &str, Option<String>)> = vec![
         (
             &agent,
@@ -472,7 +512,9 @@ async fn each_component_writes_only_its_own_part_of_a_node() -> Result<()> {
             &agent,
             true,
             "set node-0's NetworkUnavailable condition",
-            agent.patch("node-0", true, unavailable.clone()).await?,
+            agent
+                .send("node-0", true, &Patch::Strategic(network_up_patch(&now)))
+                .await?,
         ),
         (
             &agent,
@@ -591,10 +633,168 @@ async fn each_component_writes_only_its_own_part_of_a_node() -> Result<()> {
                 .annotate("node-0", "weft.dev/pod-cidr", "10.244.0.0/24")
                 .await?,
         ),
+        // The agent writes nothing else on its own node.
+        (
+            &agent,
+            false,
+            "label node-0",
+            agent.label("node-0", "example.com/x").await?,
+        ),
+        (
+            &agent,
+            false,
+            "give node-0 a NodeRestriction label",
+            agent
+                .label("node-0", "node-restriction.kubernetes.io/x")
+                .await?,
+        ),
+        (
+            &agent,
+            false,
+            "taint node-0 NoExecute",
+            agent.spec("node-0", "taints", taint("NoExecute")).await?,
+        ),
+        (
+            &agent,
+            false,
+            "cordon node-0",
+            agent.spec("node-0", "unschedulable", json!(true)).await?,
+        ),
+        (
+            &agent,
+            false,
+            "change node-0's addresses",
+            agent
+                .patch(
+                    "node-0",
+                    true,
+                    json!({ "status": { "addresses": [{ "type": "InternalIP", "address": "192.0.2.66" }] } }),
+                )
+                .await?,
+        ),
+        (
+            &agent,
+            false,
+            "set node-0's Ready condition",
+            agent
+                .send(
+                    "node-0",
+                    true,
+                    &Patch::Strategic(json!({ "status": { "conditions": [{
+                        "type": "Ready", "status": "False", "reason": "Weft", "message": "down",
+                    }] } })),
+                )
+                .await?,
+        ),
+        (
+            &agent,
+            false,
+            "annotate node-0 outside Weft's keys",
+            agent.annotate("node-0", "example.com/x", "y").await?,
+        ),
+        (
+            &agent,
+            false,
+            "put a finalizer on node-0",
+            agent
+                .patch(
+                    "node-0",
+                    false,
+                    json!({ "metadata": { "finalizers": ["example.com/x"] } }),
+                )
+                .await?,
+        ),
+        // The controller sets each slice once and nothing else.
+        (
+            &controller,
+            false,
+            "move node-1's slice",
+            controller
+                .annotate("node-1", "weft.dev/pod-cidr", "10.244.2.0/24")
+                .await?,
+        ),
+        (
+            &controller,
+            false,
+            "remove node-1's slice",
+            controller
+                .patch(
+                    "node-1",
+                    false,
+                    json!({ "metadata": { "annotations": { "weft.dev/pod-cidr": null } } }),
+                )
+                .await?,
+        ),
+        (
+            &controller,
+            false,
+            "move node-0's slice, set by an administrator",
+            controller
+                .annotate("node-0", "weft.dev/pod-cidr", "10.244.3.0/24")
+                .await?,
+        ),
+        (
+            &controller,
+            true,
+            "assign node-1's IPv6 slice",
+            controller
+                .annotate("node-1", "weft.dev/pod-cidr-v6", "fd00:10:244:1::/64")
+                .await?,
+        ),
+        (
+            &controller,
+            false,
+            "label node-1",
+            controller.label("node-1", "example.com/x").await?,
+        ),
+        (
+            &controller,
+            false,
+            "taint node-1",
+            controller.spec("node-1", "taints", taint("NoSchedule")).await?,
+        ),
+        (
+            &controller,
+            false,
+            "cordon node-1",
+            controller
+                .spec("node-1", "unschedulable", json!(true))
+                .await?,
+        ),
+        (
+            &controller,
+            false,
+            "annotate node-1 outside Weft's keys",
+            controller.annotate("node-1", "example.com/x", "y").await?,
+        ),
     ];
     for (writer, allowed, what, outcome) in cases {
         writer.expect(allowed, what, outcome).await?;
     }
+    // A slice denial names the node and the way out.
+    let denial = controller
+        .annotate("node-1", "weft.dev/pod-cidr", "10.244.2.0/24")
+        .await?
+        .context("the controller moved node-1's slice")?;
+    ensure!(
+        denial.contains("Node node-1 keeps its slice until it is deleted"),
+        "{denial}"
+    );
+    // The agent's condition joined the kubelet's, which stayed.
+    let mut conditions: Vec<String> = nodes
+        .get_status("node-0")
+        .await?
+        .status
+        .and_then(|status| status.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|condition| format!("{}={}", condition.type_, condition.status))
+        .collect();
+    conditions.sort();
+    ensure!(
+        conditions == ["NetworkUnavailable=False", "Ready=True"],
+        "node-0's conditions: {conditions:?}"
+    );
     // The denial says why, naming the node.
     let denial = agent
         .annotate("node-1", "weft.dev/public-ip", "192.0.2.1")
@@ -622,5 +822,73 @@ async fn each_component_writes_only_its_own_part_of_a_node() -> Result<()> {
         Err(kube::Error::Api(status)) if status.message.contains("spec.podCIDR") => {}
         other => bail!("a kubelet registered a node with its own pod CIDR: {other:?}"),
     }
+
+    // NodeRestriction: node-1's kubelet, which runs an agent of its own,
+    // gets a token for that agent, never one bound to node-0's.
+    let node_1_agent = pod_on(&admin, "weft-agent", "node-1").await?;
+    let kubelet_1: Api<ServiceAccount> =
+        Api::namespaced(kubelet_client(&cluster, "node-1").await?, "kube-system");
+    kubelet_1
+        .create_token_request(
+            "weft-agent",
+            &PostParams::default(),
+            &bound_to(&node_1_agent),
+        )
+        .await
+        .context("node-1's kubelet asking for its own agent's token")?;
+    match kubelet_1
+        .create_token_request("weft-agent", &PostParams::default(), &bound_to(&agent_pod))
+        .await
+    {
+        Err(kube::Error::Api(status))
+            if status.code == 403 && status.message.contains("on a different node") => {}
+        other => bail!("node-1's kubelet got a token bound to node-0's agent: {other:?}"),
+    }
+
+    // The controller's Lease rights reach its own Lease only.
+    let leases: Api<Lease> = Api::namespaced(controller_client, "kube-system");
+    let lease = |name: &str| Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("weft-controller-0".to_owned()),
+            lease_duration_seconds: Some(3600),
+            ..LeaseSpec::default()
+        }),
+    };
+    for (name, allowed) in [("kube-scheduler", false), ("weft-controller", true)] {
+        let outcome = policy_denial(
+            leases.create(&PostParams::default(), &lease(name)).await,
+            "weft-controller-lease",
+        )
+        .with_context(|| format!("the controller creating Lease {name}"))?;
+        controller
+            .expect(
+                allowed,
+                &format!("create Lease kube-system/{name}"),
+                outcome,
+            )
+            .await?;
+    }
     cluster.stop().await
+}
+
+/// A TokenRequest for a token bound to `pod`, as a kubelet makes for the
+/// pod's ServiceAccount token volume.
+fn bound_to(pod: &Pod) -> TokenRequest {
+    TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: Vec::new(),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("Pod".to_owned()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            expiration_seconds: None,
+        },
+        ..TokenRequest::default()
+    }
 }

@@ -113,6 +113,55 @@ fn bad_values_are_refused_naming_the_value() -> Result<()> {
     Ok(())
 }
 
+/// The label (and taint key) of control-plane nodes.
+const CONTROL_PLANE: &str = "node-role.kubernetes.io/control-plane";
+
+/// The controller's pod spec in `rendered`.
+fn controller_pod(rendered: &Rendered) -> Result<PodSpec> {
+    let deployment: Deployment = rendered.object("weft-controller")?;
+    pod_spec(deployment.spec.map(|s| s.template))
+}
+
+#[test]
+fn the_controller_runs_on_control_plane_nodes_unless_told_otherwise() -> Result<()> {
+    let spec = controller_pod(&Rendered::load(&plain_manifests())?)?;
+    let selector = spec.node_selector.clone().unwrap_or_default();
+    ensure!(
+        selector.get(CONTROL_PLANE).map(String::as_str) == Some(""),
+        "the controller does not select {CONTROL_PLANE}: {selector:?}"
+    );
+    ensure!(
+        spec.tolerations.iter().flatten().any(|t| {
+            t.key.as_deref() == Some(CONTROL_PLANE)
+                && t.effect.as_deref() == Some("NoSchedule")
+                && t.operator.as_deref() == Some("Exists")
+        }),
+        "the controller does not tolerate the {CONTROL_PLANE} NoSchedule taint: {:?}",
+        spec.tolerations
+    );
+
+    // controlPlaneOnly=false leaves the rest of the selector as it is.
+    let helm = build_helm()?;
+    let home = tempfile::tempdir()?;
+    let output = weft_testing::run(
+        helm_command(&helm, home.path())
+            .args(["template", "weft"])
+            .arg(chart_dir())
+            .args(["--set", "controller.controlPlaneOnly=false"]),
+    )?;
+    let file = home.path().join("anywhere.yaml");
+    std::fs::write(&file, output)?;
+    let spec = controller_pod(&Rendered::load(&file)?)?;
+    let anywhere = spec.node_selector.unwrap_or_default();
+    let mut expected = selector;
+    expected.remove(CONTROL_PLANE);
+    ensure!(
+        anywhere == expected,
+        "with controller.controlPlaneOnly=false the controller selects {anywhere:?}, not {expected:?}"
+    );
+    Ok(())
+}
+
 /// The config files each render hands the components, as the components
 /// themselves read them.
 struct Configs {

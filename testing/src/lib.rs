@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
+pub mod forge;
 pub mod measure;
 
 /// Whether a test that needs root (network namespaces, netlink in other

@@ -46,6 +46,7 @@ pub struct Flannel {
 
 impl Contender for Flannel {
     const LABEL: &'static str = "flannel";
+    const FEATURES: &'static str = "bridge cni0, no policy engine";
 
     async fn start(
         nodes: usize,

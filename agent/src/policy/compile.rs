@@ -438,6 +438,19 @@ fn compile_direction(
         for ip in &pod.ips {
             plan.isolated.insert(*ip, id);
         }
+        if !pod.withheld.is_empty() {
+            // An address two pods claim stays isolated, with nothing
+            // allowed, if either is isolated: leaving it out of the map
+            // would open it instead.
+            let nothing = (Vec::new(), Vec::new());
+            let deny = *ids
+                .entry(nothing)
+                .or_insert_with_key(|key| allow_set_id(key, policies, &plan.allow_sets));
+            plan.allow_sets.entry(deny).or_default();
+            for ip in &pod.withheld {
+                plan.isolated.insert(*ip, deny);
+            }
+        }
     }
     plan
 }

@@ -1,9 +1,12 @@
-//! The policy loop: once Pods, Namespaces and NetworkPolicies are listed,
-//! compile what this node enforces and apply it on every change that
-//! matters, write the table whole on each resync, and retry a failed apply
-//! with backoff. It runs beside the overlay's reconcile and shares nothing
-//! with it but the metrics: a policy that cannot be enforced never holds
-//! up routes, and routes never wait for policy.
+//! The policy loop: once Pods, Namespaces, NetworkPolicies and Nodes are
+//! listed, screen the pods' addresses against their nodes' slices, compile
+//! what this node enforces and apply it on every change that matters, write
+//! the table whole on each resync, and retry a failed apply with backoff.
+//! Between changes the table watch ([`crate::nft_watch`]) restores the table
+//! if anyone else changes it. The loop runs beside the overlay's reconcile
+//! and shares nothing with it but the node cache (read only) and the
+//! metrics: a policy that cannot be enforced never holds up routes, and
+//! routes never wait for policy.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -12,22 +15,22 @@ use kube::Client;
 use tokio::sync::watch;
 use tokio::task::JoinError;
 use weft_core::nft::NftError;
+use weft_core::DEFAULT_BRIDGE;
 
 use super::compile::{compile, Direction};
-use super::model::PolicyError;
-use super::nft::PolicyDataplane;
+use super::model::{screen_pod_addresses, AddressRejection, PolicyError, RejectedAddress};
+use super::nft::{PolicyDataplane, TABLE};
 use super::watch::{watch_policy_inputs, PolicyCache};
+use crate::cache::NodeCache;
 use crate::metrics::AgentMetrics;
+use crate::nft_watch::TableRegistry;
 use crate::retry::{RETRY_CAP, RETRY_START};
 
 /// The br_netfilter switches that pass bridged IPv4 and IPv6 packets
-/// through the IP hooks (per network namespace, on by default in a new
-/// one; kube-proxy needs them too). The policy table is `inet`, on the
-/// forward hook: through these switches traffic the bridge passes straight
-/// between two pods of this node reaches it as routed traffic does. The
-/// `bridge` family would see that traffic without them, but it has no
-/// connection tracking where the kernel lacks `nf_conntrack_bridge`, and
-/// replies need it.
+/// through the IP hooks. Pods are routed (no bridge), so their traffic
+/// meets the forward hook anyway; only pods still attached to the legacy
+/// bridge of an upgraded node ([`DEFAULT_BRIDGE`]) need these, until they
+/// are re-created.
 const BRIDGE_NETFILTER: [&str; 2] = [
     "/proc/sys/net/bridge/bridge-nf-call-iptables",
     "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
@@ -35,22 +38,28 @@ const BRIDGE_NETFILTER: [&str; 2] = [
 
 /// A br_netfilter switch that is off and could not be turned on.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {source} (load br_netfilter with `modprobe br_netfilter` and set it to 1; without it traffic between pods of one node bypasses NetworkPolicy)")]
+#[error("{path}: {source} (load br_netfilter with `modprobe br_netfilter` and set it to 1, or re-create the pods still on the legacy bridge {DEFAULT_BRIDGE}; until then traffic between those pods bypasses NetworkPolicy)")]
 pub struct BridgeNetfilterError {
     path: &'static str,
     source: std::io::Error,
 }
 
-/// Turns br_netfilter's switches on where they are off, so that traffic
-/// between two pods of one node meets the policy table.
-pub fn ensure_bridge_netfilter() -> Result<(), BridgeNetfilterError> {
+/// Turns br_netfilter's switches on while the legacy pod bridge exists in
+/// this thread's namespace, so traffic between two pods still on it meets
+/// the policy table; does nothing on a node without it.
+pub fn ensure_legacy_bridge_netfilter() -> Result<(), BridgeNetfilterError> {
+    // /proc/sys/net shows the namespace of whoever opens it.
+    let legacy_bridge = format!("/proc/sys/net/ipv4/conf/{DEFAULT_BRIDGE}");
+    if !std::path::Path::new(&legacy_bridge).exists() {
+        return Ok(());
+    }
     for path in BRIDGE_NETFILTER {
         let fail = |source| BridgeNetfilterError { path, source };
         if std::fs::read_to_string(path).map_err(fail)?.trim() != "1" {
             std::fs::write(path, "1").map_err(fail)?;
             tracing::info!(
                 path,
-                "turned on br_netfilter so bridged pod traffic meets network policy"
+                "turned on br_netfilter so pods on the legacy bridge meet network policy"
             );
         }
     }
@@ -72,21 +81,36 @@ enum SyncError {
     Task(#[from] JoinError),
 }
 
+/// What a pass logged last, so that a standing problem is logged once.
+#[derive(Debug, Default)]
+struct Logged {
+    refusals: Vec<PolicyError>,
+    rejected_addresses: Vec<RejectedAddress>,
+}
+
 /// Enforces NetworkPolicy for the pods on `node_name` until `stop` turns
-/// true. Failures are logged, counted and retried; the table stays as the
+/// true, checking pod addresses against the slices in `nodes` and, when
+/// `tables` is given, having the table restored after changes made by
+/// others. Failures are logged, counted and retried; the table stays as the
 /// last successful apply left them meanwhile.
-pub async fn enforce(
+pub(crate) async fn enforce(
     client: Client,
     node_name: String,
+    nodes: Arc<NodeCache>,
+    tables: Option<TableRegistry>,
     metrics: AgentMetrics,
     resync: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let (cache, watches) = watch_policy_inputs(client, metrics.clone());
     let dataplane = Arc::new(Mutex::new(PolicyDataplane::default()));
+    let _restores = tables.map(|tables| {
+        let dataplane = dataplane.clone();
+        tables.register(TABLE, move || lock(&dataplane).restore_if_changed())
+    });
     let mut next_resync = Instant::now() + resync;
     let mut retry = None;
-    let mut logged_refusals: Vec<PolicyError> = Vec::new();
+    let mut logged = Logged::default();
     let mut count_denied = tokio::time::interval(DENIED_READ_EVERY);
     count_denied.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut read_counters = false;
@@ -94,6 +118,7 @@ pub async fn enforce(
         let wait = retry.unwrap_or_else(|| next_resync.saturating_duration_since(Instant::now()));
         tokio::select! {
             _ = cache.changed() => {}
+            _ = nodes.changed_for_policy() => {}
             _ = tokio::time::sleep(wait) => {
                 if retry.is_none() {
                     next_resync = Instant::now() + resync;
@@ -109,10 +134,11 @@ pub async fn enforce(
         }
         match sync(
             &cache,
+            &nodes,
             &node_name,
             &metrics,
             &dataplane,
-            &mut logged_refusals,
+            &mut logged,
         )
         .await
         {
@@ -149,33 +175,53 @@ async fn read_denied(dataplane: &Arc<Mutex<PolicyDataplane>>, metrics: &AgentMet
     }
 }
 
-/// One pass: compile from the cache and apply.
+/// One pass: screen and compile from the caches, and apply.
 async fn sync(
     cache: &PolicyCache,
+    nodes: &NodeCache,
     node_name: &str,
     metrics: &AgentMetrics,
     dataplane: &Arc<Mutex<PolicyDataplane>>,
-    logged_refusals: &mut Vec<PolicyError>,
+    logged: &mut Logged,
 ) -> Result<(), SyncError> {
-    let Some(inputs) = cache.snapshot() else {
+    let (Some(inputs), Some(slices)) = (cache.snapshot(), nodes.pod_slices()) else {
         return Ok(());
     };
-    if inputs.refused != *logged_refusals {
+    if inputs.refused != logged.refusals {
         for refused in &inputs.refused {
             tracing::warn!(policy = %format!("{}/{}", refused.namespace, refused.name), field = %refused.field, "NetworkPolicy not enforced: {refused}");
         }
-        *logged_refusals = inputs.refused.clone();
+        logged.refusals = inputs.refused.clone();
     }
     let started = Instant::now();
+    let screened = screen_pod_addresses(inputs.pods, &slices);
+    metrics.record_policy_rejected_pod_ips(
+        AddressRejection::LABELS,
+        screened.rejected.iter().map(|r| r.reason.label()),
+    );
+    // Each rejection is logged when it starts and when it ends (both lists
+    // are sorted).
+    let before = std::mem::take(&mut logged.rejected_addresses);
+    for rejected in &screened.rejected {
+        if before.binary_search(rejected).is_err() {
+            tracing::warn!(pod = %format!("{}/{}", rejected.namespace, rejected.name), ip = %rejected.ip, reason = rejected.reason.label(), "pod address selects nothing in network policy: {rejected}");
+        }
+    }
+    for resolved in &before {
+        if screened.rejected.binary_search(resolved).is_err() {
+            tracing::info!(pod = %format!("{}/{}", resolved.namespace, resolved.name), ip = %resolved.ip, reason = resolved.reason.label(), "pod address no longer rejected by network policy");
+        }
+    }
+    logged.rejected_addresses = screened.rejected;
     let plan = compile(
         node_name,
-        &inputs.pods,
+        &screened.pods,
         &inputs.namespaces,
         &inputs.policies,
     );
     let (dataplane, recorded, refused) = (dataplane.clone(), metrics.clone(), inputs.refused.len());
     let applied = tokio::task::spawn_blocking(move || {
-        ensure_bridge_netfilter()?;
+        ensure_legacy_bridge_netfilter()?;
         let mut dataplane = lock(&dataplane);
         let applied = dataplane.apply(plan)?;
         // The metrics say what the kernel enforces, not what is on its way.

@@ -2,6 +2,8 @@
 //!
 //! - [`watch`] keeps compact records of Pods, Namespaces and NetworkPolicies
 //!   ([`model`]; label selectors in [`selector`]).
+//! - [`model::screen_pod_addresses`] keeps only the pod addresses that lie
+//!   in the slices of the pod's node and no other pod claims.
 //! - [`compile`] turns them into this node's plan: per isolated pod and
 //!   direction, an allow set of non-overlapping (peer range, protocol, port
 //!   range) entries.
@@ -10,6 +12,8 @@
 //! - [`enforce`] is the task that runs them: it compiles on every change,
 //!   applies with its own backoff (a policy failure never holds up routes)
 //!   and records the policy metrics.
+//! - The table watch ([`crate::nft_watch`]) has [`nft`] restore the table
+//!   moments after anyone else changes or deletes it.
 
 pub mod compile;
 pub mod enforce;

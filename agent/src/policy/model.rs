@@ -5,7 +5,12 @@
 //! NetworkPolicy the API server would not have accepted (a bad selector
 //! operator, an unparsable `ipBlock`, `endPort` below `port`) is refused
 //! as a whole with an error naming the field, rather than half-applied.
+//! Pod addresses are screened like a peer's data ([`screen_pod_addresses`]):
+//! the kubelet of any node may write the status of the pods bound to it, so
+//! a Pod may claim an address that is not its own.
 
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -42,6 +47,11 @@ pub struct PodRecord {
     pub labels: Labels,
     /// Its addresses (one per family).
     pub ips: Vec<IpAddr>,
+    /// Addresses it claims that another pod claims too, set aside by
+    /// [`screen_pod_addresses`]: they select nothing as peers, and a pod
+    /// of this node that a policy isolates keeps them isolated with
+    /// nothing allowed, rather than open.
+    pub withheld: Vec<IpAddr>,
     /// The node it is bound to.
     pub node: String,
     /// Its containers' named ports.
@@ -95,6 +105,7 @@ impl PodRecord {
             name: pod.metadata.name.clone()?,
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             ips,
+            withheld: Vec::new(),
             node: spec.node_name.clone()?,
             named_ports,
         })
@@ -107,6 +118,128 @@ impl PodRecord {
             .find(|p| p.name == name && p.protocol == protocol)
             .map(|p| p.port)
     }
+}
+
+/// Every node's pod slices by node name (`weft.dev/pod-cidr` and
+/// `weft.dev/pod-cidr-v6`, which only the controller writes).
+pub type NodeSlices = BTreeMap<String, Vec<IpNet>>;
+
+/// Why an address a Pod's status claims selects nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AddressRejection {
+    /// It lies outside every slice of the pod's node: it is another
+    /// node's to give, whatever this Pod's node writes in its status.
+    OutsideNodeSlices,
+    /// The pod's node has no slice known (not assigned yet, or the node's
+    /// agent has not published it yet), so nothing vouches for it.
+    NodeWithoutSlices,
+    /// Another pod claims it too: it cannot stand for either of them.
+    Duplicate,
+}
+
+impl AddressRejection {
+    /// Every metric label, so a resolved rejection shows as 0.
+    pub const LABELS: &'static [&'static str] =
+        &["outside_node_slices", "node_without_slices", "duplicate"];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AddressRejection::OutsideNodeSlices => "outside_node_slices",
+            AddressRejection::NodeWithoutSlices => "node_without_slices",
+            AddressRejection::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// A pod address that selects nothing, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RejectedAddress {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// The address its status claims.
+    pub ip: IpAddr,
+    /// Why it selects nothing.
+    pub reason: AddressRejection,
+    /// The pod's node.
+    pub node: String,
+}
+
+impl fmt::Display for RejectedAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (namespace, name, ip, node) = (&self.namespace, &self.name, self.ip, &self.node);
+        write!(f, "pod {namespace}/{name} claims {ip} in status.podIPs, ")?;
+        match self.reason {
+            AddressRejection::OutsideNodeSlices => write!(f, "outside the pod slices of its node {node}; it selects nothing (the kubelet of {node} or the pod's status is wrong)"),
+            AddressRejection::NodeWithoutSlices => write!(f, "but its node {node} has no pod slice known yet; it selects nothing until the node's slice is published"),
+            AddressRejection::Duplicate => write!(f, "which another pod claims too; it selects nothing for either until one of them lets it go"),
+        }
+    }
+}
+
+/// Pods with only the addresses policy trusts, and the addresses set aside.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScreenedPods {
+    /// The pods; each keeps the addresses that lie in its node's slices
+    /// and no other pod claims.
+    pub pods: Vec<PodRecord>,
+    /// Every address set aside, in order of namespace, name and address.
+    pub rejected: Vec<RejectedAddress>,
+}
+
+/// Screens the addresses `pods` claim against their nodes' `slices`.
+///
+/// An address outside every slice of the pod's node is dropped: its node
+/// cannot have given it, and letting it select traffic would let any node
+/// speak for another node's pods. Then an address that two or more pods
+/// still claim is withheld from all of them (see [`PodRecord::withheld`]):
+/// which claimant is right cannot be told from the API, and neither may
+/// select traffic on behalf of the other. Slices come first, so a pod lying
+/// about an address in another node's slice cannot make the pod that holds
+/// it lose it.
+pub fn screen_pod_addresses(mut pods: Vec<PodRecord>, slices: &NodeSlices) -> ScreenedPods {
+    let mut rejected = Vec::new();
+    let mut reject = |pod: &PodRecord, ip: IpAddr, reason| {
+        rejected.push(RejectedAddress {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            ip,
+            reason,
+            node: pod.node.clone(),
+        })
+    };
+    for pod in &mut pods {
+        let node_slices = slices.get(&pod.node).map_or(&[][..], Vec::as_slice);
+        let mut claimed = std::mem::take(&mut pod.ips);
+        claimed.sort_unstable();
+        claimed.dedup();
+        for ip in claimed {
+            if node_slices.iter().any(|slice| slice.contains(&ip)) {
+                pod.ips.push(ip);
+            } else if node_slices.is_empty() {
+                reject(pod, ip, AddressRejection::NodeWithoutSlices);
+            } else {
+                reject(pod, ip, AddressRejection::OutsideNodeSlices);
+            }
+        }
+    }
+    let mut claims: HashMap<IpAddr, usize> = HashMap::new();
+    for ip in pods.iter().flat_map(|pod| &pod.ips) {
+        *claims.entry(*ip).or_default() += 1;
+    }
+    for pod in &mut pods {
+        let (unique, shared): (Vec<IpAddr>, Vec<IpAddr>) =
+            pod.ips.iter().partition(|ip| claims[*ip] == 1);
+        pod.ips = unique;
+        pod.withheld = shared;
+        for &ip in &pod.withheld {
+            reject(pod, ip, AddressRejection::Duplicate);
+        }
+    }
+    rejected.sort();
+    ScreenedPods { pods, rejected }
 }
 
 /// A namespace as policy sees it: its labels.
@@ -570,6 +703,118 @@ mod tests {
         assert!(pod(serde_json::json!({"status": {"phase": "Succeeded"}})).is_none());
         assert!(pod(serde_json::json!({"status": {"podIP": null, "podIPs": null}})).is_none());
         assert!(pod(serde_json::json!({"spec": {"nodeName": null}})).is_none());
+    }
+
+    fn record(name: &str, node: &str, ips: &[&str]) -> PodRecord {
+        PodRecord {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: Labels::new(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            withheld: Vec::new(),
+            node: node.into(),
+            named_ports: Vec::new(),
+        }
+    }
+
+    fn slices() -> NodeSlices {
+        let slice = |text: &str| text.parse::<IpNet>().unwrap();
+        NodeSlices::from([
+            (
+                "node-0".into(),
+                vec![slice("10.244.0.0/24"), slice("fd00:10:244::/64")],
+            ),
+            ("node-1".into(), vec![slice("10.244.1.0/24")]),
+            ("node-2".into(), vec![]),
+        ])
+    }
+
+    fn rejections(screened: &ScreenedPods) -> Vec<(String, String, &'static str)> {
+        screened
+            .rejected
+            .iter()
+            .map(|r| (r.name.clone(), r.ip.to_string(), r.reason.label()))
+            .collect()
+    }
+
+    #[test]
+    fn addresses_outside_the_pods_node_slices_select_nothing() {
+        let screened = screen_pod_addresses(
+            vec![
+                record("honest", "node-0", &["10.244.0.4", "fd00:10:244::4"]),
+                // node-1's kubelet claims node-0's address for its pod.
+                record("liar", "node-1", &["10.244.0.4", "10.244.1.7"]),
+                record("unknown", "node-9", &["10.244.9.2"]),
+                record("unassigned", "node-2", &["10.244.2.2"]),
+            ],
+            &slices(),
+        );
+        let ips: Vec<Vec<String>> = screened
+            .pods
+            .iter()
+            .map(|pod| pod.ips.iter().map(ToString::to_string).collect())
+            .collect();
+        // The pod that holds the address keeps it: the lie is dropped
+        // before duplicates are counted.
+        assert_eq!(
+            ips,
+            [
+                vec!["10.244.0.4", "fd00:10:244::4"],
+                vec!["10.244.1.7"],
+                vec![],
+                vec![]
+            ]
+        );
+        assert!(screened.pods.iter().all(|pod| pod.withheld.is_empty()));
+        assert_eq!(
+            rejections(&screened),
+            [
+                ("liar".into(), "10.244.0.4".into(), "outside_node_slices"),
+                (
+                    "unassigned".into(),
+                    "10.244.2.2".into(),
+                    "node_without_slices"
+                ),
+                ("unknown".into(), "10.244.9.2".into(), "node_without_slices"),
+            ]
+        );
+        let message = screened.rejected[0].to_string();
+        assert!(
+            message.contains("x/liar")
+                && message.contains("10.244.0.4")
+                && message.contains("node-1"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_address_two_pods_claim_is_withheld_from_both() {
+        let pods = vec![
+            record("b", "node-0", &["10.244.0.3", "fd00:10:244::3"]),
+            record("a", "node-0", &["10.244.0.3"]),
+            record("c", "node-0", &["10.244.0.5", "10.244.0.5"]),
+        ];
+        let screened = screen_pod_addresses(pods.clone(), &slices());
+        assert_eq!(screened.pods[0].ips, [pods[0].ips[1]]);
+        assert_eq!(screened.pods[0].withheld, [pods[0].ips[0]]);
+        assert!(screened.pods[1].ips.is_empty());
+        assert_eq!(screened.pods[1].withheld, [pods[0].ips[0]]);
+        // A pod naming its own address twice is not a duplicate.
+        assert_eq!(screened.pods[2].ips, [pods[2].ips[0]]);
+        assert_eq!(
+            rejections(&screened),
+            [
+                ("a".into(), "10.244.0.3".into(), "duplicate"),
+                ("b".into(), "10.244.0.3".into(), "duplicate"),
+            ]
+        );
+        // Screening the same pods in another order decides the same.
+        let mut reversed = pods;
+        reversed.reverse();
+        assert_eq!(
+            screen_pod_addresses(reversed, &slices()).rejected,
+            screened.rejected
+        );
     }
 
     /// Merges `patch` into `value` (objects key by key, anything else

@@ -20,6 +20,11 @@
 //! A whole write restarts the named drop counters at zero, so the packets
 //! they counted are tallied just before (see `DeniedTally`) and the agent's
 //! count of denied packets only ever goes up.
+//!
+//! After each write the table's fingerprint ([`crate::nft_watch::fingerprint`])
+//! is kept, so that [`PolicyDataplane::restore_if_changed`], called by the
+//! table watch on any change to the table, can tell the agent's own writes
+//! from anyone else's and write the table whole again only after the latter.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -30,6 +35,7 @@ use weft_core::netlink::Removal;
 use weft_core::nft::{self, NftError};
 
 use super::compile::{AddressRange, Allow, AllowSetId, Direction, PolicyPlan};
+use crate::nft_watch::{fingerprint, TableCheck};
 
 /// Family and name of Weft's policy table.
 pub const TABLE: &str = "inet weft-policy";
@@ -291,6 +297,11 @@ impl DeniedTally {
 #[derive(Debug, Default)]
 pub struct PolicyDataplane {
     applied: Option<PolicyPlan>,
+    /// The next apply writes the table whole.
+    rewrite: bool,
+    /// The table's fingerprint right after the last write; `None` when it
+    /// could not be read.
+    fingerprint: Option<u64>,
     denied: DeniedTally,
 }
 
@@ -298,14 +309,18 @@ impl PolicyDataplane {
     /// Makes the table enforce `plan`: in place when the last apply
     /// succeeded, whole otherwise. Every table changes in one transaction.
     pub fn apply(&mut self, plan: PolicyPlan) -> Result<Applied, NftError> {
+        let rewrite = std::mem::take(&mut self.rewrite);
         let applied = match self.applied.take() {
-            Some(old) => {
+            Some(old) if !rewrite => {
                 let script = update_script(&old, &plan);
                 if script.is_empty() {
                     Applied::Unchanged
                 } else {
                     match nft::apply(&script, "update the network policy table") {
-                        Ok(()) => Applied::Updated,
+                        Ok(()) => {
+                            self.remember();
+                            Applied::Updated
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "updating the network policy table in place failed; writing it whole");
                             self.replace(&plan)?
@@ -313,10 +328,38 @@ impl PolicyDataplane {
                     }
                 }
             }
-            None => self.replace(&plan)?,
+            _ => self.replace(&plan)?,
         };
         self.applied = Some(plan);
         Ok(applied)
+    }
+
+    /// Writes the table whole again if it is no longer what the last write
+    /// left (deleted, or changed by anyone but this data plane); nothing
+    /// before the first successful apply. For [`crate::nft_watch`]: the
+    /// agent's own writes leave the fingerprint they are compared with, so
+    /// they never cause a restore.
+    pub fn restore_if_changed(&mut self) -> Result<TableCheck, NftError> {
+        let Some(plan) = self.applied.take() else {
+            return Ok(TableCheck::Intact);
+        };
+        let checked = match (fingerprint(TABLE)?, self.fingerprint) {
+            (Some(now), Some(then)) if now == then => Ok(TableCheck::Intact),
+            _ => self.replace(&plan).map(|_| TableCheck::Restored),
+        };
+        // A failed restore leaves the table unknown: the next apply writes
+        // it whole.
+        self.rewrite |= checked.is_err();
+        self.applied = Some(plan);
+        checked
+    }
+
+    /// Keeps the fingerprint of the table as this data plane just wrote it.
+    fn remember(&mut self) {
+        self.fingerprint = fingerprint(TABLE).unwrap_or_else(|error| {
+            tracing::debug!(%error, "could not read back the network policy table; the table watch will write it whole at its next change");
+            None
+        });
     }
 
     fn replace(&mut self, plan: &PolicyPlan) -> Result<Applied, NftError> {
@@ -331,12 +374,13 @@ impl PolicyDataplane {
         let script = replace_script(plan);
         nft::apply(&script, "write the network policy table")?;
         self.denied.rewritten();
+        self.remember();
         Ok(Applied::Replaced)
     }
 
     /// Has the next apply write the table whole, repairing any drift.
     pub fn resync(&mut self) {
-        self.applied = None;
+        self.rewrite = true;
     }
 
     /// The plan the table holds since the last successful apply.

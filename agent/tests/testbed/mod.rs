@@ -51,11 +51,12 @@ pub fn workspace_binary(package: &str, name: &str) -> Result<PathBuf> {
     Ok(profile_dir.join(name))
 }
 
-/// Weft's routes on a node, as `destination -> "via <gw> dev <dev>"`.
+/// Weft's routes to peers on a node, as `destination -> "via <gw> dev <dev>"`
+/// (the unreachable routes for the node's own slices left out).
 pub fn weft_routes(node: &ClusterNode) -> Result<BTreeMap<String, String>> {
     let text = run(node
         .command("ip")
-        .args(["-j", "route", "show", "proto", "87"]))?;
+        .args(["-j", "route", "show", "proto", "87", "type", "unicast"]))?;
     let routes: Vec<Value> = if text.trim().is_empty() {
         Vec::new()
     } else {

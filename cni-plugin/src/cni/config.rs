@@ -5,19 +5,21 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
-use super::env::check_ifname;
 use super::{Attachment, CniError, CniResult, CniVersion, Dns, ErrorCode};
 use weft_core::fields::{check_mtu, check_prefix};
 use weft_core::fields::{FieldError, FieldReader};
 use weft_core::nodefile::DEFAULT_NODE_FILE;
-use weft_core::DEFAULT_BRIDGE;
 
 /// Parent of the per-network IPAM stores when the config names none.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 
 /// One plugin's network configuration (spec section 1 plus Weft's fields).
 /// Keys Weft does not know are ignored: a conflist carries settings for
-/// other plugins, and runtimes add their own.
+/// other plugins, and runtimes add their own. Among them are `bridge` and
+/// `hairpinMode`, which configs written for the bridge design may carry:
+/// pods hang off routed veths with no bridge, and a pod reaches itself
+/// through a Service like any other destination, so neither means
+/// anything.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetConf {
     /// `cniVersion`: also the version the result is rendered in.
@@ -26,8 +28,6 @@ pub struct NetConf {
     pub name: String,
     /// `type`: the plugin binary's name.
     pub plugin_type: String,
-    /// `bridge` (default `weft0`).
-    pub bridge: String,
     /// `mtu`: overrides the node file's MTU when set.
     pub mtu: Option<u32>,
     /// `subnet`: overrides the node's pod slices. Accepts one CIDR string or a
@@ -36,12 +36,11 @@ pub struct NetConf {
     pub subnets: Vec<IpNet>,
     /// `dataDir` (default `/var/lib/cni/networks`).
     pub data_dir: PathBuf,
-    /// `hairpinMode` (default true): let a pod reach itself via a service IP.
-    pub hairpin_mode: bool,
     /// `nodeFile` (default `/run/weft/node.json`).
     pub node_file: PathBuf,
     /// `isDefaultGateway` (default true): the pod's default route points at
-    /// the bridge; when false only the cluster CIDRs are routed there.
+    /// its gateway on the node; when false only the cluster CIDRs are routed
+    /// there.
     pub is_default_gateway: bool,
     /// `dns`: copied into the ADD result.
     pub dns: Dns,
@@ -106,11 +105,6 @@ impl NetConf {
                 "is empty: set it to \"weft\"",
             )));
         }
-        let bridge = conf
-            .take::<String>("bridge")
-            .map_err(invalid)?
-            .unwrap_or_else(|| DEFAULT_BRIDGE.to_owned());
-        check_ifname(&bridge).map_err(|p| invalid(FieldError::new("bridge", p)))?;
         let mtu = conf.take::<u32>("mtu").map_err(invalid)?;
         if let Some(mtu) = mtu {
             check_mtu(mtu).map_err(|p| invalid(FieldError::new("mtu", p)))?;
@@ -118,7 +112,6 @@ impl NetConf {
         let subnets = take_subnets(&mut conf).map_err(invalid)?;
         let data_dir = take_abs_path(&mut conf, "dataDir", DEFAULT_DATA_DIR).map_err(invalid)?;
         let node_file = take_abs_path(&mut conf, "nodeFile", DEFAULT_NODE_FILE).map_err(invalid)?;
-        let hairpin_mode = conf.take("hairpinMode").map_err(invalid)?.unwrap_or(true);
         let is_default_gateway = conf
             .take("isDefaultGateway")
             .map_err(invalid)?
@@ -145,11 +138,9 @@ impl NetConf {
             cni_version,
             name,
             plugin_type,
-            bridge,
             mtu,
             subnets,
             data_dir,
-            hairpin_mode,
             node_file,
             is_default_gateway,
             dns,
@@ -306,12 +297,10 @@ mod tests {
         assert_eq!(conf.cni_version, CniVersion::V1_1_0);
         assert_eq!(conf.name, "weft");
         assert_eq!(conf.plugin_type, "weft");
-        assert_eq!(conf.bridge, "weft0");
         assert_eq!(conf.mtu, None);
         assert!(conf.subnets.is_empty());
         assert_eq!(conf.data_dir, PathBuf::from("/var/lib/cni/networks"));
         assert_eq!(conf.node_file, PathBuf::from("/run/weft/node.json"));
-        assert!(conf.hairpin_mode);
         assert!(conf.is_default_gateway);
         assert!(conf.dns.is_empty());
         assert_eq!(conf.prev_result, None);
@@ -325,7 +314,6 @@ mod tests {
     fn full_config_reads_every_field_and_ignores_unknown_keys() {
         let conf = NetConf::parse(FULL).unwrap();
         assert_eq!(conf.cni_version, CniVersion::V0_4_0);
-        assert_eq!(conf.bridge, "weftbr1");
         assert_eq!(conf.mtu, Some(1400));
         assert_eq!(
             conf.subnets,
@@ -336,7 +324,6 @@ mod tests {
         );
         assert_eq!(conf.data_dir, PathBuf::from("/tmp/weft-ipam"));
         assert_eq!(conf.node_file, PathBuf::from("/tmp/weft/node.json"));
-        assert!(!conf.hairpin_mode);
         assert!(!conf.is_default_gateway);
         assert_eq!(conf.dns.nameservers, vec!["10.96.0.10"]);
         assert_eq!(conf.dns.search, vec!["svc.cluster.local"]);
@@ -345,6 +332,16 @@ mod tests {
         let prev = conf.prev_result.unwrap();
         assert_eq!(prev.interfaces[0].name, "lo");
         assert_eq!(prev.ips[0].address, "127.0.0.1/8".parse::<IpNet>().unwrap());
+    }
+
+    #[test]
+    fn bridge_design_keys_are_ignored_whatever_their_value() {
+        // Nothing reads them, so not even a malformed value is refused.
+        let conf = NetConf::parse(&with(
+            serde_json::json!({"bridge": "br:0", "hairpinMode": "yes"}),
+        ))
+        .unwrap();
+        assert_eq!(conf.name, "weft");
     }
 
     #[test]
@@ -415,14 +412,8 @@ mod tests {
             (serde_json::json!({"mtu": 0}), "mtu"),
             (serde_json::json!({"mtu": 70000}), "mtu"),
             (serde_json::json!({"mtu": "1500"}), "mtu"),
-            (
-                serde_json::json!({"bridge": "a-bridge-name-too-long"}),
-                "bridge",
-            ),
-            (serde_json::json!({"bridge": "br:0"}), "bridge"),
             (serde_json::json!({"dataDir": "relative/dir"}), "dataDir"),
             (serde_json::json!({"nodeFile": "node.json"}), "nodeFile"),
-            (serde_json::json!({"hairpinMode": "yes"}), "hairpinMode"),
             (
                 serde_json::json!({"isDefaultGateway": 1}),
                 "isDefaultGateway",

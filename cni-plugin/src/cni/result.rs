@@ -64,7 +64,7 @@ impl FromStr for MacAddress {
 /// An interface the plugin created or moved into the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
-    /// Interface name (host side: the bridge or veth; sandbox side: CNI_IFNAME).
+    /// Interface name (host side: the veth; sandbox side: CNI_IFNAME).
     pub name: String,
     /// Hardware address.
     pub mac: Option<MacAddress>,
@@ -77,7 +77,7 @@ pub struct Interface {
 /// One address given to an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpConfig {
-    /// The address with its prefix length, e.g. `10.244.1.5/24`.
+    /// The address with its prefix length, e.g. `10.244.1.5/32`.
     pub address: IpNet,
     /// The next hop for the pod's routes in this family.
     pub gateway: Option<IpAddr>,

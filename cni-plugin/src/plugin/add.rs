@@ -1,37 +1,44 @@
-//! ADD: allocate the pod's addresses, wire a veth pair from the node bridge
-//! into the pod, and report what was made.
+//! ADD: allocate the pod's addresses, wire a routed veth pair into the pod,
+//! and report what was made.
 //!
-//! Every input is validated, and the pod's namespace checked, before the
-//! first change. Once IPAM has handed out addresses, any failure rolls the
-//! attachment back (host veth deleted, addresses released) so a failed ADD
-//! leaves nothing behind; the bridge and its gateway addresses are shared by
-//! every pod and stay.
+//! The pod shares no link with anyone: its addresses are alone on its
+//! interface (/32, /128), it sends everything to a link-local gateway that
+//! a permanent neighbour entry resolves to its host veth, and the node
+//! routes each pod address to its host veth, resolved by a permanent
+//! neighbour entry too. Neither side ever asks ARP or ND, so nothing a pod
+//! sends can change where traffic goes.
+//!
+//! Every input is validated, the node file's slices screened and the pod's
+//! namespace checked before the first change. Once IPAM has handed out
+//! addresses, any failure rolls the attachment back (host veth deleted,
+//! which takes its routes and neighbours along, and addresses released) so
+//! a failed ADD leaves nothing behind.
 
 use std::net::IpAddr;
 
 use futures::future::try_join_all;
 use ipnet::IpNet;
 
-use super::gateways::set_bridge_gateways;
 use super::host_veth::HostVeth;
-use super::hostport;
-use super::Network;
-use super::{ipam_error, kernel_error, load_node, node_netlink, open_netns, CODE_KERNEL};
+use super::network::pod_address;
+use super::{hostport, node_slices, Network};
+use super::{
+    ipam_error, kernel_error, load_node, node_netlink, open_netns, CODE_KERNEL, LOOPBACK_INDEX,
+};
 use crate::cni::{
     Attachment, CniError, CniResult, ErrorCode, Interface, Invocation, IpConfig, MacAddress,
     NetConf, PortMapping,
 };
 use crate::ipam::Store;
 use weft_core::ip::{self, IpFamily};
-use weft_core::netlink::{Link, Netlink, Outcome, Route, VethPair};
+use weft_core::netlink::{
+    Link, Netlink, NetlinkError, Outcome, PermanentNeighbour, Route, RouteScope, VethPair,
+};
 use weft_core::netns::Netns;
 
-/// The loopback device is always interface 1 in a network namespace (the
-/// kernel registers it first, as LOOPBACK_IFINDEX).
-const LOOPBACK_INDEX: u32 = 1;
 /// Position of the pod interface in the result's `interfaces` (after the
-/// bridge and the host veth).
-const POD_INTERFACE: usize = 2;
+/// host veth).
+const POD_INTERFACE: usize = 1;
 
 /// Runs ADD and returns this plugin's result, chained after `prevResult`
 /// when the config carries one.
@@ -41,19 +48,29 @@ pub(super) async fn add(invocation: &Invocation, conf: &NetConf) -> Result<CniRe
         .as_ref()
         .expect("Invocation::from_env requires an attachment for ADD");
     let node = load_node(conf)?;
+    node_slices::check_usable(&node, &conf.node_file)?;
     let network = Network::resolve(conf, &node)?;
     let pod_mac = requested_mac(conf)?;
     let port_mappings = PortMapping::from_runtime_config(&conf.runtime_config)?;
     // The pod gets one address per family of the network: check now, before
-    // any change, that each hostIP is of one of them.
-    let gateways: Vec<IpAddr> = network.families.iter().map(|f| f.gateway).collect();
-    hostport::entries(&port_mappings, &gateways)?;
+    // any change, that each hostIP is of one of them (each family's gateway
+    // stands in for the pod's address).
+    let one_per_family: Vec<IpAddr> = network.families.iter().map(|f| f.gateway()).collect();
+    hostport::entries(&port_mappings, &one_per_family)?;
     let host_veth = HostVeth::of(&network.name, attachment);
     host_veth.check_alias_fits()?;
     let netns = open_netns(invocation)?;
     let node_nl = node_netlink()?;
     let pod_nl = Netlink::in_netns(&netns).map_err(kernel_error)?;
-    check_ifname_free(&node_nl, &pod_nl, &host_veth, attachment, &netns).await?;
+    // Both only read, one socket each: their requests travel together.
+    futures::try_join!(
+        async {
+            node_slices::check_underlay(&node_nl, &node, &conf.node_file)
+                .await
+                .map_err(CniError::from)
+        },
+        check_ifname_free(&node_nl, &pod_nl, &host_veth, attachment, &netns),
+    )?;
 
     let store = network.ipam_store();
     let ips = store
@@ -63,7 +80,6 @@ pub(super) async fn add(invocation: &Invocation, conf: &NetConf) -> Result<CniRe
 
     let pod = PodWiring {
         network: &network,
-        slices: &node.pod_cidrs,
         attachment,
         host_veth: &host_veth,
         netns: &netns,
@@ -175,8 +191,6 @@ fn requested_mac(conf: &NetConf) -> Result<Option<MacAddress>, CniError> {
 /// Everything one ADD works with once its inputs are valid.
 struct PodWiring<'a> {
     network: &'a Network,
-    /// The node's pod slices, which tell earlier slices' gateways apart.
-    slices: &'a [IpNet],
     attachment: &'a Attachment,
     host_veth: &'a HostVeth,
     netns: &'a Netns,
@@ -187,52 +201,22 @@ struct PodWiring<'a> {
 
 impl PodWiring<'_> {
     async fn attach(&self, ips: &[IpAddr]) -> Result<CniResult, CniError> {
-        let bridge = self.ensure_bridge().await?;
         enable_forwarding(self.network)?;
-        let (host, pod) = self.create_veth(&bridge).await?;
+        let (host, pod) = self.create_veth().await?;
+        let pod_mac = ethernet_mac(&pod, self.attachment)?;
         // Requests on one socket are carried out in the order they are sent,
-        // so everything left is sent before the first answer is awaited:
-        // the pod's interfaces come up before its addresses are added, and
-        // the addresses before the routes through the gateway.
-        let port = self.node_nl.set_bridge_port(
-            host.index,
-            &self.host_veth.alias,
-            self.network.hairpin_mode,
-        );
-        let loopback_up = self.pod_nl.set_up(LOOPBACK_INDEX);
-        let pod_up = self.pod_nl.set_up(pod.index);
-        let addresses = try_join_all(self.network.families.iter().zip(ips).map(|(family, ip)| {
-            let address = IpNet::new(*ip, family.subnet.prefix_len())
-                .expect("an address from IPAM fits its subnet's prefix length");
-            self.pod_nl.ensure_address(pod.index, address)
-        }));
-        let routes: Vec<Route> = self
-            .network
-            .families
-            .iter()
-            .flat_map(|family| {
-                family.route_dsts.iter().map(|destination| Route {
-                    gateway: Some(family.gateway),
-                    output_interface: Some(pod.index),
-                    ..Route::new(*destination)
-                })
-            })
-            .collect();
-        let added = try_join_all(routes.iter().map(|route| self.pod_nl.add_route(route)));
-        let (_, _, _, _, outcomes) =
-            futures::try_join!(port, loopback_up, pod_up, addresses, added)
-                .map_err(kernel_error)?;
-        for (route, outcome) in routes.iter().zip(outcomes) {
-            if outcome == Outcome::AlreadyPresent {
-                tracing::warn!(%route, "pod already had this route; keeping it");
-            }
-        }
+        // so both namespaces' requests are all sent before the first answer
+        // is awaited; each side orders its own (see wire_node, wire_pod).
+        futures::try_join!(
+            self.wire_node(host.index, pod_mac, ips),
+            self.wire_pod(pod.index, ips),
+        )
+        .map_err(kernel_error)?;
 
         tracing::debug!(pod = %pod.name, host = %host.name, "attached");
         let sandbox = self.netns.path().display().to_string();
         Ok(CniResult {
             interfaces: vec![
-                result_interface(&bridge, None),
                 result_interface(&host, None),
                 result_interface(&pod, Some(sandbox)),
             ],
@@ -242,9 +226,8 @@ impl PodWiring<'_> {
                 .iter()
                 .zip(ips)
                 .map(|(family, ip)| IpConfig {
-                    address: IpNet::new(*ip, family.subnet.prefix_len())
-                        .expect("an address from IPAM fits its subnet's prefix length"),
-                    gateway: Some(family.gateway),
+                    address: pod_address(*ip),
+                    gateway: Some(family.gateway()),
                     interface: Some(POD_INTERFACE),
                 })
                 .collect(),
@@ -253,44 +236,89 @@ impl PodWiring<'_> {
         })
     }
 
-    /// The node bridge with every family's gateway address on it, and no
-    /// gateway of an earlier slice.
-    async fn ensure_bridge(&self) -> Result<Link, CniError> {
-        let bridge = self
-            .node_nl
-            .ensure_bridge(
-                &self.network.bridge,
-                self.network.mtu,
-                Some(self.bridge_mac()),
-            )
-            .await
-            .map_err(kernel_error)?;
-        let gateways: Vec<IpNet> = self
+    /// The node's side: the owner alias on the host veth, then per pod
+    /// address a permanent neighbour to the pod's MAC and a route into the
+    /// host veth. The neighbour goes first so the route never sends a
+    /// packet that has to wait for ARP or ND.
+    async fn wire_node(
+        &self,
+        host_index: u32,
+        pod_mac: [u8; 6],
+        ips: &[IpAddr],
+    ) -> Result<(), NetlinkError> {
+        let alias = self.node_nl.set_alias(host_index, &self.host_veth.alias);
+        let neighbours: Vec<PermanentNeighbour> = ips
+            .iter()
+            .map(|ip| PermanentNeighbour {
+                link_index: host_index,
+                ip: *ip,
+                mac: pod_mac,
+            })
+            .collect();
+        let neighbours = try_join_all(
+            neighbours
+                .iter()
+                .map(|neighbour| self.node_nl.replace_neighbour(neighbour)),
+        );
+        let routes: Vec<Route> = ips.iter().map(|ip| host_route(*ip, host_index)).collect();
+        // Replace, not add: a route left for this address by an earlier
+        // holder whose device is still being torn down must not keep the
+        // new pod unreachable.
+        let routes = try_join_all(routes.iter().map(|route| self.node_nl.replace_route(route)));
+        futures::try_join!(alias, neighbours, routes).map(|_| ())
+    }
+
+    /// The pod's side, in order: interfaces up, addresses, the gateways'
+    /// permanent neighbours (the host veth's MAC), the IPv4 gateway's
+    /// on-link route, then the routes through the gateways.
+    async fn wire_pod(&self, pod_index: u32, ips: &[IpAddr]) -> Result<(), NetlinkError> {
+        let loopback_up = self.pod_nl.set_up(LOOPBACK_INDEX);
+        let pod_up = self.pod_nl.set_up(pod_index);
+        let addresses = try_join_all(
+            ips.iter()
+                .map(|ip| self.pod_nl.ensure_address(pod_index, pod_address(*ip))),
+        );
+        let host_mac = self.host_veth.mac();
+        let gateways: Vec<PermanentNeighbour> = self
             .network
             .families
             .iter()
-            .map(|family| {
-                IpNet::new(family.gateway, family.subnet.prefix_len())
-                    .expect("the gateway lies in its subnet")
+            .map(|family| PermanentNeighbour {
+                link_index: pod_index,
+                ip: family.gateway(),
+                mac: host_mac,
             })
             .collect();
-        set_bridge_gateways(self.node_nl, bridge.index, &gateways, self.slices).await?;
-        Ok(bridge)
-    }
-
-    /// A fixed, locally administered bridge MAC: 0a:58 and the IPv4 gateway
-    /// (the convention Kubernetes network plugins share), or bytes of the
-    /// IPv6 gateway on IPv6-only nodes.
-    fn bridge_mac(&self) -> [u8; 6] {
-        let tail: [u8; 4] = match self.network.families.first().map(|f| f.gateway) {
-            Some(IpAddr::V4(gateway)) => gateway.octets(),
-            Some(IpAddr::V6(gateway)) => {
-                let octets = gateway.octets();
-                [octets[12], octets[13], octets[14], octets[15]]
+        let gateway_neighbours = try_join_all(
+            gateways
+                .iter()
+                .map(|neighbour| self.pod_nl.replace_neighbour(neighbour)),
+        );
+        // An IPv6 link-local gateway needs no route of its own: the output
+        // interface says where it is.
+        let routes: Vec<Route> = self
+            .network
+            .families
+            .iter()
+            .filter(|family| family.family() == IpFamily::V4)
+            .map(|family| gateway_route(family.gateway(), pod_index))
+            .chain(self.network.families.iter().flat_map(|family| {
+                family.route_dsts.iter().map(move |destination| Route {
+                    gateway: Some(family.gateway()),
+                    output_interface: Some(pod_index),
+                    ..Route::new(*destination)
+                })
+            }))
+            .collect();
+        let added = try_join_all(routes.iter().map(|route| self.pod_nl.add_route(route)));
+        let (_, _, _, _, outcomes) =
+            futures::try_join!(loopback_up, pod_up, addresses, gateway_neighbours, added)?;
+        for (route, outcome) in routes.iter().zip(outcomes) {
+            if outcome == Outcome::AlreadyPresent {
+                tracing::warn!(%route, "pod already had this route; keeping it");
             }
-            None => [0; 4],
-        };
-        [0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]]
+        }
+        Ok(())
     }
 
     /// Creates the pair, replacing a leftover of an earlier, interrupted ADD
@@ -298,7 +326,7 @@ impl PodWiring<'_> {
     ///
     /// The host end is created with a MAC of our choosing and found through
     /// the pod end's peer index, so one lookup serves both ends.
-    async fn create_veth(&self, bridge: &Link) -> Result<(Link, Link), CniError> {
+    async fn create_veth(&self) -> Result<(Link, Link), CniError> {
         let host_mac = self.host_veth.mac();
         let pair = VethPair {
             name: &self.host_veth.name,
@@ -307,7 +335,6 @@ impl PodWiring<'_> {
             peer_netns: self.netns,
             peer_mac: self.pod_mac.as_ref().map(|mac| mac.octets()),
             mtu: self.network.mtu,
-            controller: Some(bridge.index),
         };
         let mut outcome = self
             .node_nl
@@ -350,7 +377,7 @@ impl PodWiring<'_> {
             mtu: self.network.mtu,
             up: true,
             mac: Some(host_mac.to_vec()),
-            controller: Some(bridge.index),
+            controller: None,
             alias: Some(self.host_veth.alias.clone()),
             peer_index: Some(pod.index),
         };
@@ -416,6 +443,43 @@ impl PodWiring<'_> {
     }
 }
 
+/// The route in the host to `ip` alone, into the pod's host veth (scope
+/// link; IPv6 routes have no scope and ignore it).
+pub(super) fn host_route(ip: IpAddr, host_index: u32) -> Route {
+    Route {
+        output_interface: Some(host_index),
+        scope: RouteScope::Link,
+        ..Route::new(pod_address(ip))
+    }
+}
+
+/// The pod's route to its IPv4 `gateway` on the pod interface, which makes
+/// the gateway reachable for the routes through it.
+pub(super) fn gateway_route(gateway: IpAddr, pod_index: u32) -> Route {
+    Route {
+        output_interface: Some(pod_index),
+        scope: RouteScope::Link,
+        ..Route::new(pod_address(gateway))
+    }
+}
+
+/// The pod interface's Ethernet address, which the node's neighbour entries
+/// for the pod hold.
+fn ethernet_mac(pod: &Link, attachment: &Attachment) -> Result<[u8; 6], CniError> {
+    pod.mac
+        .as_deref()
+        .and_then(|mac| mac.try_into().ok())
+        .ok_or_else(|| {
+            CniError::new(
+                CODE_KERNEL,
+                format!(
+                    "the kernel reported no Ethernet address for {} in CNI_NETNS: retry the ADD",
+                    attachment.ifname
+                ),
+            )
+        })
+}
+
 /// A link as the result's `interfaces` lists it.
 fn result_interface(link: &Link, sandbox: Option<String>) -> Interface {
     Interface {
@@ -427,12 +491,12 @@ fn result_interface(link: &Link, sandbox: Option<String>) -> Interface {
 }
 
 /// Turns on forwarding in the plugin's namespace for every family the
-/// pods use: the bridge is their gateway, so the node must route for them.
+/// pods use: the node is their gateway, so it must route for them.
 /// `/proc/sys/net` shows the namespace of whoever opens it, which is the
 /// node's here.
 fn enable_forwarding(network: &Network) -> Result<(), CniError> {
     for family in &network.families {
-        ip::enable_forwarding(IpFamily::of_addr(family.gateway)).map_err(|error| {
+        ip::enable_forwarding(family.family()).map_err(|error| {
             CniError::new(
                 ErrorCode::Io,
                 format!(

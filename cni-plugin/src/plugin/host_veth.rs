@@ -48,6 +48,11 @@ impl HostVeth {
         format!("{ALIAS_PREFIX}{network}:")
     }
 
+    /// Whether `alias` marks a host veth of Weft, of any network.
+    pub fn is_weft_alias(alias: Option<&str>) -> bool {
+        alias.is_some_and(|alias| alias.starts_with(ALIAS_PREFIX))
+    }
+
     /// Refuses attachments whose owner alias the kernel would reject, before
     /// anything is changed.
     pub fn check_alias_fits(&self) -> Result<(), CniError> {
@@ -181,6 +186,9 @@ mod tests {
         assert!(veth.owns(&link));
         link.alias = Some("weft:weft:someone-else:eth0".into());
         assert!(!veth.owns(&link));
+        assert!(HostVeth::is_weft_alias(link.alias.as_deref()));
+        assert!(!HostVeth::is_weft_alias(Some("uplink")));
+        assert!(!HostVeth::is_weft_alias(None));
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   route to a pod.
 //! - `postrouting` masquerades marked connections: a pod reaching a hostPort
 //!   on its own node (or its own hostPort, hairpin) would otherwise get the
-//!   reply straight over the bridge from an address it did not talk to.
+//!   reply routed straight from the target pod, from an address it did not
+//!   talk to.
 //!   Traffic from elsewhere keeps its source address.
 //!
 //! One pod's elements are added in one `nft -f` transaction that also

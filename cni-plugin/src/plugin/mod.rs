@@ -11,17 +11,17 @@
 
 mod add;
 mod check;
-mod gateways;
 mod host_veth;
 mod hostport;
 mod network;
+mod node_slices;
 mod remove;
 // Forks a child that shares the parent's memory: the one place the plugin
 // needs unsafe code, kept beside the DEL path that uses it.
 #[allow(unsafe_code)]
 mod unregister;
 
-pub use network::{FamilyNetwork, Network};
+pub use network::{FamilyNetwork, Network, POD_GATEWAY_V4, POD_GATEWAY_V6};
 
 use crate::cni::{version_json, CniError, CniVersion, Command, ErrorCode, Invocation, NetConf};
 use crate::ipam::IpamError;
@@ -40,6 +40,10 @@ pub const CODE_CHECK_FAILED: u32 = 102;
 /// Plugin-specific error code: a requested hostPort is already mapped to
 /// another pod on this node.
 pub const CODE_HOSTPORT_TAKEN: u32 = 103;
+
+/// The loopback device is always interface 1 in a network namespace (the
+/// kernel registers it first, as LOOPBACK_IFINDEX).
+const LOOPBACK_INDEX: u32 = 1;
 
 /// What one invocation prints and how it exits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +115,7 @@ where
                 .await
                 .map(|()| String::new()),
             Command::Gc => remove::gc(&conf).await.map(|()| String::new()),
-            Command::Status => status(&conf).map(|()| String::new()),
+            Command::Status => status(&conf).await.map(|()| String::new()),
             Command::Version => Ok(version_json()),
         }
     })
@@ -134,11 +138,17 @@ fn require_version(command: Command, version: CniVersion) -> Result<(), CniError
     ))
 }
 
-/// STATUS: ready once the agent has written the node file.
-fn status(conf: &NetConf) -> Result<(), CniError> {
-    NodeConfig::load(&conf.node_file)
-        .map(|_| ())
-        .map_err(|error| CniError::new(ErrorCode::PluginNotAvailable, error.to_string()))
+/// STATUS: ready once the agent has written a node file whose slices ADD
+/// would accept.
+async fn status(conf: &NetConf) -> Result<(), CniError> {
+    let not_available = ErrorCode::PluginNotAvailable;
+    let node = NodeConfig::load(&conf.node_file)
+        .map_err(|error| CniError::new(not_available, error.to_string()))?;
+    node_slices::check_usable(&node, &conf.node_file)
+        .map_err(|error| error.into_cni(not_available))?;
+    node_slices::check_underlay(&node_netlink()?, &node, &conf.node_file)
+        .await
+        .map_err(|error| error.into_cni(not_available))
 }
 
 /// The node file for ADD: missing means "not yet", which a runtime retries.

@@ -8,23 +8,53 @@ use ipnet::IpNet;
 
 use crate::cni::{CniError, Dns, ErrorCode, NetConf, Route};
 use crate::ipam::{AllocRange, Store};
+use weft_core::ip::IpFamily;
 use weft_core::nodefile::NodeConfig;
 
 /// The smallest MTU IPv6 allows on a link.
 const IPV6_MIN_MTU: u32 = 1280;
+
+/// Every pod's IPv4 next hop. It is on no interface: the pod resolves it
+/// with a permanent neighbour entry to its host veth's MAC, and the node
+/// forwards whatever arrives there. Link-local, so it never collides with
+/// a pod or node address and no node forwards it.
+pub const POD_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Every pod's IPv6 next hop, resolved like [`POD_GATEWAY_V4`].
+pub const POD_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// One address family of the pod network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyNetwork {
     /// The pod subnet: the node's slice, or the config's `subnet` override.
     pub subnet: IpNet,
-    /// The bridge's address and the pods' next hop: the subnet's first host.
-    pub gateway: IpAddr,
     /// The addresses IPAM may hand out.
     pub range: AllocRange,
-    /// Destinations the pod routes via `gateway`: the default route when
-    /// `isDefaultGateway` is set, else the cluster CIDRs of this family.
+    /// Destinations the pod routes via [`FamilyNetwork::gateway`]: the
+    /// default route when `isDefaultGateway` is set, else the cluster CIDRs
+    /// of this family.
     pub route_dsts: Vec<IpNet>,
+}
+
+impl FamilyNetwork {
+    /// This family's IP family.
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(&self.subnet)
+    }
+
+    /// The pods' next hop in this family: [`POD_GATEWAY_V4`] or
+    /// [`POD_GATEWAY_V6`].
+    pub fn gateway(&self) -> IpAddr {
+        match self.family() {
+            IpFamily::V4 => POD_GATEWAY_V4.into(),
+            IpFamily::V6 => POD_GATEWAY_V6.into(),
+        }
+    }
+}
+
+/// A pod's address as its interface carries it: alone (/32 or /128), so
+/// the pod shares no subnet with anyone and sends everything to its gateway.
+pub fn pod_address(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
 }
 
 /// Everything the plugin needs to attach a pod, after merging.
@@ -32,14 +62,10 @@ pub struct FamilyNetwork {
 pub struct Network {
     /// The network name.
     pub name: String,
-    /// The host bridge.
-    pub bridge: String,
-    /// MTU for both veth ends (and the bridge).
+    /// MTU for both veth ends.
     pub mtu: u32,
     /// The IPAM store directory (`<dataDir>/<name>`).
     pub ipam_dir: PathBuf,
-    /// Whether the host veth port gets hairpin mode.
-    pub hairpin_mode: bool,
     /// Resolver settings to return in the result.
     pub dns: Dns,
     /// IPv4 first, then IPv6; one entry per configured family.
@@ -79,10 +105,8 @@ impl Network {
         }
         Ok(Network {
             name: conf.name.clone(),
-            bridge: conf.bridge.clone(),
             mtu,
             ipam_dir: conf.ipam_dir(),
-            hairpin_mode: conf.hairpin_mode,
             dns: conf.dns.clone(),
             families,
         })
@@ -105,7 +129,7 @@ impl Network {
             .flat_map(|f| {
                 f.route_dsts.iter().map(|dst| Route {
                     dst: *dst,
-                    gw: Some(f.gateway),
+                    gw: Some(f.gateway()),
                 })
             })
             .collect()
@@ -152,7 +176,6 @@ fn family(conf: &NetConf, node: &NodeConfig, subnet: IpNet) -> Result<FamilyNetw
     };
     Ok(FamilyNetwork {
         subnet,
-        gateway: range.gateway(),
         range,
         route_dsts,
     })
@@ -192,23 +215,21 @@ mod tests {
     fn node_file_alone_gives_a_dual_stack_network() {
         let network = Network::resolve(&conf(serde_json::json!({})), &node()).unwrap();
         assert_eq!(network.name, "weft");
-        assert_eq!(network.bridge, "weft0");
         assert_eq!(network.mtu, 1450);
         assert_eq!(
             network.ipam_dir,
             PathBuf::from("/var/lib/cni/networks/weft")
         );
-        assert!(network.hairpin_mode);
         let [v4, v6] = &network.families[..] else {
             panic!("expected two families: {:?}", network.families)
         };
         assert_eq!(v4.subnet, net("10.244.1.0/24"));
-        assert_eq!(v4.gateway, ip("10.244.1.1"));
+        assert_eq!(v4.gateway(), ip("169.254.1.1"));
         assert_eq!(
             (v4.range.first(), v4.range.last()),
             (ip("10.244.1.2"), ip("10.244.1.254"))
         );
-        assert_eq!(v6.gateway, ip("fd00:10:244:1::1"));
+        assert_eq!(v6.gateway(), ip("fe80::1"));
         assert_eq!(
             (v6.range.first(), v6.range.last()),
             (
@@ -221,11 +242,11 @@ mod tests {
             vec![
                 Route {
                     dst: net("0.0.0.0/0"),
-                    gw: Some(ip("10.244.1.1"))
+                    gw: Some(ip("169.254.1.1"))
                 },
                 Route {
                     dst: net("::/0"),
-                    gw: Some(ip("fd00:10:244:1::1"))
+                    gw: Some(ip("fe80::1"))
                 },
             ]
         );
@@ -237,25 +258,23 @@ mod tests {
     fn config_overrides_win() {
         let network = Network::resolve(
             &conf(serde_json::json!({
-                "subnet": "10.244.1.128/25", "mtu": 1300, "bridge": "br9",
-                "dataDir": "/tmp/ipam", "hairpinMode": false, "isDefaultGateway": false
+                "subnet": "10.244.1.128/25", "mtu": 1300,
+                "dataDir": "/tmp/ipam", "isDefaultGateway": false
             })),
             &node(),
         )
         .unwrap();
         assert_eq!(network.mtu, 1300);
-        assert_eq!(network.bridge, "br9");
         assert_eq!(network.ipam_dir, PathBuf::from("/tmp/ipam/weft"));
-        assert!(!network.hairpin_mode);
         // Only the listed family is configured.
         assert_eq!(network.families.len(), 1);
-        assert_eq!(network.families[0].gateway, ip("10.244.1.129"));
+        assert_eq!(network.families[0].range.first(), ip("10.244.1.130"));
         // Without a default gateway, the pod routes the cluster CIDR only.
         assert_eq!(
             network.pod_routes(),
             vec![Route {
                 dst: net("10.244.0.0/16"),
-                gw: Some(ip("10.244.1.129"))
+                gw: Some(ip("169.254.1.1"))
             }]
         );
     }

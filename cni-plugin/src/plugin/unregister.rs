@@ -375,7 +375,6 @@ mod tests {
                 mac: None,
                 peer_mac: None,
                 mtu: 1500,
-                controller: None,
             };
             assert_eq!(on_node.create_veth(&pair).await.unwrap(), Outcome::Created);
             let host = on_node.link_by_name("wtunlist0").await.unwrap().unwrap();

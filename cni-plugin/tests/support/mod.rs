@@ -120,8 +120,13 @@ impl<'a> Invocation<'a> {
     }
 }
 
-/// A node: its namespace (where the plugin runs and the bridge lives) and a
-/// directory with the node file and the IPAM data.
+/// The node's addresses on its uplink (see [`Node::uplink`]).
+pub const NODE_V4: &str = "192.0.2.1";
+/// The node's IPv6 address on its uplink.
+pub const NODE_V6: &str = "2001:db8:7::1";
+
+/// A node: its namespace (where the plugin runs and the host veths live)
+/// and a directory with the node file and the IPAM data.
 pub struct Node {
     /// The node namespace.
     pub netns: TestNetns,
@@ -146,12 +151,23 @@ impl Node {
         })
     }
 
-    /// Writes the node file as the agent would.
+    /// Writes the node file as the agent would, in the cluster CIDRs
+    /// 10.123.0.0/16 and fd12:3::/32.
     pub fn write_node_file(&self, pod_cidrs: &[&str], mtu: u32) -> Result<()> {
+        self.write_node_file_in(pod_cidrs, &["10.123.0.0/16", "fd12:3::/32"], mtu)
+    }
+
+    /// Writes the node file with the given cluster CIDRs.
+    pub fn write_node_file_in(
+        &self,
+        pod_cidrs: &[&str],
+        cluster_cidrs: &[&str],
+        mtu: u32,
+    ) -> Result<()> {
         let file = json!({
             "nodeName": format!("node-{}", self.tag),
             "podCidrs": pod_cidrs,
-            "clusterCidrs": ["10.123.0.0/16", "fd12:3::/32"],
+            "clusterCidrs": cluster_cidrs,
             "mtu": mtu,
         });
         std::fs::write(self.node_file(), file.to_string()).context("writing the node file")
@@ -170,6 +186,39 @@ impl Node {
     /// A pod namespace of this node.
     pub fn pod(&self, name: &str) -> TestNetns {
         TestNetns::create(&format!("{}-{name}", self.tag))
+    }
+
+    /// Gives the node an uplink: a veth `up0` with [`NODE_V4`]/24 and
+    /// [`NODE_V6`]/64 to an "outside" namespace with `.2` and `::2`, which
+    /// routes the node's pod slice (10.123.0.0/16, fd12:3::/32) via the
+    /// node. Returns the outside namespace.
+    pub fn uplink(&self) -> Result<TestNetns> {
+        let outside = TestNetns::create(&format!("{}-out", self.tag));
+        self.netns.run(&[
+            "ip",
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            outside.name(),
+        ])?;
+        for (netns, device, v4, v6) in [
+            (&self.netns, "up0", "192.0.2.1/24", "2001:db8:7::1/64"),
+            (&outside, "eth0", "192.0.2.2/24", "2001:db8:7::2/64"),
+        ] {
+            netns.run(&["ip", "addr", "add", v4, "dev", device])?;
+            netns.run(&["ip", "addr", "add", v6, "dev", device, "nodad"])?;
+            netns.run(&["ip", "link", "set", device, "up"])?;
+            netns.run(&["ip", "link", "set", "lo", "up"])?;
+        }
+        outside.run(&["ip", "route", "add", "10.123.0.0/16", "via", NODE_V4])?;
+        outside.run(&["ip", "route", "add", "fd12:3::/32", "via", NODE_V6])?;
+        Ok(outside)
     }
 
     /// The plugin config in `version`, with `extra` keys merged in.
@@ -277,8 +326,9 @@ impl Node {
         Ok(found)
     }
 
-    /// Everything a failed invocation must leave unchanged: links with
-    /// their addresses and routes in the node namespace, and the IPAM store.
+    /// Everything a failed invocation must leave unchanged: links, their
+    /// addresses, routes and permanent neighbours in the node namespace,
+    /// and the IPAM store.
     ///
     /// Only what the plugin can change is compared. IPv6 link-local
     /// addresses and their routes, the multicast route (`ff00::/8`) and an
@@ -294,14 +344,21 @@ impl Node {
                 .collect::<Vec<_>>()
                 .join("\n")
         };
-        let links = ours(self.netns.run(&["ip", "-o", "addr", "show"])?);
+        let links = self.links()?;
+        let addresses = ours(self.netns.run(&["ip", "-o", "addr", "show"])?);
         let routes = ours(self.netns.run(&["ip", "route", "show", "table", "all"])?);
+        let neighbours = self
+            .netns
+            .run(&["ip", "neigh", "show", "nud", "permanent"])?;
         let store = self.allocations()?;
-        Ok(format!("{links}\n{routes}\n{store:?}"))
+        Ok(format!(
+            "{links:?}\n{addresses}\n{routes}\n{neighbours}\n{store:?}"
+        ))
     }
 }
 
-/// IPv4 addresses of `ifname` in `pod`, as `a.b.c.d/len`.
+/// The addresses of `ifname` in `pod` but IPv6 link-local ones, as
+/// `address/len`.
 pub fn pod_addresses(pod: &TestNetns, ifname: &str) -> Result<Vec<String>> {
     let out = pod.output(&["ip", "-o", "addr", "show", "dev", ifname])?;
     if !out.status.success() {

@@ -63,6 +63,19 @@ pub(super) enum Claim {
     Cidr(ClaimSource, IpNet),
 }
 
+/// A family's annotation that is set but says something else than
+/// `spec.podCIDRs`: the controller may not change it, so it is reported and
+/// both values are kept from other nodes.
+pub(super) struct AnnotationDispute {
+    /// The family's CIDR in `spec.podCIDRs`.
+    pub(super) spec: IpNet,
+    /// The annotation as found.
+    pub(super) value: String,
+    /// The annotation's CIDR when it is one of the right family: the node's
+    /// agent may be using it.
+    pub(super) cidr: Option<IpNet>,
+}
+
 impl NodeClaims {
     /// The first `spec` value that is not a CIDR at all.
     pub(super) fn unparseable_spec(&self) -> Option<&str> {
@@ -78,29 +91,60 @@ impl NodeClaims {
         self.annotation_v4.is_some() && self.spec.first() == self.annotation_v4.as_ref()
     }
 
-    /// The node's claim for `family`.
-    pub(super) fn claim(&self, family: IpFamily) -> Claim {
-        let from_spec = self
-            .spec
+    fn spec_cidr(&self, family: IpFamily) -> Option<IpNet> {
+        self.spec
             .iter()
             .filter_map(|value| value.parse::<IpNet>().ok())
-            .find(|net| IpFamily::of(net) == family);
-        if let Some(net) = from_spec {
-            return Claim::Cidr(ClaimSource::Spec, net);
-        }
+            .find(|net| IpFamily::of(net) == family)
+    }
+
+    /// The family's annotation when it is set. Only an absent or empty
+    /// annotation is unset: the node-write policy lets the controller write
+    /// exactly those, so anything else (blanks too) is a value it must keep.
+    fn annotation(&self, family: IpFamily) -> Option<&str> {
         let annotation = match family {
             IpFamily::V4 => &self.annotation_v4,
             IpFamily::V6 => &self.annotation_v6,
         };
+        annotation.as_deref().filter(|value| !value.is_empty())
+    }
+
+    /// The node's claim for `family`.
+    pub(super) fn claim(&self, family: IpFamily) -> Claim {
+        if let Some(net) = self.spec_cidr(family) {
+            return Claim::Cidr(ClaimSource::Spec, net);
+        }
+        let Some(value) = self.annotation(family) else {
+            return Claim::None;
+        };
         let source = ClaimSource::Annotation(family);
-        match annotation.as_deref().map(str::trim) {
-            None | Some("") => Claim::None,
-            Some(value) => match value.parse::<IpNet>() {
-                Ok(net) if IpFamily::of(&net) == family => Claim::Cidr(source, net),
-                _ => Claim::Unparseable(source, value.to_owned()),
-            },
+        match parse_of_family(value, family) {
+            Some(net) => Claim::Cidr(source, net),
+            None => Claim::Unparseable(source, value.to_owned()),
         }
     }
+
+    /// The family's annotation when `spec.podCIDRs` carries the family and
+    /// the annotation is set to another value.
+    pub(super) fn annotation_dispute(&self, family: IpFamily) -> Option<AnnotationDispute> {
+        let spec = self.spec_cidr(family)?;
+        let value = self.annotation(family)?;
+        let cidr = parse_of_family(value, family);
+        (cidr != Some(spec)).then(|| AnnotationDispute {
+            spec,
+            value: value.to_owned(),
+            cidr,
+        })
+    }
+}
+
+/// `value` as a CIDR of `family`, surrounding blanks ignored.
+fn parse_of_family(value: &str, family: IpFamily) -> Option<IpNet> {
+    value
+        .trim()
+        .parse::<IpNet>()
+        .ok()
+        .filter(|net| IpFamily::of(net) == family)
 }
 
 /// Why a node's existing pod CIDR is left alone and reported.
@@ -150,6 +194,20 @@ pub enum ClaimProblem {
         /// The node whose claim covers it.
         owner: String,
     },
+    /// The annotation is set, but to something else than `spec.podCIDRs`.
+    /// The controller never changes a set annotation: the node keeps its
+    /// spec slice, the annotation's address space is kept from other nodes
+    /// too (the node's agent may route it), and nothing is written.
+    AnnotationDisagreesWithSpec {
+        /// The node, for the fix's command line.
+        node: String,
+        /// The annotation's family.
+        family: IpFamily,
+        /// The annotation as found.
+        annotation: String,
+        /// The family's CIDR in `spec.podCIDRs`.
+        spec: IpNet,
+    },
 }
 
 impl ClaimProblem {
@@ -161,6 +219,7 @@ impl ClaimProblem {
             ClaimProblem::Misfit { .. } => "PodCidrMisaligned",
             ClaimProblem::Duplicate { .. } => "PodCidrDuplicate",
             ClaimProblem::Overlap { .. } => "PodCidrOverlap",
+            ClaimProblem::AnnotationDisagreesWithSpec { .. } => "AnnotationDisagreesWithSpec",
         }
     }
 }
@@ -209,6 +268,18 @@ impl fmt::Display for ClaimProblem {
                 "{source} holds {cidr}, which lies inside node {owner}'s pod CIDR; {}",
                 source.fix()
             ),
+            ClaimProblem::AnnotationDisagreesWithSpec {
+                node,
+                family,
+                annotation,
+                spec,
+            } => {
+                let key = weft_core::annotations::pod_cidr_key(*family);
+                write!(
+                    f,
+                    "node {node}: annotation {key} holds {annotation:?} but spec.podCIDRs holds {spec}; weft-controller never changes a set annotation, so it leaves the node as it is and keeps both from other nodes; the kubelet uses spec.podCIDRs: an administrator removes the annotation with `kubectl annotate node {node} {key}-` and weft-controller writes {spec} into it"
+                )
+            }
         }
     }
 }

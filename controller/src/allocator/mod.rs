@@ -105,14 +105,7 @@ impl PodCidrAllocator {
                 value: value.to_owned(),
             });
         }
-        let mut unclaimed = Vec::new();
-        for pool in self.pools_mut() {
-            match pool.adopt(node, claims.claim(pool.family())) {
-                FamilyOutcome::Adopted => {}
-                FamilyOutcome::Problem(problem) => problems.push(problem),
-                FamilyOutcome::Unclaimed => unclaimed.push(pool.family()),
-            }
-        }
+        let unclaimed = self.adopt_claims(node, claims, &mut problems);
         if !problems.is_empty() {
             self.waiting.insert(node.to_owned());
             return Assignment::Conflicted(problems);
@@ -146,9 +139,45 @@ impl PodCidrAllocator {
     ///
     /// [`assign`]: PodCidrAllocator::assign
     pub fn adopt_existing(&mut self, node: &str, claims: &NodeClaims) {
+        self.adopt_claims(node, claims, &mut Vec::new());
+    }
+
+    /// Checks `node`'s claim in every family, records the valid ones and
+    /// the address space a disputed annotation names, and adds what is wrong
+    /// to `problems`. Returns the families the node claims nothing in.
+    ///
+    /// A set annotation that disagrees with `spec.podCIDRs` is never
+    /// changed, so the node stays conflicted until an administrator removes
+    /// it; meanwhile neither its spec slice nor the annotation's is handed to
+    /// another node, since the kubelet uses one and the node's agent may
+    /// route the other.
+    fn adopt_claims(
+        &mut self,
+        node: &str,
+        claims: &NodeClaims,
+        problems: &mut Vec<ClaimProblem>,
+    ) -> Vec<IpFamily> {
+        let mut unclaimed = Vec::new();
         for pool in self.pools_mut() {
-            pool.adopt(node, claims.claim(pool.family()));
+            let family = pool.family();
+            match pool.adopt(node, claims.claim(family)) {
+                FamilyOutcome::Adopted => {}
+                FamilyOutcome::Problem(problem) => problems.push(problem),
+                FamilyOutcome::Unclaimed => unclaimed.push(family),
+            }
+            if let Some(dispute) = claims.annotation_dispute(family) {
+                if let Some(cidr) = &dispute.cidr {
+                    pool.keep_from_others(node, cidr);
+                }
+                problems.push(ClaimProblem::AnnotationDisagreesWithSpec {
+                    node: node.to_owned(),
+                    family,
+                    annotation: dispute.value,
+                    spec: dispute.spec,
+                });
+            }
         }
+        unclaimed
     }
 
     /// Forgets a deleted node: its slices are freed (and held for its name),
@@ -363,15 +392,100 @@ mod tests {
     }
 
     #[test]
-    fn spec_wins_over_a_stale_annotation() {
-        let mut a = v4_only("10.244.0.0/16", 24);
-        let claims = NodeClaims {
-            spec: vec!["10.244.5.0/24".into()],
-            annotation_v4: Some("10.244.6.0/24".into()),
+    fn an_annotation_disagreeing_with_spec_is_reported_and_both_slices_kept() {
+        // Four slices: 0 and 1 are the node's spec and annotation.
+        let mut a = v4_only("10.244.0.0/22", 24);
+        let now = Instant::now();
+        let disputed = NodeClaims {
+            spec: vec!["10.244.0.0/24".into()],
+            annotation_v4: Some("10.244.1.0/24".into()),
             ..NodeClaims::default()
         };
-        let s = allocated(a.assign("n", &claims, Instant::now()));
-        assert_eq!(s.v4, net("10.244.5.0/24"));
+        let p = problems(a.assign("n", &disputed, now));
+        assert_eq!(
+            p,
+            vec![ClaimProblem::AnnotationDisagreesWithSpec {
+                node: "n".into(),
+                family: IpFamily::V4,
+                annotation: "10.244.1.0/24".into(),
+                spec: net("10.244.0.0/24"),
+            }]
+        );
+        assert_eq!(p[0].reason(), "AnnotationDisagreesWithSpec");
+        let note = p[0].to_string();
+        for part in [
+            "node n",
+            "\"10.244.1.0/24\"",
+            "10.244.0.0/24",
+            "kubectl annotate node n weft.dev/pod-cidr-",
+        ] {
+            assert!(note.contains(part), "{part} missing: {note}");
+        }
+        // Neither slice goes to anyone else, by allocation or by claim.
+        assert_eq!(
+            allocated(a.assign("fresh", &NodeClaims::default(), now)).v4,
+            net("10.244.2.0/24")
+        );
+        for slice in ["10.244.0.0/24", "10.244.1.0/24"] {
+            assert!(problems(a.assign("claimant", &spec(&[slice]), now)).len() == 1);
+        }
+        assert_eq!(
+            a.usage()[0],
+            PoolUsage {
+                family: IpFamily::V4,
+                allocated: 2,
+                free: 1
+            }
+        );
+        // The rebuild after a restart keeps both too.
+        let mut rebuilt = v4_only("10.244.0.0/22", 24);
+        rebuilt.adopt_existing("n", &disputed);
+        assert_eq!(
+            allocated(rebuilt.assign("fresh", &NodeClaims::default(), now)).v4,
+            net("10.244.2.0/24")
+        );
+        // An administrator removes the annotation: the spec slice is the
+        // node's, and the annotation's is free again.
+        assert_eq!(
+            allocated(a.assign("n", &spec(&["10.244.0.0/24"]), now)).v4,
+            net("10.244.0.0/24")
+        );
+        assert_eq!(
+            allocated(a.assign("claimant", &spec(&["10.244.1.0/24"]), now)).v4,
+            net("10.244.1.0/24")
+        );
+        assert_eq!(a.waiting().count(), 0);
+    }
+
+    #[test]
+    fn any_set_annotation_that_is_not_the_spec_slice_is_disputed() {
+        let mut a = dual();
+        let now = Instant::now();
+        for (annotation_v4, annotation_v6) in [
+            ("banana", None),
+            (" ", None),
+            ("10.244.0.0/20", None),
+            ("192.168.0.0/24", None),
+            ("10.244.5.0/24", Some("fd00:10:0:9::/64")),
+        ] {
+            let claims = NodeClaims {
+                spec: vec!["10.244.5.0/24".into(), "fd00:10:0:5::/64".into()],
+                annotation_v4: Some(annotation_v4.into()),
+                annotation_v6: annotation_v6.map(Into::into),
+            };
+            let p = problems(a.assign("n", &claims, now));
+            assert_eq!(p.len(), 1, "{annotation_v4} {annotation_v6:?}: {p:?}");
+            assert_eq!(p[0].reason(), "AnnotationDisagreesWithSpec");
+        }
+        // The same slice in other words, or no value at all, is agreement.
+        for annotation_v4 in [" 10.244.5.0/24", ""] {
+            let claims = NodeClaims {
+                spec: vec!["10.244.5.0/24".into(), "fd00:10:0:5::/64".into()],
+                annotation_v4: Some(annotation_v4.into()),
+                annotation_v6: Some("fd00:10:0:5:0::/64".into()),
+            };
+            allocated(a.assign("n", &claims, now));
+        }
     }
 
     #[test]
@@ -456,18 +570,24 @@ mod tests {
         assert!(matches!(p[0], ClaimProblem::OutsideCluster { .. }), "{p:?}");
         let p = problems(a.assign("wide", &annotated("10.244.0.0/20"), now));
         assert!(matches!(p[0], ClaimProblem::Misfit { .. }), "{p:?}");
-        // Its annotation tampered with, the holder is still given its own
-        // slice (from spec), so the controller writes the annotation back.
+        // Its annotation tampered with, the holder is reported and keeps
+        // its slice; the tampered value is kept from others as well.
         let tampered = NodeClaims {
             spec: vec![held.to_string()],
-            annotation_v4: Some("10.244.99.0/24".into()),
+            annotation_v4: Some("10.244.16.0/24".into()),
             ..NodeClaims::default()
         };
-        assert_eq!(allocated(a.assign("held", &tampered, now)).v4, held);
-        // The /0 keeps nothing from anyone; the /20 only what was free.
+        let p = problems(a.assign("held", &tampered, now));
+        assert_eq!(p[0].reason(), "AnnotationDisagreesWithSpec");
+        // The /0 keeps nothing from anyone; the /20 only what was free, the
+        // tampered annotation only its slice.
         assert_eq!(
             allocated(a.assign("fresh", &NodeClaims::default(), now)).v4,
-            net("10.244.16.0/24")
+            net("10.244.17.0/24")
+        );
+        assert_eq!(
+            allocated(a.assign("held", &spec(&[&held.to_string()]), now)).v4,
+            held
         );
     }
 

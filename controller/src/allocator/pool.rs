@@ -1,5 +1,5 @@
 //! One family's slices: which are taken by a node, blocked by a node's
-//! misfit claim, held for a deleted node's name, or free. A node's claim is
+//! misfit claim or disputed annotation, held for a deleted node's name, or free. A node's claim is
 //! checked against them here (duplicate, overlap, misfit, outside), and new
 //! slices come from the lowest-free search over them.
 
@@ -37,8 +37,9 @@ pub(super) struct SlicePool {
     plan: SlicePlan,
     owners: BTreeMap<u64, String>,
     slice_of: HashMap<String, u64>,
-    /// Misfit claims: address space kept from everyone while the node exists.
-    blocks: HashMap<String, RangeInclusive<u64>>,
+    /// Address space kept from everyone while the node exists: its misfit
+    /// claim, and the space its disputed annotation names.
+    blocks: HashMap<String, Vec<RangeInclusive<u64>>>,
     holds: BTreeMap<u64, Hold>,
     hold_of: HashMap<String, u64>,
     /// Every index below this is owned, blocked or held, so the lowest-free
@@ -78,7 +79,7 @@ impl SlicePool {
             .and_then(|index| self.plan.slice(*index))
     }
 
-    /// Whether `node`'s misfit claim keeps address space from everyone.
+    /// Whether `node` keeps address space from everyone (beyond its slice).
     pub(super) fn has_block(&self, node: &str) -> bool {
         self.blocks.contains_key(node)
     }
@@ -91,7 +92,7 @@ impl SlicePool {
     fn blocker_of(&self, index: u64) -> Option<&str> {
         self.blocks
             .iter()
-            .find(|(_, range)| range.contains(&index))
+            .find(|(_, ranges)| ranges.iter().any(|range| range.contains(&index)))
             .map(|(node, _)| node.as_str())
     }
 
@@ -127,8 +128,9 @@ impl SlicePool {
     }
 
     fn unblock(&mut self, node: &str) {
-        if let Some(range) = self.blocks.remove(node) {
-            self.search_from = self.search_from.min(*range.start());
+        let lowest = self.blocks.remove(node).into_iter().flatten();
+        if let Some(start) = lowest.map(|range| *range.start()).min() {
+            self.search_from = self.search_from.min(start);
         }
     }
 
@@ -195,9 +197,21 @@ impl SlicePool {
         // family, so whatever it held goes back to the pool.
         self.release(node);
         if let Some(range) = block {
-            self.blocks.insert(node.to_owned(), range);
+            self.blocks.insert(node.to_owned(), vec![range]);
         }
         FamilyOutcome::Problem(problem)
+    }
+
+    /// Keeps the slices `net` covers from everyone else while `node`
+    /// exists (or until its next [`adopt`](Self::adopt)); slices other
+    /// nodes hold stay theirs. A CIDR outside the cluster CIDR keeps nothing.
+    pub(super) fn keep_from_others(&mut self, node: &str, net: &IpNet) {
+        let range = match self.plan.locate(net) {
+            Placement::Slice(index) => index..=index,
+            Placement::Misfit(range) => range,
+            Placement::Outside | Placement::WrongFamily => return,
+        };
+        self.blocks.entry(node.to_owned()).or_default().push(range);
     }
 
     /// The node's current slice, its held slice, the lowest free one, or
@@ -224,6 +238,7 @@ impl SlicePool {
             if let Some(range) = self
                 .blocks
                 .values()
+                .flatten()
                 .find(|range| range.contains(&candidate))
             {
                 candidate = range.end().saturating_add(1);
@@ -252,14 +267,21 @@ impl SlicePool {
 
     /// Allocated and free slice counts.
     pub(super) fn usage(&self) -> PoolUsage {
-        let blocked_unowned: u64 = self
-            .blocks
-            .values()
-            .map(|range| {
-                let size = range.end() - range.start() + 1;
-                size - self.owners.range(range.clone()).count() as u64
-            })
-            .sum();
+        // Blocks may overlap (one node's two, or two nodes' misfits): count
+        // each index once.
+        let mut ranges: Vec<&RangeInclusive<u64>> = self.blocks.values().flatten().collect();
+        ranges.sort_by_key(|range| *range.start());
+        let mut blocked_unowned = 0;
+        let mut counted_to = 0;
+        for range in ranges {
+            let start = (*range.start()).max(counted_to);
+            if start > *range.end() {
+                continue;
+            }
+            let size = range.end() - start + 1;
+            blocked_unowned += size - self.owners.range(start..=*range.end()).count() as u64;
+            counted_to = range.end().saturating_add(1);
+        }
         let allocated = self.owners.len() as u64;
         PoolUsage {
             family: self.plan.family(),

@@ -1,14 +1,13 @@
-//! Links: lookup, bridges, veth pairs, link settings, bridge-port flags and
-//! removal.
+//! Links: lookup, veth pairs, link settings (up, MTU, alias) and removal.
 
 use std::os::fd::{AsFd, AsRawFd};
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use nix::errno::Errno;
-use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
 
 use super::{errno_of, Netlink, NetlinkError, Outcome, Removal};
 use crate::netns::Netns;
@@ -102,8 +101,6 @@ pub struct VethPair<'a> {
     pub peer_mac: Option<&'a [u8]>,
     /// MTU of both ends.
     pub mtu: u32,
-    /// Bridge to attach the local end to.
-    pub controller: Option<u32>,
 }
 
 impl Netlink {
@@ -146,75 +143,9 @@ impl Netlink {
             .map_err(|error| self.error("listing links", "", error))
     }
 
-    /// Makes sure a bridge called `name` exists, is up and has `mtu`.
-    /// An existing bridge is reused; a non-bridge link of that name is an
-    /// error.
-    ///
-    /// A new bridge gets `mac` when given. Without a fixed address a bridge
-    /// takes the lowest MAC of its ports and changes it as pods come and go,
-    /// leaving stale gateway entries in the pods' neighbour caches; an
-    /// existing bridge keeps the address it has.
-    pub async fn ensure_bridge(
-        &self,
-        name: &str,
-        mtu: u32,
-        mac: Option<[u8; 6]>,
-    ) -> Result<Link, NetlinkError> {
-        if let Some(existing) = self.link_by_name(name).await? {
-            return self.reuse_bridge(existing, mtu).await;
-        }
-        let mut create = LinkBridge::new(name).mtu(mtu);
-        if let Some(mac) = mac {
-            create = create.address(mac.to_vec());
-        }
-        let create = create.build();
-        match self.handle.link().add(create).execute().await {
-            Ok(()) => {}
-            // Another plugin invocation created it between our lookup and
-            // our create: reuse theirs.
-            Err(error) if errno_of(&error) == Some(Errno::EEXIST) => {}
-            Err(error) => return Err(self.error("creating bridge", name, error)),
-        }
-        let created = self
-            .link_by_name(name)
-            .await?
-            .ok_or_else(|| NetlinkError::Kernel {
-                operation: "looking up the bridge just created",
-                object: name.to_string(),
-                namespace: self.namespace.clone(),
-                errno: Errno::ENODEV,
-            })?;
-        self.reuse_bridge(created, mtu).await
-    }
-
-    async fn reuse_bridge(&self, bridge: Link, mtu: u32) -> Result<Link, NetlinkError> {
-        if bridge.kind.as_deref() != Some("bridge") {
-            return Err(NetlinkError::WrongKind {
-                name: bridge.name,
-                namespace: self.namespace.clone(),
-                found: bridge.kind.unwrap_or_else(|| "non-virtual".into()),
-                expected: "bridge",
-            });
-        }
-        if bridge.up && bridge.mtu == mtu {
-            return Ok(bridge);
-        }
-        let change = LinkUnspec::new_with_index(bridge.index)
-            .mtu(mtu)
-            .up()
-            .build();
-        self.set_link(change, "configuring bridge", &bridge.name)
-            .await?;
-        Ok(Link {
-            mtu,
-            up: true,
-            ..bridge
-        })
-    }
-
-    /// Creates a veth pair with `pair.mtu` on both ends, the local end up
-    /// and attached to `pair.controller`, the peer created (still down)
-    /// inside `pair.peer_netns` as `pair.peer_name`.
+    /// Creates a veth pair with `pair.mtu` on both ends, the local end up,
+    /// the peer created (still down) inside `pair.peer_netns` as
+    /// `pair.peer_name`.
     ///
     /// [`Outcome::AlreadyPresent`] means a link with one of the two names
     /// already exists (here or in the peer namespace) and nothing was
@@ -237,9 +168,6 @@ impl Netlink {
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)));
         if let Some(mac) = pair.mac {
             local = local.address(mac.to_vec());
-        }
-        if let Some(controller) = pair.controller {
-            local = local.controller(controller);
         }
         match self.handle.link().add(local.build()).execute().await {
             Ok(()) => Ok(Outcome::Created),
@@ -270,12 +198,14 @@ impl Netlink {
             .await
     }
 
-    /// Attaches a link to a bridge (`ip link set … master …`).
-    pub async fn set_controller(&self, index: u32, controller: u32) -> Result<(), NetlinkError> {
-        let change = LinkUnspec::new_with_index(index)
-            .controller(controller)
-            .build();
-        self.set_link(change, "attaching to a bridge link index", index)
+    /// Sets a link's alias (`ip link set … alias …`), which Weft uses to
+    /// record who owns a device.
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<(), NetlinkError> {
+        let mut change = LinkUnspec::new_with_index(index).build();
+        change
+            .attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
+        self.set_link(change, "setting the alias of link index", index)
             .await
     }
 
@@ -291,36 +221,6 @@ impl Netlink {
             .execute()
             .await
             .map_err(|error| self.error(operation, object, error))
-    }
-
-    /// Sets a bridge port's alias, which Weft uses to record who owns a
-    /// device, and its hairpin flag, which lets a pod reach itself through a
-    /// service address that the bridge sends back out the same port. One
-    /// request: the kernel applies the alias and the port data together.
-    pub async fn set_bridge_port(
-        &self,
-        port_index: u32,
-        alias: &str,
-        hairpin: bool,
-    ) -> Result<(), NetlinkError> {
-        let mut change = LinkBridgePort::new(port_index)
-            .append_info_data(InfoBridgePort::HairpinMode(hairpin))
-            .build();
-        change
-            .attributes
-            .push(LinkAttribute::IfAlias(alias.to_string()));
-        self.handle
-            .link()
-            .set_port(change)
-            .execute()
-            .await
-            .map_err(|error| {
-                self.error(
-                    "setting the alias and hairpin mode of bridge port index",
-                    port_index,
-                    error,
-                )
-            })
     }
 
     /// Deletes a link by index.

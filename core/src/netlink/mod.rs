@@ -34,7 +34,7 @@ pub use address::Address;
 pub use fdb::FdbRemote;
 pub use link::{Link, VethPair};
 pub use neigh::PermanentNeighbour;
-pub use netlink_packet_route::route::{RouteProtocol, RouteScope};
+pub use netlink_packet_route::route::{RouteProtocol, RouteScope, RouteType};
 pub use route::Route;
 pub use vxlan::{VxlanAttributes, VxlanChange, VxlanLink, VxlanSettings};
 
@@ -87,9 +87,9 @@ pub enum NetlinkError {
     /// The kernel refused a request.
     #[error("{operation} {object} in {namespace}: {errno}")]
     Kernel {
-        /// What was being done, e.g. "creating bridge".
+        /// What was being done, e.g. "creating veth pair".
         operation: &'static str,
-        /// Which object, e.g. "weft0" or "route 0.0.0.0/0 via 10.1.0.1".
+        /// Which object, e.g. "weft.1" or "route 0.0.0.0/0 via 10.1.0.1".
         object: String,
         /// Which namespace.
         namespace: String,
@@ -108,19 +108,6 @@ pub enum NetlinkError {
         namespace: String,
         /// What went wrong.
         detail: String,
-    },
-    /// A link with the wanted name exists but is of another kind, so it
-    /// cannot be reused.
-    #[error("link {name} in {namespace} is a {found} device, not a {expected}; remove it or choose another name")]
-    WrongKind {
-        /// The link's name.
-        name: String,
-        /// Which namespace.
-        namespace: String,
-        /// The kind it has.
-        found: String,
-        /// The kind that was asked for.
-        expected: &'static str,
     },
 }
 

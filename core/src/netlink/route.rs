@@ -1,5 +1,6 @@
 //! Routes: add, replace, delete and dump, with table, protocol, scope,
-//! on-link flag, gateway and output interface.
+//! type (unicast or one that rejects: unreachable, blackhole, …), on-link
+//! flag, gateway and output interface.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -17,7 +18,7 @@ use crate::ip::IpFamily;
 
 use super::{errno_of, Netlink, NetlinkError, Outcome, Removal};
 
-/// A unicast route.
+/// A route: unicast, or one that rejects what it matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Destination prefix (`0.0.0.0/0` / `::/0` for a default route).
@@ -33,6 +34,11 @@ pub struct Route {
     pub protocol: RouteProtocol,
     /// Route scope.
     pub scope: RouteScope,
+    /// The route type: [`RouteType::Unicast`], or one of the types that end
+    /// a packet here ([`RouteType::Unreachable`], [`RouteType::BlackHole`],
+    /// [`RouteType::Prohibit`], [`RouteType::Throw`]), which have no
+    /// gateway or output interface.
+    pub kind: RouteType,
     /// Whether the gateway is reachable on the interface without a
     /// connected route (`onlink`), as overlay routes need.
     pub onlink: bool,
@@ -42,8 +48,9 @@ impl Route {
     /// The `main` routing table.
     pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
-    /// A route to `destination` in the main table, protocol `boot` (what
-    /// `ip route add` uses), universe scope, no gateway or interface yet.
+    /// A unicast route to `destination` in the main table, protocol `boot`
+    /// (what `ip route add` uses), universe scope, no gateway or interface
+    /// yet.
     pub fn new(destination: IpNet) -> Self {
         Self {
             destination,
@@ -52,6 +59,7 @@ impl Route {
             table: Self::MAIN_TABLE,
             protocol: RouteProtocol::Boot,
             scope: RouteScope::Universe,
+            kind: RouteType::Unicast,
             onlink: false,
         }
     }
@@ -79,7 +87,7 @@ impl Route {
         message.header.table = u8::try_from(self.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
         message.header.protocol = self.protocol;
         message.header.scope = self.scope;
-        message.header.kind = RouteType::Unicast;
+        message.header.kind = self.kind;
         if self.onlink {
             message.header.flags.insert(RouteFlags::Onlink);
         }
@@ -100,10 +108,19 @@ impl Route {
         message
     }
 
-    /// Reads a unicast route; `None` for other route types (local,
-    /// broadcast, …) and for multipath routes, which Weft does not make.
+    /// Reads a unicast or rejecting route (see [`Route::kind`]); `None` for
+    /// the types only the local table holds (local, broadcast, …) and for
+    /// multipath routes, which Weft does not make.
     fn from_message(message: RouteMessage) -> Option<Self> {
-        if message.header.kind != RouteType::Unicast {
+        let kind = message.header.kind;
+        if !matches!(
+            kind,
+            RouteType::Unicast
+                | RouteType::Unreachable
+                | RouteType::BlackHole
+                | RouteType::Prohibit
+                | RouteType::Throw
+        ) {
             return None;
         }
         let mut destination = None;
@@ -134,6 +151,7 @@ impl Route {
             table,
             protocol: message.header.protocol,
             scope: message.header.scope,
+            kind,
             onlink: message.header.flags.contains(RouteFlags::Onlink),
         })
     }
@@ -149,6 +167,9 @@ fn ip_of(address: RouteAddress) -> Option<IpAddr> {
 
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.kind != RouteType::Unicast {
+            write!(f, "{:?} ", self.kind)?;
+        }
         write!(f, "route {}", self.destination)?;
         if let Some(gateway) = self.gateway {
             write!(f, " via {gateway}")?;
@@ -202,7 +223,7 @@ impl Netlink {
         }
     }
 
-    /// The unicast routes of one family in one table.
+    /// The unicast and rejecting routes of one family in one table.
     pub async fn routes(&self, family: IpFamily, table: u32) -> Result<Vec<Route>, NetlinkError> {
         let mut filter = RouteMessage::default();
         filter.header.address_family = match family {
@@ -242,6 +263,24 @@ mod tests {
             ..Route::new("10.5.1.0/24".parse().unwrap())
         };
         assert_eq!(Route::from_message(route.to_message()), Some(route));
+    }
+
+    #[test]
+    fn rejecting_routes_round_trip_and_local_ones_are_skipped() {
+        let unreachable = Route {
+            kind: RouteType::Unreachable,
+            protocol: RouteProtocol::Other(87),
+            ..Route::new("fd00:10:244::/64".parse().unwrap())
+        };
+        assert_eq!(
+            Route::from_message(unreachable.to_message()),
+            Some(unreachable)
+        );
+        let local = Route {
+            kind: RouteType::Local,
+            ..Route::new("10.0.0.1/32".parse().unwrap())
+        };
+        assert_eq!(Route::from_message(local.to_message()), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ fn open(ns: &TestNetns) -> Netns {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn bridge_veth_addresses_routes_in_namespaces() {
+async fn veth_addresses_neighbours_routes_in_namespaces() {
     if !weft_testing::root_available("netlink tests create network namespaces") {
         return;
     }
@@ -23,39 +23,6 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
     let on_node = Netlink::in_netns(&node_ns).unwrap();
     let in_pod = Netlink::in_netns(&pod_ns).unwrap();
 
-    // Bridge: created once, reused the second time with a new MTU.
-    let bridge = on_node
-        .ensure_bridge("wtbr0", 1400, Some([0x0a, 0x58, 10, 77, 0, 1]))
-        .await
-        .unwrap();
-    assert_eq!(
-        (bridge.up, bridge.mtu, bridge.kind.as_deref()),
-        (true, 1400, Some("bridge"))
-    );
-    assert_eq!(bridge.mac_text(), "0a:58:0a:4d:00:01");
-    let again = on_node.ensure_bridge("wtbr0", 1450, None).await.unwrap();
-    assert_eq!((again.index, again.mtu), (bridge.index, 1450));
-    assert!(on_node.link_by_name("wtbr0").await.unwrap().unwrap().up);
-
-    // Addresses are idempotent; IPv6 is usable at once (nodad).
-    let v4: IpNet = "10.77.0.1/24".parse().unwrap();
-    let v6: IpNet = "fd77::1/64".parse().unwrap();
-    assert_eq!(
-        on_node.ensure_address(bridge.index, v4).await.unwrap(),
-        Outcome::Created
-    );
-    assert_eq!(
-        on_node.ensure_address(bridge.index, v4).await.unwrap(),
-        Outcome::AlreadyPresent
-    );
-    assert_eq!(
-        on_node.ensure_address(bridge.index, v6).await.unwrap(),
-        Outcome::Created
-    );
-    let found = on_node.addresses(Some(bridge.index)).await.unwrap();
-    assert!(found.iter().any(|a| a.address == v4), "{found:?}");
-    assert!(found.iter().any(|a| a.address == v6), "{found:?}");
-
     // Veth: peer created inside the pod namespace under its final name.
     let pair = VethPair {
         name: "wtveth0",
@@ -64,7 +31,6 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
         mac: Some(&[0x02, 0x58, 10, 77, 0, 2]),
         peer_mac: Some(&[0x0a, 0x58, 10, 77, 0, 2]),
         mtu: 1450,
-        controller: Some(bridge.index),
     };
     assert_eq!(on_node.create_veth(&pair).await.unwrap(), Outcome::Created);
     assert_eq!(
@@ -72,19 +38,8 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
         Outcome::AlreadyPresent
     );
     let host = on_node.link_by_name("wtveth0").await.unwrap().unwrap();
-    let bridge_now = on_node.link_by_index(bridge.index).await.unwrap().unwrap();
-    assert_eq!(
-        bridge_now.mac, bridge.mac,
-        "a port must not change the bridge MAC"
-    );
-    assert_eq!(
-        (host.controller, host.mtu, host.up),
-        (Some(bridge.index), 1450, true)
-    );
-    on_node
-        .set_bridge_port(host.index, "weft test", true)
-        .await
-        .unwrap();
+    assert_eq!((host.controller, host.mtu, host.up), (None, 1450, true));
+    on_node.set_alias(host.index, "weft test").await.unwrap();
     let host = on_node.link_by_index(host.index).await.unwrap().unwrap();
     assert_eq!(host.alias.as_deref(), Some("weft test"));
     let eth0 = in_pod.link_by_name("eth0").await.unwrap().unwrap();
@@ -104,12 +59,49 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
     );
     assert!(on_node.link_by_name("eth0").await.unwrap().is_none());
 
-    // Routes in the pod: default via the gateway, dumped back, removed twice.
-    in_pod
-        .ensure_address(eth0.index, "10.77.0.2/24".parse().unwrap())
-        .await
-        .unwrap();
-    let default = Route::default_via("10.77.0.1".parse().unwrap());
+    // Addresses are idempotent; IPv6 is usable at once (nodad).
+    let v4: IpNet = "10.77.0.2/32".parse().unwrap();
+    let v6: IpNet = "fd77::2/128".parse().unwrap();
+    for address in [v4, v6] {
+        assert_eq!(
+            in_pod.ensure_address(eth0.index, address).await.unwrap(),
+            Outcome::Created
+        );
+        assert_eq!(
+            in_pod.ensure_address(eth0.index, address).await.unwrap(),
+            Outcome::AlreadyPresent
+        );
+    }
+    let found = in_pod.addresses(Some(eth0.index)).await.unwrap();
+    assert!(found.iter().any(|a| a.address == v4), "{found:?}");
+    assert!(found.iter().any(|a| a.address == v6), "{found:?}");
+
+    // Permanent neighbours: replaced in place, dumped, deleted twice.
+    let gateway = PermanentNeighbour {
+        link_index: eth0.index,
+        ip: "169.254.1.1".parse().unwrap(),
+        mac: [0x02, 0x58, 10, 77, 0, 9],
+    };
+    in_pod.replace_neighbour(&gateway).await.unwrap();
+    let gateway = PermanentNeighbour {
+        mac: [0x02, 0x58, 10, 77, 0, 2],
+        ..gateway
+    };
+    in_pod.replace_neighbour(&gateway).await.unwrap();
+    assert_eq!(
+        in_pod.permanent_neighbours(eth0.index).await.unwrap(),
+        vec![gateway]
+    );
+
+    // Routes in the pod: the gateway on the link, default via it, dumped
+    // back, removed twice.
+    let on_link = Route {
+        output_interface: Some(eth0.index),
+        scope: RouteScope::Link,
+        ..Route::new("169.254.1.1/32".parse().unwrap())
+    };
+    assert_eq!(in_pod.add_route(&on_link).await.unwrap(), Outcome::Created);
+    let default = Route::default_via("169.254.1.1".parse().unwrap());
     assert_eq!(in_pod.add_route(&default).await.unwrap(), Outcome::Created);
     assert_eq!(
         in_pod.add_route(&default).await.unwrap(),
@@ -119,6 +111,7 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
         .routes(IpFamily::V4, Route::MAIN_TABLE)
         .await
         .unwrap();
+    assert!(routes.contains(&on_link), "{routes:?}");
     let dumped = routes
         .iter()
         .find(|r| r.destination.prefix_len() == 0)
@@ -131,6 +124,14 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
     );
     assert_eq!(
         in_pod.delete_route(&default).await.unwrap(),
+        Removal::AlreadyGone
+    );
+    assert_eq!(
+        in_pod.delete_neighbour(&gateway).await.unwrap(),
+        Removal::Removed
+    );
+    assert_eq!(
+        in_pod.delete_neighbour(&gateway).await.unwrap(),
         Removal::AlreadyGone
     );
 
@@ -169,14 +170,14 @@ async fn bridge_veth_addresses_routes_in_namespaces() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn non_bridge_link_is_not_reused_as_bridge() {
+async fn a_missing_link_is_enodev() {
     if !weft_testing::root_available("netlink tests create network namespaces") {
         return;
     }
     let node = TestNetns::create("nl-kind");
     let on_node = Netlink::in_netns(&open(&node)).unwrap();
-    let err = on_node.ensure_bridge("lo", 1500, None).await.unwrap_err();
-    assert!(matches!(err, NetlinkError::WrongKind { .. }), "{err}");
     let missing = on_node.set_up(4242).await.unwrap_err();
+    assert_eq!(missing.errno(), Some(Errno::ENODEV), "{missing}");
+    let missing = on_node.set_alias(4242, "weft test").await.unwrap_err();
     assert_eq!(missing.errno(), Some(Errno::ENODEV), "{missing}");
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 
 use crate::control_plane::{
@@ -69,7 +69,9 @@ pub enum NodeKind {
     /// A network namespace with its own mount, PID and UTS namespaces that
     /// runs containerd and a kubelet, which registers the Node and runs the
     /// pods scheduled to it. The control plane gains kube-controller-manager
-    /// and kube-scheduler. See [`crate::NodeMachine`].
+    /// and kube-scheduler. The first node is labelled
+    /// `node-role.kubernetes.io/control-plane` (untainted), where Weft's
+    /// controller runs. See [`crate::NodeMachine`].
     Kubelet,
 }
 
@@ -246,6 +248,11 @@ impl Cluster {
                 Segment::Routed
             };
             cluster.add_node(segment).await?;
+        }
+        if cluster.kubelet_support.is_some() {
+            if let Some(first) = cluster.nodes.first() {
+                mark_control_plane(&cluster.client().await?, &first.name).await?;
+            }
         }
         // The apiserver's connections to kubelets and pods (exec, logs,
         // port-forward, the API proxy) leave from the first node, as from a
@@ -639,6 +646,24 @@ impl Cluster {
     pub fn mark_held_by_cli(&self) -> Result<()> {
         self.run.run().mark_held_by_cli()
     }
+}
+
+/// The label of a control-plane node, where Weft's controller runs.
+const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+
+/// Labels `node` a control-plane node, with the admin's credentials as
+/// kubeadm does (NodeRestriction keeps a kubelet from setting a
+/// `node-role.kubernetes.io` label on itself). No NoSchedule taint: like a
+/// kubeadm cluster whose control-plane taint was removed, test pods still
+/// run on every node.
+async fn mark_control_plane(client: &kube::Client, node: &str) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let patch = serde_json::json!({ "metadata": { "labels": { CONTROL_PLANE_LABEL: "" } } });
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("labelling Node {node} {CONTROL_PLANE_LABEL}"))?;
+    Ok(())
 }
 
 /// Carries the environment changes of `from` over to the wrapper command.

@@ -632,6 +632,10 @@ fn launch(
         .arg(format!("--tls-private-key-file={}", file(&pki.serving_key)))
         .arg(format!("--client-ca-file={}", file(&pki.ca_cert)))
         .arg("--authorization-mode=Node,RBAC")
+        // On top of the default plugins, as in every kubeadm cluster: a
+        // kubelet writes only its own Node and gets tokens only for pods
+        // bound to it, which Weft's node write policy relies on.
+        .arg("--enable-admission-plugins=NodeRestriction")
         .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
         .arg(format!(
             "--service-account-key-file={}",

@@ -21,6 +21,7 @@ fn pod(namespace: &str, name: &str, node: &str, ips: &[&str], app: &str) -> PodR
         name: name.into(),
         labels: labels(&[("app", app)]),
         ips: ips.iter().map(|text| ip(text)).collect(),
+        withheld: Vec::new(),
         node: node.into(),
         named_ports: vec![NamedPort {
             name: "http".into(),
@@ -136,6 +137,47 @@ fn pods_with_the_same_policies_share_one_allow_set() {
         }]
     );
     assert!(plan.egress.isolated.is_empty());
+}
+
+#[test]
+fn an_address_two_pods_claim_selects_nothing_and_stays_isolated_denying_all() {
+    // b and d both claim 10.244.0.3; screening withheld it from both.
+    let mut b = pod("x", "b", "node-0", &[], "db");
+    b.withheld = vec![ip("10.244.0.3")];
+    let mut d = pod("x", "d", "node-0", &[], "web");
+    d.withheld = vec![ip("10.244.0.3")];
+    let pods = [
+        pod("x", "a", "node-0", &["10.244.0.2"], "db"),
+        b,
+        d,
+        pod("x", "c", "node-1", &["10.244.1.2"], "web"),
+    ];
+    let policies = [PolicyRecord {
+        namespace: "x".into(),
+        name: "db-from-web".into(),
+        pod_selector: app("db"),
+        ingress: Some(vec![Rule {
+            peers: vec![Peer::Pods {
+                namespaces: NamespaceScope::Own,
+                pods: app("web"),
+            }],
+            ports: vec![],
+        }]),
+        egress: None,
+    }];
+    let plan = compile("node-0", &pods, &[], &policies);
+    let ingress = &plan.ingress;
+    // d (web) lets nothing in through the withheld address, and the
+    // address is isolated because b (db) is: nothing reaches it.
+    assert!(passes(ingress, ip("10.244.0.2"), ip("10.244.1.2"), 6, 80));
+    assert!(!passes(ingress, ip("10.244.0.2"), ip("10.244.0.3"), 6, 80));
+    assert!(!passes(ingress, ip("10.244.0.3"), ip("10.244.1.2"), 6, 80));
+    assert_eq!(ingress.allow_sets.len(), 2);
+    // Not isolated by any policy: withheld addresses stay out of the map.
+    let mut e = pod("x", "e", "node-0", &[], "other");
+    e.withheld = vec![ip("10.244.0.9")];
+    let plan = compile("node-0", &[e], &[], &policies);
+    assert_eq!(plan, PolicyPlan::default());
 }
 
 // Property tests: the compiled plan against a straightforward reading of
@@ -270,6 +312,7 @@ fn any_pods() -> impl Strategy<Value = Vec<PodRecord>> {
                     name: format!("pod-{i}"),
                     labels,
                     ips,
+                    withheld: Vec::new(),
                     node: format!("node-{node}"),
                     named_ports: ports
                         .into_iter()
