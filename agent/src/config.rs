@@ -369,6 +369,22 @@ impl AgentConfig {
     }
 }
 
+/// A dual-stack configuration for unit tests: 10.244.0.0/16 in /24s,
+/// fd00:10:244::/56 in /64s, everything else default.
+#[cfg(test)]
+pub(crate) fn dual_stack_config() -> AgentConfig {
+    AgentSettings {
+        slices: weft_daemon::slices::SliceSettings {
+            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
+            ..Default::default()
+        },
+        ..AgentSettings::default()
+    }
+    .resolve(std::path::Path::new("/weft-agent"))
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

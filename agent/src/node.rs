@@ -387,13 +387,8 @@ pub fn network_up_patch(now: &str) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
-    use weft_daemon::slices::SliceSettings;
-
     use super::*;
-    use crate::config::AgentSettings;
-
+    use crate::config::dual_stack_config as config;
     fn node(value: Value) -> Node {
         serde_json::from_value(value).unwrap()
     }
@@ -499,20 +494,6 @@ mod tests {
             annotations["weft.dev/backend-data"],
             "{\"vtepMAC\":\"0a:58:00:00:00:02\"}"
         );
-    }
-
-    /// 10.244.0.0/16 in /24s, fd00:10:244::/56 in /64s.
-    fn config() -> AgentConfig {
-        AgentSettings {
-            slices: SliceSettings {
-                cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
-                cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
-                ..SliceSettings::default()
-            },
-            ..AgentSettings::default()
-        }
-        .resolve(Path::new("/weft-agent"))
-        .unwrap()
     }
 
     fn addresses() -> Vec<NodeAddress> {

@@ -432,28 +432,13 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 mod tests {
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, Ipv6Addr};
-    use std::path::Path;
 
     use ipnet::{Ipv4Net, Ipv6Net};
     use proptest::prelude::*;
-    use weft_daemon::slices::SliceSettings;
 
     use super::*;
-    use crate::config::AgentSettings;
+    use crate::config::dual_stack_config as config;
     use crate::peer::MalformedField;
-
-    fn config() -> AgentConfig {
-        AgentSettings {
-            slices: SliceSettings {
-                cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
-                cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
-                ..SliceSettings::default()
-            },
-            ..AgentSettings::default()
-        }
-        .resolve(Path::new("/weft-agent"))
-        .unwrap()
-    }
 
     fn local() -> LocalNode {
         LocalNode {
