@@ -9,10 +9,11 @@
 //!   before the agent starts); time from the agent's cache being ready to
 //!   every route programmed, and the agent's RSS.
 //! - `dataplane`: pod-to-pod TCP throughput across two nodes (iperf3), per
-//!   backend (vxlan, host-gw) on a cluster of its own whose pods were made
-//!   under that backend, beside the same node pair's underlay throughput:
-//!   several rounds that alternate underlay and pod-to-pod runs, reported as
-//!   medians.
+//!   backend (vxlan, host-gw), weft and flannel each on a cluster of its
+//!   own whose pods were made under that backend, both clusters up at
+//!   once: rounds that run both contenders' pod-to-pod and underlay paths
+//!   in turn, reported as medians of each one's share of its underlay and
+//!   of weft over flannel within a round.
 //!
 //! `cargo bench -p weft-agent` runs all three; `cargo bench -p weft-agent --
 //! scale` (or `convergence`, `dataplane`) runs one.
@@ -50,8 +51,8 @@ use testbed::{Overlay, OverlaySpec, PATIENCE};
 const CONVERGENCE_SAMPLES: usize = 50;
 /// Rounds of the dataplane comparison per backend. The machine is shared:
 /// one run of each path swings by 20% with other processes' load, which a
-/// median over interleaved rounds absorbs.
-const DATAPLANE_ROUNDS: usize = 5;
+/// median over rounds that measure both contenders absorbs.
+const DATAPLANE_ROUNDS: usize = 7;
 /// Lines of each agent's log shown when a benchmark fails.
 const LOG_TAIL_LINES: usize = 40;
 
@@ -70,8 +71,7 @@ fn main() -> Result<()> {
         }
         if wanted("dataplane") {
             for backend in ["vxlan", "host-gw"] {
-                dataplane::<Weft>(backend).await?;
-                dataplane::<Flannel>(backend).await?;
+                dataplane(backend).await?;
             }
         }
         Ok(())
@@ -156,7 +156,7 @@ struct Weft(Overlay);
 
 impl Contender for Weft {
     const LABEL: &'static str = "weft";
-    const FEATURES: &'static str = "routed pod veths, guard table (anti-spoofing, VXLAN sender check), NetworkPolicy enforcement on with no policy";
+    const FEATURES: &'static str = "routed pod veths, guard table (anti-spoofing; on vxlan also the VXLAN sender check), NetworkPolicy enforcement on with no policy, masquerade table";
 
     async fn start(
         nodes: usize,
@@ -455,91 +455,132 @@ async fn scale<C: Contender>(peers: usize) -> Result<()> {
     contender.stop().await
 }
 
-/// Pod-to-pod throughput beside the underlay's, from rounds that each
-/// measure both paths back to back.
-struct Comparison {
+/// One contender's two nodes running a backend, a pod on each made under
+/// it (so with the MTU that backend gives pods), and the throughput of
+/// each path between the nodes.
+struct Lane<C: Contender> {
+    contender: C,
+    nodes: Vec<ClusterNode>,
+    pods: Vec<Pod>,
+    pod1_ip: IpAddr,
     underlay: Vec<f64>,
     pod_to_pod: Vec<f64>,
 }
 
-impl Comparison {
-    /// Runs `rounds` rounds. The order within a round alternates so that
-    /// neither path always runs right after the other's load spike or lull.
-    fn measure(
-        rounds: usize,
-        underlay: impl Fn() -> Result<f64>,
-        pod_to_pod: impl Fn() -> Result<f64>,
-    ) -> Result<Self> {
-        let mut comparison = Comparison {
+impl<C: Contender> Lane<C> {
+    async fn start(backend: &'static str) -> Result<Self> {
+        let (contender, _) = meshed::<C>(2, backend).await?;
+        let nodes = contender.cluster().nodes().to_vec();
+        let pods = nodes
+            .iter()
+            .map(|node| contender.add_pod(node))
+            .collect::<Result<Vec<_>>>()?;
+        let pod1_ip = pods[1].ip().context("pod without address")?;
+        Ok(Lane {
+            contender,
+            nodes,
+            pods,
+            pod1_ip,
             underlay: Vec::new(),
             pod_to_pod: Vec::new(),
-        };
-        for round in 0..rounds {
-            if round % 2 == 0 {
-                comparison.underlay.push(underlay()?);
-                comparison.pod_to_pod.push(pod_to_pod()?);
-            } else {
-                comparison.pod_to_pod.push(pod_to_pod()?);
-                comparison.underlay.push(underlay()?);
-            }
-        }
-        Ok(comparison)
+        })
+    }
+
+    fn measure_underlay(&mut self) -> Result<()> {
+        let (server, client) = (&self.nodes[1], &self.nodes[0]);
+        let rate = iperf(
+            server.command("iperf3"),
+            || client.command("iperf3"),
+            IpAddr::V4(server.underlay_ip()),
+        )?;
+        self.underlay.push(rate);
+        Ok(())
+    }
+
+    fn measure_pod_to_pod(&mut self) -> Result<()> {
+        let (server, client) = (&self.pods[1], &self.pods[0]);
+        let rate = iperf(
+            server.command("iperf3"),
+            || client.command("iperf3"),
+            self.pod1_ip,
+        )?;
+        self.pod_to_pod.push(rate);
+        Ok(())
     }
 
     /// Each round's pod-to-pod / underlay ratio: the two runs of a round
     /// share the machine's load of that moment.
     fn ratios(&self) -> Vec<f64> {
-        self.pod_to_pod
-            .iter()
-            .zip(&self.underlay)
-            .map(|(pod, underlay)| pod / underlay)
-            .collect()
+        ratios(&self.pod_to_pod, &self.underlay)
     }
 
     /// "P Gbit/s vs underlay U Gbit/s = R x (rounds lo-hi)", medians.
     fn summary(&self) -> String {
-        let ratios = self.ratios();
-        let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let highest = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!(
-            "{} vs underlay {} = {:.2}x (rounds {lowest:.2}-{highest:.2})",
+            "{} vs underlay {} = {}",
             gbit(median(&self.pod_to_pod)),
             gbit(median(&self.underlay)),
-            median(&ratios),
+            spread(&self.ratios()),
         )
     }
 }
 
-/// Two nodes running `backend`, a pod on each made under it (so with the
-/// MTU that backend gives pods), and the two paths between the nodes.
-async fn dataplane<C: Contender>(backend: &'static str) -> Result<()> {
-    let (contender, _) = meshed::<C>(2, backend).await?;
-    let nodes = contender.cluster().nodes().to_vec();
-    let pods = nodes
+/// `numerators[i] / denominators[i]` for every round.
+fn ratios(numerators: &[f64], denominators: &[f64]) -> Vec<f64> {
+    numerators
         .iter()
-        .map(|node| contender.add_pod(node))
-        .collect::<Result<Vec<_>>>()?;
-    let pod1_ip = pods[1].ip().context("pod without address")?;
-    let underlay = || {
-        iperf(
-            nodes[1].command("iperf3"),
-            || nodes[0].command("iperf3"),
-            IpAddr::V4(nodes[1].underlay_ip()),
-        )
-    };
-    let pod_to_pod = || {
-        iperf(
-            pods[1].command("iperf3"),
-            || pods[0].command("iperf3"),
-            pod1_ip,
-        )
-    };
-    let comparison = Comparison::measure(DATAPLANE_ROUNDS, underlay, pod_to_pod)?;
+        .zip(denominators)
+        .map(|(n, d)| n / d)
+        .collect()
+}
+
+/// "M.MMx (rounds lo-hi)": the median of `ratios` and their range.
+fn spread(ratios: &[f64]) -> String {
+    let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let highest = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.2}x (rounds {lowest:.2}-{highest:.2})", median(ratios))
+}
+
+/// Weft and flannel on `backend`, each on a two-node cluster of its own,
+/// both up at once and measured in the same rounds: each round runs both
+/// contenders' pod-to-pod paths back to back and both underlays, the
+/// order turning from round to round, so that a swing of the shared
+/// machine's load lands on both. Printed: each contender's pod-to-pod
+/// throughput as a share of its own underlay, and weft's pod-to-pod
+/// throughput over flannel's within each round (the head-to-head).
+async fn dataplane(backend: &'static str) -> Result<()> {
+    let mut weft = Lane::<Weft>::start(backend).await?;
+    let mut flannel = Lane::<Flannel>::start(backend).await?;
+    for round in 0..DATAPLANE_ROUNDS {
+        if round % 2 == 0 {
+            weft.measure_pod_to_pod()?;
+            flannel.measure_pod_to_pod()?;
+            weft.measure_underlay()?;
+            flannel.measure_underlay()?;
+        } else {
+            flannel.measure_pod_to_pod()?;
+            weft.measure_pod_to_pod()?;
+            flannel.measure_underlay()?;
+            weft.measure_underlay()?;
+        }
+    }
+    let head_to_head = ratios(&weft.pod_to_pod, &flannel.pod_to_pod);
     println!(
-        "dataplane, {} {backend} (pod-to-pod TCP, iperf3 {IPERF_SECONDS} s, medians of {DATAPLANE_ROUNDS} interleaved rounds; {}): {}",
-        C::LABEL,
-        C::FEATURES,
-        comparison.summary(),
+        "dataplane {backend} (pod-to-pod TCP, iperf3 {IPERF_SECONDS} s, medians of {DATAPLANE_ROUNDS} rounds measuring both at once)"
     );
-    contender.stop().await
+    println!("  {} ({}): {}", Weft::LABEL, Weft::FEATURES, weft.summary());
+    println!(
+        "  {} ({}): {}",
+        Flannel::LABEL,
+        Flannel::FEATURES,
+        flannel.summary()
+    );
+    println!(
+        "  {} / {} pod-to-pod, same round: {}",
+        Weft::LABEL,
+        Flannel::LABEL,
+        spread(&head_to_head)
+    );
+    weft.contender.stop().await?;
+    flannel.contender.stop().await
 }

@@ -15,9 +15,13 @@
 //! layer that stops an attack, its drop counter must rise too, as the agent
 //! exports it. Every attack runs and the test fails at the end naming each
 //! one that got through; allowed traffic must keep working throughout.
+//! Two attacks go through the API and the node rather than the wire: Pod
+//! objects whose status claims the attacker's address, and the policy
+//! table deleted by hand.
 //!
 //! The cluster is IPv4 only, so IPv6 is exercised where every pod has it:
-//! link-local addresses. Needs root.
+//! link-local addresses; forged global IPv6 sources and IPv6 inside VXLAN
+//! are attacked in `guard.rs`, on dual-stack namespace nodes. Needs root.
 
 use std::collections::BTreeMap;
 use std::net::{
@@ -33,8 +37,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use etherparse::{SlicedPacket, TransportSlice};
 use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Pod as PodObject;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::PostParams;
+use kube::api::{DeleteParams, PostParams};
 use kube::Api;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
@@ -51,7 +56,10 @@ use weft_testing::{require_root, run, wait_for};
 
 mod testbed;
 
-use testbed::{agent_get, ensure_default_service_account, publish_pod, Overlay, OverlaySpec};
+use testbed::{
+    agent_get, ensure_default_service_account, pod_object, publish_pod, report_running, Overlay,
+    OverlaySpec,
+};
 
 /// Where every watched namespace listens for UDP and TCP, both families.
 const UDP_PORT: u16 = 7000;
@@ -454,22 +462,39 @@ fn ethertype(frame: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]))
 }
 
-/// `weft_agent_guard_dropped_packets_total{reason}` on `node`'s agent.
-fn guard_dropped(node: &ClusterNode, reason: &str) -> Result<u64> {
+/// The value of the sample of `metric` whose labels include `label` on
+/// `node`'s agent.
+fn agent_metric(node: &ClusterNode, metric: &str, label: &str) -> Result<u64> {
     let metrics = agent_get(node, "/metrics")?;
-    let label = format!("reason=\"{reason}\"");
     metrics
         .lines()
         .find(|line| {
-            line.starts_with("weft_agent_guard_dropped_packets_total{") && line.contains(&label)
+            line.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
         })
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-        .with_context(|| {
-            format!(
-                "{}'s agent exports no weft_agent_guard_dropped_packets_total{{{label}}}",
-                node.name
-            )
-        })
+        .with_context(|| format!("{}'s agent exports no {metric}{{{label}}}", node.name))
+}
+
+/// `weft_agent_guard_dropped_packets_total{reason}` on `node`'s agent.
+fn guard_dropped(node: &ClusterNode, reason: &str) -> Result<u64> {
+    agent_metric(
+        node,
+        "weft_agent_guard_dropped_packets_total",
+        &format!("reason=\"{reason}\""),
+    )
+}
+
+/// `weft_agent_policy_rejected_pod_ips{reason}` on `node`'s agent; 0
+/// before any address was rejected for that reason.
+fn rejected_pod_ips(node: &ClusterNode, reason: &str) -> Result<u64> {
+    let metric = "weft_agent_policy_rejected_pod_ips";
+    let label = format!("reason=\"{reason}\"");
+    match agent_metric(node, metric, &label) {
+        Ok(value) => Ok(value),
+        Err(_) if agent_get(node, "/metrics")?.contains(metric) => Ok(0),
+        Err(error) => Err(error),
+    }
 }
 
 /// A guard counter read before an attack, to see it rise after.
@@ -1117,6 +1142,121 @@ fn forged_vxlan(scene: &Scene, victim: &Watch, case: &str) -> Result<()> {
     guards.into_iter().try_for_each(GuardCount::rose)
 }
 
+/// g. Pod objects whose status lies: one on the other node claiming the
+/// attacker's address (outside that node's slice), one beside the victim
+/// claiming it too (a duplicate), both labelled app=allowed. The agents
+/// must reject both claims (counted), and the attacker, sending from its
+/// own address, stays shut out of the victim.
+async fn lying_pod_status(scene: &Scene, victim: &Watch, case: &str) -> Result<()> {
+    let pods: Api<PodObject> = Api::namespaced(scene.overlay.admin.clone(), "default");
+    let claimed = IpAddr::V4(scene.ip(&scene.attacker));
+    let accepted_before = victim.accepted_from(claimed);
+    let before = (
+        rejected_pod_ips(&scene.near, "outside_node_slices")?,
+        rejected_pod_ips(&scene.near, "duplicate")?,
+    );
+    let liars = [("liar-far", &scene.far), ("liar-near", &scene.near)];
+    for (name, node) in liars {
+        pods.create(
+            &PostParams::default(),
+            &pod_object(name, &node.name, &json!({"app": "allowed"}))?,
+        )
+        .await?;
+        report_running(&pods, name, claimed, IpAddr::V4(node.underlay_ip())).await?;
+    }
+    let outcome = async {
+        wait_for(
+            testbed::PATIENCE,
+            "node 0's agent to reject both lying claims",
+            || {
+                let outside = rejected_pod_ips(&scene.near, "outside_node_slices")?;
+                let duplicate = rejected_pod_ips(&scene.near, "duplicate")?;
+                Ok((outside > before.0 && duplicate > before.1).then_some(()))
+            },
+        )?;
+        let to = scene.socket(&scene.victim, TCP_PORT);
+        ensure!(
+            !scene.attacker.connects(to)?,
+            "the attacker connected to the victim as a lying app=allowed Pod"
+        );
+        scene.attacker.send_udp(
+            scene.socket(&scene.victim, UDP_PORT),
+            forged(case).as_bytes(),
+        )?;
+        victim.settle(&scene.allowed, to.ip(), case)?;
+        let accepted = victim.accepted_from(claimed) - accepted_before;
+        ensure!(
+            accepted == 0,
+            "the victim accepted {accepted} connections from {claimed}"
+        );
+        victim.nothing_tagged(case)
+    }
+    .await;
+    for (name, _) in liars {
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+    outcome
+}
+
+/// h. The policy table deleted by hand on the victim's node: the agent
+/// must put it back by itself (counted), after which the attacker is shut
+/// out again. How long the table was missing is printed, not asserted.
+async fn deleted_policy_table(scene: &Scene, victim: &Watch, case: &str) -> Result<()> {
+    let restored = |node: &ClusterNode| {
+        agent_metric(
+            node,
+            "weft_agent_policy_table_restored_total",
+            "table=\"inet weft-policy\"",
+        )
+        .or_else(|_| Ok::<_, anyhow::Error>(0))
+    };
+    let before = restored(&scene.near)?;
+    let attacker_ip = IpAddr::V4(scene.ip(&scene.attacker));
+    let accepted_before = victim.accepted_from(attacker_ip);
+    let node = Host::of_node(&scene.near);
+    let deleted = std::time::Instant::now();
+    run(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        &node.netns,
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        "weft-policy",
+    ]))?;
+    wait_for(
+        testbed::PATIENCE,
+        "node 0's agent to restore its policy table",
+        || {
+            let listed = std::process::Command::new("ip")
+                .args(["netns", "exec", &node.netns])
+                .args(["nft", "list", "table", "inet", "weft-policy"])
+                .output()?;
+            Ok(listed.status.success().then_some(()))
+        },
+    )?;
+    eprintln!(
+        "{case}: the policy table was back {} ms after it was deleted",
+        deleted.elapsed().as_millis()
+    );
+    wait_for(testbed::PATIENCE, "the restore to be counted", || {
+        Ok((restored(&scene.near)? > before).then_some(()))
+    })?;
+    let to = scene.socket(&scene.victim, TCP_PORT);
+    ensure!(
+        !scene.attacker.connects(to)?,
+        "the attacker connected to the victim after the table came back"
+    );
+    victim.settle(&scene.allowed, to.ip(), case)?;
+    let accepted = victim.accepted_from(attacker_ip) - accepted_before;
+    ensure!(
+        accepted == 0,
+        "the victim accepted {accepted} connections from the attacker"
+    );
+    Ok(())
+}
+
 /// Every attack against a scene on `backend`: forged VXLAN only where
 /// there is VXLAN.
 async fn attack_over(backend: &'static str) -> Result<()> {
@@ -1165,6 +1305,14 @@ async fn attack_over(backend: &'static str) -> Result<()> {
             forged_vxlan(&scene, &victim, "forged-vxlan"),
         );
     }
+    verdicts.record(
+        "g: a lying Pod status",
+        lying_pod_status(&scene, &victim, "lying-status").await,
+    );
+    verdicts.record(
+        "h: a deleted policy table",
+        deleted_policy_table(&scene, &victim, "deleted-table").await,
+    );
     verdicts.record(
         "legitimate traffic after",
         legitimate_traffic_flows(&scene, &victim, "after"),
