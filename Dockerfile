@@ -1,6 +1,8 @@
 # Weft's image: weft-controller, weft-agent and the `weft` CNI plugin (which
 # the agent installs on each node), plus `nft` for the agent's masquerade
-# table and a static busybox for the install-cni init container.
+# table and a static busybox for the install-cni init container. It also
+# carries the static kubectl plugin at /usr/local/bin/kubectl-weft, e.g.
+#   docker create --name w <image> && docker cp w:/usr/local/bin/kubectl-weft . && docker rm w
 #
 #   docker build -t <registry>/weft:<version> .
 #

@@ -9,6 +9,8 @@
 #   /usr/local/bin/weft-controller, /usr/local/bin/weft-agent
 #   /usr/local/bin/weft             the CNI plugin, statically linked: the agent
 #                                   copies it onto hosts whose libc is unknown
+#   /usr/local/bin/kubectl-weft     the kubectl plugin, statically linked, for
+#                                   operators to copy out of the image
 #   /usr/sbin/nft                   + its libraries under /lib*, /usr/lib*
 #   /bin/busybox, /bin/{sh,cp,mv,rm,cat,ls}
 #
@@ -18,6 +20,7 @@ set -euo pipefail
 [[ $# -eq 2 ]] || { echo "usage: $0 ROOTFS BINDIR" >&2; exit 2; }
 rootfs="$1"
 controller="$2/weft-controller" agent="$2/weft-agent" plugin="$2/weft"
+kubectl_weft="$2/kubectl-weft"
 
 nft="$(command -v nft || true)"
 busybox="$(command -v busybox || true)"
@@ -32,6 +35,11 @@ fi
 # image's libc.
 if ldd "$plugin" >/dev/null 2>&1; then
   echo "assemble-rootfs.sh: $plugin is dynamically linked: build it with packaging/build-binaries.sh" >&2
+  exit 1
+fi
+# The kubectl plugin runs wherever an operator copies it.
+if ldd "$kubectl_weft" >/dev/null 2>&1; then
+  echo "assemble-rootfs.sh: $kubectl_weft is dynamically linked: build it with packaging/build-binaries.sh" >&2
   exit 1
 fi
 
@@ -55,6 +63,7 @@ mkdir -p "$rootfs"
 install -D -s -m 0755 "$controller" "$rootfs/usr/local/bin/weft-controller"
 install -D -s -m 0755 "$agent" "$rootfs/usr/local/bin/weft-agent"
 install -D -s -m 0755 "$plugin" "$rootfs/usr/local/bin/weft"
+install -D -s -m 0755 "$kubectl_weft" "$rootfs/usr/local/bin/kubectl-weft"
 install -D -m 0755 "$nft" "$rootfs/usr/sbin/nft"
 install -D -m 0755 "$busybox" "$rootfs/bin/busybox"
 for applet in sh cp mv rm cat ls; do

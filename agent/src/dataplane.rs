@@ -177,6 +177,13 @@ impl OwnSlices {
     pub fn slices(&self) -> &[IpNet] {
         &self.0
     }
+
+    /// Slices taken as they are, without [`check_own_slices`]: for unit
+    /// tests of what plans from them.
+    #[cfg(test)]
+    pub(crate) fn unchecked(slices: Vec<IpNet>) -> Self {
+        OwnSlices(slices)
+    }
 }
 
 /// A change to the `unreachable` route of one of this node's slices.
@@ -454,11 +461,27 @@ impl Dataplane {
     where
         H: Fn(&Operation) -> bool,
     {
+        let (_, plan) = self.plan_holding(desired, own, hold).await?;
+        self.apply(&plan).await
+    }
+
+    /// Dumps and plans as [`Dataplane::reconcile_holding`] does, without
+    /// applying: the plan, and the dump it was made from. What a reconcile
+    /// would change now (see [`super::kernel_check`]).
+    pub async fn plan_holding<H>(
+        &self,
+        desired: &DesiredState,
+        own: &OwnSlices,
+        hold: impl FnOnce(&[RouteConflict]) -> H,
+    ) -> Result<(Dump, RoutePlan), DataplaneError>
+    where
+        H: Fn(&Operation) -> bool,
+    {
         let dump = self.dump().await?;
         let mut plan = plan_routes(desired, own, &dump);
         let hold = hold(&plan.conflicts);
         plan.operations.retain(|operation| !hold(operation));
-        self.apply(&plan).await
+        Ok((dump, plan))
     }
 
     /// Applies a plan: this node's slice routes (a failure there fails the

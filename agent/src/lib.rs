@@ -24,6 +24,10 @@
 //! - Node writes (module `publish`): this node's annotations and its
 //!   NetworkUnavailable=False condition.
 //! - [`uninstall`]: removing Weft from the node when its DaemonSet is gone.
+//! - What `/status` reports beyond the loop's own state: [`kernel_check`]
+//!   (what the kernel lacks or holds in excess, planned without applying)
+//!   and [`ipam_audit`] (the plugin's address store against this node's
+//!   Pods).
 //! - [`run()`]: the loop that ties them together; [`AgentError`] is what
 //!   stops it or fails one pass, [`metrics`] what it counts.
 
@@ -33,6 +37,8 @@ pub mod dataplane;
 mod error;
 pub mod guard;
 pub mod install;
+pub mod ipam_audit;
+pub mod kernel_check;
 pub mod masquerade;
 pub mod metrics;
 pub mod nft_watch;
@@ -46,6 +52,7 @@ mod retry;
 mod run;
 pub mod screen;
 mod setup;
+mod status;
 pub mod underlay;
 pub mod uninstall;
 mod watch;

@@ -81,6 +81,8 @@ struct Watched {
     /// The family's number and the name, as notifications carry them.
     key: (u8, String),
     check: Check,
+    /// Why the last check failed; `None` once one succeeds.
+    failure: Option<String>,
 }
 
 #[derive(Default)]
@@ -146,11 +148,27 @@ impl TableRegistry {
             table,
             key,
             check: Box::new(check),
+            failure: None,
         });
         Registration {
             tables: Arc::downgrade(&self.tables),
             id,
         }
+    }
+
+    /// The registered tables whose last check failed, each with the error:
+    /// a table changed behind the agent's back that could not be restored
+    /// (or not even read), which may differ from what its owner last wrote
+    /// until a later check or its owner's next write succeeds. A table
+    /// changed moments ago is not among them: its check, due within
+    /// [`SETTLE_AT_MOST`], restores it. Reads what the checks left, runs
+    /// no check and no `nft`.
+    pub fn failed_checks(&self) -> Vec<(&'static str, String)> {
+        lock(&self.tables)
+            .watched
+            .iter()
+            .filter_map(|w| Some((w.table, w.failure.clone()?)))
+            .collect()
     }
 
     /// Runs the checks of the tables `touched` names.
@@ -161,7 +179,9 @@ impl TableRegistry {
             .filter(|w| touched.names(w))
         {
             let table = watched.table;
-            match (watched.check)() {
+            let checked = (watched.check)();
+            watched.failure = checked.as_ref().err().map(ToString::to_string);
+            match checked {
                 Ok(TableCheck::Intact) => {}
                 Ok(TableCheck::Restored) => {
                     metrics.record_table_restored(table);
@@ -536,6 +556,38 @@ mod tests {
         drop(policy);
         registry.check(&touched, Instant::now(), &metrics);
         assert_eq!(*calls.lock().unwrap(), ["policy", "policy", "masquerade"]);
+    }
+
+    #[test]
+    fn a_failed_check_is_reported_until_a_check_succeeds() {
+        let registry = TableRegistry::default();
+        let metrics = AgentMetrics::register(&mut prometheus_client::registry::Registry::default());
+        let fail = Arc::new(Mutex::new(true));
+        let _guard = registry.register("inet weft-guard", {
+            let fail = fail.clone();
+            move || match *fail.lock().unwrap() {
+                true => Err(NftError::Nft {
+                    action: "write the guard table inet weft-guard",
+                    status: "exit status: 1".into(),
+                    stderr: "Error: Could not process rule".into(),
+                }),
+                false => Ok(TableCheck::Restored),
+            }
+        });
+        let _policy = registry.register("inet weft-policy", || Ok(TableCheck::Intact));
+        assert!(registry.failed_checks().is_empty(), "nothing checked yet");
+        let all = Touched {
+            all: true,
+            ..Touched::default()
+        };
+        registry.check(&all, Instant::now(), &metrics);
+        let failed = registry.failed_checks();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, "inet weft-guard");
+        assert!(failed[0].1.contains("Could not process rule"), "{failed:?}");
+        *fail.lock().unwrap() = false;
+        registry.check(&all, Instant::now(), &metrics);
+        assert!(registry.failed_checks().is_empty());
     }
 
     #[test]

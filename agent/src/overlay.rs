@@ -101,6 +101,34 @@ pub struct KernelState {
     pub routes: Vec<OverlayRoute>,
 }
 
+#[cfg(test)]
+impl KernelState {
+    /// Exactly the entries of `desired`, as a kernel that matches it holds
+    /// them: for tests of what plans from a dump.
+    pub(crate) fn matching(desired: &DesiredState) -> Self {
+        KernelState {
+            neighbours: desired
+                .neighbours
+                .iter()
+                .map(|(&ip, &mac)| Neighbour { ip, mac })
+                .collect(),
+            fdb: desired
+                .fdb
+                .iter()
+                .map(|(&mac, &remote)| FdbEntry { mac, remote })
+                .collect(),
+            routes: desired
+                .routes
+                .iter()
+                .map(|(&destination, &next_hop)| OverlayRoute {
+                    destination,
+                    next_hop,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One kernel change. `Set*` is a netlink replace (create or update in
 /// place), `Delete*` treats "already gone" as success.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,18 +349,19 @@ fn replaced_in_place(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn net(s: &str) -> IpNet {
+    pub(crate) fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
-    fn ip(s: &str) -> IpAddr {
+    pub(crate) fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
-    fn mac(last: u8) -> VtepMac {
+    /// A VTEP MAC that differs from the others by its last byte.
+    pub(crate) fn mac(last: u8) -> VtepMac {
         VtepMac::new([0x0a, 0x58, 0, 0, 0, last])
     }
 
@@ -472,29 +501,6 @@ mod tests {
         assert!(state.fdb.is_empty());
     }
 
-    fn kernel_of(state: &DesiredState) -> KernelState {
-        KernelState {
-            neighbours: state
-                .neighbours
-                .iter()
-                .map(|(&ip, &mac)| Neighbour { ip, mac })
-                .collect(),
-            fdb: state
-                .fdb
-                .iter()
-                .map(|(&mac, &remote)| FdbEntry { mac, remote })
-                .collect(),
-            routes: state
-                .routes
-                .iter()
-                .map(|(&destination, &next_hop)| OverlayRoute {
-                    destination,
-                    next_hop,
-                })
-                .collect(),
-        }
-    }
-
     #[test]
     fn empty_kernel_gets_neighbours_then_fdb_then_routes() {
         let desired = desired_state(Backend::Vxlan, &local(), &peers());
@@ -516,14 +522,14 @@ mod tests {
     #[test]
     fn matching_kernel_needs_nothing() {
         let desired = desired_state(Backend::Direct, &local(), &peers());
-        assert!(plan(&desired, &kernel_of(&desired)).is_empty());
+        assert!(plan(&desired, &KernelState::matching(&desired)).is_empty());
     }
 
     #[test]
     fn deleted_peer_is_removed_route_first() {
         let before = desired_state(Backend::Vxlan, &local(), &peers());
         let after = desired_state(Backend::Vxlan, &local(), &peers()[..1]);
-        let ops = plan(&after, &kernel_of(&before));
+        let ops = plan(&after, &KernelState::matching(&before));
         assert_eq!(
             ops,
             vec![
@@ -550,7 +556,7 @@ mod tests {
         moved[1].vtep_mac = Some(mac(7));
         moved[1].public_ip = ip("172.31.1.99");
         let after = desired_state(Backend::Vxlan, &local(), &moved);
-        let ops = plan(&after, &kernel_of(&before));
+        let ops = plan(&after, &KernelState::matching(&before));
         assert_eq!(
             ops,
             vec![
@@ -575,7 +581,7 @@ mod tests {
     fn changed_next_hop_is_replaced_not_deleted() {
         let before = desired_state(Backend::Vxlan, &local(), &peers());
         let after = desired_state(Backend::Direct, &local(), &peers());
-        let ops = plan(&after, &kernel_of(&before));
+        let ops = plan(&after, &KernelState::matching(&before));
         assert!(ops.contains(&Operation::SetRoute(OverlayRoute {
             destination: net("10.244.1.0/24"),
             next_hop: NextHop::Underlay(ip("172.31.0.11")),
@@ -594,7 +600,7 @@ mod tests {
     #[test]
     fn drift_is_repaired_and_strays_removed() {
         let desired = desired_state(Backend::Vxlan, &local(), &peers());
-        let mut kernel = kernel_of(&desired);
+        let mut kernel = KernelState::matching(&desired);
         let lost = kernel.routes.remove(0);
         let stray = FdbEntry {
             mac: mac(1),

@@ -89,6 +89,13 @@ impl PeerRetries {
     pub(crate) fn len(&self) -> usize {
         self.failing.len()
     }
+
+    /// Each peer on its backoff and when it is retried next.
+    pub(crate) fn due(&self) -> impl Iterator<Item = (&str, Instant)> {
+        self.failing
+            .iter()
+            .map(|(name, retry)| (name.as_str(), retry.due))
+    }
 }
 
 /// The entries to hold this reconcile: those of the `accepted` peers that

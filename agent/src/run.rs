@@ -15,7 +15,7 @@
 //! [`super::cache`] up to date for the following reconcile to repair
 //! whatever changed meanwhile.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,19 +27,21 @@ use tracing::Instrument;
 
 use super::cache::{watch_nodes, NodeCache, NodeSnapshot};
 use super::config::AgentConfig;
-use super::dataplane::{ApplyReport, Dataplane};
+use super::dataplane::{ApplyReport, Dataplane, RouteConflict};
 use super::error::AgentError;
 use super::guard::{Guard, GuardChange, GuardState, TABLE as GUARD_TABLE};
+use super::kernel_check::{desired_for_peers, KernelCheckHandle};
 use super::masquerade::{MasqueradeTable, TABLE as MASQUERADE_TABLE};
 use super::metrics::AgentMetrics;
 use super::nft_watch::{Registration, TableRegistry, TableWatch};
-use super::overlay::{desired_state, EntryOwners, Operation, SkippedPeer};
+use super::overlay::{EntryOwners, Operation, SkippedPeer};
 use super::policy::enforce::enforce;
 use super::policy::nft::{remove_table, TABLE as POLICY_TABLE};
 use super::publish::NodePublisher;
 use super::retry::{held_peers, ConflictLog, PeerRetries, RETRY_CAP, RETRY_START};
-use super::screen::{screen, Rejected, Rules, Screened};
-use super::setup::NodeSetup;
+use super::screen::{Rejected, Screened};
+use super::setup::{AppliedSetup, NodeSetup};
+use super::status::{peers, AgentStatusSource, PolicyRecorder, Retrying};
 use super::uninstall::{ask_api, decide, tear_down, DaemonSetWatcher, OwnDaemonSet, Shutdown};
 use weft_core::netlink::{Netlink, Removal};
 use weft_daemon::serve::{self, Health};
@@ -79,12 +81,24 @@ async fn run_inner(
     let metrics = AgentMetrics::register(&mut registry);
     let health = Health::new();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let server = serve::start(config.metrics_address, registry, health.clone(), {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        }
-    })
+    let status = AgentStatusSource::new(
+        &node_name,
+        config.backend.as_str(),
+        config.network_policy,
+        health.clone(),
+    );
+    let server = serve::start(
+        config.metrics_address,
+        registry,
+        health.clone(),
+        Arc::new(status.clone()),
+        {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+        },
+    )
     .await?;
 
     let daemonset_watch = match own_daemonset {
@@ -108,10 +122,18 @@ async fn run_inner(
         &cache,
         table_watch.as_ref().map(|(watch, _)| watch.registry()),
         &metrics,
+        status.policy_recorder(),
         policy_stop,
     )
     .await;
-    let mut reconciler = Reconciler::new(config, node_name, nodes, metrics, health)?;
+    let kernel = KernelCheckHandle::new(
+        config.clone(),
+        cache.clone(),
+        table_watch.as_ref().map(|(watch, _)| watch.registry()),
+    );
+    status.attach_checks(kernel.clone(), client.clone());
+    let mut reconciler =
+        Reconciler::new(config, node_name, nodes, metrics, health, status, kernel)?;
     let guard_watch = table_watch
         .as_ref()
         .map(|(watch, _)| reconciler.guard.register(&watch.registry()));
@@ -169,6 +191,7 @@ fn start_table_watch(
 /// Starts enforcing NetworkPolicy when the configuration asks for it; when
 /// it does not, removes a table an earlier run left, so turning policy off
 /// stops enforcement.
+#[allow(clippy::too_many_arguments)]
 async fn start_policy(
     config: &AgentConfig,
     client: &Client,
@@ -176,6 +199,7 @@ async fn start_policy(
     nodes: &Arc<NodeCache>,
     tables: Option<TableRegistry>,
     metrics: &AgentMetrics,
+    status: PolicyRecorder,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if config.network_policy {
@@ -185,6 +209,7 @@ async fn start_policy(
             nodes.clone(),
             tables,
             metrics.clone(),
+            status,
             config.resync,
             stop,
         );
@@ -267,6 +292,12 @@ struct Reconciler {
     logged_rejections: Vec<Rejected>,
     /// Peers the kernel refused, on their backoff.
     retries: PeerRetries,
+    /// The kernel's last refusal of each peer in `retries`, for `/status`.
+    refusals: BTreeMap<String, String>,
+    /// What `/status` serves, updated after each pass.
+    status: AgentStatusSource,
+    /// What `/status?check=kernel` plans against, updated after each pass.
+    kernel: KernelCheckHandle,
     /// The route conflicts logged last.
     conflicts: ConflictLog,
     waiting_logged: bool,
@@ -279,6 +310,8 @@ impl Reconciler {
         nodes: Api<Node>,
         metrics: AgentMetrics,
         health: Arc<Health>,
+        status: AgentStatusSource,
+        kernel: KernelCheckHandle,
     ) -> Result<Self, AgentError> {
         Ok(Reconciler {
             dataplane: Dataplane::new(Netlink::current()?),
@@ -292,6 +325,9 @@ impl Reconciler {
             logged_skips: Vec::new(),
             logged_rejections: Vec::new(),
             retries: PeerRetries::default(),
+            refusals: BTreeMap::new(),
+            status,
+            kernel,
             conflicts: ConflictLog::default(),
             waiting_logged: false,
         })
@@ -308,17 +344,32 @@ impl Reconciler {
         let mut retry_at: Option<tokio::time::Instant> = None;
         tokio::pin!(shutdown);
         loop {
-            let full = tokio::select! {
+            // A resync is a full pass the clock asked for: what it changes
+            // had drifted, so `/status` counts it as repaired.
+            let (full, resync_due) = tokio::select! {
                 _ = &mut shutdown => break,
-                _ = cache.changed() => false,
-                _ = resync.tick() => true,
-                _ = sleep_until(retry_at) => true,
+                _ = cache.changed() => (false, false),
+                _ = resync.tick() => (true, true),
+                _ = sleep_until(retry_at) => (true, false),
             };
             let Some(nodes) = cache.snapshot() else {
                 continue;
             };
-            match self.reconcile(&nodes, full).await {
-                Ok(()) => {
+            let started = Instant::now();
+            let outcome = self.reconcile(&nodes, full).await;
+            match &outcome {
+                Ok(Some(applied)) => self
+                    .status
+                    .reconciled(started.elapsed(), resync_due.then_some(*applied)),
+                Ok(None) => {}
+                Err(error) => {
+                    self.status.reconcile_failed(started.elapsed(), error);
+                    self.status
+                        .not_ready(format!("the last reconcile failed: {error}"));
+                }
+            }
+            match outcome {
+                Ok(_) => {
                     retry_delay = RETRY_START;
                     // Peers the kernel refused are retried when due.
                     retry_at = self.retries.next_due();
@@ -334,8 +385,14 @@ impl Reconciler {
     }
 
     /// One pass: node set-up when this node changed (or on a `full` pass),
-    /// then the peers, then the Node writes.
-    async fn reconcile(&mut self, nodes: &NodeSnapshot, full: bool) -> Result<(), AgentError> {
+    /// then the peers, then the Node writes. Returns how many kernel
+    /// operations on peer entries it applied, or `None` when it waits for
+    /// this node's Node or slice.
+    async fn reconcile(
+        &mut self,
+        nodes: &NodeSnapshot,
+        full: bool,
+    ) -> Result<Option<usize>, AgentError> {
         // Pods are guarded before the set-up installs the plugin that wires
         // them; a table the last run left keeps guarding meanwhile.
         if self.guard.start().await.map_err(AgentError::Guard)? == GuardChange::Written {
@@ -356,7 +413,17 @@ impl Reconciler {
                 tracing::info!("waiting for the controller to assign this node a pod CIDR");
                 self.waiting_logged = true;
             }
-            return Ok(());
+            self.status.not_ready(match nodes.own {
+                None => format!(
+                    "Node {} is not in the API server's node list",
+                    self.node_name
+                ),
+                Some(_) => format!(
+                    "Node {} has no pod CIDR yet: waiting for weft-controller to assign one",
+                    self.node_name
+                ),
+            });
+            return Ok(None);
         };
         let started = Instant::now();
         // Nothing is set up from a slice that fails a peer's checks.
@@ -382,13 +449,8 @@ impl Reconciler {
             )
             .await?;
 
-        let rules = Rules {
-            config: &self.config,
-            local: &setup.local,
-            public_ip: setup.public_ip,
-            vtep_mac: setup.vtep.as_ref().map(|vtep| vtep.mac),
-        };
-        let screened = screen(&rules, nodes.peers.values());
+        // The kernel check plans with the same screen and desired state.
+        let (screened, desired) = desired_for_peers(&self.config, &setup, &nodes.peers);
         // Before the routes: a new peer's VXLAN is let in before traffic
         // to its pods can leave.
         let guard = GuardState::of(
@@ -404,11 +466,6 @@ impl Reconciler {
                 "guard table VXLAN senders set"
             );
         }
-        let desired = desired_state(
-            self.config.backend,
-            &setup.local,
-            screened.accepted.iter().copied(),
-        );
         let now = tokio::time::Instant::now();
         // Only accepted peers are held: a waiting peer rejected since has
         // its entries removed like any other rejected peer's.
@@ -420,7 +477,10 @@ impl Reconciler {
                 move |operation: &Operation| held.owner(operation).is_some()
             })
             .await?;
+        self.kernel
+            .record(&self.dataplane, &setup, &own_slices, &waiting);
         self.record_refusals(now, &screened, &report);
+        self.record_status(&setup, &screened, &report.conflicts);
         self.conflicts.record(&report.conflicts, &screened.accepted);
         self.metrics.record_route_conflicts(report.conflicts.len());
         for change in &report.own_slices {
@@ -464,7 +524,34 @@ impl Reconciler {
             .publish(self.config.backend, own, &setup)
             .await?;
         self.health.set_ready(true);
-        Ok(())
+        Ok(Some(report.applied.len()))
+    }
+
+    /// Copies what this pass found into the `/status` snapshot: the node's
+    /// set-up and what became of each peer.
+    fn record_status(
+        &self,
+        setup: &AppliedSetup,
+        screened: &Screened<'_>,
+        conflicts: &[RouteConflict],
+    ) {
+        self.status.record_setup(setup);
+        let now = tokio::time::Instant::now();
+        let retrying: Vec<Retrying<'_>> = self
+            .retries
+            .due()
+            .map(|(node, due)| Retrying {
+                node,
+                retry_in: due.saturating_duration_since(now),
+                refusal: self.refusals.get(node).map(String::as_str),
+            })
+            .collect();
+        self.status.record_peers(peers(
+            &screened.accepted,
+            &screened.rejected,
+            &retrying,
+            conflicts,
+        ));
     }
 
     /// Adds what the guard table dropped since the last reading to the
@@ -498,6 +585,9 @@ impl Reconciler {
             for (operation, error) in &report.failed {
                 let peer = owners.owner(operation);
                 tracing::warn!(peer = peer.unwrap_or("(none)"), ?operation, %error, "kernel refused a peer entry; the other peers go on");
+                if let Some(peer) = peer {
+                    self.refusals.insert(peer.to_owned(), error.to_string());
+                }
                 refused.extend(peer);
             }
         }
@@ -506,5 +596,8 @@ impl Reconciler {
         for (peer, delay) in self.retries.record(now, refused, accepted) {
             tracing::info!(%peer, retry_in = ?delay, "peer entries held back until the retry");
         }
+        let retrying: BTreeSet<&str> = self.retries.due().map(|(peer, _)| peer).collect();
+        self.refusals
+            .retain(|peer, _| retrying.contains(peer.as_str()));
     }
 }

@@ -35,6 +35,10 @@ pub(crate) struct AppliedSetup {
     pub(crate) public_ip: IpAddr,
     /// The VTEP device's settings; none for host-gw.
     pub(crate) vtep: Option<Vtep>,
+    /// The underlay interface's name, for `/status`.
+    pub(crate) underlay_device: String,
+    /// The MTU written to the node file for pods, for `/status`.
+    pub(crate) mtu: u32,
 }
 
 /// The set-up of the node this agent runs on, and what it last applied.
@@ -145,6 +149,8 @@ impl NodeSetup {
             },
             public_ip,
             vtep,
+            underlay_device: underlay.link_name,
+            mtu,
         })
     }
 

@@ -32,12 +32,9 @@ use ipnet::IpNet;
 use nix::fcntl::{Flock, FlockArg};
 
 use weft_core::ip::{addr_bits, IpFamily};
+use weft_core::ipam_store::{address_of, LAST_RESERVED_PREFIX, LOCK_FILE, TEMP_PREFIX};
 
 use crate::cni::Attachment;
-
-const LOCK_FILE: &str = "lock";
-const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
-const TEMP_PREFIX: &str = ".tmp-";
 
 /// Why an IPAM operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -437,7 +434,7 @@ impl Store {
     fn scan(&self) -> Result<Vec<Allocation>, IpamError> {
         let mut allocations = Vec::new();
         for name in self.file_names()? {
-            let Ok(ip) = name.parse::<IpAddr>() else {
+            let Some(ip) = address_of(&name) else {
                 continue;
             };
             let path = self.dir.join(&name);
@@ -472,12 +469,10 @@ impl Store {
     }
 }
 
-/// `<containerID>\n<ifname>`, tolerating the `\r\n` and trailing newline
-/// that other host-local writers use.
+/// The owner an address file records ([`weft_core::ipam_store::parse_owner`]),
+/// if it is a valid attachment.
 fn parse_owner(content: &str) -> Option<Attachment> {
-    let (container_id, ifname) = content.split_once('\n')?;
-    let container_id = container_id.strip_suffix('\r').unwrap_or(container_id);
-    let ifname = ifname.trim_end_matches(['\r', '\n']);
+    let (container_id, ifname) = weft_core::ipam_store::parse_owner(content)?;
     Attachment::new(container_id, ifname).ok()
 }
 
@@ -514,6 +509,12 @@ mod tests {
 
     fn one(store: &Store, id: &str, r: &AllocRange) -> IpAddr {
         store.allocate(&owner(id), std::slice::from_ref(r)).unwrap()[0]
+    }
+
+    #[test]
+    fn the_agent_reads_the_store_the_default_conflist_uses() {
+        let default = Path::new(crate::cni::DEFAULT_DATA_DIR).join("weft");
+        assert_eq!(default, Path::new(weft_core::ipam_store::STORE_DIR));
     }
 
     #[test]

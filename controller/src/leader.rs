@@ -90,6 +90,8 @@ pub struct LeaderElection {
     /// The last lease record seen (by resourceVersion) and when it was first
     /// seen locally.
     observed: Option<(String, Instant)>,
+    /// The holder named by the last lease record seen.
+    holder: Option<String>,
 }
 
 /// This replica's identity: the pod name (`POD_NAME`) or hostname, plus the
@@ -127,6 +129,7 @@ impl LeaderElection {
             identity: identity.to_owned(),
             timings,
             observed: None,
+            holder: None,
         }
     }
 
@@ -138,6 +141,13 @@ impl LeaderElection {
     /// The timings in use.
     pub fn timings(&self) -> LeaseTimings {
         self.timings
+    }
+
+    /// The holder of the lease as last seen (`None`: nobody held it, or it
+    /// has not been read yet). It may have expired since: a standby takes an
+    /// expired lease over only when it next looks.
+    pub fn holder(&self) -> Option<&str> {
+        self.holder.as_deref()
     }
 
     fn api_error(&self, action: &'static str) -> impl FnOnce(kube::Error) -> LeaseError + '_ {
@@ -154,6 +164,11 @@ impl LeaderElection {
     }
 
     fn observe(&mut self, lease: &Lease) {
+        self.holder = lease
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.holder_identity.clone())
+            .filter(|holder| !holder.is_empty());
         let version = lease.resource_version().unwrap_or_default();
         if self.observed.as_ref().map(|(seen, _)| seen) != Some(&version) {
             self.observed = Some((version, Instant::now()));
@@ -197,9 +212,8 @@ impl LeaderElection {
         };
         self.observe(&lease);
         let mut spec = lease.spec.take().unwrap_or_default();
-        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let ours = holder.as_deref() == Some(self.identity.as_str());
-        if let (Some(_), false) = (&holder, ours) {
+        let ours = self.holder() == Some(self.identity.as_str());
+        if self.holder.is_some() && !ours {
             let lasts = spec
                 .lease_duration_seconds
                 .and_then(|s| u64::try_from(s).ok())

@@ -9,7 +9,8 @@
 //! - [`leader`]: the Lease election that lets one replica allocate;
 //! - [`config`]: layered settings and their checks;
 //! - `node`, `report`, `metrics`: reading and patching a Node, telling
-//!   operators about nodes left alone, and the Prometheus metrics.
+//!   operators about nodes left alone, and the Prometheus metrics;
+//! - `status`: the `/status` document, from a snapshot the run loop keeps.
 
 pub mod allocator;
 pub mod config;
@@ -18,6 +19,7 @@ mod metrics;
 mod node;
 mod reconcile;
 mod report;
+mod status;
 
 pub use config::{ControllerConfig, ControllerSettings};
 pub use leader::{LeaderElection, LeaseTimings};

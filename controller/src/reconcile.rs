@@ -29,12 +29,13 @@ use kube::runtime::{applier, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 
-use crate::allocator::{Assignment, NodeSlices, PodCidrAllocator};
+use crate::allocator::{Assignment, NodeSlices, PodCidrAllocator, PoolUsage};
 use crate::config::ControllerConfig;
 use crate::leader::{LeaderElection, LeaseTimings};
 use crate::metrics::ControllerMetrics;
 use crate::node::{claims_of, slice_patch};
 use crate::report::{exhaustion_findings, Finding, Reporter};
+use crate::status::StatusBoard;
 use crate::{Error, FIELD_MANAGER};
 use weft_daemon::serve::{self, Health};
 
@@ -51,7 +52,8 @@ const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 /// Runs the controller until `shutdown` resolves: serves `/healthz`,
-/// `/readyz`, `/metrics`, stands for election and allocates while leading.
+/// `/readyz`, `/status`, `/metrics`, stands for election and allocates while
+/// leading.
 /// On shutdown a held lease is released so a standby takes over at once.
 pub async fn run(
     client: Client,
@@ -63,10 +65,16 @@ pub async fn run(
     let metrics = ControllerMetrics::register(&mut registry);
     let health = Health::new();
     let shutdown = shutdown.boxed().shared();
+    let clusters = std::iter::once(config.v4)
+        .chain(config.v6)
+        .map(|plan| plan.cluster())
+        .collect();
+    let status = StatusBoard::new(&identity, clusters);
     let server = serve::start(
         config.metrics_address,
         registry,
         health.clone(),
+        status.clone(),
         shutdown.clone(),
     )
     .await?;
@@ -87,16 +95,19 @@ pub async fn run(
     loop {
         tokio::select! {
             () = shutdown.clone() => break,
-            () = stand_by(&mut election, &health) => {}
+            () = stand_by(&mut election, &health, &status) => {}
         }
         tracing::info!(identity, "leading: allocating pod CIDRs");
         metrics.set_leader(true);
+        status.set_leading(true);
         let lost = tokio::select! {
             () = shutdown.clone() => None,
             lost = election.keep() => Some(lost),
-            never = lead(client.clone(), &config, &identity, &metrics) => match never {},
+            never = lead(client.clone(), &config, &identity, &metrics, &status) => match never {},
         };
         metrics.set_leader(false);
+        status.set_leading(false);
+        status.set_leader(election.holder());
         match lost {
             Some(lost) => tracing::warn!(%lost, "stopped leading; standing by"),
             None => {
@@ -115,14 +126,17 @@ pub async fn run(
 }
 
 /// Returns once this replica holds the lease. Readiness means "talking to
-/// the API server": a standby is ready too, it just waits.
-async fn stand_by(election: &mut LeaderElection, health: &Health) {
+/// the API server": a standby is ready too, it just waits. Each look at the
+/// lease records its holder for `/status`.
+async fn stand_by(election: &mut LeaderElection, health: &Health, status: &StatusBoard) {
     let timings = election.timings();
     let mut backoff = BACKOFF_START;
     loop {
         // A hung connection must not stall the standby past a lease duration.
         let attempt = tokio::time::timeout(timings.renew_deadline, election.try_acquire_or_renew());
-        let problem = match attempt.await {
+        let attempt = attempt.await;
+        status.set_leader(election.holder());
+        let problem = match attempt {
             Ok(Ok(leading)) => {
                 health.set_ready(true);
                 if leading {
@@ -153,6 +167,7 @@ struct Context {
     wake: mpsc::UnboundedSender<ObjectRef<Node>>,
     metrics: ControllerMetrics,
     reporter: Reporter,
+    status: Arc<StatusBoard>,
 }
 
 /// One leadership term; runs until dropped.
@@ -161,6 +176,7 @@ async fn lead(
     config: &ControllerConfig,
     identity: &str,
     metrics: &ControllerMetrics,
+    status: &Arc<StatusBoard>,
 ) -> Infallible {
     let nodes: Api<Node> = Api::all(client.clone());
     let (store, writer) = reflector::store();
@@ -173,6 +189,7 @@ async fn lead(
         wake,
         metrics: metrics.clone(),
         reporter: Reporter::new(client, identity),
+        status: status.clone(),
     });
     let watch = watcher(nodes, watcher::Config::default())
         // Status (images, conditions) is most of a Node and none of our business.
@@ -244,9 +261,9 @@ impl Context {
                 }
                 // Nor does a re-list report nodes deleted while the watch was down.
                 let store = self.store.clone();
-                self.free_where(|allocator, now| {
-                    allocator.retain_nodes(|name| store.get(&ObjectRef::new(name)).is_some(), now)
-                });
+                let exists = move |name: &str| store.get(&ObjectRef::new(name)).is_some();
+                self.status.retain_nodes(&exists);
+                self.free_where(|allocator, now| allocator.retain_nodes(&exists, now));
             }
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Err(error) => {
@@ -257,9 +274,16 @@ impl Context {
 
     fn forget(&self, node: &str) {
         self.reporter.forget(node);
+        self.status.retain_nodes(|name| name != node);
         if self.free_where(|allocator, now| allocator.release(node, now)) {
             tracing::info!(node, "node deleted: its pod CIDR is free");
         }
+    }
+
+    /// Publishes the allocator's slice counts as metrics and for `/status`.
+    fn record_usage(&self, usage: Vec<PoolUsage>) {
+        self.metrics.record_usage(&usage);
+        self.status.record_usage(usage);
     }
 
     /// Runs `free` on the allocator (once rebuilt); when it reports freed
@@ -275,7 +299,7 @@ impl Context {
                 let _ = self.wake.unbounded_send(ObjectRef::new(node));
             }
         }
-        self.metrics.record_usage(&allocator.usage());
+        self.record_usage(allocator.usage());
         freed
     }
 
@@ -296,12 +320,12 @@ impl Context {
             allocator.adopt_existing(&node.name_any(), &claims_of(node));
         }
         let usage = allocator.usage();
-        self.metrics.record_usage(&usage);
         tracing::info!(
             nodes = nodes.len(),
             allocated = usage[0].allocated,
             "rebuilt the allocation map from the nodes"
         );
+        self.record_usage(usage);
         *self.lock() = Some(allocator);
     }
 
@@ -319,7 +343,7 @@ impl Context {
         if gone {
             allocator.release(&name, Instant::now());
         }
-        self.metrics.record_usage(&allocator.usage());
+        self.record_usage(allocator.usage());
         (!gone).then_some(assignment)
     }
 
@@ -341,6 +365,7 @@ impl Context {
                 EXHAUSTED_RETRY,
             ),
         };
+        self.status.record_findings(&node.name_any(), &findings);
         // A fixed node reports no findings, so a problem that comes back
         // counts as a new occurrence.
         let held_back = self.reporter.report(node, &findings, &self.metrics).await?;

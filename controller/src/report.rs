@@ -42,14 +42,16 @@ pub(crate) enum Finding {
 }
 
 impl Finding {
-    fn reason(&self) -> &'static str {
+    /// The PascalCase reason of the finding's Event.
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Finding::Claim(problem) => problem.reason(),
             Finding::Exhausted(_) => "PodCidrExhausted",
         }
     }
 
-    fn note(&self) -> String {
+    /// The finding in words, with its fix, as the Event's note says it.
+    pub(crate) fn note(&self) -> String {
         let mut note = match self {
             Finding::Claim(problem) => problem.to_string(),
             Finding::Exhausted(plan) => format!(

@@ -1,8 +1,10 @@
 //! The small HTTP endpoint every Weft daemon runs beside its work, started
 //! with [`start`]: `/healthz` (the process is serving), `/readyz` (the
-//! daemon says it is ready, see [`Health`]) and `/metrics` (a Prometheus
+//! daemon says it is ready, see [`Health`]), `/status` (the daemon's status
+//! document as JSON, see [`StatusSource`]) and `/metrics` (a Prometheus
 //! registry in the OpenMetrics text format, followed by the endpoint's own
-//! `weft_http_connections` and `weft_http_connections_evicted_total`).
+//! `weft_build_info`, `weft_http_connections` and
+//! `weft_http_connections_evicted_total`).
 //!
 //! Anything that reaches the node reaches this port, so the endpoint bounds
 //! what a client can hold: a request head must arrive within a few seconds, a
@@ -27,6 +29,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use futures::future::BoxFuture;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -34,11 +37,13 @@ use hyper_util::service::TowerToHyperService;
 use nix::errno::Errno;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
+use weft_core::status;
 
 /// Why the endpoint could not run.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +84,24 @@ impl Health {
         self.ready.load(Ordering::Relaxed)
     }
 }
+
+/// What a daemon answers at `/status`: a read-only JSON document built
+/// from what the daemon already holds, with no secrets. The endpoint's
+/// bounds apply to it as to the rest: a document not built within the
+/// request limit is answered 503.
+pub trait StatusSource: Send + Sync + 'static {
+    /// The document for `GET /status`, or for `GET /status?check=<check>`
+    /// when a check was asked for.
+    fn status(
+        &self,
+        check: Option<String>,
+    ) -> BoxFuture<'static, Result<serde_json::Value, StatusRefusal>>;
+}
+
+/// Why a `/status` request was not answered; served as 400 with the text.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StatusRefusal(pub String);
 
 /// What one client may hold of the endpoint. [`start`] uses the defaults;
 /// tests shorten them.
@@ -133,13 +156,23 @@ struct ConnectionMetrics {
 
 impl ConnectionMetrics {
     fn registry(&self) -> Registry {
-        let mut registry = Registry::with_prefix("weft_http");
+        let mut registry = Registry::with_prefix("weft");
+        let build = Family::<[(&'static str, &'static str); 2], Gauge>::default();
+        build
+            .get_or_create(&[("version", status::VERSION), ("commit", status::COMMIT)])
+            .set(1);
         registry.register(
+            "build_info",
+            "The running binary's version and commit; always 1",
+            build,
+        );
+        let registry_http = registry.sub_registry_with_prefix("http");
+        registry_http.register(
             "connections",
             "Connections to /healthz, /readyz and /metrics open now",
             self.open.clone(),
         );
-        registry.register(
+        registry_http.register(
             "connections_evicted",
             "Connections closed to make room for a new one because the most allowed were open",
             self.evicted.clone(),
@@ -205,10 +238,11 @@ struct Endpoint {
     registry: Arc<Registry>,
     own: Arc<Registry>,
     health: Arc<Health>,
+    status: Arc<dyn StatusSource>,
 }
 
-/// Serves `/healthz`, `/readyz` (as `health` says) and `/metrics` (from
-/// `registry`) on `address` in a task of its own until `shutdown` resolves,
+/// Serves `/healthz`, `/readyz` (as `health` says), `/status` (from
+/// `status`) and `/metrics` (from `registry`) on `address` in a task of its own until `shutdown` resolves,
 /// then gives the connections still open a few seconds to finish; the task
 /// ends with what serving came to. The address is bound before this
 /// returns, so a daemon fails at once on a taken port.
@@ -216,6 +250,7 @@ pub async fn start(
     address: SocketAddr,
     registry: Registry,
     health: Arc<Health>,
+    status: Arc<dyn StatusSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<JoinHandle<Result<(), ServeError>>, ServeError> {
     let listener = bind(address).await?;
@@ -223,6 +258,7 @@ pub async fn start(
         listener,
         Arc::new(registry),
         health,
+        status,
         shutdown,
     )))
 }
@@ -241,22 +277,30 @@ async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     health: Arc<Health>,
+    status: Arc<dyn StatusSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let connections = ConnectionMetrics::default();
-    let app = routes(registry, health, &connections);
+    let app = routes(registry, health, status, &connections);
     serve_app(listener, app, Limits::default(), connections, shutdown).await
 }
 
-fn routes(registry: Arc<Registry>, health: Arc<Health>, connections: &ConnectionMetrics) -> Router {
+fn routes(
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    status: Arc<dyn StatusSource>,
+    connections: &ConnectionMetrics,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/status", get(status_document))
         .route("/metrics", get(metrics))
         .with_state(Endpoint {
             registry,
             own: Arc::new(connections.registry()),
             health,
+            status,
         })
 }
 
@@ -379,6 +423,24 @@ async fn readyz(State(endpoint): State<Endpoint>) -> (StatusCode, &'static str) 
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// `/status`, with the value of a `check=` query parameter if one is given.
+async fn status_document(State(endpoint): State<Endpoint>, request: Request) -> Response {
+    let check = request.uri().query().and_then(|query| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("check="))
+            .map(str::to_string)
+    });
+    match endpoint.status.status(check).await {
+        Ok(document) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{document:#}\n"),
+        )
+            .into_response(),
+        Err(refusal) => (StatusCode::BAD_REQUEST, format!("{refusal}\n")).into_response(),
     }
 }
 

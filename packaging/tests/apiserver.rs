@@ -266,6 +266,83 @@ async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<
         );
     }
 
+    // The weft-operator ClusterRole, bound as its comment shows: what
+    // `kubectl weft` reads, and nothing it does not.
+    let operator = "weft-operator-probe";
+    run(kubectl.command().args([
+        "create",
+        "clusterrolebinding",
+        operator,
+        "--clusterrole=weft-operator",
+        &format!("--user={operator}"),
+    ]))?;
+    let operator_expectations: &[(&[&str], bool)] = &[
+        (&["list", "nodes"], true),
+        (&["list", "pods", "--all-namespaces"], true),
+        (
+            &["get", "pods", "--subresource=proxy", "-n", "kube-system"],
+            true,
+        ),
+        (
+            &["get", "pods", "--subresource=log", "-n", "kube-system"],
+            true,
+        ),
+        (
+            &["get", "daemonsets.apps/weft-agent", "-n", "kube-system"],
+            true,
+        ),
+        (
+            &[
+                "get",
+                "deployments.apps/weft-controller",
+                "-n",
+                "kube-system",
+            ],
+            true,
+        ),
+        (
+            &[
+                "list",
+                "networkpolicies.networking.k8s.io",
+                "--all-namespaces",
+            ],
+            true,
+        ),
+        (
+            &[
+                "get",
+                "validatingadmissionpolicies.admissionregistration.k8s.io/weft-node-writers",
+            ],
+            true,
+        ),
+        (
+            &[
+                "get",
+                "validatingadmissionpolicybindings.admissionregistration.k8s.io/weft-node-writers",
+            ],
+            true,
+        ),
+        (&["get", "secrets", "-n", "kube-system"], false),
+        (&["patch", "nodes"], false),
+        (&["delete", "pods", "-n", "kube-system"], false),
+        (
+            &["create", "pods", "--subresource=exec", "-n", "kube-system"],
+            false,
+        ),
+        (
+            &["create", "pods", "--subresource=proxy", "-n", "kube-system"],
+            false,
+        ),
+    ];
+    for (request, allowed) in operator_expectations {
+        ensure!(
+            kubectl.can(operator, request)? == *allowed,
+            "weft-operator {} allow {}",
+            if *allowed { "should" } else { "should not" },
+            request.join(" ")
+        );
+    }
+
     run(kubectl
         .helm(&helm)
         .args(["uninstall", "weft", "--namespace", "kube-system"]))?;

@@ -165,6 +165,16 @@ fn offline_image_runs_what_the_chart_asks_of_it() -> Result<()> {
         output.status.success() && reply["supportedVersions"].is_array(),
         "the plugin did not run without a libc: {reply}"
     );
+    // So does the kubectl plugin, wherever an operator copies it.
+    std::fs::copy(
+        rootfs.join("usr/local/bin/kubectl-weft"),
+        bare.join("kubectl-weft"),
+    )?;
+    let printed = run(&mut in_image(&bare, &["/kubectl-weft", "--version"]))?;
+    ensure!(
+        printed.trim() == format!("kubectl-weft {version}"),
+        "kubectl-weft printed {printed}"
+    );
 
     // The agent's own masquerade table, dual-stack, through the image's nft.
     let cidrs: Vec<IpNet> = vec!["10.244.0.0/16".parse()?, "fd00:10:244::/56".parse()?];

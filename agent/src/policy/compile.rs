@@ -64,7 +64,7 @@ pub struct Allow {
 pub struct AllowSetId(pub u64);
 
 /// What a node enforces in one direction.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct DirectionPlan {
     /// Each isolated local pod address and its allow set.
     pub isolated: BTreeMap<IpAddr, AllowSetId>,
@@ -73,7 +73,7 @@ pub struct DirectionPlan {
 }
 
 /// What a node enforces for the pods on it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct PolicyPlan {
     /// Traffic to local pods.
     pub ingress: DirectionPlan,

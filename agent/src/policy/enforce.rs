@@ -25,6 +25,7 @@ use crate::cache::NodeCache;
 use crate::metrics::AgentMetrics;
 use crate::nft_watch::TableRegistry;
 use crate::retry::{RETRY_CAP, RETRY_START};
+use crate::status::PolicyRecorder;
 
 /// The br_netfilter switches that pass bridged IPv4 and IPv6 packets
 /// through the IP hooks. Pods are routed (no bridge), so their traffic
@@ -92,13 +93,16 @@ struct Logged {
 /// true, checking pod addresses against the slices in `nodes` and, when
 /// `tables` is given, having the table restored after changes made by
 /// others. Failures are logged, counted and retried; the table stays as the
-/// last successful apply left them meanwhile.
+/// last successful apply left them meanwhile. Each sync is recorded in
+/// `status`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn enforce(
     client: Client,
     node_name: String,
     nodes: Arc<NodeCache>,
     tables: Option<TableRegistry>,
     metrics: AgentMetrics,
+    status: PolicyRecorder,
     resync: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -137,6 +141,7 @@ pub(crate) async fn enforce(
             &nodes,
             &node_name,
             &metrics,
+            &status,
             &dataplane,
             &mut logged,
         )
@@ -145,6 +150,7 @@ pub(crate) async fn enforce(
             Ok(()) => retry = None,
             Err(error) => {
                 metrics.record_error("policy");
+                status.failed(&error);
                 let next = retry.map_or(RETRY_START, |r: Duration| (r * 2).min(RETRY_CAP));
                 tracing::warn!(%error, retry_in = ?next, "enforcing network policy failed");
                 retry = Some(next);
@@ -181,6 +187,7 @@ async fn sync(
     nodes: &NodeCache,
     node_name: &str,
     metrics: &AgentMetrics,
+    status: &PolicyRecorder,
     dataplane: &Arc<Mutex<PolicyDataplane>>,
     logged: &mut Logged,
 ) -> Result<(), SyncError> {
@@ -220,6 +227,7 @@ async fn sync(
         &inputs.policies,
     );
     let (dataplane, recorded, refused) = (dataplane.clone(), metrics.clone(), inputs.refused.len());
+    let enforced = status.clone();
     let applied = tokio::task::spawn_blocking(move || {
         ensure_legacy_bridge_netfilter()?;
         let mut dataplane = lock(&dataplane);
@@ -232,11 +240,13 @@ async fn sync(
                 recorded.record_policy_enforced(direction.name(), rules, side.isolated.len());
             }
             recorded.record_policy_refused(refused);
+            enforced.enforced(plan, applied);
         }
         Ok::<_, SyncError>(applied)
     })
     .await??;
     metrics.record_policy_synced(started.elapsed().as_secs_f64());
+    status.synced(&inputs.refused);
     tracing::debug!(
         ?applied,
         elapsed_ms = started.elapsed().as_millis() as u64,

@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
+use weft_core::status::ControllerStatus;
 use weft_e2e::{Cluster, ProcessHandle};
 use weft_testing::eventually;
 
@@ -277,6 +278,16 @@ impl Replica {
             .metrics()?
             .lines()
             .find_map(|line| line.strip_prefix(series)?.trim().parse().ok()))
+    }
+
+    /// The `/status` document, parsed.
+    pub fn status(&self) -> Result<ControllerStatus> {
+        let response = http_get(self.metrics_port, "/status")?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("the /status response has no body")?;
+        ensure!(head.starts_with("HTTP/1.1 200"), "GET /status: {response}");
+        serde_json::from_str(body).with_context(|| format!("reading the /status body {body}"))
     }
 
     /// Kills it outright (no chance to release the lease), then reaps it.

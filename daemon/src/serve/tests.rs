@@ -27,7 +27,12 @@ impl Running {
     /// The daemons' endpoint, with an empty registry, within `limits`.
     async fn endpoint(limits: Limits) -> Self {
         let connections = ConnectionMetrics::default();
-        let app = routes(Arc::new(Registry::default()), Health::new(), &connections);
+        let app = routes(
+            Arc::new(Registry::default()),
+            Health::new(),
+            Arc::new(Echo),
+            &connections,
+        );
         Self::app(app, limits, connections).await
     }
 
@@ -161,6 +166,23 @@ fn read_until_closed(mut stream: TcpStream) -> String {
     }
 }
 
+/// A status source that echoes the check asked for, and refuses `nope`.
+struct Echo;
+
+impl StatusSource for Echo {
+    fn status(
+        &self,
+        check: Option<String>,
+    ) -> BoxFuture<'static, Result<serde_json::Value, StatusRefusal>> {
+        Box::pin(async move {
+            match check.as_deref() {
+                Some("nope") => Err(StatusRefusal("no such check: nope".into())),
+                _ => Ok(serde_json::json!({ "check": check })),
+            }
+        })
+    }
+}
+
 /// GETs `path` on a connection of its own; `None` when the server closed it
 /// without an answer, as it does beyond the connection cap.
 async fn fetch(address: SocketAddr, path: &str) -> Option<String> {
@@ -180,7 +202,7 @@ async fn answers_ok(address: SocketAddr, path: &str) -> bool {
 }
 
 #[tokio::test]
-async fn answers_health_readiness_and_metrics() {
+async fn answers_health_readiness_status_and_metrics() {
     let mut registry = Registry::default();
     let counter = Counter::<u64>::default();
     registry.register("test_events", "Events seen", counter.clone());
@@ -193,6 +215,7 @@ async fn answers_health_readiness_and_metrics() {
         listener,
         Arc::new(registry),
         health.clone(),
+        Arc::new(Echo),
         async move {
             let _ = stopped.await;
         },
@@ -206,6 +229,21 @@ async fn answers_health_readiness_and_metrics() {
     let metrics = fetch(address, "/metrics").await.unwrap();
     assert!(metrics.contains("test_events_total 3"), "{metrics}");
     assert!(metrics.contains("weft_http_connections "), "{metrics}");
+    let build = format!(
+        "weft_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        status::VERSION,
+        status::COMMIT
+    );
+    assert!(metrics.contains(&build), "{metrics}");
+    let plain = fetch(address, "/status").await.unwrap();
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    assert!(plain.contains("application/json"), "{plain}");
+    assert!(plain.contains(r#""check": null"#), "{plain}");
+    let checked = fetch(address, "/status?check=kernel").await.unwrap();
+    assert!(checked.contains(r#""check": "kernel""#), "{checked}");
+    let refused = fetch(address, "/status?check=nope").await.unwrap();
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    assert!(refused.contains("no such check: nope"), "{refused}");
     assert!(
         metrics.contains("weft_http_connections_evicted_total 0"),
         "{metrics}"

@@ -8,7 +8,11 @@
 //! apiserver reaching every pod through its proxy, a ClusterIP Service
 //! reaching every backend from every pod with the client's own address, the
 //! cluster DNS (CoreDNS, which the harness deploys) answering every pod for
-//! Services, and pods reaching the outside with their node's; then the
+//! Services, and pods reaching the outside with their node's;
+//! `kubectl weft status` (the shipped static binary) healthy, then, after
+//! the manifests install, naming the node and cause of each fault injected
+//! in turn (a hostile Node, a route deleted by hand, a leaked address in
+//! the plugin's store, the node write policy deleted); then the
 //! uninstall (CoreDNS stays: it is the cluster's, not Weft's), and a
 //! teardown that leaves nothing on the host. Also: a run killed outright
 //! leaves nothing once cleaned up.
@@ -593,6 +597,14 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     }
     phase.done("pods reach the outside with their node's address");
 
+    let status = KubectlWeft::new(&cluster, namespace)?;
+    status.healthy()?;
+    phase.done("kubectl weft status: healthy");
+    if matches!(install, Install::Manifests) {
+        status_names_each_fault(&cluster, &kubectl, &status, repo).await?;
+        phase.done("kubectl weft status names each injected fault");
+    }
+
     // Uninstall: the workloads on the pod network first (their pods' CNI
     // DEL needs the plugin), then Weft. CoreDNS is the cluster's and stays
     // installed, scaled to nothing.
@@ -860,6 +872,237 @@ fn node_has_file(node: &ClusterNode, file: &str) -> Result<bool> {
         .status()
         .with_context(|| format!("looking for {file} on {}", node.name))?
         .success())
+}
+
+/// The shipped `kubectl-weft` binary pointed at one cluster.
+struct KubectlWeft {
+    binary: PathBuf,
+    kubeconfig: PathBuf,
+    namespace: &'static str,
+}
+
+/// What one `kubectl weft status -o json` said.
+struct StatusRun {
+    exit: Option<i32>,
+    report: serde_json::Value,
+}
+
+impl StatusRun {
+    /// The warnings of `kind` (as `-o json` spells it) that name `node`.
+    fn names(&self, kind: &str, node: &str) -> bool {
+        self.report["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|warning| {
+                warning["kind"] == kind
+                    && warning["nodes"]
+                        .as_array()
+                        .is_some_and(|nodes| nodes.iter().any(|n| n == node))
+            })
+    }
+
+    /// The warnings of `kind`, whatever they name.
+    fn has(&self, kind: &str) -> bool {
+        self.report["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|warning| warning["kind"] == kind)
+    }
+}
+
+impl KubectlWeft {
+    /// The binary as `packaging/build-static.sh` builds it (the image build
+    /// already did, so this only checks it is current).
+    fn new(cluster: &Cluster, namespace: &'static str) -> Result<Self> {
+        let binary = weft_testing::printed_path(
+            Command::new("bash")
+                .arg(weft_testing::repository().join("packaging/build-static.sh"))
+                .args(["kubectl-weft", "kubectl-weft"]),
+        )?;
+        Ok(KubectlWeft {
+            binary,
+            kubeconfig: cluster.kubeconfig().to_owned(),
+            namespace,
+        })
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["-n", self.namespace, "status"]);
+        command
+    }
+
+    /// `status -o json` once.
+    fn json(&self) -> Result<StatusRun> {
+        let output = self.command().args(["-o", "json"]).output()?;
+        let report = serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "kubectl weft status -o json printed no report: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+        Ok(StatusRun {
+            exit: output.status.code(),
+            report,
+        })
+    }
+
+    /// `status --wait` exits 0; its table is printed for the docs.
+    fn healthy(&self) -> Result<()> {
+        let output = self.command().arg("--wait=4m").output()?;
+        let table = String::from_utf8_lossy(&output.stdout);
+        eprintln!("real-nodes: kubectl weft status:\n{table}");
+        ensure!(
+            output.status.success(),
+            "kubectl weft status says the cluster is not healthy ({:?}):\n{table}\n{}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+
+    /// Runs `status` until `seen` holds of its report, which must also exit
+    /// 1; `inject` runs before each look, so a fault the agents repair on
+    /// their own is made again.
+    async fn until(
+        &self,
+        what: &str,
+        mut inject: impl FnMut() -> Result<()>,
+        seen: impl Fn(&StatusRun) -> bool,
+    ) -> Result<()> {
+        let mut last = None;
+        let found = eventually(HANG_GUARD, what, || {
+            let run = inject().and_then(|()| self.json());
+            let outcome = match run {
+                Ok(run) if seen(&run) => {
+                    let exit = run.exit;
+                    Some(exit)
+                }
+                Ok(run) => {
+                    last = Some(run.report);
+                    None
+                }
+                Err(error) => return std::future::ready(Err(error)),
+            };
+            std::future::ready(Ok(outcome))
+        })
+        .await
+        .with_context(|| format!("last report: {last:#?}"))?;
+        ensure!(found == Some(1), "status named it but exited {found:?}");
+        let table = self.command().output()?;
+        eprintln!(
+            "real-nodes: kubectl weft status, {what}:\n{}",
+            String::from_utf8_lossy(&table.stdout)
+        );
+        Ok(())
+    }
+}
+
+/// Each fault in turn, undone before the next: `kubectl weft status`
+/// exits 1 naming the node and the cause, then 0 again.
+async fn status_names_each_fault(
+    cluster: &Cluster,
+    kubectl: &Kubectl,
+    status: &KubectlWeft,
+    repo: &Path,
+) -> Result<()> {
+    let client = cluster.client().await?;
+    let nodes: Api<Node> = Api::all(client);
+    let victim = &cluster.nodes()[0];
+
+    // A hostile Node claiming the first node's address: every agent
+    // rejects it, and it runs no agent.
+    let impostor: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": "impostor",
+            "annotations": {"weft.dev/public-ip": victim.underlay_ip().to_string()},
+        },
+    }))?;
+    nodes.create(&Default::default(), &impostor).await?;
+    status
+        .until(
+            "status to name the impostor as rejected and without an agent",
+            || Ok(()),
+            |run| run.names("peer-rejected", "impostor") && run.names("no-agent", "impostor"),
+        )
+        .await?;
+    nodes.delete("impostor", &Default::default()).await?;
+    status.healthy()?;
+
+    // A route of the overlay deleted by hand: drift until the agent's next
+    // resync repairs it, so it is deleted again before each look.
+    let machine = victim
+        .machine
+        .as_ref()
+        .context("a kubelet node has a machine")?;
+    let delete_a_peer_route = || -> Result<()> {
+        let routes = weft_testing::run(
+            machine
+                .command("ip")
+                .args(["-j", "route", "show", "proto", "87"]),
+        )?;
+        let routes: Vec<serde_json::Value> = serde_json::from_str(&routes)?;
+        if let Some(destination) = routes
+            .iter()
+            .filter(|route| route["type"] != "unreachable")
+            .find_map(|route| route["dst"].as_str())
+        {
+            weft_testing::run(machine.command("ip").args([
+                "route",
+                "del",
+                destination,
+                "proto",
+                "87",
+            ]))?;
+        }
+        Ok(())
+    };
+    status
+        .until(
+            "status to name the route deleted on the first node",
+            delete_a_peer_route,
+            |run| run.names("kernel-drift", &victim.name),
+        )
+        .await?;
+    status.healthy()?;
+
+    // An address in the plugin's store that no pod has, held for an hour.
+    let leaked = "/var/lib/cni/networks/weft/10.244.255.254";
+    let leak = format!(
+        "mkdir -p /var/lib/cni/networks/weft && printf 'leaked-by-test\\neth0' > {leaked} && touch -d '1 hour ago' {leaked}"
+    );
+    weft_testing::run(machine.command("sh").args(["-c", &leak]))?;
+    status
+        .until(
+            "status to name the leaked address on the first node",
+            || Ok(()),
+            |run| run.names("leak-suspects", &victim.name),
+        )
+        .await?;
+    weft_testing::run(machine.command("rm").arg(leaked))?;
+    status.healthy()?;
+
+    // The node write policy's binding deleted: agents' and kubelets'
+    // writes are no longer confined.
+    kubectl.run(&[
+        "delete",
+        "validatingadmissionpolicybinding",
+        "weft-node-writers",
+    ])?;
+    status
+        .until(
+            "status to say the node write policy is missing",
+            || Ok(()),
+            |run| run.has("write-policy-missing"),
+        )
+        .await?;
+    kubectl.run(&["apply", "-f", &repo.join("manifests").display().to_string()])?;
+    status.healthy()
 }
 
 /// After a run's teardown: none of its processes, network namespaces, mount

@@ -1,0 +1,444 @@
+//! `/status?check=kernel`: what the kernel lacks or holds in excess against
+//! what the agent wants, found the way a reconcile finds it (dump, then
+//! plan) but without applying anything.
+//!
+//! The check plans as the next reconcile would: the peers the node cache
+//! holds now, screened and turned into a desired state as the reconcile
+//! does ([`desired_for_peers`]), with this node's settings, slices and
+//! retry waits as the last reconcile left them ([`KernelCheckHandle::record`]).
+//! Nothing of it is kept between checks: until one is asked for, the check
+//! costs the reconcile loop one small record per pass.
+//!
+//! Each entry is one line in `ip`'s words ([`drift`]):
+//!
+//! ```text
+//! route 10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink
+//! route 10.244.1.0/24 via 172.31.0.11
+//! route unreachable 10.244.0.0/24
+//! neighbour 10.244.2.0 lladdr 0a:58:0a:f4:02:00 dev weft.1
+//! fdb 0a:58:0a:f4:02:00 dst 172.31.0.12 dev weft.1
+//! ```
+//!
+//! Entries the reconcile holds on purpose are in neither list: those of a
+//! peer waiting out its backoff after the kernel refused it, and those of a
+//! peer whose slice another owner's route holds. `/status` names those
+//! peers under `peers.held`; `missing` and `excess` are what the next
+//! reconcile would add, and remove or overwrite.
+//!
+//! `tables_changed` lists Weft's nftables tables whose last check by the
+//! table watch ([`crate::nft_watch`]) failed: changed behind the agent's
+//! back and not restored. A change the watch restores (within a fraction
+//! of a second) is not drift; without a running watch the list is empty.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use weft_core::status::KernelCheck;
+
+use super::cache::NodeCache;
+use super::config::AgentConfig;
+use super::dataplane::{
+    Dataplane, DataplaneError, Dump, OwnSliceChange, OwnSlices, RouteConflict, RoutePlan,
+    VXLAN_DEVICE,
+};
+use super::nft_watch::TableRegistry;
+use super::overlay::{
+    desired_state, DesiredState, FdbEntry, Neighbour, NextHop, Operation, OverlayRoute,
+};
+use super::peer::PeerSet;
+use super::retry::held_peers;
+use super::screen::{screen, Rules, Screened};
+use super::setup::AppliedSetup;
+
+/// Why a kernel check could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelCheckError {
+    /// No reconcile has planned the peers yet, so there is nothing to
+    /// check against.
+    #[error("no reconcile has programmed the peers yet (the node has no pod CIDR, its slice was refused, or the first Node list is not complete): ask again once /readyz answers 200")]
+    NotReconciled,
+    /// Dumping the kernel failed.
+    #[error("dumping the kernel's routes, neighbours and FDB entries: {0}")]
+    Dump(#[from] DataplaneError),
+}
+
+/// Dumps the kernel, plans against `desired` and this node's slices `own`
+/// as [`Dataplane::reconcile_holding`] does, leaving out what `hold` picks
+/// once it has seen the plan's conflicts, and reports the plan as entries
+/// missing and in excess ([`drift`]) without applying it. With `tables`,
+/// the tables whose last check failed are reported too
+/// ([`TableRegistry::failed_checks`]).
+pub async fn check_kernel<H>(
+    dataplane: &Dataplane,
+    desired: &DesiredState,
+    own: &OwnSlices,
+    hold: impl FnOnce(&[RouteConflict]) -> H,
+    tables: Option<&TableRegistry>,
+) -> Result<KernelCheck, DataplaneError>
+where
+    H: Fn(&Operation) -> bool,
+{
+    let (dump, plan) = dataplane.plan_holding(desired, own, hold).await?;
+    let mut check = drift(&dump, &plan);
+    check.tables_changed = tables
+        .map(|tables| {
+            tables
+                .failed_checks()
+                .into_iter()
+                .map(|(table, error)| {
+                    format!("{table} (changed, and checking or restoring it failed: {error})")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(check)
+}
+
+/// The entries `plan` would add (`missing`) and remove or overwrite
+/// (`excess`), one sorted line each, from the `dump` it was made from. A
+/// neighbour or route the plan replaces in place (a new MAC, a new next
+/// hop) is missing with its new value and in excess with its old one.
+pub fn drift(dump: &Dump, plan: &RoutePlan) -> KernelCheck {
+    let mut missing = BTreeSet::new();
+    let mut excess = BTreeSet::new();
+    for change in &plan.own_slices {
+        match change {
+            OwnSliceChange::Set(slice) => missing.insert(format!("route unreachable {slice}")),
+            OwnSliceChange::Delete(slice) => excess.insert(format!("route unreachable {slice}")),
+        };
+    }
+    for operation in &plan.operations {
+        match operation {
+            Operation::SetNeighbour(wanted) => {
+                missing.insert(neighbour_line(wanted));
+                excess.extend(
+                    dump.owned
+                        .neighbours
+                        .iter()
+                        .filter(|n| n.ip == wanted.ip && n.mac != wanted.mac)
+                        .map(neighbour_line),
+                );
+            }
+            Operation::SetFdb(wanted) => {
+                missing.insert(fdb_line(wanted));
+            }
+            Operation::SetRoute(wanted) => {
+                missing.insert(route_line(wanted));
+                excess.extend(
+                    dump.owned
+                        .routes
+                        .iter()
+                        .filter(|r| r.destination == wanted.destination && r != &wanted)
+                        .map(route_line),
+                );
+            }
+            Operation::DeleteRoute(stale) => {
+                excess.insert(route_line(stale));
+            }
+            Operation::DeleteFdb(stale) => {
+                excess.insert(fdb_line(stale));
+            }
+            Operation::DeleteNeighbour(stale) => {
+                excess.insert(neighbour_line(stale));
+            }
+        }
+    }
+    KernelCheck {
+        missing: missing.into_iter().collect(),
+        excess: excess.into_iter().collect(),
+        tables_changed: Vec::new(),
+    }
+}
+
+fn neighbour_line(neighbour: &Neighbour) -> String {
+    format!(
+        "neighbour {} lladdr {} dev {VXLAN_DEVICE}",
+        neighbour.ip, neighbour.mac
+    )
+}
+
+fn fdb_line(entry: &FdbEntry) -> String {
+    format!("fdb {} dst {} dev {VXLAN_DEVICE}", entry.mac, entry.remote)
+}
+
+fn route_line(route: &OverlayRoute) -> String {
+    match route.next_hop {
+        NextHop::Vtep(vtep) => format!(
+            "route {} via {vtep} dev {VXLAN_DEVICE} onlink",
+            route.destination
+        ),
+        NextHop::Underlay(gateway) => format!("route {} via {gateway}", route.destination),
+    }
+}
+
+/// The peers the screen accepts among `peers` and the entries the node
+/// wants for them: what one reconcile of the peers plans for, given this
+/// node's `setup`.
+pub(crate) fn desired_for_peers<'p>(
+    config: &AgentConfig,
+    setup: &AppliedSetup,
+    peers: &'p PeerSet,
+) -> (Screened<'p>, DesiredState) {
+    let rules = Rules {
+        config,
+        local: &setup.local,
+        public_ip: setup.public_ip,
+        vtep_mac: setup.vtep.as_ref().map(|vtep| vtep.mac),
+    };
+    let screened = screen(&rules, peers.values());
+    let desired = desired_state(
+        config.backend,
+        &setup.local,
+        screened.accepted.iter().copied(),
+    );
+    (screened, desired)
+}
+
+/// What the last reconcile of the peers went by, besides the node cache.
+#[derive(Debug, Clone)]
+struct Basis {
+    /// The data plane as that reconcile had it (its `weft.1`, if any).
+    dataplane: Dataplane,
+    /// This node's settings.
+    setup: AppliedSetup,
+    /// This node's checked slices.
+    own: OwnSlices,
+    /// The peers waiting out their backoff, whose entries were held.
+    waiting: HashSet<String>,
+}
+
+/// The agent's kernel check, shared by the reconcile loop (which records
+/// what each reconcile of the peers went by) and `/status` (which checks).
+/// Cheap to clone; costs nothing until [`KernelCheckHandle::check`] runs.
+#[derive(Debug, Clone)]
+pub(crate) struct KernelCheckHandle {
+    config: Arc<AgentConfig>,
+    nodes: Arc<NodeCache>,
+    tables: Option<TableRegistry>,
+    last: Arc<Mutex<Option<Basis>>>,
+}
+
+impl KernelCheckHandle {
+    /// A check of the peers in `nodes` with the agent's `config`, and of
+    /// the nftables tables in `tables` (the table watch's registry, when
+    /// the watch runs).
+    pub(crate) fn new(
+        config: AgentConfig,
+        nodes: Arc<NodeCache>,
+        tables: Option<TableRegistry>,
+    ) -> Self {
+        KernelCheckHandle {
+            config: Arc::new(config),
+            nodes,
+            tables,
+            last: Arc::default(),
+        }
+    }
+
+    /// Records what a reconcile of the peers went by: the `dataplane` it
+    /// applied through, this node's `setup` and slices `own`, and the peers
+    /// `waiting` for their retry (whose entries it held).
+    pub(crate) fn record(
+        &self,
+        dataplane: &Dataplane,
+        setup: &AppliedSetup,
+        own: &OwnSlices,
+        waiting: &BTreeSet<&str>,
+    ) {
+        let basis = Basis {
+            dataplane: dataplane.clone(),
+            setup: setup.clone(),
+            own: own.clone(),
+            waiting: waiting.iter().map(|&name| name.to_owned()).collect(),
+        };
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(basis);
+    }
+
+    /// Dumps the kernel and reports what the next reconcile would change,
+    /// without changing anything (see the module's documentation).
+    pub(crate) async fn check(&self) -> Result<KernelCheck, KernelCheckError> {
+        let basis = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(KernelCheckError::NotReconciled)?;
+        let nodes = self
+            .nodes
+            .snapshot()
+            .ok_or(KernelCheckError::NotReconciled)?;
+        let (screened, desired) = desired_for_peers(&self.config, &basis.setup, &nodes.peers);
+        let waiting: BTreeSet<&str> = basis.waiting.iter().map(String::as_str).collect();
+        let check = check_kernel(
+            &basis.dataplane,
+            &desired,
+            &basis.own,
+            |conflicts| {
+                let held = held_peers(&screened.accepted, &waiting, conflicts);
+                move |operation: &Operation| held.owner(operation).is_some()
+            },
+            self.tables.as_ref(),
+        )
+        .await?;
+        Ok(check)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Backend;
+    use crate::dataplane::plan_routes;
+    use crate::overlay::tests::{ip, mac, net};
+    use crate::overlay::KernelState;
+    use crate::peer::{LocalNode, Peer};
+
+    /// This node with 10.244.0.0/24 over vxlan; node-b on the underlay
+    /// subnet, node-c behind a router.
+    fn desired(backend: Backend) -> DesiredState {
+        let local = LocalNode {
+            name: "node-a".into(),
+            pod_cidrs: vec![net("10.244.0.0/24")],
+            underlay: net("172.31.0.10/24"),
+        };
+        let peer = |name: &str, slice: &str, public_ip: &str, vtep: u8| Peer {
+            node_name: name.into(),
+            pod_cidrs: vec![net(slice)],
+            public_ip: ip(public_ip),
+            vtep_mac: Some(mac(vtep)),
+            created: 0,
+            malformed: None,
+        };
+        let peers = [
+            peer("node-b", "10.244.1.0/24", "172.31.0.11", 1),
+            peer("node-c", "10.244.2.0/24", "172.31.1.12", 2),
+        ];
+        desired_state(backend, &local, &peers)
+    }
+
+    /// A dump holding exactly `desired`, and this node's unreachable route.
+    fn dump_of(desired: &DesiredState) -> Dump {
+        let owned = KernelState::matching(desired);
+        let own_slices = BTreeSet::from([net("10.244.0.0/24")]);
+        let owned_destinations = owned
+            .routes
+            .iter()
+            .map(|r| r.destination)
+            .chain(own_slices.iter().copied())
+            .collect();
+        Dump {
+            owned,
+            own_slices,
+            owned_destinations,
+            ..Dump::default()
+        }
+    }
+
+    fn own() -> OwnSlices {
+        OwnSlices::unchecked(vec![net("10.244.0.0/24")])
+    }
+
+    fn check(desired: &DesiredState, dump: &Dump) -> KernelCheck {
+        drift(dump, &plan_routes(desired, &own(), dump))
+    }
+
+    #[test]
+    fn a_kernel_that_matches_is_clean() {
+        let desired = desired(Backend::Vxlan);
+        assert!(check(&desired, &dump_of(&desired)).is_clean());
+    }
+
+    #[test]
+    fn an_empty_kernel_lacks_every_entry_in_ip_words() {
+        let desired = desired(Backend::Direct);
+        let found = check(&desired, &Dump::default());
+        assert_eq!(
+            found.missing,
+            vec![
+                "fdb 0a:58:00:00:00:02 dst 172.31.1.12 dev weft.1",
+                "neighbour 10.244.2.0 lladdr 0a:58:00:00:00:02 dev weft.1",
+                "route 10.244.1.0/24 via 172.31.0.11",
+                "route 10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink",
+                "route unreachable 10.244.0.0/24",
+            ]
+        );
+        assert!(found.excess.is_empty(), "{:?}", found.excess);
+    }
+
+    #[test]
+    fn a_deleted_route_is_missing_and_a_stray_one_in_excess() {
+        let desired = desired(Backend::Vxlan);
+        let mut dump = dump_of(&desired);
+        dump.owned
+            .routes
+            .retain(|r| r.destination != net("10.244.1.0/24"));
+        dump.owned.routes.push(OverlayRoute {
+            destination: net("10.244.9.0/24"),
+            next_hop: NextHop::Vtep(ip("10.244.9.0")),
+        });
+        dump.own_slices.insert(net("10.244.8.0/24"));
+        let found = check(&desired, &dump);
+        assert_eq!(
+            found.missing,
+            vec!["route 10.244.1.0/24 via 10.244.1.0 dev weft.1 onlink"]
+        );
+        assert_eq!(
+            found.excess,
+            vec![
+                "route 10.244.9.0/24 via 10.244.9.0 dev weft.1 onlink",
+                "route unreachable 10.244.8.0/24",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_value_replaced_in_place_is_missing_new_and_in_excess_old() {
+        let desired = desired(Backend::Vxlan);
+        let mut dump = dump_of(&desired);
+        for neighbour in &mut dump.owned.neighbours {
+            if neighbour.ip == ip("10.244.2.0") {
+                neighbour.mac = mac(7);
+            }
+        }
+        for route in &mut dump.owned.routes {
+            if route.destination == net("10.244.1.0/24") {
+                route.next_hop = NextHop::Underlay(ip("172.31.0.11"));
+            }
+        }
+        let found = check(&desired, &dump);
+        assert_eq!(
+            found.missing,
+            vec![
+                "neighbour 10.244.2.0 lladdr 0a:58:00:00:00:02 dev weft.1",
+                "route 10.244.1.0/24 via 10.244.1.0 dev weft.1 onlink",
+            ]
+        );
+        assert_eq!(
+            found.excess,
+            vec![
+                "neighbour 10.244.2.0 lladdr 0a:58:00:00:00:07 dev weft.1",
+                "route 10.244.1.0/24 via 172.31.0.11",
+            ]
+        );
+    }
+
+    #[test]
+    fn held_entries_are_neither_missing_nor_in_excess() {
+        let desired = desired(Backend::Vxlan);
+        let mut plan = plan_routes(&desired, &own(), &Dump::default());
+        // As the reconcile holds node-c while it waits for its retry.
+        plan.operations.retain(|operation| match operation {
+            Operation::SetNeighbour(n) => n.mac != mac(2),
+            Operation::SetFdb(f) => f.mac != mac(2),
+            Operation::SetRoute(r) => r.destination != net("10.244.2.0/24"),
+            _ => true,
+        });
+        let found = drift(&Dump::default(), &plan);
+        assert!(
+            !found.missing.iter().any(|line| line.contains("10.244.2.0")),
+            "{:?}",
+            found.missing
+        );
+        assert_eq!(found.missing.len(), 4, "{:?}", found.missing);
+    }
+}

@@ -1,0 +1,628 @@
+//! The agent's `/status` document ([`AgentStatus`]).
+//!
+//! The document is built from a small [`Snapshot`] that the reconcile loop
+//! and the policy task update after each pass, copying in values they
+//! already hold; a request only copies the snapshot out and serialises it,
+//! so serving `/status` reads no kernel state and costs the loop nothing
+//! between passes.
+//!
+//! Only `?check=kernel` does work on request: it dumps the kernel and plans
+//! without applying ([`crate::kernel_check`]), and audits the plugin's
+//! address store against the Pods the API shows on this node
+//! ([`crate::ipam_audit`], read-only). The audit's result stays in the
+//! snapshot, so a plain `/status` shows the last one (none before the
+//! first check).
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use weft_core::ipam_store::STORE_DIR;
+use weft_core::status::{
+    AgentStatus, Build, HeldPeer, IpamStatus, LastRun, Peers, PolicyStatus, Readiness, Reconcile,
+    RefusedPolicy, RejectedPeer, Underlay,
+};
+use weft_daemon::serve::{Health, StatusRefusal, StatusSource};
+
+use super::dataplane::RouteConflict;
+use super::ipam_audit::{audit, pod_addresses};
+use super::kernel_check::KernelCheckHandle;
+use super::peer::Peer;
+use super::policy::compile::{Direction, PolicyPlan};
+use super::policy::model::PolicyError;
+use super::policy::nft::Applied;
+use super::screen::Rejected;
+use super::setup::AppliedSetup;
+
+/// The one check `/status?check=` knows.
+const KERNEL_CHECK: &str = "kernel";
+
+/// What the agent last knew, copied in after each pass: the small values
+/// the document is made of.
+#[derive(Debug, Clone)]
+struct Snapshot {
+    node: String,
+    backend: String,
+    slices: Vec<String>,
+    mtu: Option<u32>,
+    underlay: Option<Underlay>,
+    vtep_mac: Option<String>,
+    /// Why `/readyz` would not answer 200; shown only while it does not.
+    not_ready: String,
+    peers: Peers,
+    last_reconcile: Option<Reconcile>,
+    policy: PolicyStatus,
+    ipam: Option<IpamStatus>,
+}
+
+impl Snapshot {
+    /// The document for this snapshot, with `ready` as `/readyz` answers.
+    fn document(&self, ready: bool) -> AgentStatus {
+        AgentStatus {
+            build: Build::current(),
+            node: self.node.clone(),
+            backend: self.backend.clone(),
+            slices: self.slices.clone(),
+            mtu: self.mtu,
+            underlay: self.underlay.clone(),
+            vtep_mac: self.vtep_mac.clone(),
+            readiness: Readiness {
+                ready,
+                reason: (!ready).then(|| self.not_ready.clone()),
+            },
+            peers: self.peers.clone(),
+            last_reconcile: self.last_reconcile.clone(),
+            policy: Some(self.policy.clone()),
+            ipam: self.ipam.clone(),
+            kernel: None,
+        }
+    }
+}
+
+/// The agent's `/status`: serves the latest [`Snapshot`], which the
+/// reconcile loop updates through the recording methods. Clones share one
+/// snapshot.
+#[derive(Clone)]
+pub(crate) struct AgentStatusSource {
+    health: Arc<Health>,
+    snapshot: Arc<Mutex<Snapshot>>,
+    /// What `?check=kernel` runs, once the node cache it reads exists.
+    checks: Arc<OnceLock<Checks>>,
+}
+
+/// What `?check=kernel` needs.
+#[derive(Clone)]
+struct Checks {
+    kernel: KernelCheckHandle,
+    /// For the list of this node's Pods the IPAM audit compares with.
+    client: Client,
+}
+
+impl AgentStatusSource {
+    /// A source for the agent of `node` on `backend`, reporting `health`
+    /// as its readiness, with NetworkPolicy enforced when `policy` is set.
+    pub(crate) fn new(node: &str, backend: &str, policy: bool, health: Arc<Health>) -> Self {
+        let snapshot = Snapshot {
+            node: node.to_owned(),
+            backend: backend.to_owned(),
+            slices: Vec::new(),
+            mtu: None,
+            underlay: None,
+            vtep_mac: None,
+            not_ready: "waiting for the first complete list of Nodes from the API server".into(),
+            peers: Peers::default(),
+            last_reconcile: None,
+            policy: PolicyStatus {
+                enabled: policy,
+                ..PolicyStatus::default()
+            },
+            ipam: None,
+        };
+        AgentStatusSource {
+            health,
+            snapshot: Arc::new(Mutex::new(snapshot)),
+            checks: Arc::default(),
+        }
+    }
+
+    /// Makes `?check=kernel` available: `kernel` checks the kernel, and
+    /// `client` lists this node's Pods for the IPAM audit. Until then the
+    /// check is refused as not available yet.
+    pub(crate) fn attach_checks(&self, kernel: KernelCheckHandle, client: Client) {
+        if self.checks.set(Checks { kernel, client }).is_err() {
+            tracing::debug!("the kernel check was attached twice; the first one stays");
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Snapshot> {
+        self.snapshot.lock().expect("status snapshot lock poisoned")
+    }
+
+    /// Records why the agent is not ready (shown while `/readyz` says so).
+    pub(crate) fn not_ready(&self, reason: String) {
+        self.lock().not_ready = reason;
+    }
+
+    /// Records the node set-up the last reconcile used.
+    pub(crate) fn record_setup(&self, setup: &AppliedSetup) {
+        let mut snapshot = self.lock();
+        snapshot.slices = setup
+            .local
+            .pod_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        snapshot.mtu = Some(setup.mtu);
+        snapshot.underlay = Some(Underlay {
+            device: setup.underlay_device.clone(),
+            address: setup.public_ip.to_string(),
+        });
+        snapshot.vtep_mac = setup.vtep.as_ref().map(|vtep| vtep.mac.to_string());
+    }
+
+    /// Records what the last reconcile made of the peers.
+    pub(crate) fn record_peers(&self, peers: Peers) {
+        self.lock().peers = peers;
+    }
+
+    /// Records a reconcile that ended well after `took`; `repaired` is the
+    /// number of kernel entries it changed when it was a periodic resync
+    /// (what the resync found wrong), `None` for any other pass.
+    pub(crate) fn reconciled(&self, took: Duration, repaired: Option<usize>) {
+        let mut snapshot = self.lock();
+        let before = snapshot.last_reconcile.take();
+        snapshot.last_reconcile = Some(reconcile_record(before, took, Ok(repaired)));
+    }
+
+    /// Records a reconcile that failed with `error` after `took`.
+    pub(crate) fn reconcile_failed(&self, took: Duration, error: &dyn std::error::Error) {
+        let mut snapshot = self.lock();
+        let before = snapshot.last_reconcile.take();
+        snapshot.last_reconcile = Some(reconcile_record(before, took, Err(error.to_string())));
+    }
+
+    /// The handle the policy task records its syncs with.
+    pub(crate) fn policy_recorder(&self) -> PolicyRecorder {
+        PolicyRecorder {
+            snapshot: self.snapshot.clone(),
+        }
+    }
+}
+
+impl StatusSource for AgentStatusSource {
+    fn status(
+        &self,
+        check: Option<String>,
+    ) -> BoxFuture<'static, Result<serde_json::Value, StatusRefusal>> {
+        let mut document = self.lock().document(self.health.is_ready());
+        let checks = self.checks.get().cloned();
+        let snapshot = self.snapshot.clone();
+        async move {
+            match check.as_deref() {
+                None => {}
+                Some(KERNEL_CHECK) => {
+                    let checks = checks.ok_or_else(|| {
+                        StatusRefusal("check=kernel is not available yet: the agent is starting; ask again once /readyz answers 200".into())
+                    })?;
+                    let (kernel, ipam) = futures::join!(
+                        checks.kernel.check(),
+                        audit_ipam(checks.client, document.node.clone())
+                    );
+                    let kernel = kernel.map_err(|error| StatusRefusal(error.to_string()))?;
+                    document.kernel = Some(kernel);
+                    if let Some(ipam) = ipam {
+                        snapshot.lock().expect("status snapshot lock poisoned").ipam =
+                            Some(ipam.clone());
+                        document.ipam = Some(ipam);
+                    }
+                }
+                Some(other) => return Err(unknown_check(other)),
+            }
+            serde_json::to_value(document).map_err(|error| {
+                StatusRefusal(format!("the status document does not serialise: {error}"))
+            })
+        }
+        .boxed()
+    }
+}
+
+/// Audits the plugin's address store against the addresses of the Pods the
+/// API shows on `node`; `None`, logged, when the Pods or the store cannot
+/// be read.
+async fn audit_ipam(client: Client, node: String) -> Option<IpamStatus> {
+    let pods = match pod_addresses(client, &node).await {
+        Ok(pods) => pods,
+        Err(error) => {
+            tracing::warn!(%error, "IPAM audit skipped: listing this node's Pods failed (the agent needs list on pods)");
+            return None;
+        }
+    };
+    // Reading the store's files blocks.
+    let audited =
+        tokio::task::spawn_blocking(move || audit(Path::new(STORE_DIR), &pods, SystemTime::now()))
+            .await;
+    match audited {
+        Ok(Ok(audited)) => {
+            for note in &audited.notes {
+                tracing::info!(note, "IPAM audit");
+            }
+            Some(audited.status)
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "IPAM audit failed");
+            None
+        }
+        Err(join) => {
+            tracing::warn!(%join, "the IPAM audit ended abnormally");
+            None
+        }
+    }
+}
+
+/// The refusal of a `check` the agent does not know.
+fn unknown_check(check: &str) -> StatusRefusal {
+    StatusRefusal(format!(
+        "unknown check {check:?}: the agent knows only check={KERNEL_CHECK}"
+    ))
+}
+
+/// The current time in RFC 3339, to the millisecond.
+fn now() -> String {
+    format!("{:.3}", Timestamp::now())
+}
+
+/// The record of a reconcile that just ended after `took`: `Ok` with the
+/// entries a resync repaired (`None` for other passes, which keep the
+/// count of the resync `before`), or `Err` with the error's text.
+fn reconcile_record(
+    before: Option<Reconcile>,
+    took: Duration,
+    outcome: Result<Option<usize>, String>,
+) -> Reconcile {
+    let repaired_before = before.map_or(0, |before| before.repaired_at_last_resync);
+    let (result, repaired) = match outcome {
+        Ok(repaired) => (
+            "ok".to_string(),
+            repaired.map_or(repaired_before, |count| count as u64),
+        ),
+        Err(error) => (error, repaired_before),
+    };
+    Reconcile {
+        at: now(),
+        duration_ms: took.as_millis().try_into().unwrap_or(u64::MAX),
+        result,
+        repaired_at_last_resync: repaired,
+    }
+}
+
+/// A peer on its kernel-refusal backoff, for [`peers`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retrying<'a> {
+    /// The peer's Node.
+    pub(crate) node: &'a str,
+    /// Time until its retry.
+    pub(crate) retry_in: Duration,
+    /// The kernel's last refusal, when known.
+    pub(crate) refusal: Option<&'a str>,
+}
+
+/// What a reconcile made of the peers: the `accepted` peers not held
+/// (programmed), the `rejected` ones with the annotation at fault and why,
+/// and the held ones: the `retrying` peers, waiting after a kernel refusal,
+/// and accepted peers whose slice another owner's route holds
+/// (`conflicts`), which every reconcile retries. Each peer is in one list.
+pub(crate) fn peers(
+    accepted: &[&Peer],
+    rejected: &[Rejected],
+    retrying: &[Retrying<'_>],
+    conflicts: &[RouteConflict],
+) -> Peers {
+    let mut held: BTreeMap<&str, HeldPeer> = BTreeMap::new();
+    for retry in retrying {
+        let reason = match retry.refusal {
+            Some(refusal) => format!("the kernel refused one of its entries: {refusal}"),
+            None => "the kernel refused one of its entries".to_string(),
+        };
+        held.insert(
+            retry.node,
+            HeldPeer {
+                node: retry.node.to_owned(),
+                reason,
+                retry_in_ms: Some(retry.retry_in.as_millis().try_into().unwrap_or(u64::MAX)),
+            },
+        );
+    }
+    for conflict in conflicts {
+        let Some(peer) = accepted.iter().find(|peer| conflict.concerns(peer)) else {
+            continue;
+        };
+        let reason = format!("route conflict: {conflict}; held until that route is removed");
+        held.entry(&peer.node_name)
+            .and_modify(|held| {
+                held.reason.push_str("; ");
+                held.reason.push_str(&reason);
+            })
+            .or_insert_with(|| HeldPeer {
+                node: peer.node_name.clone(),
+                reason,
+                retry_in_ms: None,
+            });
+    }
+    Peers {
+        accepted: accepted
+            .iter()
+            .filter(|peer| !held.contains_key(peer.node_name.as_str()))
+            .map(|peer| peer.node_name.clone())
+            .collect(),
+        rejected: rejected
+            .iter()
+            .map(|rejected| RejectedPeer {
+                node: rejected.node_name.clone(),
+                field: rejected.reason.field().to_owned(),
+                reason: rejected.reason.to_string(),
+            })
+            .collect(),
+        held: held.into_values().collect(),
+    }
+}
+
+/// A stable fingerprint of `plan`: equal plans give equal fingerprints, in
+/// any process of the same build, so a node's enforced plan can be
+/// compared with one compiled elsewhere from the same objects.
+pub(crate) fn plan_fingerprint(plan: &PolicyPlan) -> String {
+    // Unkeyed, unlike the hash maps' hasher, so every process agrees.
+    let mut hasher = DefaultHasher::new();
+    plan.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// How the policy task records its syncs in the agent's `/status`.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyRecorder {
+    snapshot: Arc<Mutex<Snapshot>>,
+}
+
+impl PolicyRecorder {
+    fn policy(&self) -> MutexGuard<'_, Snapshot> {
+        self.snapshot.lock().expect("status snapshot lock poisoned")
+    }
+
+    /// Records the plan the table enforces after an apply that reported
+    /// `applied`; the fingerprint is computed again only when the plan may
+    /// have changed.
+    pub(crate) fn enforced(&self, plan: &PolicyPlan, applied: Applied) {
+        let fingerprint = {
+            let snapshot = self.policy();
+            match (&snapshot.policy.fingerprint, applied) {
+                (Some(kept), Applied::Unchanged) => Some(kept.clone()),
+                _ => None,
+            }
+        };
+        // Hashed outside the lock: a request never waits for it.
+        let fingerprint = fingerprint.unwrap_or_else(|| plan_fingerprint(plan));
+        let mut snapshot = self.policy();
+        let policy = &mut snapshot.policy;
+        policy.isolated_ingress = Direction::Ingress.of(plan).isolated.len() as u64;
+        policy.isolated_egress = Direction::Egress.of(plan).isolated.len() as u64;
+        policy.fingerprint = Some(fingerprint);
+    }
+
+    /// Records a sync that ended well, with the policies it had to refuse.
+    pub(crate) fn synced(&self, refused: &[PolicyError]) {
+        let mut snapshot = self.policy();
+        let policy = &mut snapshot.policy;
+        policy.last_sync = Some(LastRun {
+            at: now(),
+            result: "ok".into(),
+        });
+        policy.refused = refused.iter().map(refused_policy).collect();
+    }
+
+    /// Records a sync that failed with `error`; the table keeps enforcing
+    /// the plan recorded last.
+    pub(crate) fn failed(&self, error: &dyn std::error::Error) {
+        self.policy().policy.last_sync = Some(LastRun {
+            at: now(),
+            result: error.to_string(),
+        });
+    }
+}
+
+/// A refused policy as `/status` shows it.
+fn refused_policy(refused: &PolicyError) -> RefusedPolicy {
+    RefusedPolicy {
+        policy: format!("{}/{}", refused.namespace, refused.name),
+        field: refused.field.clone(),
+        reason: refused.problem.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_core::annotations::VtepMac;
+
+    use super::*;
+    use crate::policy::compile::{AllowSetId, DirectionPlan};
+    use crate::screen::Rejection;
+
+    fn peer(name: &str, slice: &str, last: u8) -> Peer {
+        Peer {
+            node_name: name.into(),
+            pod_cidrs: vec![slice.parse().unwrap()],
+            public_ip: format!("172.31.0.{last}").parse().unwrap(),
+            vtep_mac: Some(VtepMac::new([0x0a, 0x58, 0, 0, 0, last])),
+            created: 0,
+            malformed: None,
+        }
+    }
+
+    fn source(ready: bool) -> AgentStatusSource {
+        let health = Health::new();
+        health.set_ready(ready);
+        AgentStatusSource::new("node-a", "vxlan", true, health)
+    }
+
+    #[test]
+    fn held_peers_leave_the_accepted_list_and_say_why() {
+        let peers_given = [
+            peer("b", "10.244.1.0/24", 11),
+            peer("c", "10.244.2.0/24", 12),
+            peer("d", "10.244.3.0/24", 13),
+        ];
+        let accepted: Vec<&Peer> = peers_given.iter().collect();
+        let rejected = [Rejected {
+            node_name: "e".into(),
+            reason: Rejection::OwnPublicIp("172.31.0.10".parse().unwrap()),
+        }];
+        let retrying = [Retrying {
+            node: "b",
+            retry_in: Duration::from_millis(1500),
+            refusal: Some("File exists"),
+        }];
+        let conflict = RouteConflict {
+            destination: "10.244.2.0/24".parse().unwrap(),
+            foreign: None,
+        };
+        let peers = peers(&accepted, &rejected, &retrying, &[conflict]);
+        assert_eq!(peers.accepted, vec!["d".to_string()]);
+        assert_eq!(
+            peers.rejected,
+            vec![RejectedPeer {
+                node: "e".into(),
+                field: "weft.dev/public-ip".into(),
+                reason: "172.31.0.10 is this node's address".into(),
+            }]
+        );
+        let held: Vec<(&str, Option<u64>)> = peers
+            .held
+            .iter()
+            .map(|held| (held.node.as_str(), held.retry_in_ms))
+            .collect();
+        assert_eq!(held, vec![("b", Some(1500)), ("c", None)]);
+        assert!(peers.held[0].reason.contains("File exists"));
+        assert!(peers.held[1].reason.contains("10.244.2.0/24"));
+    }
+
+    #[test]
+    fn a_peer_both_retrying_and_in_conflict_is_listed_once_with_both_reasons() {
+        let b = peer("b", "10.244.1.0/24", 11);
+        let retrying = [Retrying {
+            node: "b",
+            retry_in: Duration::from_secs(2),
+            refusal: None,
+        }];
+        let conflict = RouteConflict {
+            destination: "10.244.1.0/24".parse().unwrap(),
+            foreign: None,
+        };
+        let peers = peers(&[&b], &[], &retrying, &[conflict]);
+        assert!(peers.accepted.is_empty());
+        assert_eq!(peers.held.len(), 1);
+        assert_eq!(peers.held[0].retry_in_ms, Some(2000));
+        assert!(peers.held[0].reason.contains("refused"));
+        assert!(peers.held[0].reason.contains("route conflict"));
+    }
+
+    #[test]
+    fn the_reason_shows_only_while_not_ready() {
+        let status = source(false);
+        status.not_ready("no pod CIDR yet".into());
+        let document = status.lock().document(false);
+        assert_eq!(
+            document.readiness.reason.as_deref(),
+            Some("no pod CIDR yet")
+        );
+        assert!(status.lock().document(true).readiness.reason.is_none());
+    }
+
+    #[test]
+    fn a_resync_sets_the_repair_count_and_other_passes_keep_it() {
+        let took = Duration::from_millis(12);
+        let resync = reconcile_record(None, took, Ok(Some(3)));
+        assert_eq!(
+            (resync.result.as_str(), resync.repaired_at_last_resync),
+            ("ok", 3)
+        );
+        assert_eq!(resync.duration_ms, 12);
+        let change = reconcile_record(Some(resync), took, Ok(None));
+        assert_eq!(change.repaired_at_last_resync, 3);
+        let failed = reconcile_record(Some(change), took, Err("guard: nft failed".into()));
+        assert_eq!(failed.result, "guard: nft failed");
+        assert_eq!(failed.repaired_at_last_resync, 3);
+        assert!(failed.at.parse::<Timestamp>().is_ok(), "{}", failed.at);
+    }
+
+    #[test]
+    fn fingerprints_follow_the_plan() {
+        let mut plan = PolicyPlan::default();
+        let empty = plan_fingerprint(&plan);
+        assert_eq!(empty, plan_fingerprint(&PolicyPlan::default()));
+        plan.ingress = DirectionPlan {
+            isolated: [("10.244.1.5".parse().unwrap(), AllowSetId(7))].into(),
+            allow_sets: [(AllowSetId(7), Default::default())].into(),
+        };
+        assert_ne!(plan_fingerprint(&plan), empty);
+        // The same plan in the other direction is another plan.
+        let swapped = PolicyPlan {
+            egress: plan.ingress.clone(),
+            ..PolicyPlan::default()
+        };
+        assert_ne!(plan_fingerprint(&swapped), plan_fingerprint(&plan));
+    }
+
+    #[test]
+    fn policy_syncs_fill_the_policy_section() {
+        let status = source(true);
+        let recorder = status.policy_recorder();
+        let mut plan = PolicyPlan::default();
+        plan.egress.isolated = [
+            ("10.244.1.5".parse().unwrap(), AllowSetId(1)),
+            ("10.244.1.6".parse().unwrap(), AllowSetId(1)),
+        ]
+        .into();
+        recorder.enforced(&plan, Applied::Replaced);
+        recorder.synced(&[PolicyError {
+            namespace: "shop".into(),
+            name: "deny".into(),
+            field: "spec.ingress[0].from[0].ipBlock.cidr".into(),
+            problem: "not a CIDR".into(),
+        }]);
+        let policy = status.lock().document(true).policy.unwrap();
+        assert!(policy.enabled);
+        assert_eq!((policy.isolated_ingress, policy.isolated_egress), (0, 2));
+        assert_eq!(policy.fingerprint, Some(plan_fingerprint(&plan)));
+        assert_eq!(policy.last_sync.unwrap().result, "ok");
+        assert_eq!(
+            policy.refused,
+            vec![RefusedPolicy {
+                policy: "shop/deny".into(),
+                field: "spec.ingress[0].from[0].ipBlock.cidr".into(),
+                reason: "not a CIDR".into(),
+            }]
+        );
+        recorder.failed(&std::io::Error::other("nft: table busy"));
+        let policy = status.lock().document(true).policy.unwrap();
+        assert_eq!(policy.last_sync.unwrap().result, "nft: table busy");
+        assert_eq!(policy.fingerprint, Some(plan_fingerprint(&plan)));
+    }
+
+    #[tokio::test]
+    async fn unknown_checks_and_checks_before_start_up_are_refused() {
+        let refusal = source(true).status(Some("nope".into())).await.unwrap_err();
+        assert!(refusal.0.contains("check=kernel"), "{refusal}");
+        let refusal = source(true)
+            .status(Some(KERNEL_CHECK.into()))
+            .await
+            .unwrap_err();
+        assert!(refusal.0.contains("not available yet"), "{refusal}");
+        let document = source(true).status(None).await.unwrap();
+        assert_eq!(document["node"], "node-a");
+        assert_eq!(document["readiness"]["ready"], true);
+    }
+}
