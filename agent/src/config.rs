@@ -173,7 +173,7 @@ pub struct AgentSettings {
     /// The node file the plugin reads (nodeFile) [default: /run/weft/node.json].
     #[arg(long, env = "WEFT_NODE_FILE")]
     pub node_file: Option<PathBuf>,
-    /// Listen address of /healthz, /readyz and /metrics (metricsAddress) [default: 0.0.0.0:9465].
+    /// Listen address of /healthz, /readyz, /status and /metrics (metricsAddress) [default: 0.0.0.0:9465].
     #[arg(long, env = "WEFT_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
     /// NetworkPolicy enforcement (networkPolicy).

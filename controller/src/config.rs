@@ -61,7 +61,7 @@ pub struct ControllerSettings {
     /// Seconds a deleted node's slice is kept for a node re-registering under its name (sliceHoldSeconds) [default: 300].
     #[arg(long, env = "WEFT_SLICE_HOLD_SECONDS")]
     pub slice_hold_seconds: Option<u64>,
-    /// Listen address of /healthz, /readyz and /metrics (metricsAddress) [default: 0.0.0.0:9464].
+    /// Listen address of /healthz, /readyz, /status and /metrics (metricsAddress) [default: 0.0.0.0:9464].
     #[arg(long, env = "WEFT_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
 }

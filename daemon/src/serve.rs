@@ -49,7 +49,7 @@ use weft_core::status;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The listen address could not be bound.
-    #[error("cannot listen on {address} for /healthz, /readyz and /metrics: {source}; pick a free address with the metrics address setting")]
+    #[error("cannot listen on {address} for /healthz, /readyz, /status and /metrics: {source}; pick a free address with the metrics address setting")]
     Bind {
         /// The address asked for.
         address: SocketAddr,
@@ -58,7 +58,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The listening socket stopped accepting connections for good.
-    #[error("accepting connections for /healthz, /readyz and /metrics failed: {0}; the listening socket is unusable, restart the daemon")]
+    #[error("accepting connections for /healthz, /readyz, /status and /metrics failed: {0}; the listening socket is unusable, restart the daemon")]
     Serve(#[source] std::io::Error),
 }
 
@@ -169,7 +169,7 @@ impl ConnectionMetrics {
         let registry_http = registry.sub_registry_with_prefix("http");
         registry_http.register(
             "connections",
-            "Connections to /healthz, /readyz and /metrics open now",
+            "Connections to /healthz, /readyz, /status and /metrics open now",
             self.open.clone(),
         );
         registry_http.register(

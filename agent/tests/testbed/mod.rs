@@ -29,7 +29,7 @@ use weft_testing::{eventually, run, wait_for};
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// Deadline for anything expected "soon"; never an assertion on speed.
 pub const PATIENCE: Duration = Duration::from_secs(180);
-/// Where each agent serves /healthz, /readyz and /metrics, in its node's namespace.
+/// Where each agent serves /healthz, /readyz, /status and /metrics, in its node's namespace.
 pub const METRICS_PORT: u16 = 9465;
 
 /// Builds (if needed) a binary of another workspace package into the same

@@ -12,7 +12,8 @@
 //! `kubectl weft status` (the shipped static binary) healthy, then, after
 //! the manifests install, naming the node and cause of each fault injected
 //! in turn (a hostile Node, a route deleted by hand, a leaked address in
-//! the plugin's store, the node write policy deleted); then the
+//! the plugin's store, an agent stopped, the node write policy deleted);
+//! then the
 //! uninstall (CoreDNS stays: it is the cluster's, not Weft's), and a
 //! teardown that leaves nothing on the host. Also: a run killed outright
 //! leaves nothing once cleaned up.
@@ -1085,6 +1086,27 @@ async fn status_names_each_fault(
         )
         .await?;
     weft_testing::run(machine.command("rm").arg(leaked))?;
+    status.healthy()?;
+
+    // An agent stopped (frozen, so its pod stays and its port hangs, the
+    // hardest case for a reader): its /status does not answer.
+    let agent = |signal: &str| {
+        weft_testing::run(machine.command("pkill").args([signal, "-x", "weft-agent"]))
+    };
+    agent("-STOP")?;
+    let stopped = status
+        .until(
+            "status to name the first node's stopped agent",
+            || Ok(()),
+            |run| {
+                ["agent-unreachable", "agent-not-ready", "agent-not-running"]
+                    .iter()
+                    .any(|kind| run.names(kind, &victim.name))
+            },
+        )
+        .await;
+    agent("-CONT")?;
+    stopped?;
     status.healthy()?;
 
     // The node write policy's binding deleted: agents' and kubelets'
