@@ -28,10 +28,12 @@ pub(crate) const RETRY_START: Duration = Duration::from_secs(1);
 /// The longest wait before a retry.
 pub(crate) const RETRY_CAP: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Retry {
     refusals: u32,
     due: Instant,
+    /// The kernel's last refusal, as `/status` shows it.
+    refusal: String,
 }
 
 /// The peers the kernel refused, and when each is retried.
@@ -50,31 +52,36 @@ impl PeerRetries {
     }
 
     /// Records a reconcile at `now`: the peers in `refused` were refused
-    /// (again); every other peer that was not waiting went through, and
-    /// peers no longer `present` are forgotten. Returns each refused peer
-    /// with the delay until its retry.
+    /// (again), each with the kernel's refusal; every other peer that was
+    /// not waiting went through, and peers no longer `present` are
+    /// forgotten. Returns each refused peer with the delay until its retry.
     pub(crate) fn record<'a>(
         &mut self,
         now: Instant,
-        refused: impl IntoIterator<Item = &'a str>,
+        refused: impl IntoIterator<Item = (&'a str, String)>,
         present: impl Fn(&str) -> bool,
     ) -> Vec<(String, Duration)> {
-        let refused: Vec<(String, u32)> = refused
+        let refused: Vec<(String, u32, String)> = refused
             .into_iter()
-            .map(|name| {
+            .map(|(name, refusal)| {
                 let before = self.failing.get(name).map_or(0, |r| r.refusals);
-                (name.to_string(), before + 1)
+                (name.to_string(), before + 1, refusal)
             })
             .collect();
         self.failing
             .retain(|name, retry| retry.due > now && present(name));
         let mut delays = Vec::new();
-        for (name, refusals) in refused {
+        for (name, refusals, refusal) in refused {
             let delay = RETRY_START
                 .saturating_mul(1 << refusals.min(16).saturating_sub(1))
                 .min(RETRY_CAP);
             let due = now + delay;
-            self.failing.insert(name.clone(), Retry { refusals, due });
+            let retry = Retry {
+                refusals,
+                due,
+                refusal,
+            };
+            self.failing.insert(name.clone(), retry);
             delays.push((name, delay));
         }
         delays
@@ -90,11 +97,12 @@ impl PeerRetries {
         self.failing.len()
     }
 
-    /// Each peer on its backoff and when it is retried next.
-    pub(crate) fn due(&self) -> impl Iterator<Item = (&str, Instant)> {
+    /// Each peer on its backoff, when it is retried next, and the
+    /// kernel's last refusal.
+    pub(crate) fn due(&self) -> impl Iterator<Item = (&str, Instant, &str)> {
         self.failing
             .iter()
-            .map(|(name, retry)| (name.as_str(), retry.due))
+            .map(|(name, retry)| (name.as_str(), retry.due, retry.refusal.as_str()))
     }
 }
 
@@ -162,11 +170,16 @@ mod tests {
     use crate::dataplane::ForeignRoute;
     use crate::overlay::{NextHop, Operation, OverlayRoute};
 
+    /// `name` refused by the kernel, as the reconcile reports it.
+    fn refused(name: &str) -> (&str, String) {
+        (name, "File exists (os error 17)".to_string())
+    }
+
     #[test]
     fn refusals_back_off_and_success_forgets() {
         let mut retries = PeerRetries::default();
         let start = Instant::now();
-        let delays = retries.record(start, ["node-b"], |_| true);
+        let delays = retries.record(start, [refused("node-b")], |_| true);
         assert_eq!(delays, vec![("node-b".to_string(), RETRY_START)]);
         assert_eq!(retries.waiting(start).collect::<Vec<_>>(), vec!["node-b"]);
         assert_eq!(retries.next_due(), Some(start + RETRY_START));
@@ -174,7 +187,7 @@ mod tests {
         // Due: it is retried, refused again, and waits twice as long.
         let later = start + RETRY_START;
         assert_eq!(retries.waiting(later).count(), 0);
-        let delays = retries.record(later, ["node-b"], |_| true);
+        let delays = retries.record(later, [refused("node-b")], |_| true);
         assert_eq!(delays[0].1, RETRY_START * 2);
 
         // Due and not refused: forgotten.
@@ -188,7 +201,7 @@ mod tests {
     fn a_waiting_peer_stays_until_due_unless_it_is_gone() {
         let mut retries = PeerRetries::default();
         let start = Instant::now();
-        retries.record(start, ["node-b", "node-c"], |_| true);
+        retries.record(start, [refused("node-b"), refused("node-c")], |_| true);
         retries.record(start, [], |name| name != "node-c");
         assert_eq!(retries.waiting(start).collect::<Vec<_>>(), vec!["node-b"]);
     }
@@ -199,7 +212,7 @@ mod tests {
         let mut now = Instant::now();
         let mut last = Duration::ZERO;
         for _ in 0..40 {
-            last = retries.record(now, ["node-b"], |_| true)[0].1;
+            last = retries.record(now, [refused("node-b")], |_| true)[0].1;
             now += last;
         }
         assert_eq!(last, RETRY_CAP);

@@ -292,8 +292,6 @@ struct Reconciler {
     logged_rejections: Vec<Rejected>,
     /// Peers the kernel refused, on their backoff.
     retries: PeerRetries,
-    /// The kernel's last refusal of each peer in `retries`, for `/status`.
-    refusals: BTreeMap<String, String>,
     /// What `/status` serves, updated after each pass.
     status: AgentStatusSource,
     /// What `/status?check=kernel` plans against, updated after each pass.
@@ -325,7 +323,6 @@ impl Reconciler {
             logged_skips: Vec::new(),
             logged_rejections: Vec::new(),
             retries: PeerRetries::default(),
-            refusals: BTreeMap::new(),
             status,
             kernel,
             conflicts: ConflictLog::default(),
@@ -540,10 +537,10 @@ impl Reconciler {
         let retrying: Vec<Retrying<'_>> = self
             .retries
             .due()
-            .map(|(node, due)| Retrying {
+            .map(|(node, due, refusal)| Retrying {
                 node,
                 retry_in: due.saturating_duration_since(now),
-                refusal: self.refusals.get(node).map(String::as_str),
+                refusal,
             })
             .collect();
         self.status.record_peers(peers(
@@ -579,16 +576,16 @@ impl Reconciler {
         screened: &Screened<'_>,
         report: &ApplyReport,
     ) {
-        let mut refused = BTreeSet::new();
+        // Each refused peer once, with the last of its refusals.
+        let mut refused = BTreeMap::new();
         if !report.failed.is_empty() {
             let owners = EntryOwners::of(screened.accepted.iter().copied());
             for (operation, error) in &report.failed {
                 let peer = owners.owner(operation);
                 tracing::warn!(peer = peer.unwrap_or("(none)"), ?operation, %error, "kernel refused a peer entry; the other peers go on");
                 if let Some(peer) = peer {
-                    self.refusals.insert(peer.to_owned(), error.to_string());
+                    refused.insert(peer, error.to_string());
                 }
-                refused.extend(peer);
             }
         }
         // Called only for peers on their backoff, which are few.
@@ -596,8 +593,5 @@ impl Reconciler {
         for (peer, delay) in self.retries.record(now, refused, accepted) {
             tracing::info!(%peer, retry_in = ?delay, "peer entries held back until the retry");
         }
-        let retrying: BTreeSet<&str> = self.retries.due().map(|(peer, _)| peer).collect();
-        self.refusals
-            .retain(|peer, _| retrying.contains(peer.as_str()));
     }
 }

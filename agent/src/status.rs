@@ -308,8 +308,8 @@ pub(crate) struct Retrying<'a> {
     pub(crate) node: &'a str,
     /// Time until its retry.
     pub(crate) retry_in: Duration,
-    /// The kernel's last refusal, when known.
-    pub(crate) refusal: Option<&'a str>,
+    /// The kernel's last refusal.
+    pub(crate) refusal: &'a str,
 }
 
 /// What a reconcile made of the peers: the `accepted` peers not held
@@ -325,10 +325,7 @@ pub(crate) fn peers(
 ) -> Peers {
     let mut held: BTreeMap<&str, HeldPeer> = BTreeMap::new();
     for retry in retrying {
-        let reason = match retry.refusal {
-            Some(refusal) => format!("the kernel refused one of its entries: {refusal}"),
-            None => "the kernel refused one of its entries".to_string(),
-        };
+        let reason = format!("the kernel refused one of its entries: {}", retry.refusal);
         held.insert(
             retry.node,
             HeldPeer {
@@ -483,7 +480,7 @@ mod tests {
         let retrying = [Retrying {
             node: "b",
             retry_in: Duration::from_millis(1500),
-            refusal: Some("File exists"),
+            refusal: "File exists",
         }];
         let conflict = RouteConflict {
             destination: "10.244.2.0/24".parse().unwrap(),
@@ -515,7 +512,7 @@ mod tests {
         let retrying = [Retrying {
             node: "b",
             retry_in: Duration::from_secs(2),
-            refusal: None,
+            refusal: "No such device",
         }];
         let conflict = RouteConflict {
             destination: "10.244.1.0/24".parse().unwrap(),
