@@ -6,7 +6,8 @@
 //!   in the slices of the pod's node and no other pod claims.
 //! - [`compile`] turns them into this node's plan: per isolated pod and
 //!   direction, an allow set of non-overlapping (peer range, protocol, port
-//!   range) entries.
+//!   range) entries. The model and compiler live in the `weft-policy` crate,
+//!   with no data plane, so `kubectl weft trace` runs the same code.
 //! - [`nft`] writes the plan into the `inet weft-policy` table, whole or
 //!   element by element, and reads its drop counters.
 //! - [`enforce`] is the task that runs them: it compiles on every change,
@@ -15,9 +16,8 @@
 //! - The table watch ([`crate::nft_watch`]) has [`nft`] restore the table
 //!   moments after anyone else changes or deletes it.
 
-pub mod compile;
 pub mod enforce;
-pub mod model;
 pub mod nft;
-pub mod selector;
 pub mod watch;
+
+pub use weft_policy::{compile, model, selector};

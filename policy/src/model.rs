@@ -20,7 +20,7 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::selector::{Labels, Selector, SelectorError};
+use crate::selector::{Labels, Selector, SelectorError};
 
 // The records carry it, so their readers find it beside them.
 pub use weft_core::protocol::Protocol;

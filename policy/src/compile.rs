@@ -14,10 +14,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-use super::model::{
+use crate::model::{
     NamespaceRecord, NamespaceScope, Peer, PodRecord, PolicyRecord, PortMatch, PortRule, Rule,
 };
-use super::selector::{Labels, Selector};
+use crate::selector::{Labels, Selector};
 
 /// An inclusive range of addresses of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,8 +1,8 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::model::{NamedPort, Protocol};
-use crate::policy::selector::{Requirement, Selector};
+use crate::model::{NamedPort, Protocol};
+use crate::selector::{Requirement, Selector};
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()

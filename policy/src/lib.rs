@@ -1,0 +1,16 @@
+//! NetworkPolicy as Weft reads and compiles it, with no data plane: the
+//! agent enforces what [`compile`] plans, and `kubectl weft trace` asks the
+//! same code why one pod can or cannot reach another.
+//!
+//! - [`model`] keeps compact records of Pods, Namespaces and
+//!   NetworkPolicies; [`model::screen_pod_addresses`] keeps only the pod
+//!   addresses that lie in the slices of the pod's node and no other pod
+//!   claims.
+//! - [`selector`] matches label selectors.
+//! - [`compile`] turns them into one node's plan: per isolated pod and
+//!   direction, an allow set of non-overlapping (peer range, protocol, port
+//!   range) entries.
+
+pub mod compile;
+pub mod model;
+pub mod selector;
