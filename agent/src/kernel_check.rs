@@ -147,6 +147,7 @@ pub fn drift(dump: &Dump, plan: &RoutePlan) -> KernelCheck {
         missing: missing.into_iter().collect(),
         excess: excess.into_iter().collect(),
         tables_changed: Vec::new(),
+        peer: None,
     }
 }
 

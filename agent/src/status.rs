@@ -81,6 +81,7 @@ impl Snapshot {
             policy: Some(self.policy.clone()),
             ipam: self.ipam.clone(),
             kernel: None,
+            dump: None,
         }
     }
 }

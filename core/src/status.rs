@@ -79,6 +79,9 @@ pub struct AgentStatus {
     /// The kernel check, only when asked for with `?check=kernel`.
     #[serde(default)]
     pub kernel: Option<KernelCheck>,
+    /// Weft's kernel state, only when asked for with `?check=dump`.
+    #[serde(default)]
+    pub dump: Option<KernelDump>,
 }
 
 /// The device the overlay runs over.
@@ -226,6 +229,62 @@ pub struct KernelCheck {
     /// Weft's nft tables whose contents differ from what the agent wrote.
     #[serde(default)]
     pub tables_changed: Vec<String>,
+    /// With `&peer=<node>`: the entries this node must hold to reach that
+    /// peer's pods, each with whether the kernel holds it (what
+    /// `kubectl weft trace` shows as the path).
+    #[serde(default)]
+    pub peer: Option<PeerEntries>,
+}
+
+/// The kernel entries one node must hold for one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEntries {
+    /// The peer's Node.
+    pub node: String,
+    /// What the agent made of the peer: `accepted`, `rejected`, `held` or
+    /// `unknown` (no such Node seen). Only an accepted peer has entries.
+    pub state: String,
+    /// Why the peer is not accepted, when it is not.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The entries, in the words of [`KernelCheck::missing`].
+    #[serde(default)]
+    pub entries: Vec<EntryCheck>,
+}
+
+/// One kernel entry and whether the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryCheck {
+    /// The entry, e.g. `route 10.244.2.0/24 via 10.244.2.0 dev weft.1`.
+    pub entry: String,
+    /// Whether the kernel holds it exactly.
+    pub held: bool,
+}
+
+/// What `?check=dump` returns: Weft's part of the node's kernel state as
+/// the agent reads it, for bug reports (`kubectl weft bundle`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelDump {
+    /// Weft's links (overlay device, bridge, pod veths), one line each.
+    #[serde(default)]
+    pub links: Vec<String>,
+    /// Every route in the main table of both families, one line each.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// The neighbour entries on Weft's devices.
+    #[serde(default)]
+    pub neighbours: Vec<String>,
+    /// The FDB entries on the overlay device.
+    #[serde(default)]
+    pub fdb: Vec<String>,
+    /// Weft's nftables tables by name (`inet weft`, `inet weft-policy`,
+    /// `inet weft-guard`, ...), as `nft list table` prints them; a table
+    /// that is absent is left out.
+    #[serde(default)]
+    pub tables: std::collections::BTreeMap<String, String>,
+    /// What could not be read, if anything, and why.
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 impl KernelCheck {

@@ -955,6 +955,7 @@ mod tests {
                 leak_suspects: vec![],
             }),
             kernel: Some(KernelCheck::default()),
+            dump: None,
         }
     }
 
@@ -1409,6 +1410,7 @@ mod tests {
             missing: vec!["route 10.244.2.0/24 via 10.244.2.0 dev weft.1".into()],
             excess: vec![],
             tables_changed: vec!["inet weft-policy".into()],
+            ..KernelCheck::default()
         });
         let report = assess(&observation);
         let warning = only(&report, WarningKind::KernelDrift);
