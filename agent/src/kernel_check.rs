@@ -29,11 +29,17 @@
 //! table watch ([`crate::nft_watch`]) failed: changed behind the agent's
 //! back and not restored. A change the watch restores (within a fraction
 //! of a second) is not drift; without a running watch the list is empty.
+//!
+//! Asked about one peer (`&peer=<node>`), the check also lists the entries
+//! this node must hold to reach that peer's pods, in the same words, each
+//! with whether the kernel holds it exactly ([`peer_entries`]), from the
+//! same desired state and dump as the rest of the check.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use weft_core::status::KernelCheck;
+use weft_core::netlink::Netlink;
+use weft_core::status::{EntryCheck, HeldPeer, KernelCheck, PeerEntries};
 
 use super::cache::NodeCache;
 use super::config::AgentConfig;
@@ -43,12 +49,14 @@ use super::dataplane::{
 };
 use super::nft_watch::TableRegistry;
 use super::overlay::{
-    desired_state, DesiredState, FdbEntry, Neighbour, NextHop, Operation, OverlayRoute,
+    desired_state, DesiredState, EntryOwners, FdbEntry, Neighbour, NextHop, Operation,
+    OverlayRoute, SkipReason,
 };
-use super::peer::PeerSet;
+use super::peer::{Peer, PeerSet};
 use super::retry::held_peers;
 use super::screen::{screen, Rules, Screened};
 use super::setup::AppliedSetup;
+use super::status::conflict_reason;
 
 /// Why a kernel check could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +68,9 @@ pub enum KernelCheckError {
     /// Dumping the kernel failed.
     #[error("dumping the kernel's routes, neighbours and FDB entries: {0}")]
     Dump(#[from] DataplaneError),
+    /// `peer=` named the node this agent runs on.
+    #[error("peer={0} is this agent's own node, which needs no entries to reach its own pods: ask with another Node's name, or ask the agent of the node the traffic comes from")]
+    OwnNode(String),
 }
 
 /// Dumps the kernel, plans against `desired` and this node's slices `own`
@@ -80,7 +91,13 @@ where
 {
     let (dump, plan) = dataplane.plan_holding(desired, own, hold).await?;
     let mut check = drift(&dump, &plan);
-    check.tables_changed = tables
+    check.tables_changed = tables_changed(tables);
+    Ok(check)
+}
+
+/// The tables in `tables` whose last check failed, one line each.
+fn tables_changed(tables: Option<&TableRegistry>) -> Vec<String> {
+    tables
         .map(|tables| {
             tables
                 .failed_checks()
@@ -90,8 +107,103 @@ where
                 })
                 .collect()
         })
-        .unwrap_or_default();
-    Ok(check)
+        .unwrap_or_default()
+}
+
+/// The entries `desired` holds for `peer` (its neighbours, its FDB entry
+/// and the routes to its slices, in the order a reconcile adds them), in
+/// the words of [`drift`], each with whether `dump` holds it exactly. A
+/// slice the desired state leaves out (see [`DesiredState::skipped`]) has
+/// no entries.
+pub fn peer_entries(peer: &Peer, desired: &DesiredState, dump: &Dump) -> Vec<EntryCheck> {
+    let owners = EntryOwners::of([peer]);
+    let owned = &dump.owned;
+    let neighbours = desired
+        .neighbours
+        .iter()
+        .map(|(&ip, &mac)| Neighbour { ip, mac })
+        .filter(|n| owners.owner(&Operation::SetNeighbour(*n)).is_some())
+        .map(|n| (neighbour_line(&n), owned.neighbours.contains(&n)));
+    let fdb = desired
+        .fdb
+        .iter()
+        .map(|(&mac, &remote)| FdbEntry { mac, remote })
+        .filter(|f| owners.owner(&Operation::SetFdb(*f)).is_some())
+        .map(|f| (fdb_line(&f), owned.fdb.contains(&f)));
+    let routes = desired
+        .routes
+        .iter()
+        .map(|(&destination, &next_hop)| OverlayRoute {
+            destination,
+            next_hop,
+        })
+        .filter(|r| owners.owner(&Operation::SetRoute(*r)).is_some())
+        .map(|r| (route_line(&r), owned.routes.contains(&r)));
+    neighbours
+        .chain(fdb)
+        .chain(routes)
+        .map(|(entry, held)| EntryCheck { entry, held })
+        .collect()
+}
+
+/// What one check made of the Node `name` as a peer: `rejected` (with the
+/// screen's reason) when the screen rejected it, `unknown` when the screen
+/// saw no such peer, otherwise its entries ([`peer_entries`]) and `held`
+/// when `held_reason` gives a reason for holding them, `accepted` if not
+/// (with the slices that get no entries, if any, as the reason).
+pub(crate) fn peer_standing(
+    name: &str,
+    screened: &Screened<'_>,
+    held_reason: impl Fn(&Peer) -> Option<String>,
+    desired: &DesiredState,
+    dump: &Dump,
+) -> PeerEntries {
+    let standing = |state: &str, reason: Option<String>, entries| PeerEntries {
+        node: name.to_owned(),
+        state: state.to_owned(),
+        reason,
+        entries,
+    };
+    if let Some(rejected) = screened.rejected.iter().find(|r| r.node_name == name) {
+        let reason = format!("{}: {}", rejected.reason.field(), rejected.reason);
+        return standing("rejected", Some(reason), Vec::new());
+    }
+    let Some(peer) = screened.accepted.iter().find(|p| p.node_name == name) else {
+        let reason = format!("no Node {name} with Weft's annotations is known to this agent: check the name with `kubectl get nodes`, and that its agent published weft.dev/public-ip");
+        return standing("unknown", Some(reason), Vec::new());
+    };
+    let entries = peer_entries(peer, desired, dump);
+    if let Some(reason) = held_reason(peer) {
+        return standing("held", Some(reason), entries);
+    }
+    let skipped: Vec<String> = desired
+        .skipped
+        .iter()
+        .filter(|skip| skip.node_name == name)
+        .map(|skip| {
+            format!(
+                "slice {} gets no entries: {}",
+                skip.slice,
+                skip_words(skip.reason)
+            )
+        })
+        .collect();
+    standing(
+        "accepted",
+        (!skipped.is_empty()).then(|| skipped.join("; ")),
+        entries,
+    )
+}
+
+/// Why a peer slice gets no entries, in words.
+fn skip_words(reason: SkipReason) -> &'static str {
+    match reason {
+        SkipReason::NoVtepMac => "the peer has published no VTEP MAC yet",
+        SkipReason::NotOnUnderlaySubnet => {
+            "host-gw needs the peer on this node's underlay subnet, and it is not"
+        }
+        SkipReason::AddressFamily => "its address family does not fit this node's underlay",
+    }
 }
 
 /// The entries `plan` would add (`missing`) and remove or overwrite
@@ -198,8 +310,6 @@ pub(crate) fn desired_for_peers<'p>(
 /// What the last reconcile of the peers went by, besides the node cache.
 #[derive(Debug, Clone)]
 struct Basis {
-    /// The data plane as that reconcile had it (its `weft.1`, if any).
-    dataplane: Dataplane,
     /// This node's settings.
     setup: AppliedSetup,
     /// This node's checked slices.
@@ -236,18 +346,12 @@ impl KernelCheckHandle {
         }
     }
 
-    /// Records what a reconcile of the peers went by: the `dataplane` it
-    /// applied through, this node's `setup` and slices `own`, and the peers
-    /// `waiting` for their retry (whose entries it held).
-    pub(crate) fn record(
-        &self,
-        dataplane: &Dataplane,
-        setup: &AppliedSetup,
-        own: &OwnSlices,
-        waiting: &BTreeSet<&str>,
-    ) {
+    /// Records what a reconcile of the peers went by: this node's `setup`
+    /// and slices `own`, and the peers `waiting` for their retry (whose
+    /// entries it held). The check dumps on a netlink socket of its own
+    /// (see [`KernelCheckHandle::check`]), not the reconcile's.
+    pub(crate) fn record(&self, setup: &AppliedSetup, own: &OwnSlices, waiting: &BTreeSet<&str>) {
         let basis = Basis {
-            dataplane: dataplane.clone(),
             setup: setup.clone(),
             own: own.clone(),
             waiting: waiting.iter().map(|&name| name.to_owned()).collect(),
@@ -256,31 +360,68 @@ impl KernelCheckHandle {
     }
 
     /// Dumps the kernel and reports what the next reconcile would change,
-    /// without changing anything (see the module's documentation).
-    pub(crate) async fn check(&self) -> Result<KernelCheck, KernelCheckError> {
+    /// without changing anything (see the module's documentation). With
+    /// `peer`, also what this node must hold for that Node
+    /// ([`peer_standing`]); a held peer's reason is the one the last
+    /// reconcile `recorded` for it, when there is one.
+    pub(crate) async fn check(
+        &self,
+        peer: Option<&str>,
+        recorded: &[HeldPeer],
+    ) -> Result<KernelCheck, KernelCheckError> {
         let basis = self
             .last
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .ok_or(KernelCheckError::NotReconciled)?;
+        if let Some(own) = peer.filter(|&name| name == basis.setup.local.name) {
+            return Err(KernelCheckError::OwnNode(own.to_owned()));
+        }
         let nodes = self
             .nodes
             .snapshot()
             .ok_or(KernelCheckError::NotReconciled)?;
         let (screened, desired) = desired_for_peers(&self.config, &basis.setup, &nodes.peers);
         let waiting: BTreeSet<&str> = basis.waiting.iter().map(String::as_str).collect();
-        let check = check_kernel(
-            &basis.dataplane,
-            &desired,
-            &basis.own,
-            |conflicts| {
+        // The kernel runs one dump at a time per netlink socket and answers
+        // a second with EBUSY, so dumping on the reconcile's socket would
+        // fail the check, or the reconcile, whenever the two meet. This
+        // task runs in the agent's namespace, as the reconcile's does.
+        let mut dataplane = Dataplane::new(Netlink::current().map_err(DataplaneError::from)?);
+        dataplane.adopt_vtep().await?;
+        let (dump, plan) = dataplane
+            .plan_holding(&desired, &basis.own, |conflicts| {
                 let held = held_peers(&screened.accepted, &waiting, conflicts);
                 move |operation: &Operation| held.owner(operation).is_some()
-            },
-            self.tables.as_ref(),
-        )
-        .await?;
+            })
+            .await?;
+        let mut check = drift(&dump, &plan);
+        check.tables_changed = tables_changed(self.tables.as_ref());
+        check.peer = peer.map(|name| {
+            // Held as the plan above held it: waiting, or in conflict now.
+            let held_reason = |peer: &Peer| {
+                let conflicts: Vec<String> = plan
+                    .conflicts
+                    .iter()
+                    .filter(|conflict| conflict.concerns(peer))
+                    .map(conflict_reason)
+                    .collect();
+                let waits = waiting.contains(peer.node_name.as_str());
+                if !waits && conflicts.is_empty() {
+                    return None;
+                }
+                let recorded = recorded.iter().find(|held| held.node == peer.node_name);
+                Some(match recorded {
+                    Some(held) => held.reason.clone(),
+                    None if waits => {
+                        "the kernel refused one of its entries; it waits for its retry".to_owned()
+                    }
+                    None => conflicts.join("; "),
+                })
+            };
+            peer_standing(name, &screened, held_reason, &desired, &dump)
+        });
         Ok(check)
     }
 }
@@ -292,16 +433,11 @@ mod tests {
     use crate::dataplane::plan_routes;
     use crate::overlay::tests::{ip, mac, net};
     use crate::overlay::KernelState;
-    use crate::peer::{LocalNode, Peer};
+    use crate::peer::LocalNode;
+    use crate::screen::{Rejected, Rejection};
 
-    /// This node with 10.244.0.0/24 over vxlan; node-b on the underlay
-    /// subnet, node-c behind a router.
-    fn desired(backend: Backend) -> DesiredState {
-        let local = LocalNode {
-            name: "node-a".into(),
-            pod_cidrs: vec![net("10.244.0.0/24")],
-            underlay: net("172.31.0.10/24"),
-        };
+    /// node-b on the underlay subnet, node-c behind a router.
+    fn peers() -> [Peer; 2] {
         let peer = |name: &str, slice: &str, public_ip: &str, vtep: u8| Peer {
             node_name: name.into(),
             pod_cidrs: vec![net(slice)],
@@ -310,11 +446,20 @@ mod tests {
             created: 0,
             malformed: None,
         };
-        let peers = [
+        [
             peer("node-b", "10.244.1.0/24", "172.31.0.11", 1),
             peer("node-c", "10.244.2.0/24", "172.31.1.12", 2),
-        ];
-        desired_state(backend, &local, &peers)
+        ]
+    }
+
+    /// This node with 10.244.0.0/24 on 172.31.0.10/24, and [`peers`].
+    fn desired(backend: Backend) -> DesiredState {
+        let local = LocalNode {
+            name: "node-a".into(),
+            pod_cidrs: vec![net("10.244.0.0/24")],
+            underlay: net("172.31.0.10/24"),
+        };
+        desired_state(backend, &local, &peers())
     }
 
     /// A dump holding exactly `desired`, and this node's unreachable route.
@@ -441,5 +586,113 @@ mod tests {
             found.missing
         );
         assert_eq!(found.missing.len(), 4, "{:?}", found.missing);
+    }
+
+    /// The standing of `name` among [`peers`] (both accepted) and a
+    /// rejected node-d, with node-c held for `held`.
+    fn standing(
+        name: &str,
+        desired: &DesiredState,
+        dump: &Dump,
+        held: Option<&str>,
+    ) -> PeerEntries {
+        let peers = peers();
+        let screened = Screened {
+            accepted: peers.iter().collect(),
+            rejected: vec![Rejected {
+                node_name: "node-d".into(),
+                reason: Rejection::OwnPublicIp(ip("172.31.0.10")),
+            }],
+        };
+        let held_reason = |peer: &Peer| {
+            held.filter(|_| peer.node_name == "node-c")
+                .map(String::from)
+        };
+        peer_standing(name, &screened, held_reason, desired, dump)
+    }
+
+    fn lines(entries: &PeerEntries) -> Vec<(&str, bool)> {
+        entries
+            .entries
+            .iter()
+            .map(|entry| (entry.entry.as_str(), entry.held))
+            .collect()
+    }
+
+    #[test]
+    fn a_peers_entries_are_listed_in_the_checks_words_with_what_the_kernel_holds() {
+        let desired = desired(Backend::Vxlan);
+        let mut dump = dump_of(&desired);
+        let healthy = standing("node-c", &desired, &dump, None);
+        assert_eq!(
+            (healthy.state.as_str(), healthy.reason.as_deref()),
+            ("accepted", None)
+        );
+        assert_eq!(
+            lines(&healthy),
+            vec![
+                (
+                    "neighbour 10.244.2.0 lladdr 0a:58:00:00:00:02 dev weft.1",
+                    true
+                ),
+                ("fdb 0a:58:00:00:00:02 dst 172.31.1.12 dev weft.1", true),
+                ("route 10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink", true),
+            ]
+        );
+        dump.owned
+            .routes
+            .retain(|r| r.destination != net("10.244.2.0/24"));
+        let found = standing("node-c", &desired, &dump, None);
+        let route = &found.entries[2];
+        assert!(!route.held, "{found:?}");
+        // The same words as the check's own list, so the two can be matched.
+        assert!(check(&desired, &dump).missing.contains(&route.entry));
+        // Nothing of node-b's is listed for node-c.
+        assert!(found
+            .entries
+            .iter()
+            .all(|e| !e.entry.contains("10.244.1.0")));
+    }
+
+    #[test]
+    fn held_rejected_and_unknown_peers_say_why() {
+        let desired = desired(Backend::Vxlan);
+        let dump = Dump::default();
+        let held = standing("node-c", &desired, &dump, Some("route conflict: …"));
+        assert_eq!(
+            (held.state.as_str(), held.reason.as_deref()),
+            ("held", Some("route conflict: …"))
+        );
+        assert_eq!(held.entries.len(), 3);
+        assert!(held.entries.iter().all(|entry| !entry.held));
+        let rejected = standing("node-d", &desired, &dump, None);
+        assert_eq!(rejected.state, "rejected");
+        assert_eq!(
+            rejected.reason.as_deref(),
+            Some("weft.dev/public-ip: 172.31.0.10 is this node's address")
+        );
+        assert!(rejected.entries.is_empty());
+        let unknown = standing("node-z", &desired, &dump, None);
+        assert_eq!(unknown.state, "unknown");
+        assert!(unknown.reason.unwrap().contains("no Node node-z"));
+    }
+
+    #[test]
+    fn a_host_gw_peer_off_the_subnet_is_accepted_with_no_entries_and_says_why() {
+        let desired = desired(Backend::HostGw);
+        let dump = dump_of(&desired);
+        let routed = standing("node-c", &desired, &dump, None);
+        assert_eq!(routed.state, "accepted");
+        assert!(routed.entries.is_empty());
+        let reason = routed.reason.unwrap();
+        assert!(
+            reason.starts_with("slice 10.244.2.0/24 gets no entries: host-gw"),
+            "{reason}"
+        );
+        let direct = standing("node-b", &desired, &dump, None);
+        assert_eq!(
+            lines(&direct),
+            vec![("route 10.244.1.0/24 via 172.31.0.11", true)]
+        );
     }
 }

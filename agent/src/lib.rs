@@ -34,6 +34,7 @@
 mod cache;
 pub mod config;
 pub mod dataplane;
+pub mod dump;
 mod error;
 pub mod guard;
 pub mod install;

@@ -474,8 +474,7 @@ impl Reconciler {
                 move |operation: &Operation| held.owner(operation).is_some()
             })
             .await?;
-        self.kernel
-            .record(&self.dataplane, &setup, &own_slices, &waiting);
+        self.kernel.record(&setup, &own_slices, &waiting);
         self.record_refusals(now, &screened, &report);
         self.record_status(&setup, &screened, &report.conflicts);
         self.conflicts.record(&report.conflicts, &screened.accepted);

@@ -6,15 +6,18 @@
 //! so serving `/status` reads no kernel state and costs the loop nothing
 //! between passes.
 //!
-//! Only `?check=kernel` does work on request: it dumps the kernel and plans
-//! without applying ([`crate::kernel_check`]), and audits the plugin's
-//! address store against the Pods the API shows on this node
+//! Only the checks do work on request. `?check=kernel` dumps the kernel and
+//! plans without applying ([`crate::kernel_check`]; with `&peer=<node>`,
+//! also the entries this node must hold for that peer), and audits the
+//! plugin's address store against the Pods the API shows on this node
 //! ([`crate::ipam_audit`], read-only). The audit's result stays in the
 //! snapshot, so a plain `/status` shows the last one (none before the
-//! first check).
+//! first check). `?check=dump` reads Weft's part of the kernel for a bug
+//! report ([`crate::dump`]), one dump at a time: a second request waits
+//! for the running one (within the endpoint's request limit, past which
+//! it is answered 503).
 
 use std::collections::BTreeMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -23,14 +26,16 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
+use tokio::sync::Semaphore;
 use weft_core::ipam_store::STORE_DIR;
 use weft_core::status::{
-    AgentStatus, Build, HeldPeer, IpamStatus, LastRun, Peers, PolicyStatus, Readiness, Reconcile,
-    RefusedPolicy, RejectedPeer, Underlay,
+    AgentStatus, Build, HeldPeer, IpamStatus, KernelDump, LastRun, Peers, PolicyStatus, Readiness,
+    Reconcile, RefusedPolicy, RejectedPeer, Underlay,
 };
-use weft_daemon::serve::{Health, StatusRefusal, StatusSource};
+use weft_daemon::serve::{Health, StatusQuery, StatusRefusal, StatusSource};
 
 use super::dataplane::RouteConflict;
+use super::dump::read_kernel_dump;
 use super::ipam_audit::{audit, pod_addresses};
 use super::kernel_check::KernelCheckHandle;
 use super::peer::Peer;
@@ -40,8 +45,10 @@ use super::policy::nft::Applied;
 use super::screen::Rejected;
 use super::setup::AppliedSetup;
 
-/// The one check `/status?check=` knows.
+/// `/status?check=kernel`: the kernel against what the agent wants.
 const KERNEL_CHECK: &str = "kernel";
+/// `/status?check=dump`: Weft's part of the kernel, as it is.
+const DUMP_CHECK: &str = "dump";
 
 /// What the agent last knew, copied in after each pass: the small values
 /// the document is made of.
@@ -95,6 +102,8 @@ pub(crate) struct AgentStatusSource {
     snapshot: Arc<Mutex<Snapshot>>,
     /// What `?check=kernel` runs, once the node cache it reads exists.
     checks: Arc<OnceLock<Checks>>,
+    /// One permit: `?check=dump` runs one dump at a time.
+    dumps: Arc<Semaphore>,
 }
 
 /// What `?check=kernel` needs.
@@ -129,6 +138,7 @@ impl AgentStatusSource {
             health,
             snapshot: Arc::new(Mutex::new(snapshot)),
             checks: Arc::default(),
+            dumps: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -199,20 +209,23 @@ impl AgentStatusSource {
 impl StatusSource for AgentStatusSource {
     fn status(
         &self,
-        check: Option<String>,
+        query: StatusQuery,
     ) -> BoxFuture<'static, Result<serde_json::Value, StatusRefusal>> {
         let mut document = self.lock().document(self.health.is_ready());
         let checks = self.checks.get().cloned();
         let snapshot = self.snapshot.clone();
+        let dumps = self.dumps.clone();
         async move {
-            match check.as_deref() {
+            match query.check.as_deref() {
                 None => {}
                 Some(KERNEL_CHECK) => {
                     let checks = checks.ok_or_else(|| {
                         StatusRefusal("check=kernel is not available yet: the agent is starting; ask again once /readyz answers 200".into())
                     })?;
                     let (kernel, ipam) = futures::join!(
-                        checks.kernel.check(),
+                        checks
+                            .kernel
+                            .check(query.peer.as_deref(), &document.peers.held),
                         audit_ipam(checks.client, document.node.clone())
                     );
                     let kernel = kernel.map_err(|error| StatusRefusal(error.to_string()))?;
@@ -223,6 +236,7 @@ impl StatusSource for AgentStatusSource {
                         document.ipam = Some(ipam);
                     }
                 }
+                Some(DUMP_CHECK) => document.dump = Some(dump_kernel(dumps).await?),
                 Some(other) => return Err(unknown_check(other)),
             }
             serde_json::to_value(document).map_err(|error| {
@@ -231,6 +245,26 @@ impl StatusSource for AgentStatusSource {
         }
         .boxed()
     }
+}
+
+/// Reads Weft's part of the kernel off the runtime, once the one permit of
+/// `dumps` is free; the permit stays with the read, so a request that gave
+/// up waiting for it does not let a second read start beside it.
+async fn dump_kernel(dumps: Arc<Semaphore>) -> Result<KernelDump, StatusRefusal> {
+    let Ok(permit) = dumps.acquire_owned().await else {
+        unreachable!("the dump permit is never closed");
+    };
+    tokio::task::spawn_blocking(move || {
+        let dump = read_kernel_dump();
+        drop(permit);
+        dump
+    })
+    .await
+    .map_err(|join| {
+        StatusRefusal(format!(
+            "check=dump ended abnormally: {join}; see the agent's log"
+        ))
+    })
 }
 
 /// Audits the plugin's address store against the addresses of the Pods the
@@ -269,7 +303,7 @@ async fn audit_ipam(client: Client, node: String) -> Option<IpamStatus> {
 /// The refusal of a `check` the agent does not know.
 fn unknown_check(check: &str) -> StatusRefusal {
     StatusRefusal(format!(
-        "unknown check {check:?}: the agent knows only check={KERNEL_CHECK}"
+        "unknown check {check:?}: the agent knows check={KERNEL_CHECK} (optionally with &peer=<node>) and check={DUMP_CHECK}"
     ))
 }
 
@@ -340,7 +374,7 @@ pub(crate) fn peers(
         let Some(peer) = accepted.iter().find(|peer| conflict.concerns(peer)) else {
             continue;
         };
-        let reason = format!("route conflict: {conflict}; held until that route is removed");
+        let reason = conflict_reason(conflict);
         held.entry(&peer.node_name)
             .and_modify(|held| {
                 held.reason.push_str("; ");
@@ -370,14 +404,9 @@ pub(crate) fn peers(
     }
 }
 
-/// A stable fingerprint of `plan`: equal plans give equal fingerprints, in
-/// any process of the same build, so a node's enforced plan can be
-/// compared with one compiled elsewhere from the same objects.
-pub(crate) fn plan_fingerprint(plan: &PolicyPlan) -> String {
-    // Unkeyed, unlike the hash maps' hasher, so every process agrees.
-    let mut hasher = DefaultHasher::new();
-    plan.hash(&mut hasher);
-    format!("{:016x}", hasher.finish())
+/// Why a peer is held for `conflict`, as `/status` says it.
+pub(crate) fn conflict_reason(conflict: &RouteConflict) -> String {
+    format!("route conflict: {conflict}; held until that route is removed")
 }
 
 /// How the policy task records its syncs in the agent's `/status`.
@@ -403,7 +432,7 @@ impl PolicyRecorder {
             }
         };
         // Hashed outside the lock: a request never waits for it.
-        let fingerprint = fingerprint.unwrap_or_else(|| plan_fingerprint(plan));
+        let fingerprint = fingerprint.unwrap_or_else(|| plan.fingerprint());
         let mut snapshot = self.policy();
         let policy = &mut snapshot.policy;
         policy.isolated_ingress = Direction::Ingress.of(plan).isolated.len() as u64;
@@ -446,7 +475,7 @@ mod tests {
     use weft_core::annotations::VtepMac;
 
     use super::*;
-    use crate::policy::compile::{AllowSetId, DirectionPlan};
+    use crate::policy::compile::AllowSetId;
     use crate::screen::Rejection;
 
     fn peer(name: &str, slice: &str, last: u8) -> Peer {
@@ -557,24 +586,6 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_follow_the_plan() {
-        let mut plan = PolicyPlan::default();
-        let empty = plan_fingerprint(&plan);
-        assert_eq!(empty, plan_fingerprint(&PolicyPlan::default()));
-        plan.ingress = DirectionPlan {
-            isolated: [("10.244.1.5".parse().unwrap(), AllowSetId(7))].into(),
-            allow_sets: [(AllowSetId(7), Default::default())].into(),
-        };
-        assert_ne!(plan_fingerprint(&plan), empty);
-        // The same plan in the other direction is another plan.
-        let swapped = PolicyPlan {
-            egress: plan.ingress.clone(),
-            ..PolicyPlan::default()
-        };
-        assert_ne!(plan_fingerprint(&swapped), plan_fingerprint(&plan));
-    }
-
-    #[test]
     fn policy_syncs_fill_the_policy_section() {
         let status = source(true);
         let recorder = status.policy_recorder();
@@ -594,7 +605,7 @@ mod tests {
         let policy = status.lock().document(true).policy.unwrap();
         assert!(policy.enabled);
         assert_eq!((policy.isolated_ingress, policy.isolated_egress), (0, 2));
-        assert_eq!(policy.fingerprint, Some(plan_fingerprint(&plan)));
+        assert_eq!(policy.fingerprint, Some(plan.fingerprint()));
         assert_eq!(policy.last_sync.unwrap().result, "ok");
         assert_eq!(
             policy.refused,
@@ -607,19 +618,27 @@ mod tests {
         recorder.failed(&std::io::Error::other("nft: table busy"));
         let policy = status.lock().document(true).policy.unwrap();
         assert_eq!(policy.last_sync.unwrap().result, "nft: table busy");
-        assert_eq!(policy.fingerprint, Some(plan_fingerprint(&plan)));
+        assert_eq!(policy.fingerprint, Some(plan.fingerprint()));
     }
 
     #[tokio::test]
     async fn unknown_checks_and_checks_before_start_up_are_refused() {
-        let refusal = source(true).status(Some("nope".into())).await.unwrap_err();
+        let check = |check: &str, peer: Option<&str>| StatusQuery {
+            check: Some(check.into()),
+            peer: peer.map(Into::into),
+        };
+        let refusal = source(true).status(check("nope", None)).await.unwrap_err();
         assert!(refusal.0.contains("check=kernel"), "{refusal}");
-        let refusal = source(true)
-            .status(Some(KERNEL_CHECK.into()))
-            .await
-            .unwrap_err();
-        assert!(refusal.0.contains("not available yet"), "{refusal}");
-        let document = source(true).status(None).await.unwrap();
+        assert!(refusal.0.contains("check=dump"), "{refusal}");
+        for peer in [None, Some("node-b")] {
+            let refusal = source(true)
+                .status(check(KERNEL_CHECK, peer))
+                .await
+                .unwrap_err();
+            assert!(refusal.0.contains("not available yet"), "{refusal}");
+        }
+        let document = source(true).status(StatusQuery::default()).await.unwrap();
+        assert!(document.get("dump").is_none_or(serde_json::Value::is_null));
         assert_eq!(document["node"], "node-a");
         assert_eq!(document["readiness"]["ready"], true);
     }

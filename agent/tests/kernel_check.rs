@@ -1,6 +1,8 @@
 //! The kernel check in a network namespace: a node programmed by the
 //! agent's own reconcile, then changed by hand, is checked by dumping and
-//! planning without applying, as `/status?check=kernel` does.
+//! planning without applying, as `/status?check=kernel` does; one peer's
+//! entries are listed with what the kernel holds of each, as
+//! `&peer=<node>` does; and `/status?check=dump` reads the node as it is.
 //!
 //! Needs root (see `weft_testing::root_available`). The namespace is
 //! removed on success and on failure (drop guard).
@@ -9,14 +11,15 @@ use anyhow::{ensure, Context, Result};
 use ipnet::IpNet;
 use weft_agent::config::{AgentSettings, Backend};
 use weft_agent::dataplane::{Dataplane, OwnSlices, RouteConflict, Vtep, VXLAN_DEVICE};
-use weft_agent::kernel_check::check_kernel;
+use weft_agent::dump::read_kernel_dump;
+use weft_agent::kernel_check::{check_kernel, peer_entries};
 use weft_agent::node::OwnNode;
 use weft_agent::overlay::{desired_state, DesiredState, EntryOwners, Operation};
 use weft_agent::peer::{LocalNode, Peer};
 use weft_core::annotations::VtepMac;
 use weft_core::netlink::Netlink;
 use weft_core::netns::Netns;
-use weft_core::status::KernelCheck;
+use weft_core::status::{EntryCheck, KernelCheck};
 use weft_testing::{require_root, TestNetns};
 
 fn mac(node: u8) -> VtepMac {
@@ -208,5 +211,96 @@ async fn entries_the_reconcile_holds_are_not_reported() -> Result<()> {
             format!("route 10.244.2.0/24 via 10.244.2.0 dev {VXLAN_DEVICE} onlink"),
         ]
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_peers_entries_show_what_the_kernel_holds_of_each() -> Result<()> {
+    require_root!("creating network namespaces");
+    let node = TestNetns::create("kp");
+    let (plane, own) = node_zero(&node).await?;
+    let peers = [peer(1), peer(2)];
+    let wanted = desired(&peers);
+    plane
+        .reconcile_holding(&wanted, &own, |_| |_: &Operation| false)
+        .await?;
+    let entry = |entry: String, held: bool| EntryCheck { entry, held };
+    let route = format!("route 10.244.1.0/24 via 10.244.1.0 dev {VXLAN_DEVICE} onlink");
+    let expected = |route_held: bool| {
+        vec![
+            entry(
+                format!("neighbour 10.244.1.0 lladdr 0a:58:00:00:00:02 dev {VXLAN_DEVICE}"),
+                true,
+            ),
+            entry(
+                format!("fdb 0a:58:00:00:00:02 dst 172.31.0.11 dev {VXLAN_DEVICE}"),
+                true,
+            ),
+            entry(route.clone(), route_held),
+        ]
+    };
+    let dump = plane.dump().await?;
+    assert_eq!(peer_entries(&peers[0], &wanted, &dump), expected(true));
+
+    node.run(&["ip", "route", "del", "10.244.1.0/24"])?;
+    let dump = plane.dump().await?;
+    assert_eq!(peer_entries(&peers[0], &wanted, &dump), expected(false));
+    // In the same words as the check's list of what is missing.
+    assert_eq!(check(&plane, &wanted, &own).await?.missing, vec![route]);
+    // node-2's entries are untouched.
+    let other = peer_entries(&peers[1], &wanted, &dump);
+    assert!(
+        other.len() == 3 && other.iter().all(|e| e.held),
+        "{other:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_dump_reads_weft_s_links_routes_neighbours_fdb_and_tables() -> Result<()> {
+    require_root!("creating network namespaces");
+    let node = TestNetns::create("kd");
+    let (plane, own) = node_zero(&node).await?;
+    let wanted = desired(&[peer(1)]);
+    plane
+        .reconcile_holding(&wanted, &own, |_| |_: &Operation| false)
+        .await?;
+    node.run(&["nft", "add", "table", "inet", "weft"])?;
+    let dump = Netns::open(node.path())?.run_in(read_kernel_dump)?;
+    ensure!(dump.errors.is_empty(), "{:?}", dump.errors);
+    assert_eq!(dump.links.len(), 1, "{:?}", dump.links);
+    let overlay = &dump.links[0];
+    assert!(
+        overlay.starts_with(&format!(
+            "{VXLAN_DEVICE} vxlan mtu 1450 up lladdr 0a:58:00:00:00:01 inet 10.244.0.0/32 "
+        )),
+        "{overlay}"
+    );
+    assert!(
+        overlay.ends_with(" vxlan id 1 local 172.31.0.10 dstport 8472 nolearning"),
+        "{overlay}"
+    );
+    for route in [
+        "10.244.1.0/24 via 10.244.1.0 dev weft.1 proto 87 onlink",
+        "unreachable 10.244.0.0/24 proto 87",
+        "172.31.0.0/24 dev eth0 proto kernel scope link",
+    ] {
+        assert!(
+            dump.routes.iter().any(|r| r.starts_with(route)),
+            "{route}: {:?}",
+            dump.routes
+        );
+    }
+    assert_eq!(
+        dump.neighbours,
+        vec!["10.244.1.0 dev weft.1 lladdr 0a:58:00:00:00:02 permanent"]
+    );
+    assert_eq!(
+        dump.fdb,
+        vec!["0a:58:00:00:00:02 dev weft.1 dst 172.31.0.11 self permanent"]
+    );
+    // Only the table that is there; the others are left out.
+    assert_eq!(dump.tables.keys().collect::<Vec<_>>(), vec!["inet weft"]);
+    assert!(dump.tables["inet weft"].contains("table inet weft"));
     Ok(())
 }

@@ -20,7 +20,7 @@ use futures::FutureExt;
 use ipnet::IpNet;
 use weft_core::ip::IpFamily;
 use weft_core::status::{Build, ControllerStatus, FamilyUsage, UntouchedNode};
-use weft_daemon::serve::{StatusRefusal, StatusSource};
+use weft_daemon::serve::{StatusQuery, StatusRefusal, StatusSource};
 
 use crate::allocator::PoolUsage;
 use crate::report::Finding;
@@ -156,9 +156,9 @@ fn document(identity: &str, clusters: &[IpNet], snapshot: Snapshot) -> Controlle
 impl StatusSource for StatusBoard {
     fn status(
         &self,
-        check: Option<String>,
+        query: StatusQuery,
     ) -> BoxFuture<'static, Result<serde_json::Value, StatusRefusal>> {
-        let answer = match check {
+        let answer = match query.check {
             Some(check) => Err(StatusRefusal(format!(
                 "the controller has no check {check:?}; ask GET /status without ?check (checks such as ?check=kernel are the agent's)"
             ))),
@@ -318,14 +318,21 @@ mod tests {
         let board = board(&[v4]);
         board.set_leading(true);
         board.record_usage(usage_after(v4, None, 1));
-        let json = board.status(None).now_or_never().unwrap().unwrap();
+        let json = board
+            .status(StatusQuery::default())
+            .now_or_never()
+            .unwrap()
+            .unwrap();
         assert_eq!(json["families"][0]["clusterCidr"], "10.244.0.0/16");
         assert_eq!(json["leading"], true);
         let read: ControllerStatus = serde_json::from_value(json).unwrap();
         assert_eq!(read, board.document());
 
         let refusal = board
-            .status(Some("kernel".to_owned()))
+            .status(StatusQuery {
+                check: Some("kernel".to_owned()),
+                peer: None,
+            })
             .now_or_never()
             .unwrap()
             .unwrap_err();

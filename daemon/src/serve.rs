@@ -90,11 +90,11 @@ impl Health {
 /// bounds apply to it as to the rest: a document not built within the
 /// request limit is answered 503.
 pub trait StatusSource: Send + Sync + 'static {
-    /// The document for `GET /status`, or for `GET /status?check=<check>`
-    /// when a check was asked for.
+    /// The document for `GET /status`, with what the query asked for
+    /// (e.g. `?check=kernel&peer=node-b`).
     fn status(
         &self,
-        check: Option<String>,
+        query: StatusQuery,
     ) -> BoxFuture<'static, Result<serde_json::Value, StatusRefusal>>;
 }
 
@@ -102,6 +102,96 @@ pub trait StatusSource: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct StatusRefusal(pub String);
+
+/// What a `/status` request asks for, from its query string. Parameters
+/// other than these are ignored, so an older daemon answers a newer
+/// client's request with what it knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusQuery {
+    /// `check=<check>`: a check to run on request (the agent knows
+    /// `kernel` and `dump`); each source refuses the ones it lacks.
+    pub check: Option<String>,
+    /// `peer=<node>`, only with `check=kernel`: the Node whose kernel
+    /// entries to list. Always a DNS-1123 subdomain, as Node names are.
+    pub peer: Option<String>,
+}
+
+impl StatusQuery {
+    /// Reads the query string of a `/status` request (`None`: no `?`).
+    /// Names and values are percent-decoded. A parameter given twice, a
+    /// `peer` that is not a Node name, and a `peer` without `check=kernel`
+    /// are refused, each naming the parameter and the fix.
+    pub fn parse(query: Option<&str>) -> Result<Self, StatusRefusal> {
+        let mut parsed = StatusQuery::default();
+        for pair in query.unwrap_or_default().split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let slot = match percent_decode(name).as_deref() {
+                Some("check") => &mut parsed.check,
+                Some("peer") => &mut parsed.peer,
+                _ => continue,
+            };
+            let value = percent_decode(value).ok_or_else(|| {
+                StatusRefusal(format!(
+                    "the value of {name}= is not valid percent-encoded UTF-8: encode it as RFC 3986 says"
+                ))
+            })?;
+            if slot.replace(value).is_some() {
+                return Err(StatusRefusal(format!(
+                    "{name}= is given more than once: give it once"
+                )));
+            }
+        }
+        if let Some(peer) = &parsed.peer {
+            if !is_node_name(peer) {
+                return Err(StatusRefusal(format!(
+                    "peer={peer:?} is not a Node name: give the name of a Node as `kubectl get nodes` lists it (lower-case letters, digits, '-' and '.', at most 253 characters)"
+                )));
+            }
+            if parsed.check.as_deref() != Some("kernel") {
+                return Err(StatusRefusal(format!(
+                    "peer= only goes with check=kernel: ask /status?check=kernel&peer={peer}"
+                )));
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// Decodes `%XX` escapes; `None` when an escape is cut short or not hex,
+/// or the bytes are not UTF-8. `+` stays `+`: no Node name or check has a
+/// space to encode.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, after)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = after.get(..2)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &after[2..];
+        } else {
+            bytes.push(byte);
+            rest = after;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Whether `name` is a DNS-1123 subdomain, which every Node name is:
+/// dot-separated labels of lower-case letters, digits and '-', each
+/// starting and ending with a letter or digit, 253 characters at most.
+fn is_node_name(name: &str) -> bool {
+    let label_ok = |label: &str| {
+        let bytes = label.as_bytes();
+        !bytes.is_empty()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes.first() != Some(&b'-')
+            && bytes.last() != Some(&b'-')
+    };
+    name.len() <= 253 && name.split('.').all(label_ok)
+}
 
 /// What one client may hold of the endpoint. [`start`] uses the defaults;
 /// tests shorten them.
@@ -426,15 +516,13 @@ async fn readyz(State(endpoint): State<Endpoint>) -> (StatusCode, &'static str) 
     }
 }
 
-/// `/status`, with the value of a `check=` query parameter if one is given.
+/// `/status`, with what its query asks for ([`StatusQuery`]).
 async fn status_document(State(endpoint): State<Endpoint>, request: Request) -> Response {
-    let check = request.uri().query().and_then(|query| {
-        query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("check="))
-            .map(str::to_string)
-    });
-    match endpoint.status.status(check).await {
+    let answer = match StatusQuery::parse(request.uri().query()) {
+        Ok(query) => endpoint.status.status(query).await,
+        Err(refusal) => Err(refusal),
+    };
+    match answer {
         Ok(document) => (
             [(header::CONTENT_TYPE, "application/json")],
             format!("{document:#}\n"),

@@ -49,6 +49,8 @@ components=(
   # binary), and the server their pods run, for `make conformance`.
   "e2e.test                kubernetes weft.local/e2e/kubernetes/netsuite            $k8s_ldflags"
   "agnhost                 kubernetes k8s.io/kubernetes/test/images/agnhost         $k8s_ldflags"
+  # The server of the Conntrack test for kubernetes#74839 (its own image).
+  "regression-issue-74839  kubernetes k8s.io/kubernetes/test/images/regression-issue-74839 $k8s_ldflags"
   # kubeadm's CoreDNS for this Kubernetes release (coredns/go.mod).
   "coredns                 coredns    weft.local/e2e/coredns                        -s -w"
 )

@@ -43,6 +43,25 @@ pub enum Command {
     /// A line per node, the controller leader, and warnings with their fixes;
     /// exits 0 when healthy, 1 with warnings, 2 when it could not look.
     Status(StatusArgs),
+    /// A gzipped tarball of what a bug report needs (status, versions, each
+    /// node's kernel dump and logs, Weft's objects; never a Secret); exits 0
+    /// when written, 2 when not.
+    Bundle(BundleArgs),
+    /// Whether NetworkPolicy lets a pod reach a pod or address, by which
+    /// rules, and whether both nodes hold the path; exits 0 when allowed
+    /// and complete, 1 otherwise, 2 when it could not look.
+    Trace(crate::trace::TraceArgs),
+}
+
+/// Flags of `bundle`.
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    /// Where to write it; default: weft-bundle-TIME.tar.gz (UTC) in the current directory.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Replace FILE when it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Flags of `status`.
@@ -114,19 +133,33 @@ pub async fn run(cli: &Cli, out: &mut impl Write) -> Result<u8> {
             };
             let text = match args.output {
                 Output::Table => report.table(),
-                Output::Json => {
-                    let mut json =
-                        serde_json::to_string_pretty(&report).expect("a report always serialises");
-                    json.push('\n');
-                    json
-                }
+                Output::Json => json_text(&report),
             };
             // A closed pipe (`| head`) is not the cluster's fault: the exit
             // status still says what was found.
             let _ = out.write_all(text.as_bytes());
             Ok(report.exit_code())
         }
+        Command::Bundle(args) => {
+            let target = crate::bundle::BundleTarget::new(
+                args.file.clone(),
+                args.force,
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            let written = crate::bundle::write_bundle(&client, &options, &target).await?;
+            // stdout stays empty: the tarball is the output.
+            eprintln!("{written}");
+            Ok(0)
+        }
+        Command::Trace(args) => crate::trace::run(&client, &options, args, out).await,
     }
+}
+
+/// `value` as `-o json` prints it: indented, with a final newline.
+pub(crate) fn json_text(value: &impl serde::Serialize) -> String {
+    let mut json = serde_json::to_string_pretty(value).expect("a report always serialises");
+    json.push('\n');
+    json
 }
 
 #[cfg(test)]
@@ -146,7 +179,9 @@ mod tests {
     fn wait_takes_an_optional_duration() {
         let parse = |args: &[&str]| {
             let cli = Cli::try_parse_from(args).unwrap();
-            let Command::Status(status) = cli.command;
+            let Command::Status(status) = cli.command else {
+                panic!("not status: {:?}", cli.command);
+            };
             status.wait
         };
         assert_eq!(parse(&["kubectl-weft", "status"]), None);

@@ -33,6 +33,27 @@ pub enum Error {
         /// The limit, in seconds.
         seconds: u64,
     },
+
+    /// The bundle file exists and `--force` was not given.
+    #[error("{} exists already (pass --force to replace it, or -f to name another file)", path.display())]
+    Exists {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+
+    /// The bundle file could not be written.
+    #[error("writing {}: {source} (check the directory exists and is writable, or name another file with -f)", path.display())]
+    Write {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `trace` cannot work out its two ends or the port from the cluster.
+    #[error("{0}")]
+    Trace(String),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -3,18 +3,24 @@
 //!
 //! `kubectl weft status` reads the Nodes, the agent DaemonSet and the
 //! controller Deployment with their Pods, and each daemon's `/status`
-//! through the API server's pod proxy ([`observe`]), judges it all without
-//! I/O ([`assess`]) and prints a row per node, the controller leader and
+//! through the API server's pod proxy ([`mod@observe`]), judges it all without
+//! I/O ([`mod@assess`]) and prints a row per node, the controller leader and
 //! the warnings, each naming the nodes and the fix ([`report`]). It exits
 //! 0 when healthy, 1 with warnings and 2 when it could not look.
+//!
+//! `kubectl weft trace` ([`trace`]) says whether NetworkPolicy lets one pod
+//! reach another pod or an address, by which rules, and whether the two
+//! nodes hold the path.
 //!
 //! Tests and other tools call [`status`] with a [`kube::Client`] of their own.
 
 pub mod assess;
+pub mod bundle;
 pub mod cli;
 pub mod error;
 pub mod observe;
 pub mod report;
+pub mod trace;
 
 use std::time::Duration;
 

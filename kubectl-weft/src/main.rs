@@ -1,7 +1,9 @@
-//! kubectl-weft: `kubectl weft status` once the binary is on PATH.
+//! kubectl-weft: `kubectl weft status`, `trace` and `bundle` once the
+//! binary is on PATH.
 //!
 //! Parses the command line and runs [`kubectl_weft::cli::run`]. Exit
-//! status: 0 healthy, 1 with warnings, 2 on a usage or connection error.
+//! status: 0 healthy (or allowed, or written), 1 with warnings (or denied, or
+//! a broken path), 2 on a usage or connection error.
 
 use std::process::ExitCode;
 

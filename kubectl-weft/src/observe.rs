@@ -1,7 +1,7 @@
 //! Reading the cluster: the Nodes, Weft's workloads and their Pods from the
 //! API, and each daemon's `/status` through the API server's pod proxy, so
 //! the plugin needs no network path to the nodes. Everything read lands in
-//! one [`Observation`], which [`crate::assess`] judges without I/O.
+//! one [`Observation`], which [`mod@crate::assess`] judges without I/O.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -207,7 +207,7 @@ pub async fn observe(client: &Client, options: &StatusOptions) -> Result<Observa
 }
 
 /// Runs one API read within `limit`, naming it in the error.
-async fn within<T>(
+pub(crate) async fn within<T>(
     limit: Duration,
     what: &str,
     read: impl Future<Output = kube::Result<T>>,
@@ -244,7 +244,7 @@ fn presence<T>(read: Result<Option<T>>) -> Presence {
 
 /// The label selector of a workload's pods: its own `matchLabels`, or the
 /// chart's labels when the workload is missing (its pods may outlive it).
-fn selector(selector: Option<&LabelSelector>, component: &str) -> String {
+pub(crate) fn selector(selector: Option<&LabelSelector>, component: &str) -> String {
     let chart: BTreeMap<String, String> = [
         ("app.kubernetes.io/name", "weft"),
         ("app.kubernetes.io/component", component),
@@ -264,7 +264,7 @@ fn selector(selector: Option<&LabelSelector>, component: &str) -> String {
 }
 
 /// Whether a pod is worth asking: running, with an address to proxy to.
-fn askable(pod: &Pod) -> Option<(String, u16)> {
+pub(crate) fn askable(pod: &Pod) -> Option<(String, u16)> {
     let status = pod.status.as_ref()?;
     if status.phase.as_deref() != Some("Running") || status.pod_ip.is_none() {
         return None;
@@ -297,7 +297,8 @@ async fn read_agents(
 ) -> HashMap<String, AgentReading> {
     stream::iter(pods.iter().filter_map(askable))
         .map(|(pod, port)| async move {
-            let reading = read_agent(client, namespace, &pod, port, options.request_timeout).await;
+            let limit = options.request_timeout;
+            let reading = read_agent(client, namespace, &pod, port, "?check=kernel", limit).await;
             (pod, reading)
         })
         .buffer_unordered(options.concurrency.max(1))
@@ -305,17 +306,18 @@ async fn read_agents(
         .await
 }
 
-/// Asks one agent for `/status?check=kernel`; an agent that refuses the
-/// check (HTTP 400, e.g. before its first reconcile) is asked for plain
-/// `/status`, so the rest of its document still shows.
-async fn read_agent(
+/// Asks one agent for `/status{query}` (e.g. `?check=kernel`); an agent
+/// that refuses the check (HTTP 400, e.g. before its first reconcile) is
+/// asked for plain `/status`, so the rest of its document still shows.
+pub(crate) async fn read_agent(
     client: &Client,
     namespace: &str,
     pod: &str,
     port: u16,
+    query: &str,
     limit: Duration,
 ) -> AgentReading {
-    match proxy_get(client, namespace, pod, port, "?check=kernel", limit).await {
+    match proxy_get(client, namespace, pod, port, query, limit).await {
         Err(ProxyError::Refused(refusal)) => AgentReading {
             status: proxy_get(client, namespace, pod, port, "", limit)
                 .await
@@ -349,7 +351,7 @@ async fn read_controllers(
 
 /// Why a `/status` read through the pod proxy failed.
 #[derive(Debug, thiserror::Error)]
-enum ProxyError {
+pub(crate) enum ProxyError {
     /// The daemon answered 400: it refused the query.
     #[error("refused: {0}")]
     Refused(String),
@@ -358,7 +360,7 @@ enum ProxyError {
 }
 
 /// `GET /status{query}` of `pod`'s `port` through the API server's pod proxy.
-async fn proxy_get<T: DeserializeOwned>(
+pub(crate) async fn proxy_get<T: DeserializeOwned>(
     client: &Client,
     namespace: &str,
     pod: &str,

@@ -322,6 +322,13 @@ async fn helm_install_grants_least_privilege_and_uninstalls_cleanly() -> Result<
             ],
             true,
         ),
+        (&["list", "namespaces"], true),
+        (
+            &["get", "configmaps/weft-config", "-n", "kube-system"],
+            true,
+        ),
+        (&["get", "configmaps/other", "-n", "kube-system"], false),
+        (&["list", "configmaps", "-n", "kube-system"], false),
         (&["get", "secrets", "-n", "kube-system"], false),
         (&["patch", "nodes"], false),
         (&["delete", "pods", "-n", "kube-system"], false),

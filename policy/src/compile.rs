@@ -15,7 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 
 use crate::model::{
-    NamespaceRecord, NamespaceScope, Peer, PodRecord, PolicyRecord, PortMatch, PortRule, Rule,
+    NamespaceRecord, NamespaceScope, Peer, PodRecord, PolicyRecord, PortMatch, PortRule, Protocol,
+    Rule,
 };
 use crate::selector::{Labels, Selector};
 
@@ -85,6 +86,11 @@ pub struct PolicyPlan {
 /// [`Allow`] takes in besides its peer.
 type Traffic = ((u8, u8), (u16, u16));
 
+/// Whether `traffic` takes in `protocol` to `port`.
+fn takes_in(((first, last), ports): Traffic, protocol: Protocol, port: u16) -> bool {
+    (first..=last).contains(&protocol.number()) && (ports.0..=ports.1).contains(&port)
+}
+
 /// Every protocol and every port.
 const ANY_TRAFFIC: Traffic = ((0, u8::MAX), (0, u16::MAX));
 
@@ -143,7 +149,7 @@ fn to_ranges(ranges: Vec<(u128, u128)>, as_address: impl Fn(u128) -> IpAddr) -> 
 }
 
 /// The cluster as the compiler reads it.
-struct Cluster<'a> {
+pub(crate) struct Cluster<'a> {
     pods: &'a [PodRecord],
     namespaces: HashMap<&'a str, &'a Labels>,
     /// The pods of each namespace that has any: a peer's namespace is
@@ -152,7 +158,7 @@ struct Cluster<'a> {
 }
 
 impl<'a> Cluster<'a> {
-    fn new(pods: &'a [PodRecord], namespaces: &'a [NamespaceRecord]) -> Self {
+    pub(crate) fn new(pods: &'a [PodRecord], namespaces: &'a [NamespaceRecord]) -> Self {
         let mut pods_by_namespace: HashMap<&str, Vec<&PodRecord>> = HashMap::new();
         for pod in pods {
             pods_by_namespace
@@ -194,10 +200,30 @@ impl<'a> Cluster<'a> {
         self.namespaces.get(name).copied().unwrap_or(&NONE)
     }
 
-    /// Whether `peer`, in a policy of `namespace`, names `pod`.
-    fn names_pod(&self, peer: &Peer, namespace: &str, pod: &PodRecord) -> bool {
+    /// The pods that claim `ip` as their own (one, once screened): the
+    /// pods a pod peer can name it through.
+    pub(crate) fn claimants(&self, ip: IpAddr) -> Vec<&'a PodRecord> {
+        self.pods
+            .iter()
+            .filter(|pod| pod.ips.contains(&ip))
+            .collect()
+    }
+
+    /// Whether `peer`, in a policy of `namespace`, takes in `ip`, which
+    /// `pod` claims (`None`: no pod does): an `ipBlock` by the address, a
+    /// pod peer by the pod.
+    fn names_address(
+        &self,
+        peer: &Peer,
+        namespace: &str,
+        ip: IpAddr,
+        pod: Option<&PodRecord>,
+    ) -> bool {
         match peer {
-            Peer::Pods { namespaces, pods } => {
+            Peer::Block { cidr, except } => {
+                cidr.contains(&ip) && !except.iter().any(|hole| hole.contains(&ip))
+            }
+            Peer::Pods { namespaces, pods } => pod.is_some_and(|pod| {
                 let namespace_fits = match namespaces {
                     NamespaceScope::Own => pod.namespace == namespace,
                     NamespaceScope::Matching(selector) => {
@@ -205,8 +231,7 @@ impl<'a> Cluster<'a> {
                     }
                 };
                 namespace_fits && pods.matches(&pod.labels)
-            }
-            Peer::Block { .. } => false,
+            }),
         }
     }
 
@@ -238,16 +263,33 @@ impl<'a> Cluster<'a> {
         self.pods.iter().flat_map(move |pod| {
             pod.ips.iter().copied().filter_map(move |ip| {
                 let named = rule.peers.is_empty()
-                    || rule.peers.iter().any(|peer| match peer {
-                        Peer::Block { cidr, except } => {
-                            cidr.contains(&ip) && !except.iter().any(|hole| hole.contains(&ip))
-                        }
-                        Peer::Pods { .. } => self.names_pod(peer, namespace, pod),
-                    });
+                    || rule
+                        .peers
+                        .iter()
+                        .any(|peer| self.names_address(peer, namespace, ip, Some(pod)));
                 named.then_some((pod, ip))
             })
         })
     }
+}
+
+/// The (protocols, ports) one port rule takes in, a named port as
+/// `destination` resolves it: nothing when there is no destination pod
+/// or it has no such port.
+fn port_traffic(
+    PortRule { protocol, port }: &PortRule,
+    destination: Option<&PodRecord>,
+) -> Option<Traffic> {
+    let number = protocol.number();
+    let ports = match port {
+        PortMatch::Any => (0, u16::MAX),
+        PortMatch::Range(first, last) => (*first, *last),
+        PortMatch::Named(name) => {
+            let port = destination?.named_port(name, *protocol)?;
+            (port, port)
+        }
+    };
+    Some(((number, number), ports))
 }
 
 /// The (protocols, ports) of `rule`'s port rules with numbers or no port;
@@ -258,29 +300,25 @@ fn numbered_traffic(rule: &Rule) -> Vec<Traffic> {
     }
     rule.ports
         .iter()
-        .filter_map(|PortRule { protocol, port }| {
-            let number = protocol.number();
-            match port {
-                PortMatch::Any => Some(((number, number), (0, u16::MAX))),
-                PortMatch::Range(first, last) => Some(((number, number), (*first, *last))),
-                PortMatch::Named(_) => None,
-            }
-        })
+        .filter_map(|port| port_traffic(port, None))
         .collect()
+}
+
+/// Each named port rule of `rule`, in order, as `pod` resolves it (`None`
+/// where it does not).
+fn named_resolutions<'r>(
+    rule: &'r Rule,
+    pod: &'r PodRecord,
+) -> impl Iterator<Item = Option<Traffic>> + 'r {
+    rule.ports
+        .iter()
+        .filter(|p| matches!(p.port, PortMatch::Named(_)))
+        .map(move |port| port_traffic(port, Some(pod)))
 }
 
 /// The (protocols, ports) of `rule`'s named ports as `pod` resolves them.
 fn named_traffic<'r>(rule: &'r Rule, pod: &'r PodRecord) -> impl Iterator<Item = Traffic> + 'r {
-    rule.ports
-        .iter()
-        .filter_map(|PortRule { protocol, port }| match port {
-            PortMatch::Named(name) => {
-                let number = protocol.number();
-                pod.named_port(name, *protocol)
-                    .map(|port| ((number, number), (port, port)))
-            }
-            _ => None,
-        })
+    named_resolutions(rule, pod).flatten()
 }
 
 fn has_named_ports(rule: &Rule) -> bool {
@@ -333,11 +371,80 @@ impl Direction {
         }
     }
 
-    fn rules(self, policy: &PolicyRecord) -> Option<&[Rule]> {
+    /// `policy`'s rules for this direction; `None` when it does not
+    /// isolate for it.
+    pub(crate) fn rules(self, policy: &PolicyRecord) -> Option<&[Rule]> {
         match self {
             Direction::Ingress => policy.ingress.as_deref(),
             Direction::Egress => policy.egress.as_deref(),
         }
+    }
+
+    /// Whether `policy` isolates `pod` for this direction.
+    pub(crate) fn selects(self, policy: &PolicyRecord, pod: &PodRecord) -> bool {
+        policy.namespace == pod.namespace
+            && self.rules(policy).is_some()
+            && policy.pod_selector.matches(&pod.labels)
+    }
+}
+
+/// One packet as a rule of a local pod sees it.
+pub(crate) struct Packet<'a> {
+    /// The other end: the source of ingress, the destination of egress.
+    pub(crate) peer: IpAddr,
+    /// The pods that claim `peer` ([`Cluster::claimants`]).
+    pub(crate) claimants: Vec<&'a PodRecord>,
+    /// Its protocol.
+    pub(crate) protocol: Protocol,
+    /// Its destination port.
+    pub(crate) port: u16,
+}
+
+impl Cluster<'_> {
+    /// The (peer, port) indices of `rule`, in a policy of `namespace`,
+    /// that let `packet` through for `local` in `direction`, `None` for a
+    /// rule without peers or ports (it takes in all). It asks of one packet
+    /// what [`compile`] puts in the allow set: a peer range holds the
+    /// addresses of the pods a peer names, or its block; a named port
+    /// resolves on the local pod for ingress and, for egress, on the pod
+    /// the peer names at that address.
+    pub(crate) fn admitting(
+        &self,
+        rule: &Rule,
+        namespace: &str,
+        direction: Direction,
+        local: &PodRecord,
+        packet: &Packet<'_>,
+    ) -> Vec<(Option<usize>, Option<usize>)> {
+        let indices = |len: usize| -> Vec<Option<usize>> {
+            match len {
+                0 => vec![None],
+                _ => (0..len).map(Some).collect(),
+            }
+        };
+        // The peer as a bare address, then as each pod that claims it.
+        let as_whom = || std::iter::once(None).chain(packet.claimants.iter().copied().map(Some));
+        let mut admitting = Vec::new();
+        for peer in indices(rule.peers.len()) {
+            for port in indices(rule.ports.len()) {
+                let admits = as_whom().any(|claimant| {
+                    let destination = match direction {
+                        Direction::Ingress => Some(local),
+                        Direction::Egress => claimant,
+                    };
+                    peer.is_none_or(|k| {
+                        self.names_address(&rule.peers[k], namespace, packet.peer, claimant)
+                    }) && port.is_none_or(|j| {
+                        port_traffic(&rule.ports[j], destination)
+                            .is_some_and(|traffic| takes_in(traffic, packet.protocol, packet.port))
+                    })
+                });
+                if admits {
+                    admitting.push((peer, port));
+                }
+            }
+        }
+        admitting
     }
 }
 
@@ -365,8 +472,9 @@ fn compile_direction(
 ) -> DirectionPlan {
     // Pods selected by the same policies share an allow set, except that
     // ingress named ports resolve on the local pod: those resolutions are
-    // part of the key.
-    type Key = (Vec<usize>, Vec<Traffic>);
+    // part of the key, each in its place, since two rules with different
+    // peers may resolve to the same number on different pods.
+    type Key = (Vec<usize>, Vec<Option<Traffic>>);
     let mut ids: HashMap<Key, AllowSetId> = HashMap::new();
     let mut plan = DirectionPlan::default();
     // Peer addresses per (policy, rule), computed once for all local pods.
@@ -387,7 +495,7 @@ fn compile_direction(
             .into_iter()
             .flatten()
             .copied()
-            .filter(|&p| policies[p].pod_selector.matches(&pod.labels))
+            .filter(|&p| direction.selects(&policies[p], pod))
             .collect();
         if selecting.is_empty() {
             continue;
@@ -396,7 +504,7 @@ fn compile_direction(
             Direction::Ingress => selecting
                 .iter()
                 .flat_map(|&p| direction.rules(&policies[p]).into_iter().flatten())
-                .flat_map(|rule| named_traffic(rule, pod))
+                .flat_map(|rule| named_resolutions(rule, pod))
                 .collect(),
             Direction::Egress => Vec::new(),
         };
@@ -557,7 +665,7 @@ fn next(ip: IpAddr) -> Option<IpAddr> {
 /// that depends on the policies' names, not their order, and is not yet
 /// taken in `taken`.
 fn allow_set_id(
-    (selecting, named): &(Vec<usize>, Vec<Traffic>),
+    (selecting, named): &(Vec<usize>, Vec<Option<Traffic>>),
     policies: &[PolicyRecord],
     taken: &BTreeMap<AllowSetId, BTreeSet<Allow>>,
 ) -> AllowSetId {
@@ -576,5 +684,85 @@ fn allow_set_id(
     AllowSetId(id)
 }
 
+impl PolicyPlan {
+    /// A fingerprint of what the plan enforces: per direction, each
+    /// isolated address in order with the entries of its allow set. Plans
+    /// that enforce the same give the same 16 hexadecimal digits in any
+    /// process of any build, whatever their allow sets are called, so a
+    /// node's enforced plan can be compared with one compiled elsewhere.
+    pub fn fingerprint(&self) -> String {
+        let mut hash = Fnv1a::new();
+        for direction in Direction::BOTH {
+            let plan = direction.of(self);
+            hash.write(direction.name().as_bytes());
+            hash.write_u64(plan.isolated.len() as u64);
+            // Many addresses share a set: each set's entries are hashed once.
+            let mut digests: BTreeMap<AllowSetId, u64> = BTreeMap::new();
+            for (ip, id) in &plan.isolated {
+                hash.write_ip(*ip);
+                let digest = *digests
+                    .entry(*id)
+                    .or_insert_with(|| allow_set_digest(plan.allow_sets.get(id)));
+                hash.write_u64(digest);
+            }
+        }
+        format!("{:016x}", hash.0)
+    }
+}
+
+/// The entries of an allow set (`None`: a set the plan lacks), hashed.
+fn allow_set_digest(set: Option<&BTreeSet<Allow>>) -> u64 {
+    let mut hash = Fnv1a::new();
+    match set {
+        None => hash.write(&[0]),
+        Some(set) => {
+            hash.write(&[1]);
+            hash.write_u64(set.len() as u64);
+            for allow in set {
+                hash.write_ip(allow.peer.first);
+                hash.write_ip(allow.peer.last);
+                hash.write(&[allow.protocols.0, allow.protocols.1]);
+                hash.write(&allow.ports.0.to_be_bytes());
+                hash.write(&allow.ports.1.to_be_bytes());
+            }
+        }
+    }
+    hash.0
+}
+
+/// 64-bit FNV-1a over bytes written in a fixed encoding: unlike std's
+/// hashers, its value is fixed by its definition, not by the build.
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.write(&n.to_be_bytes());
+    }
+
+    /// The family (4 or 6), then the address's bytes.
+    fn write_ip(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => {
+                self.write(&[4]);
+                self.write(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                self.write(&[6]);
+                self.write(&v6.octets());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -9,8 +9,12 @@
 //! - [`selector`] matches label selectors.
 //! - [`compile`] turns them into one node's plan: per isolated pod and
 //!   direction, an allow set of non-overlapping (peer range, protocol, port
-//!   range) entries.
+//!   range) entries; [`compile::PolicyPlan::fingerprint`] names a plan the
+//!   same way in every process and build.
+//! - [`explain`] judges one packet as the nodes at its two ends would,
+//!   naming the policies, rules, peers and ports behind the verdict.
 
 pub mod compile;
+pub mod explain;
 pub mod model;
 pub mod selector;

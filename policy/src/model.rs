@@ -71,20 +71,7 @@ impl PodRecord {
         {
             return None;
         }
-        let mut ips: Vec<IpAddr> = status
-            .pod_ips
-            .iter()
-            .flatten()
-            .filter_map(|ip| ip.ip.parse().ok())
-            .collect();
-        if ips.is_empty() {
-            ips.extend(
-                status
-                    .pod_ip
-                    .as_deref()
-                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
-            );
-        }
+        let ips = pod_addresses(pod);
         if ips.is_empty() {
             return None;
         }
@@ -118,6 +105,29 @@ impl PodRecord {
             .find(|p| p.name == name && p.protocol == protocol)
             .map(|p| p.port)
     }
+}
+
+/// A pod's addresses as its status gives them: `status.podIPs`, else
+/// `status.podIP`; unparsable entries are skipped.
+pub fn pod_addresses(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .pod_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
+    }
+    ips
 }
 
 /// Every node's pod slices by node name (`weft.dev/pod-cidr` and

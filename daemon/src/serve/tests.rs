@@ -166,18 +166,19 @@ fn read_until_closed(mut stream: TcpStream) -> String {
     }
 }
 
-/// A status source that echoes the check asked for, and refuses `nope`.
+/// A status source that echoes the check and peer asked for, and refuses
+/// `nope`.
 struct Echo;
 
 impl StatusSource for Echo {
     fn status(
         &self,
-        check: Option<String>,
+        query: StatusQuery,
     ) -> BoxFuture<'static, Result<serde_json::Value, StatusRefusal>> {
         Box::pin(async move {
-            match check.as_deref() {
+            match query.check.as_deref() {
                 Some("nope") => Err(StatusRefusal("no such check: nope".into())),
-                _ => Ok(serde_json::json!({ "check": check })),
+                _ => Ok(serde_json::json!({ "check": query.check, "peer": query.peer })),
             }
         })
     }
@@ -244,6 +245,18 @@ async fn answers_health_readiness_status_and_metrics() {
     let refused = fetch(address, "/status?check=nope").await.unwrap();
     assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
     assert!(refused.contains("no such check: nope"), "{refused}");
+    let peer = fetch(address, "/status?verbose=1&check=kernel&peer=node%2Db")
+        .await
+        .unwrap();
+    assert!(peer.contains(r#""peer": "node-b""#), "{peer}");
+    let refused = fetch(address, "/status?check=kernel&peer=Node_B")
+        .await
+        .unwrap();
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    assert!(
+        refused.contains("peer=\"Node_B\" is not a Node name"),
+        "{refused}"
+    );
     assert!(
         metrics.contains("weft_http_connections_evicted_total 0"),
         "{metrics}"
@@ -433,4 +446,38 @@ async fn shutdown_ends_serving_while_a_connection_is_held() {
     .await
     .unwrap();
     server.stop().await;
+}
+
+#[test]
+fn a_status_query_takes_check_and_peer_and_ignores_the_rest() {
+    assert_eq!(StatusQuery::parse(None).unwrap(), StatusQuery::default());
+    assert_eq!(
+        StatusQuery::parse(Some("")).unwrap(),
+        StatusQuery::default()
+    );
+    let query =
+        StatusQuery::parse(Some("x=1&check=kernel&peer=ip-10-0-0-5.ec2.internal&flag")).unwrap();
+    assert_eq!(query.check.as_deref(), Some("kernel"));
+    assert_eq!(query.peer.as_deref(), Some("ip-10-0-0-5.ec2.internal"));
+    let decoded = StatusQuery::parse(Some("ch%65ck=dump")).unwrap();
+    assert_eq!(decoded.check.as_deref(), Some("dump"));
+}
+
+#[test]
+fn a_status_query_refuses_what_no_node_is_called_and_names_the_parameter() {
+    let refusal = |query: &str| StatusQuery::parse(Some(query)).unwrap_err().0;
+    for name in [
+        "", "Node-B", "-b", "b-", "a..b", "b%20c", "b/c", "b%2Fc", "%2e%2e", "b+c",
+    ] {
+        let text = refusal(&format!("check=kernel&peer={name}"));
+        assert!(text.starts_with("peer="), "{name}: {text}");
+        assert!(text.contains("not a Node name"), "{name}: {text}");
+    }
+    assert!(refusal(&format!("check=kernel&peer={}", "a".repeat(254))).contains("not a Node name"));
+    assert!(refusal("check=kernel&peer=%zz").contains("peer="));
+    assert!(refusal("check=kernel&peer=%c3").contains("percent-encoded UTF-8"));
+    let alone = refusal("peer=node-b");
+    assert!(alone.contains("only goes with check=kernel"), "{alone}");
+    let twice = refusal("check=kernel&check=dump");
+    assert!(twice.contains("check= is given more than once"), "{twice}");
 }

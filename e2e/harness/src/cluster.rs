@@ -57,6 +57,18 @@ pub struct ClusterSpec {
     pub images: Vec<PathBuf>,
     /// The mode of kube-proxy on kubelet nodes.
     pub proxy_mode: ProxyMode,
+    /// Spread kubelet nodes over this many zones, round robin: node `i`
+    /// carries `topology.kubernetes.io/zone=zone-<i mod zones>`, as a cloud
+    /// provider's nodes do (for topology-aware routing). 0: no zone labels.
+    pub zones: usize,
+    /// Dual-stack, IPv4 first, as a kubeadm dual-stack cluster: IPv6 on the
+    /// underlay segments, the router, the outside namespace and every node
+    /// (a second InternalIP; kubelets get `--node-ip=v4,v6`), an IPv6 Service
+    /// range beside the IPv4 one (`--service-cluster-ip-range=v4,v6`),
+    /// kube-proxy's `--cluster-cidr` with [`crate::CLUSTER_CIDR_V6`], and
+    /// Weft installed with that as `clusterCidrV6` by
+    /// [`crate::install_from_manifests`].
+    pub dual_stack: bool,
 }
 
 /// What a node of the cluster is.
@@ -86,6 +98,8 @@ impl Default for ClusterSpec {
             node_kind: NodeKind::Namespace,
             images: Vec::new(),
             proxy_mode: ProxyMode::default(),
+            zones: 0,
+            dual_stack: false,
         }
     }
 }
@@ -103,6 +117,12 @@ impl ClusterSpec {
         }
     }
 
+    /// The zone of the node with index `index` (`node-<index>`), if the
+    /// spec has zones; see [`ClusterSpec::zones`].
+    pub fn zone_of(&self, index: usize) -> Option<String> {
+        (self.zones > 0).then(|| format!("zone-{}", index % self.zones))
+    }
+
     fn validate(&self) -> Result<()> {
         if self.node_kind == NodeKind::Kubelet && self.register_nodes {
             bail!("ClusterSpec.register_nodes must be false with NodeKind::Kubelet: kubelets register their own Nodes");
@@ -115,6 +135,9 @@ impl ClusterSpec {
                 "ClusterSpec.images: {} is not a file; build it first (e.g. packaging/build-image.sh)",
                 missing.display()
             );
+        }
+        if self.zones > 0 && self.node_kind != NodeKind::Kubelet {
+            bail!("ClusterSpec.zones needs NodeKind::Kubelet: the kubelets label their Nodes with the zone; set zones to 0");
         }
         if self.routed_nodes > self.nodes {
             bail!(
@@ -183,7 +206,8 @@ impl Cluster {
         let first_node_on_main = spec.nodes > spec.routed_nodes;
         let advertise = (spec.node_kind == NodeKind::Kubelet && first_node_on_main)
             .then(|| Segment::Main.addressing().host(FIRST_NODE_HOST));
-        let control_plane = ControlPlane::start(&run, &binaries, advertise).await?;
+        let control_plane =
+            ControlPlane::start(&run, &binaries, advertise, spec.dual_stack).await?;
         run.start_forwarder(control_plane.apiserver)?;
 
         let (fabric, router, outside_netns) = {
@@ -196,11 +220,20 @@ impl Cluster {
         };
         let segments = Segment::ALL.map(Segment::addressing);
         underlay::create_fabric(&fabric, &segments, spec.underlay_mtu)?;
-        underlay::create_router(&router, &fabric, &segments, spec.underlay_mtu)?;
+        underlay::create_router(
+            &router,
+            &fabric,
+            &segments,
+            spec.underlay_mtu,
+            spec.dual_stack,
+        )?;
         let main = Segment::Main.addressing();
         let outside = Outside {
             netns: outside_netns,
             address: main.with_prefix(main.host(OUTSIDE_HOST)),
+            address_v6: spec
+                .dual_stack
+                .then(|| main.with_prefix_v6(main.host_v6(OUTSIDE_HOST))),
         };
         underlay::add_netns(&outside.netns)?;
         underlay::attach(
@@ -209,10 +242,10 @@ impl Cluster {
             "outside",
             &outside.netns,
             "eth0",
-            outside.address,
+            &main.host_addresses(OUTSIDE_HOST, spec.dual_stack),
             spec.underlay_mtu,
         )?;
-        underlay::default_route(&outside.netns, &main)?;
+        underlay::default_route(&outside.netns, &main, spec.dual_stack)?;
         let kubelet_support = match &binaries.node_components {
             Some(components) => {
                 control_plane.start_controllers(&run, components).await?;
@@ -477,6 +510,10 @@ impl Cluster {
             name: name.clone(),
             netns: netns.clone(),
             underlay_address: addressing.with_prefix(addressing.host(host)),
+            underlay_address_v6: self
+                .spec
+                .dual_stack
+                .then(|| addressing.with_prefix_v6(addressing.host_v6(host))),
             segment,
             underlay_link: "eth0".into(),
             kubeconfig: self.control_plane.kubeconfig.clone(),
@@ -487,7 +524,8 @@ impl Cluster {
         self.next_host.insert(segment, host + 1);
         // The node's bridge port in the fabric namespace (15 characters at most).
         let port = format!("n{index}");
-        let plumbed = self.plumb_node(&mut node, &port).await;
+        let zone = self.spec.zone_of(index);
+        let plumbed = self.plumb_node(&mut node, &port, zone.as_deref()).await;
         if let Err(e) = plumbed {
             if let Err(undo) = self.dismantle_node(&node) {
                 tracing::warn!("undoing the half-added node {name}: {undo:#}");
@@ -498,8 +536,16 @@ impl Cluster {
         Ok(self.nodes.last().expect("just pushed"))
     }
 
-    async fn plumb_node(&mut self, node: &mut ClusterNode, port: &str) -> Result<()> {
+    async fn plumb_node(
+        &mut self,
+        node: &mut ClusterNode,
+        port: &str,
+        zone: Option<&str>,
+    ) -> Result<()> {
         let addressing = node.segment.addressing();
+        let node_addresses: Vec<ipnet::IpNet> = std::iter::once(node.underlay_address.into())
+            .chain(node.underlay_address_v6.map(Into::into))
+            .collect();
         underlay::add_netns(&node.netns)?;
         underlay::attach(
             &self.fabric,
@@ -507,12 +553,15 @@ impl Cluster {
             port,
             &node.netns,
             &node.underlay_link,
-            node.underlay_address,
+            &node_addresses,
             self.spec.underlay_mtu,
         )?;
-        underlay::default_route(&node.netns, &addressing)?;
+        underlay::default_route(&node.netns, &addressing, self.spec.dual_stack)?;
         // Nodes route pod traffic; a prepared Kubernetes node has this on.
         underlay::set_sysctl(&node.netns, "net.ipv4.ip_forward", "1")?;
+        if self.spec.dual_stack {
+            underlay::set_sysctl(&node.netns, "net.ipv6.conf.all.forwarding", "1")?;
+        }
         let netns_path = node.netns_path().display().to_string();
         let forward = self.run.forwarder()?.forward_node(&netns_path)?;
         self.node_forwards
@@ -574,7 +623,10 @@ impl Cluster {
                 &machine,
                 &self.control_plane.pki,
                 self.control_plane.apiserver,
-                &support.kubelet,
+                kubelet::KubeletSetup {
+                    binary: &support.kubelet,
+                    zone,
+                },
             )
             .await?;
             kube_proxy::start(
@@ -721,5 +773,30 @@ mod tests {
         assert!(message.contains("ClusterSpec.images"), "{message}");
         assert!(ClusterSpec::default().validate().is_ok());
         assert!(ClusterSpec::kubelet_nodes(3, Vec::new()).validate().is_ok());
+        let zoned_namespaces = ClusterSpec {
+            zones: 2,
+            ..ClusterSpec::default()
+        };
+        let message = zoned_namespaces.validate().unwrap_err().to_string();
+        assert!(message.contains("ClusterSpec.zones"), "{message}");
+    }
+
+    #[test]
+    fn zones_go_round_robin_over_the_nodes() {
+        let spec = ClusterSpec {
+            zones: 2,
+            ..ClusterSpec::kubelet_nodes(3, Vec::new())
+        };
+        assert!(spec.validate().is_ok());
+        let zones: Vec<_> = (0..3).map(|index| spec.zone_of(index)).collect();
+        assert_eq!(
+            zones,
+            [
+                Some("zone-0".into()),
+                Some("zone-1".into()),
+                Some("zone-0".into())
+            ]
+        );
+        assert_eq!(ClusterSpec::default().zone_of(0), None);
     }
 }

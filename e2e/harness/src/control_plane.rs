@@ -33,6 +33,22 @@ const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.loc
 /// The Service address range (`--service-cluster-ip-range`).
 pub(crate) const SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/12";
 
+/// The IPv6 Service range of a dual-stack cluster, second in the flag, so
+/// IPv4 stays the primary family (as in a kubeadm dual-stack cluster whose
+/// `serviceSubnet` lists IPv4 first): Services without an `ipFamilyPolicy`,
+/// the `kubernetes` and `kube-dns` ones among them, stay IPv4 only. A /112,
+/// the size kubeadm's documentation shows.
+pub const SERVICE_CLUSTER_IP_RANGE_V6: &str = "fd00:10:96::/112";
+
+/// The `--service-cluster-ip-range` value: the IPv4 range, then with
+/// `dual_stack` the IPv6 one.
+fn service_cluster_ip_ranges(dual_stack: bool) -> String {
+    match dual_stack {
+        true => format!("{SERVICE_CLUSTER_IP_RANGE},{SERVICE_CLUSTER_IP_RANGE_V6}"),
+        false => SERVICE_CLUSTER_IP_RANGE.to_owned(),
+    }
+}
+
 /// The `kubernetes` Service's ClusterIP: the first address of the Service
 /// range. Pods find the apiserver there (`KUBERNETES_SERVICE_HOST`), so the
 /// serving certificate names it and kubelet nodes answer on it.
@@ -390,6 +406,8 @@ pub(crate) struct ControlPlane {
     /// The Unix socket where the apiserver expects an HTTP CONNECT proxy for
     /// traffic to nodes (its egress selector's `cluster` connection).
     pub(crate) egress_socket: PathBuf,
+    /// Whether Services get IPv6 ClusterIPs too.
+    dual_stack: bool,
 }
 
 impl ControlPlane {
@@ -398,17 +416,20 @@ impl ControlPlane {
     ///
     /// With `advertise`, the `kubernetes` Service gets that address (a
     /// node's, where the forwarder passes it on) as its endpoint, for
-    /// kube-proxy to send pods to; without, it has no endpoints.
+    /// kube-proxy to send pods to; without, it has no endpoints. With
+    /// `dual_stack`, the Service range is dual-stack, IPv4 first.
     pub(crate) async fn start(
         run: &RunGuard,
         binaries: &Binaries,
         advertise: Option<Ipv4Addr>,
+        dual_stack: bool,
     ) -> Result<Self> {
         let pki = Pki::create(&run.dir().join("pki"))?;
         let kubeconfig = run.dir().join("admin.kubeconfig");
         let mut last_error = None;
         for attempt in 1..=START_ATTEMPTS {
-            let (etcd, kube_apiserver, apiserver) = launch(run, binaries, &pki, advertise)?;
+            let (etcd, kube_apiserver, apiserver) =
+                launch(run, binaries, &pki, advertise, dual_stack)?;
             write_kubeconfig(
                 &kubeconfig,
                 apiserver,
@@ -426,6 +447,7 @@ impl ControlPlane {
                         kubeconfig,
                         pki,
                         egress_socket: egress_socket(run.dir()),
+                        dual_stack,
                     })
                 }
                 Err(e) => {
@@ -506,7 +528,8 @@ impl ControlPlane {
             // projected ServiceAccount token volume mounts.
             .arg(format!("--root-ca-file={}", file(&self.pki.ca_cert)))
             .arg(format!(
-                "--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"
+                "--service-cluster-ip-range={}",
+                service_cluster_ip_ranges(self.dual_stack)
             ))
             .arg("--v=1");
         let controller_manager = run.spawn(None, "kube-controller-manager", command)?;
@@ -586,6 +609,7 @@ fn launch(
     binaries: &Binaries,
     pki: &Pki,
     advertise: Option<Ipv4Addr>,
+    dual_stack: bool,
 ) -> Result<(ProcessHandle, ProcessHandle, SocketAddr)> {
     let etcd_client = free_port()?;
     let etcd_peer = free_port()?;
@@ -646,7 +670,8 @@ fn launch(
             file(&pki.service_account_key)
         ))
         .arg(format!(
-            "--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"
+            "--service-cluster-ip-range={}",
+            service_cluster_ip_ranges(dual_stack)
         ))
         .arg(format!(
             "--kubelet-client-certificate={}",
@@ -717,5 +742,20 @@ mod tests {
         let range: ipnet::Ipv4Net = SERVICE_CLUSTER_IP_RANGE.parse().unwrap();
         assert_eq!(range.hosts().next(), Some(KUBERNETES_SERVICE_IP));
         assert!(OPENSSL_CONFIG.contains(&format!("IP:{KUBERNETES_SERVICE_IP},")));
+    }
+
+    #[test]
+    fn dual_stack_service_ranges_list_ipv4_first() {
+        assert_eq!(service_cluster_ip_ranges(false), SERVICE_CLUSTER_IP_RANGE);
+        let ranges = service_cluster_ip_ranges(true);
+        let [v4, v6] = ranges.split(',').collect::<Vec<_>>()[..] else {
+            panic!("two ranges expected: {ranges}");
+        };
+        assert!(v4.parse::<ipnet::Ipv4Net>().is_ok(), "{ranges}");
+        // The apiserver refuses an IPv6 Service range wider than /108.
+        assert!(
+            v6.parse::<ipnet::Ipv6Net>().unwrap().prefix_len() >= 108,
+            "{ranges}"
+        );
     }
 }

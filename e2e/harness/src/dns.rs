@@ -11,17 +11,19 @@
 //! stays Pending until a network plugin makes the nodes Ready.
 
 use std::fmt::Debug;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::images::COREDNS_IMAGE;
+use crate::install::pod_is_ready;
 
 /// The `kube-dns` Service's ClusterIP, which the kubelets hand to pods as
 /// their nameserver (`clusterDNS`): the tenth address of the Service range,
@@ -281,6 +283,38 @@ where
     .await
     .with_context(|| format!("applying CoreDNS's {shown}"))?;
     Ok(())
+}
+
+/// Waits until every replica of the cluster's CoreDNS is Ready: it starts
+/// only once the pod network is up, so tests that resolve names wait here.
+pub async fn wait_until_dns_ready(client: &kube::Client, patience: Duration) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let selector = ListParams::default().labels("k8s-app=kube-dns");
+    let replicas = Api::<Deployment>::namespaced(client.clone(), "kube-system")
+        .get("coredns")
+        .await
+        .context("the harness's CoreDNS Deployment")?
+        .spec
+        .and_then(|spec| spec.replicas)
+        .context("the CoreDNS Deployment has no replica count")?;
+    let replicas = usize::try_from(replicas).context("the CoreDNS replica count")?;
+    weft_testing::eventually(patience, "every CoreDNS pod Ready", || async {
+        let list = pods.list(&selector).await?;
+        let ready = list.items.iter().filter(|pod| pod_is_ready(pod)).count();
+        Ok((ready == replicas).then_some(()))
+    })
+    .await
+}
+
+/// The addresses busybox `nslookup` found for the name asked: those after
+/// the first `Name:` line (the server's own address comes before it).
+pub fn nslookup_addresses(output: &str) -> Vec<IpAddr> {
+    output
+        .lines()
+        .skip_while(|line| !line.starts_with("Name:"))
+        .filter_map(|line| line.strip_prefix("Address:"))
+        .filter_map(|address| address.trim().parse().ok())
+        .collect()
 }
 
 #[cfg(test)]

@@ -45,3 +45,11 @@ pub(crate) fn go_arch() -> &'static str {
         other => other,
     }
 }
+
+/// Whether `program` is on the test host's `PATH`.
+pub fn command_exists(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}

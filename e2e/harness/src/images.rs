@@ -8,8 +8,9 @@
 //! and an index naming the image. Tools like buildah would do the same but
 //! leave state on the host (`/var/lib/containers`, `/etc/cni/net.d`).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -20,9 +21,10 @@ use crate::exec::go_arch;
 /// The pod sandbox image every kubelet node's containerd is configured with.
 pub const PAUSE_IMAGE: &str = "localhost/weft-e2e/pause:v1";
 
-/// A test image with Debian's static busybox: `sh`, `ping`, `wget`, `nc`,
-/// `httpd`, `ip`, … on `PATH`. Pods using it need `imagePullPolicy:
-/// IfNotPresent` or `Never` (no registry).
+/// A test image with Debian's static busybox: `sh`, `ping`, `nc`, `httpd`,
+/// `ip`, … on `PATH`, and the harness's own `wget` (see [`install_busybox`]).
+/// Pods using it need `imagePullPolicy: IfNotPresent` or `Never` (no
+/// registry).
 pub const BUSYBOX_IMAGE: &str = "localhost/weft-e2e/busybox:v1";
 
 /// The cluster DNS image (see [`crate::dns`]): the CoreDNS binary that
@@ -42,6 +44,9 @@ const BUSYBOX: &str = "/bin/busybox";
 /// The source of the pause binary.
 const PAUSE_SOURCE: &str = include_str!("../images/pause.c");
 
+/// The source of the test images' `wget`.
+const WGET_SOURCE: &str = include_str!("../images/wget.c");
+
 /// The images built for one run.
 pub(crate) struct NodeImages {
     /// The static pause binary, also the init of every kubelet node.
@@ -54,17 +59,8 @@ pub(crate) struct NodeImages {
 /// two), the last from the static binary `coredns`.
 pub(crate) fn build(dir: &Path, coredns: &Path) -> Result<NodeImages> {
     let pause_root = dir.join("pause-rootfs");
-    std::fs::create_dir_all(&pause_root)
-        .with_context(|| format!("creating {}", pause_root.display()))?;
-    let source = dir.join("pause.c");
-    std::fs::write(&source, PAUSE_SOURCE)
-        .with_context(|| format!("writing {}", source.display()))?;
     let pause_binary = pause_root.join("pause");
-    run(Command::new("cc")
-        .args(["-Os", "-static", "-s", "-o"])
-        .arg(&pause_binary)
-        .arg(&source))
-    .context("compiling the pause binary (install a C compiler and static libc: apt-get install build-essential)")?;
+    compile_static("pause", PAUSE_SOURCE, &pause_binary)?;
     let pause = dir.join("pause.oci.tar");
     write_oci_archive(
         &pause_root,
@@ -104,8 +100,48 @@ pub(crate) fn build(dir: &Path, coredns: &Path) -> Result<NodeImages> {
     })
 }
 
+/// Compiles the C program `source` into the static binary `out`, creating
+/// its directory; `name` is for errors.
+fn compile_static(name: &str, source: &str, out: &Path) -> Result<()> {
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mut compiler = Command::new("cc")
+        .args(["-Os", "-static", "-s", "-x", "c", "-", "-o"])
+        .arg(out)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context(
+            "running cc (install a C compiler and static libc: apt-get install build-essential)",
+        )?;
+    let mut stdin = compiler.stdin.take().context("cc's stdin")?;
+    stdin
+        .write_all(source.as_bytes())
+        .with_context(|| format!("passing the source of {name} to cc"))?;
+    drop(stdin);
+    let result = compiler
+        .wait_with_output()
+        .with_context(|| format!("waiting for cc to compile {name}"))?;
+    // Static glibc warns about getaddrinfo's shared NSS modules; the
+    // built-in `files` and `dns` sources are all the images use.
+    if !result.status.success() {
+        bail!(
+            "compiling {name} failed ({}; install a C compiler and static libc: apt-get install build-essential):\n{}",
+            result.status,
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Puts Debian's static busybox into an image's `bin` directory, with a link
-/// named after each of its applets (`sh`, `ls`, `nc`, …).
+/// named after each of its applets (`sh`, `ls`, `nc`, …), but for `wget`:
+/// that applet is built without the timeout option and crashes when given
+/// `-T`, which upstream's Service tests pass, so `wget` is the harness's
+/// own (`images/wget.c`, static).
 pub(crate) fn install_busybox(bin: &Path) -> Result<()> {
     std::fs::create_dir_all(bin).with_context(|| format!("creating {}", bin.display()))?;
     // A dynamic busybox would need a libc in the image.
@@ -124,12 +160,12 @@ pub(crate) fn install_busybox(bin: &Path) -> Result<()> {
         .output()
         .with_context(|| format!("listing the applets of {BUSYBOX}"))?;
     for applet in String::from_utf8_lossy(&applets.stdout).lines() {
-        if applet != "busybox" {
+        if applet != "busybox" && applet != "wget" {
             std::os::unix::fs::symlink("busybox", bin.join(applet))
                 .with_context(|| format!("linking applet {applet}"))?;
         }
     }
-    Ok(())
+    compile_static("wget", WGET_SOURCE, &bin.join("wget"))
 }
 
 /// A content-addressed blob of an OCI layout.
@@ -245,4 +281,86 @@ fn add_json_blob(layout: &Path, value: &serde_json::Value) -> Result<Blob> {
 fn write_json(file: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_vec(value).context("encoding JSON")?;
     std::fs::write(file, text).with_context(|| format!("writing {}", file.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn wget(dir: &Path) -> PathBuf {
+        let binary = dir.join("wget");
+        compile_static("wget", WGET_SOURCE, &binary).unwrap();
+        binary
+    }
+
+    /// Serves one request with `answer`, returning the request's first line.
+    fn serve_once(listener: TcpListener, answer: &'static str) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let (mut connection, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(connection.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            let mut header = String::new();
+            while header != "\r\n" {
+                header.clear();
+                reader.read_line(&mut header).unwrap();
+            }
+            connection.write_all(answer.as_bytes()).unwrap();
+            request_line
+        })
+    }
+
+    #[test]
+    fn wget_prints_the_body_with_the_options_the_service_tests_give() {
+        let dir = tempfile::tempdir().unwrap();
+        let wget = wget(dir.path());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hostname", listener.local_addr().unwrap());
+        let server = serve_once(
+            listener,
+            "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\npod-1\n",
+        );
+        let output = Command::new(&wget)
+            .args(["-T", "5", "-qO-", &url])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "pod-1\n");
+        assert_eq!(server.join().unwrap(), "GET /hostname HTTP/1.0\r\n");
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let server = serve_once(listener, "HTTP/1.1 404 Not Found\r\n\r\n");
+        let output = Command::new(&wget)
+            .args(["-q", "-O", "-", "-T", "1", &url])
+            .output()
+            .unwrap();
+        server.join().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("server returned error: HTTP/1.1 404"),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn wget_gives_up_on_a_silent_server_after_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let wget = wget(dir.path());
+        // The kernel completes the handshake, nothing ever answers: only
+        // -T ends the download.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", silent.local_addr().unwrap());
+        let output = Command::new(&wget)
+            .args(["-q", "-O", "-", "-T", "1", &url])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("download timed out"), "{stderr}");
+    }
 }

@@ -16,6 +16,11 @@ use crate::run::RunGuard;
 /// from which kube-proxy tells pod traffic from the rest.
 pub(crate) const CLUSTER_CIDR: &str = "10.244.0.0/16";
 
+/// The IPv6 pod network of a dual-stack cluster (what the harness installs
+/// Weft with as `clusterCidrV6`, a /56 as in the chart's example): each node
+/// gets a /64 of it.
+pub const CLUSTER_CIDR_V6: &str = "fd00:10:244::/56";
+
 /// kube-proxy's mode on kubelet nodes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProxyMode {
@@ -39,8 +44,15 @@ impl ProxyMode {
 /// Starts the node's kube-proxy (`<node>-kube-proxy`) as `system:kube-proxy`,
 /// the user the API server's bootstrap policy binds to `system:node-proxier`.
 ///
-/// The conntrack settings kube-proxy would write (`nf_conntrack_max` is one
-/// for the whole machine) are left as they are: a node is a namespace here.
+/// kube-proxy writes its conntrack defaults as on any node: the TCP
+/// ESTABLISHED (24 h) and CLOSE_WAIT (1 h) timeouts are sysctls of each
+/// network namespace, so they land in the node's own (upstream's KubeProxy
+/// CLOSE_WAIT test reads them back from its entries). All but
+/// `nf_conntrack_max`: that table limit is one for the whole machine,
+/// read-only outside the initial namespace, and kube-proxy exits when it
+/// cannot write the value it computes (131072 here, from 32768 a core with
+/// that floor) unless it finds it already there. `--conntrack-max-per-core=0`
+/// leaves it alone, as kind does for its container nodes.
 pub(crate) fn start(
     run: &RunGuard,
     node: &ClusterNode,
@@ -69,14 +81,22 @@ pub(crate) fn start(
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .arg(format!("--hostname-override={}", node.name))
         .arg(format!("--proxy-mode={}", mode.as_str()))
-        .arg(format!("--cluster-cidr={CLUSTER_CIDR}"))
+        .arg(format!("--cluster-cidr={}", cluster_cidrs(node)))
         .arg("--conntrack-max-per-core=0")
-        .arg("--conntrack-tcp-timeout-established=0s")
-        .arg("--conntrack-tcp-timeout-close-wait=0s")
         .arg("--v=1");
     run.spawn(
         Some(&node.name),
         &format!("{}-kube-proxy", node.name),
         command,
     )
+}
+
+/// kube-proxy's `--cluster-cidr`: both pod networks, IPv4 first, on a
+/// dual-stack node (one with an IPv6 underlay address), as kubeadm passes
+/// its `podSubnet`.
+fn cluster_cidrs(node: &ClusterNode) -> String {
+    match node.underlay_address_v6 {
+        Some(_) => format!("{CLUSTER_CIDR},{CLUSTER_CIDR_V6}"),
+        None => CLUSTER_CIDR.to_owned(),
+    }
 }

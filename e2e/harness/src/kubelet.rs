@@ -17,6 +17,10 @@ use crate::process::ProcessHandle;
 use crate::run::RunGuard;
 use crate::{containerd, dns};
 
+/// The well-known label of a node's zone (`v1.LabelTopologyZone`), which a
+/// kubelet may set on its own Node.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// How long a kubelet may take to register its Node.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -70,9 +74,18 @@ fn config(node: &ClusterNode, machine: &NodeMachine, ca_cert: &Path) -> serde_js
     })
 }
 
+/// Which kubelet a node runs, and how its Node differs from its peers'.
+pub(crate) struct KubeletSetup<'a> {
+    /// The kubelet binary.
+    pub(crate) binary: &'a Path,
+    /// The node's zone label ([`crate::ClusterSpec::zones`]), if any.
+    pub(crate) zone: Option<&'a str>,
+}
+
 /// Starts the node's kubelet (`<node>-kubelet`) with a client certificate
 /// of its own (`system:node:<name>`, so the Node authorizer applies) and
-/// waits until it has registered its Node.
+/// waits until it has registered its Node, with the zone label if `setup`
+/// has one.
 pub(crate) async fn start(
     run: &RunGuard,
     client: &kube::Client,
@@ -80,7 +93,7 @@ pub(crate) async fn start(
     machine: &NodeMachine,
     pki: &Pki,
     apiserver: std::net::SocketAddr,
-    kubelet_binary: &Path,
+    setup: KubeletSetup<'_>,
 ) -> Result<ProcessHandle> {
     let user = format!("system:node:{}", node.name);
     let certificate = pki.issue_client(
@@ -104,13 +117,17 @@ pub(crate) async fn start(
     std::fs::write(&config_file, text)
         .with_context(|| format!("writing {}", config_file.display()))?;
 
-    let mut command = machine.command(kubelet_binary);
+    let mut command = machine.command(setup.binary);
     command
         .arg(format!("--config={}", config_file.display()))
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .arg(format!("--hostname-override={}", node.name))
-        .arg(format!("--node-ip={}", node.underlay_ip()))
+        // Both families on a dual-stack node, IPv4 first: its InternalIPs.
+        .arg(format!("--node-ip={}", node_ips(node)))
         .arg("--v=1");
+    if let Some(zone) = setup.zone {
+        command.arg(format!("--node-labels={ZONE_LABEL}={zone}"));
+    }
     let kubelet = run.spawn(Some(&node.name), &format!("{}-kubelet", node.name), command)?;
 
     let nodes: Api<Node> = Api::all(client.clone());
@@ -137,4 +154,14 @@ pub(crate) async fn start(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The kubelet's `--node-ip`: the node's underlay addresses, comma-separated.
+fn node_ips(node: &ClusterNode) -> String {
+    let ips: Vec<String> = node
+        .underlay_ips()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    ips.join(",")
 }

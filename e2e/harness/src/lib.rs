@@ -15,7 +15,8 @@
 //! kube-scheduler, and pods are scheduled and run for real, from images
 //! imported without a registry ([`BUSYBOX_IMAGE`], [`PAUSE_IMAGE`] and those
 //! in [`ClusterSpec::images`]), with CoreDNS as the cluster DNS once a
-//! network plugin runs.
+//! network plugin runs. [`ClusterSpec::dual_stack`] makes a cluster
+//! dual-stack, IPv4 first, as kubeadm makes one.
 //!
 //! [`Kubectl`] and [`helm_command`] run kubectl and helm against a cluster
 //! as an operator would ([`build_helm`] builds helm); [`build_weft_image`]
@@ -56,7 +57,8 @@
 //! - `exec`: programs run inside a network namespace by name, one-shot
 //!   pings, log tails, the architecture name.
 //! - `kubectl`: [`Kubectl`], [`helm_command`], [`build_helm`].
-//! - `install`: [`build_weft_image`], [`install_from_manifests`].
+//! - `install`: [`build_weft_image`], [`install_from_manifests`],
+//!   [`weft_manifests`], [`pod_is_ready`], [`node_is_ready`].
 //! - [`conformance`]: the upstream network e2e suite, its images and report.
 //!
 //! No module imports one that imports it back: shared items live in the
@@ -78,18 +80,25 @@ mod kubectl;
 mod kubelet;
 mod machine;
 mod node;
+mod phases;
 mod pod;
 mod process;
 mod run;
 mod underlay;
 
 pub use cluster::{Cluster, ClusterSpec, NodeKind};
+pub use control_plane::SERVICE_CLUSTER_IP_RANGE_V6;
+pub use dns::{nslookup_addresses, wait_until_dns_ready};
+pub use exec::command_exists;
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
-pub use install::{build_weft_image, install_from_manifests};
-pub use kube_proxy::ProxyMode;
+pub use install::{
+    build_weft_image, install_from_manifests, node_is_ready, pod_is_ready, weft_manifests,
+};
+pub use kube_proxy::{ProxyMode, CLUSTER_CIDR_V6};
 pub use kubectl::{build_helm, helm_command, Kubectl};
 pub use machine::NodeMachine;
 pub use node::{ClusterNode, Outside, Segment};
+pub use phases::Phases;
 pub use pod::{Pod, POD_INTERFACE};
 pub use process::ProcessHandle;
 pub use run::{cleanup_leftovers, stop_held_clusters};

@@ -52,6 +52,16 @@ enum Action {
         /// kube-proxy's mode on kubelet nodes.
         #[arg(long, value_enum, default_value_t = ProxyMode::Nftables, requires = "kubelet")]
         proxy_mode: ProxyMode,
+        /// Spread the kubelet nodes over this many zones
+        /// (`topology.kubernetes.io/zone=zone-<i mod N>`); 0: no zone labels.
+        #[arg(long, default_value_t = 0, requires = "kubelet")]
+        zones: usize,
+        /// Dual-stack, IPv4 first: IPv6 on the underlay and the nodes, and
+        /// with --kubelet a dual Service range, kubelets with an IPv4 and an
+        /// IPv6 node IP and kube-proxy with both pod networks, as a kubeadm
+        /// dual-stack cluster (Weft still to be installed with clusterCidrV6).
+        #[arg(long)]
+        dual_stack: bool,
         /// Return once the cluster is up, leaving it running in the background
         /// until `weft-e2e down`; its messages go to the file named on stderr.
         #[arg(long)]
@@ -93,6 +103,8 @@ async fn main() -> Result<()> {
             kubelet,
             images,
             proxy_mode,
+            zones,
+            dual_stack,
             detach: false,
         } => {
             up(ClusterSpec {
@@ -106,6 +118,8 @@ async fn main() -> Result<()> {
                 },
                 images,
                 proxy_mode,
+                zones,
+                dual_stack,
             })
             .await
         }
@@ -173,16 +187,25 @@ async fn up(spec: ClusterSpec) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     eprintln!("run directory (logs): {}", cluster.run_dir().display());
+    // An IPv6 address, if any, after the IPv4 one.
+    let v6 = |address: Option<ipnet::Ipv6Net>| {
+        address.map(|a| format!(", IPv6 {a}")).unwrap_or_default()
+    };
     for node in cluster.nodes() {
         eprintln!(
-            "  {:<8} {:<16} {:?} segment, netns {}",
-            node.name, node.underlay_address, node.segment, node.netns
+            "  {:<8} {:<16} {:?} segment, netns {}{}",
+            node.name,
+            node.underlay_address,
+            node.segment,
+            node.netns,
+            v6(node.underlay_address_v6)
         );
     }
     eprintln!(
-        "  outside  {:<16} netns {}",
+        "  outside  {:<16} netns {}{}",
         cluster.outside().address,
-        cluster.outside().netns
+        cluster.outside().netns,
+        v6(cluster.outside().address_v6)
     );
     eprintln!(
         "try: kubectl --kubeconfig {} get nodes -o wide",

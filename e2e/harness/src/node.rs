@@ -2,12 +2,12 @@
 //! the "outside the cluster" namespace.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -23,9 +23,10 @@ use crate::underlay::SegmentAddressing;
 /// not on one L2 network: host-gw routes cannot cross, vxlan must.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Segment {
-    /// 172.31.1.0/24, where most nodes and the outside namespace sit.
+    /// 172.31.1.0/24 (and fd00:172:31:1::/64 in a dual-stack cluster),
+    /// where most nodes and the outside namespace sit.
     Main,
-    /// 172.31.2.0/24, behind the router.
+    /// 172.31.2.0/24 (and fd00:172:31:2::/64), behind the router.
     Routed,
 }
 
@@ -40,15 +41,22 @@ impl Segment {
         self.addressing().gateway()
     }
 
+    /// The segment's IPv6 subnet (in use in dual-stack clusters only).
+    pub fn subnet_v6(self) -> Ipv6Net {
+        self.addressing().subnet_v6
+    }
+
     pub(crate) fn addressing(self) -> SegmentAddressing {
         match self {
             Segment::Main => SegmentAddressing {
                 subnet: "172.31.1.0/24".parse().expect("valid subnet"),
+                subnet_v6: "fd00:172:31:1::/64".parse().expect("valid subnet"),
                 bridge: "seg-main",
                 router_link: "main",
             },
             Segment::Routed => SegmentAddressing {
                 subnet: "172.31.2.0/24".parse().expect("valid subnet"),
+                subnet_v6: "fd00:172:31:2::/64".parse().expect("valid subnet"),
                 bridge: "seg-routed",
                 router_link: "routed",
             },
@@ -70,6 +78,9 @@ pub struct ClusterNode {
     /// The node's underlay address with its prefix, e.g. 172.31.1.10/24;
     /// the Node object's InternalIP.
     pub underlay_address: Ipv4Net,
+    /// In a dual-stack cluster, the node's IPv6 underlay address with its
+    /// prefix, e.g. fd00:172:31:1::a/64; its second InternalIP.
+    pub underlay_address_v6: Option<Ipv6Net>,
     /// The underlay segment it sits on.
     pub segment: Segment,
     /// The underlay interface inside the namespace.
@@ -89,6 +100,19 @@ impl ClusterNode {
     /// The node's underlay IPv4 address.
     pub fn underlay_ip(&self) -> Ipv4Addr {
         self.underlay_address.addr()
+    }
+
+    /// The node's underlay IPv6 address, in a dual-stack cluster.
+    pub fn underlay_ip_v6(&self) -> Option<Ipv6Addr> {
+        self.underlay_address_v6.map(|address| address.addr())
+    }
+
+    /// The node's underlay addresses, IPv4 first: its InternalIPs, in the
+    /// order of a kubelet's `--node-ip`.
+    pub fn underlay_ips(&self) -> Vec<IpAddr> {
+        let mut ips = vec![IpAddr::V4(self.underlay_ip())];
+        ips.extend(self.underlay_ip_v6().map(IpAddr::V6));
+        ips
     }
 
     /// The namespace as a path, for `setns` or `nsenter --net=`.
@@ -132,12 +156,19 @@ pub struct Outside {
     pub netns: String,
     /// Its underlay address with prefix.
     pub address: Ipv4Net,
+    /// Its IPv6 underlay address with prefix, in a dual-stack cluster.
+    pub address_v6: Option<Ipv6Net>,
 }
 
 impl Outside {
     /// Its IPv4 address.
     pub fn ip(&self) -> Ipv4Addr {
         self.address.addr()
+    }
+
+    /// Its IPv6 address, in a dual-stack cluster.
+    pub fn ip_v6(&self) -> Option<Ipv6Addr> {
+        self.address_v6.map(|address| address.addr())
     }
 
     /// A command that runs `program` inside the outside namespace.
@@ -182,17 +213,20 @@ pub(crate) async fn register(client: &kube::Client, node: &ClusterNode) -> Resul
         .git_version;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut addresses: Vec<NodeAddress> = node
+        .underlay_ips()
+        .iter()
+        .map(|ip| NodeAddress {
+            type_: "InternalIP".into(),
+            address: ip.to_string(),
+        })
+        .collect();
+    addresses.push(NodeAddress {
+        type_: "Hostname".into(),
+        address: node.name.clone(),
+    });
     let status = NodeStatus {
-        addresses: Some(vec![
-            NodeAddress {
-                type_: "InternalIP".into(),
-                address: node.underlay_ip().to_string(),
-            },
-            NodeAddress {
-                type_: "Hostname".into(),
-                address: node.name.clone(),
-            },
-        ]),
+        addresses: Some(addresses),
         conditions: Some(vec![NodeCondition {
             type_: "Ready".into(),
             status: "True".into(),

@@ -10,13 +10,16 @@
 //! ```
 //! The bridges live in the `fabric` namespace. Every node and the outside
 //! namespace have a default route via the router address of their segment.
+//! A dual-stack cluster gives each segment an IPv6 subnet too (ULA,
+//! `fd00:172:31:1::/64` and `fd00:172:31:2::/64`), with the same host numbers
+//! and an IPv6 default route via the router's `::1`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use weft_testing::run;
 
 /// What to check first when `ip` cannot run or fails unexpectedly.
@@ -27,6 +30,8 @@ const IPROUTE2_HINT: &str = "running ip (is iproute2 installed?)";
 pub(crate) struct SegmentAddressing {
     /// The segment's subnet.
     pub(crate) subnet: Ipv4Net,
+    /// The segment's IPv6 subnet, used in dual-stack clusters only.
+    pub(crate) subnet_v6: Ipv6Net,
     /// The bridge in the fabric namespace.
     pub(crate) bridge: &'static str,
     /// The router's interface name (in the router namespace) on this segment.
@@ -46,6 +51,31 @@ impl SegmentAddressing {
 
     pub(crate) fn with_prefix(&self, address: Ipv4Addr) -> Ipv4Net {
         Ipv4Net::new(address, self.subnet.prefix_len()).expect("prefix of a valid subnet")
+    }
+
+    /// The router's IPv6 address on this segment.
+    pub(crate) fn gateway_v6(&self) -> Ipv6Addr {
+        self.host_v6(1)
+    }
+
+    /// The IPv6 address with the same host number as [`Self::host`]: host
+    /// 10 is `…::a`.
+    pub(crate) fn host_v6(&self, host: u32) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.subnet_v6.network()) + u128::from(host))
+    }
+
+    /// `address` with the IPv6 subnet's prefix.
+    pub(crate) fn with_prefix_v6(&self, address: Ipv6Addr) -> Ipv6Net {
+        Ipv6Net::new(address, self.subnet_v6.prefix_len()).expect("prefix of a valid subnet")
+    }
+
+    /// The addresses of host number `host`: IPv4, and IPv6 too with `dual_stack`.
+    pub(crate) fn host_addresses(&self, host: u32, dual_stack: bool) -> Vec<IpNet> {
+        let mut addresses = vec![IpNet::V4(self.with_prefix(self.host(host)))];
+        if dual_stack {
+            addresses.push(IpNet::V6(self.with_prefix_v6(self.host_v6(host))));
+        }
+        addresses
     }
 }
 
@@ -134,20 +164,23 @@ pub(crate) fn create_fabric(fabric: &str, segments: &[SegmentAddressing], mtu: u
 }
 
 /// Connects namespace `netns` to a segment's bridge: a veth named `inner`
-/// inside `netns`, its peer `port` plugged into the bridge in `fabric`. The
-/// pair is created in the fabric namespace with the peer placed directly in
-/// `netns`, so it never appears in the root namespace.
+/// inside `netns` with `addresses`, its peer `port` plugged into the bridge
+/// in `fabric`. The pair is created in the fabric namespace with the peer
+/// placed directly in `netns`, so it never appears in the root namespace.
+/// IPv6 addresses skip duplicate address detection, the link-local one
+/// too: the harness hands out each once, and while an address is tentative
+/// (a second) it cannot be bound, and neighbour discovery over the link
+/// stalls, so the first packets of a fresh cluster went unanswered.
 pub(crate) fn attach(
     fabric: &str,
     segment: &SegmentAddressing,
     port: &str,
     netns: &str,
     inner: &str,
-    address: Ipv4Net,
+    addresses: &[IpNet],
     mtu: u32,
 ) -> Result<()> {
     let mtu = mtu.to_string();
-    let address = address.to_string();
     ip(&[
         "-n", fabric, "link", "add", port, "mtu", &mtu, "type", "veth", "peer", "name", inner,
         "mtu", &mtu, "netns", netns,
@@ -163,12 +196,31 @@ pub(crate) fn attach(
         segment.bridge,
         "up",
     ])?;
-    ip(&["-n", netns, "addr", "add", &address, "dev", inner])?;
+    for address in addresses {
+        let text = address.to_string();
+        let mut args = vec!["-n", netns, "addr", "add", &text, "dev", inner];
+        if matches!(address, IpNet::V6(_)) {
+            args.push("nodad");
+        }
+        ip(&args)?;
+    }
+    if addresses
+        .iter()
+        .any(|address| matches!(address, IpNet::V6(_)))
+    {
+        // Before the link is up, when the kernel gives it its link-local address.
+        set_sysctl(netns, &format!("net.ipv6.conf.{inner}.accept_dad"), "0")?;
+    }
     ip(&["-n", netns, "link", "set", inner, "up"])
 }
 
-/// Gives a namespace its default route via the segment's router.
-pub(crate) fn default_route(netns: &str, segment: &SegmentAddressing) -> Result<()> {
+/// Gives a namespace its default route via the segment's router, and with
+/// `dual_stack` its IPv6 default route too.
+pub(crate) fn default_route(
+    netns: &str,
+    segment: &SegmentAddressing,
+    dual_stack: bool,
+) -> Result<()> {
     ip(&[
         "-n",
         netns,
@@ -177,15 +229,30 @@ pub(crate) fn default_route(netns: &str, segment: &SegmentAddressing) -> Result<
         "default",
         "via",
         &segment.gateway().to_string(),
-    ])
+    ])?;
+    if dual_stack {
+        ip(&[
+            "-n",
+            netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &segment.gateway_v6().to_string(),
+        ])?;
+    }
+    Ok(())
 }
 
-/// The router namespace: one leg on every segment, forwarding on.
+/// The router namespace: one leg on every segment, forwarding on (for IPv6
+/// too with `dual_stack`).
 pub(crate) fn create_router(
     router: &str,
     fabric: &str,
     segments: &[SegmentAddressing],
     mtu: u32,
+    dual_stack: bool,
 ) -> Result<()> {
     add_netns(router)?;
     for segment in segments {
@@ -196,9 +263,39 @@ pub(crate) fn create_router(
             &port,
             router,
             segment.router_link,
-            segment.with_prefix(segment.gateway()),
+            &segment.host_addresses(1, dual_stack),
             mtu,
         )?;
     }
-    set_sysctl(router, "net.ipv4.ip_forward", "1")
+    set_sysctl(router, "net.ipv4.ip_forward", "1")?;
+    if dual_stack {
+        set_sysctl(router, "net.ipv6.conf.all.forwarding", "1")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_hosts_share_the_ipv4_host_numbers() {
+        let segment = SegmentAddressing {
+            subnet: "172.31.1.0/24".parse().unwrap(),
+            subnet_v6: "fd00:172:31:1::/64".parse().unwrap(),
+            bridge: "seg-main",
+            router_link: "main",
+        };
+        assert_eq!(
+            segment.gateway_v6(),
+            "fd00:172:31:1::1".parse::<Ipv6Addr>().unwrap()
+        );
+        let addresses: Vec<String> = segment
+            .host_addresses(10, true)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addresses, ["172.31.1.10/24", "fd00:172:31:1::a/64"]);
+        assert_eq!(segment.host_addresses(10, false).len(), 1);
+    }
 }

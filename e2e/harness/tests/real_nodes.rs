@@ -10,10 +10,13 @@
 //! cluster DNS (CoreDNS, which the harness deploys) answering every pod for
 //! Services, and pods reaching the outside with their node's;
 //! `kubectl weft status` (the shipped static binary) healthy, then, after
-//! the manifests install, naming the node and cause of each fault injected
-//! in turn (a hostile Node, a route deleted by hand, a leaked address in
-//! the plugin's store, an agent stopped, the node write policy deleted);
-//! then the
+//! the manifests install: `kubectl weft trace` agreeing with real TCP
+//! connections over random NetworkPolicies (pairs on one node and across
+//! nodes, both directions), `kubectl weft bundle` holding every node and no
+//! Secret's contents, and `status` naming the node and cause of each fault
+//! injected in turn (a hostile Node, a route deleted by hand, a leaked
+//! address in the plugin's store, an agent stopped, the node write policy
+//! deleted); then the
 //! uninstall (CoreDNS stays: it is the cluster's, not Weft's), and a
 //! teardown that leaves nothing on the host. Also: a run killed outright
 //! leaves nothing once cleaned up.
@@ -22,19 +25,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use tokio::sync::Mutex;
 use weft_core::netns::Netns;
 use weft_e2e::{
-    cleanup_leftovers, Cluster, ClusterNode, ClusterSpec, Kubectl, ProxyMode, BUSYBOX_IMAGE,
+    cleanup_leftovers, command_exists, node_is_ready, nslookup_addresses, pod_is_ready,
+    wait_until_dns_ready, Cluster, ClusterNode, ClusterSpec, Kubectl, Phases, ProxyMode,
+    BUSYBOX_IMAGE,
 };
 use weft_testing::{eventually, require_root};
 
@@ -226,7 +230,7 @@ struct RunTraces {
 /// One whole flow on a fresh cluster; returns what identifies the run, for
 /// the leftover checks after its teardown.
 async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces> {
-    let phase = Phases::start();
+    let phase = Phases::start("real-nodes");
     // One node behind the underlay's router: its pods' traffic must cross
     // an L3 hop, so only the overlay carries it.
     let cluster = Cluster::start(ClusterSpec {
@@ -284,7 +288,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
             let ready: BTreeSet<String> = list
                 .items
                 .iter()
-                .filter(|pod| is_ready(pod))
+                .filter(|pod| pod_is_ready(pod))
                 .filter_map(|pod| pod.spec.as_ref()?.node_name.clone())
                 .collect();
             Ok((ready == node_names).then_some(()))
@@ -360,7 +364,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
             let placed: BTreeMap<String, (String, IpAddr)> = list
                 .items
                 .iter()
-                .filter(|pod| is_ready(pod))
+                .filter(|pod| pod_is_ready(pod))
                 .filter_map(|pod| {
                     let node = pod.spec.as_ref()?.node_name.clone()?;
                     let ip = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
@@ -484,19 +488,7 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     // the search path, as programs in a pod resolve names.
     let system_pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
     let dns_selector = ListParams::default().labels("k8s-app=kube-dns");
-    let coredns_replicas = Api::<Deployment>::namespaced(client.clone(), "kube-system")
-        .get("coredns")
-        .await
-        .context("the harness's CoreDNS Deployment")?
-        .spec
-        .and_then(|spec| spec.replicas)
-        .context("the CoreDNS Deployment has no replica count")?;
-    eventually(HANG_GUARD, "every CoreDNS pod Ready", || async {
-        let list = system_pods.list(&dns_selector).await?;
-        let ready = list.items.iter().filter(|pod| is_ready(pod)).count();
-        Ok((ready == usize::try_from(coredns_replicas)?).then_some(()))
-    })
-    .await?;
+    wait_until_dns_ready(&client, HANG_GUARD).await?;
     let service_ip = |namespace: &str, name: &str| -> Result<IpAddr> {
         let ip = kubectl.run(&[
             "get",
@@ -602,6 +594,12 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     status.healthy()?;
     phase.done("kubectl weft status: healthy");
     if matches!(install, Install::Manifests) {
+        trace_agrees_with_traffic(&cluster, &kubectl, &status, &phase).await?;
+        bundle_has_every_node_and_no_secret(&kubectl, &status, &cluster)?;
+        phase.done("kubectl weft bundle: every node, no Secret's contents");
+        let namespaces = TRACE_NAMESPACES.map(|(name, ..)| name);
+        kubectl.run(&[&["delete", "namespace", "--wait=true"][..], &namespaces].concat())?;
+        phase.done("trace: namespaces deleted");
         status_names_each_fault(&cluster, &kubectl, &status, repo).await?;
         phase.done("kubectl weft status names each injected fault");
     }
@@ -687,17 +685,6 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     cluster.stop().await?;
     phase.done("torn down");
     Ok(run)
-}
-
-/// The addresses busybox `nslookup` found for the name asked: those after
-/// the first `Name:` line (the server's own address comes before it).
-fn nslookup_addresses(output: &str) -> Vec<IpAddr> {
-    output
-        .lines()
-        .skip_while(|line| !line.starts_with("Name:"))
-        .filter_map(|line| line.strip_prefix("Address:"))
-        .filter_map(|address| address.trim().parse().ok())
-        .collect()
 }
 
 /// The address in busybox ping's first line, `PING <name> (<address>): …`
@@ -882,13 +869,46 @@ struct KubectlWeft {
     namespace: &'static str,
 }
 
-/// What one `kubectl weft status -o json` said.
-struct StatusRun {
+/// What one `kubectl weft … -o json` said: its exit status and report.
+struct PluginRun {
     exit: Option<i32>,
     report: serde_json::Value,
 }
 
-impl StatusRun {
+impl PluginRun {
+    /// Runs `command` (which asks for `-o json`) once.
+    fn of(command: &mut Command) -> Result<Self> {
+        let output = command
+            .output()
+            .with_context(|| format!("starting {command:?}"))?;
+        let report = serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "{command:?} printed no report (exit {:?}): {}",
+                output.status.code(),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+        Ok(Self {
+            exit: output.status.code(),
+            report,
+        })
+    }
+
+    /// Trace's policy verdict for both ends.
+    fn allowed(&self) -> Result<bool> {
+        self.report["allowed"]
+            .as_bool()
+            .with_context(|| format!("a trace report without `allowed`: {:#}", self.report))
+    }
+
+    /// Whether trace found the agents of both ends enforcing the plan it
+    /// computed from the API's objects (both ends are pods here).
+    fn enforced_at_both_ends(&self) -> bool {
+        ["egress", "ingress"]
+            .iter()
+            .all(|side| self.report["policy"][side]["fingerprintMatches"] == true)
+    }
+
     /// The warnings of `kind` (as `-o json` spells it) that name `node`.
     fn names(&self, kind: &str, node: &str) -> bool {
         self.report["warnings"]
@@ -929,33 +949,43 @@ impl KubectlWeft {
         })
     }
 
-    fn command(&self) -> Command {
+    /// The plugin running `subcommand` against the cluster.
+    fn command(&self, subcommand: &str) -> Command {
         let mut command = Command::new(&self.binary);
         command
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(["-n", self.namespace, "status"]);
+            .args(["-n", self.namespace, subcommand]);
         command
     }
 
     /// `status -o json` once.
-    fn json(&self) -> Result<StatusRun> {
-        let output = self.command().args(["-o", "json"]).output()?;
-        let report = serde_json::from_slice(&output.stdout).with_context(|| {
-            format!(
-                "kubectl weft status -o json printed no report: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })?;
-        Ok(StatusRun {
-            exit: output.status.code(),
-            report,
-        })
+    fn json(&self) -> Result<PluginRun> {
+        PluginRun::of(self.command("status").args(["-o", "json"]))
+    }
+
+    /// `trace <from> <to> --port <port>/tcp -o json` once; `from` and `to`
+    /// are `namespace/pod`.
+    fn trace(&self, from: &str, to: &str, port: u16) -> Result<PluginRun> {
+        PluginRun::of(self.command("trace").args([
+            from,
+            to,
+            "--port",
+            &format!("{port}/tcp"),
+            "-o",
+            "json",
+        ]))
+    }
+
+    /// `bundle -f <file>`, which must succeed.
+    fn bundle(&self, file: &Path) -> Result<()> {
+        weft_testing::run(self.command("bundle").arg("-f").arg(file))?;
+        Ok(())
     }
 
     /// `status --wait` exits 0; its table is printed for the docs.
     fn healthy(&self) -> Result<()> {
-        let output = self.command().arg("--wait=4m").output()?;
+        let output = self.command("status").arg("--wait=4m").output()?;
         let table = String::from_utf8_lossy(&output.stdout);
         eprintln!("real-nodes: kubectl weft status:\n{table}");
         ensure!(
@@ -974,7 +1004,7 @@ impl KubectlWeft {
         &self,
         what: &str,
         mut inject: impl FnMut() -> Result<()>,
-        seen: impl Fn(&StatusRun) -> bool,
+        seen: impl Fn(&PluginRun) -> bool,
     ) -> Result<()> {
         let mut last = None;
         let found = eventually(HANG_GUARD, what, || {
@@ -995,7 +1025,7 @@ impl KubectlWeft {
         .await
         .with_context(|| format!("last report: {last:#?}"))?;
         ensure!(found == Some(1), "status named it but exited {found:?}");
-        let table = self.command().output()?;
+        let table = self.command("status").output()?;
         eprintln!(
             "real-nodes: kubectl weft status, {what}:\n{}",
             String::from_utf8_lossy(&table.stdout)
@@ -1127,6 +1157,787 @@ async fn status_names_each_fault(
     status.healthy()
 }
 
+/// The trace phase's namespaces and the labels a `namespaceSelector` tells
+/// them apart by: (name, `weft-trace` label, `zone` label).
+const TRACE_NAMESPACES: [(&str, &str, &str); 2] =
+    [("trace-a", "a", "blue"), ("trace-b", "b", "green")];
+/// The label every server pod of the trace phase carries.
+const TRACE_SERVER_LABEL: &str = "weft-trace-server";
+/// Server pods in the trace phase: two per node.
+const TRACE_SERVERS: usize = 6;
+/// The ports every server listens on, a busybox httpd on each.
+const TRACE_PORTS: [u16; 3] = [7001, 7002, 7003];
+/// Names servers give some of their container ports, each server to
+/// numbers of its own, so one name stands for different numbers.
+const PORT_NAMES: [&str; 2] = ["alpha", "beta"];
+/// What a drawn policy isolates for.
+const POLICY_TYPES: [&[&str]; 3] = [&["Ingress"], &["Egress"], &["Ingress", "Egress"]];
+/// Values of the servers' `role` and `tier` labels.
+const ROLES: [&str; 3] = ["web", "db", "cache"];
+const TIERS: [&str; 2] = ["front", "back"];
+/// Draws of policies tried for one with both verdicts among the checks.
+const POLICY_DRAWS: usize = 5;
+/// The fewest checks of each verdict a draw must give to be kept.
+const EACH_VERDICT_AT_LEAST: usize = 4;
+/// Trace runs or connection attempts at once: enough to overlap their
+/// waits, few enough for two cores.
+const AT_ONCE: usize = 6;
+/// busybox nc's connect timeout (`-w`), in seconds.
+const CONNECT_TIMEOUT_SECONDS: u32 = 3;
+/// How long a connection trace allows gets to succeed: guards against a
+/// slow start on a loaded machine, not a timing assertion.
+const ALLOWED_PATIENCE: Duration = Duration::from_secs(30);
+/// A Secret the bundle must not carry the contents of, labelled as Weft's.
+const CANARY_SECRET: &str = "weft-bundle-canary";
+/// Its one value.
+const CANARY_VALUE: &str = "canary-7d1e5b9c04a2f3e8";
+
+/// A seeded source of choices (splitmix64): the seed printed reproduces
+/// the whole draw of pods, policies and checks.
+struct Draw(u64);
+
+impl Draw {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n as u64).expect("below a usize")
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for last in (1..items.len()).rev() {
+            items.swap(last, self.below(last + 1));
+        }
+    }
+}
+
+/// `WEFT_TRACE_SEED` when set, else one from the clock.
+fn trace_seed() -> Result<u64> {
+    match std::env::var("WEFT_TRACE_SEED") {
+        Ok(text) => text
+            .parse()
+            .with_context(|| format!("WEFT_TRACE_SEED={text:?} is not a number")),
+        Err(_) => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64),
+    }
+}
+
+/// A server pod of the trace phase as drawn.
+struct Server {
+    namespace: &'static str,
+    name: String,
+    node: String,
+    role: &'static str,
+    tier: &'static str,
+    /// Its named container ports: (name, number).
+    named_ports: Vec<(&'static str, u16)>,
+}
+
+impl Server {
+    fn manifest(&self) -> serde_json::Value {
+        let ports: Vec<serde_json::Value> = TRACE_PORTS
+            .iter()
+            .map(
+                |port| match self.named_ports.iter().find(|(_, named)| named == port) {
+                    Some((name, _)) => serde_json::json!({ "containerPort": port, "name": name }),
+                    None => serde_json::json!({ "containerPort": port }),
+                },
+            )
+            .collect();
+        let [first, second, last] = TRACE_PORTS;
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": { TRACE_SERVER_LABEL: "true", "role": self.role, "tier": self.tier },
+            },
+            "spec": {
+                "nodeName": self.node,
+                // httpd as PID 1 ignores SIGTERM; nothing to drain anyway.
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "server",
+                    "image": BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    // Each answer names the pod, so a client sees who answered.
+                    "command": ["sh", "-c", format!(
+                        "mkdir -p /www && hostname > /www/index.html && httpd -p {first} -h /www && httpd -p {second} -h /www && exec httpd -f -p {last} -h /www"
+                    )],
+                    "ports": ports,
+                }],
+            },
+        })
+    }
+}
+
+/// A server with the address its pod got.
+struct RunningServer {
+    server: Server,
+    ip: Ipv4Addr,
+}
+
+impl RunningServer {
+    /// `namespace/name`, as trace takes it.
+    fn reference(&self) -> String {
+        format!("{}/{}", self.server.namespace, self.server.name)
+    }
+}
+
+/// Two servers per node, in namespaces drawn three and three, with drawn
+/// labels and named ports.
+fn draw_servers(draw: &mut Draw, nodes: &[String]) -> Vec<Server> {
+    let mut namespaces: Vec<&'static str> = TRACE_NAMESPACES
+        .iter()
+        .flat_map(|(name, ..)| [*name; TRACE_SERVERS / 2])
+        .collect();
+    draw.shuffle(&mut namespaces);
+    namespaces
+        .into_iter()
+        .enumerate()
+        .map(|(index, namespace)| {
+            let mut ports = TRACE_PORTS;
+            draw.shuffle(&mut ports);
+            // A pod names both, one or none of its ports.
+            let named_ports = PORT_NAMES
+                .into_iter()
+                .zip(ports)
+                .filter(|_| draw.below(3) > 0)
+                .collect();
+            Server {
+                namespace,
+                name: format!("server-{index}"),
+                node: nodes[index % nodes.len()].clone(),
+                role: draw.pick(&ROLES),
+                tier: draw.pick(&TIERS),
+                named_ports,
+            }
+        })
+        .collect()
+}
+
+/// One check: a TCP connection from a server's container to another
+/// server's address and port.
+struct Check {
+    from: usize,
+    to: usize,
+    port: u16,
+}
+
+/// Every pair of servers on one node and as many pairs across nodes, each
+/// in both directions: two ports each way on one node, one across nodes.
+fn draw_checks(draw: &mut Draw, servers: &[RunningServer]) -> Vec<Check> {
+    let (mut same_node, mut cross_node) = (Vec::new(), Vec::new());
+    for from in 0..servers.len() {
+        for to in from + 1..servers.len() {
+            if servers[from].server.node == servers[to].server.node {
+                same_node.push((from, to));
+            } else {
+                cross_node.push((from, to));
+            }
+        }
+    }
+    draw.shuffle(&mut cross_node);
+    cross_node.truncate(same_node.len() * 2);
+    let mut checks = Vec::new();
+    for (pairs, ports_each_way) in [(same_node, 2), (cross_node, 1)] {
+        for (one, other) in pairs {
+            for (from, to) in [(one, other), (other, one)] {
+                let mut ports = TRACE_PORTS;
+                draw.shuffle(&mut ports);
+                checks.extend(
+                    ports[..ports_each_way]
+                        .iter()
+                        .map(|&port| Check { from, to, port }),
+                );
+            }
+        }
+    }
+    checks
+}
+
+/// Three to six NetworkPolicies over the trace namespaces: ingress,
+/// egress or both; peers by podSelector, namespaceSelector (with or
+/// without a podSelector) and ipBlock (with or without except); ports by
+/// number, by name and as ranges, some of them UDP.
+fn draw_policies(
+    draw: &mut Draw,
+    servers: &[RunningServer],
+    round: usize,
+) -> Vec<serde_json::Value> {
+    let count = 3 + draw.below(4);
+    (0..count)
+        .map(|index| {
+            let (namespace, ..) = draw.pick(&TRACE_NAMESPACES);
+            let types = draw.pick(&POLICY_TYPES);
+            let mut spec = serde_json::json!({
+                "podSelector": pod_selector(draw),
+                "policyTypes": types,
+            });
+            for kind in types {
+                let (field, peers) = if *kind == "Ingress" {
+                    ("ingress", "from")
+                } else {
+                    ("egress", "to")
+                };
+                // No rule at all isolates with nothing allowed.
+                let rules = draw.pick(&[0, 1, 1, 2]);
+                spec[field] = (0..rules)
+                    .map(|_| draw_rule(draw, servers, peers))
+                    .collect::<Vec<_>>()
+                    .into();
+            }
+            serde_json::json!({
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": { "name": format!("drawn-{round}-{index}"), "namespace": namespace },
+                "spec": spec,
+            })
+        })
+        .collect()
+}
+
+/// A rule with up to two peers and two ports; none of either means all.
+fn draw_rule(draw: &mut Draw, servers: &[RunningServer], peers: &str) -> serde_json::Value {
+    let mut rule = serde_json::json!({});
+    let count = draw.pick(&[0, 1, 1, 2]);
+    if count > 0 {
+        rule[peers] = (0..count)
+            .map(|_| draw_peer(draw, servers))
+            .collect::<Vec<_>>()
+            .into();
+    }
+    let count = draw.pick(&[0, 1, 1, 2]);
+    if count > 0 {
+        rule["ports"] = (0..count)
+            .map(|_| draw_port(draw))
+            .collect::<Vec<_>>()
+            .into();
+    }
+    rule
+}
+
+fn draw_peer(draw: &mut Draw, servers: &[RunningServer]) -> serde_json::Value {
+    match draw.below(6) {
+        0 | 1 => serde_json::json!({ "podSelector": pod_selector(draw) }),
+        2 => serde_json::json!({ "namespaceSelector": namespace_selector(draw) }),
+        3 => serde_json::json!({
+            "namespaceSelector": namespace_selector(draw),
+            "podSelector": pod_selector(draw),
+        }),
+        _ => ip_block(draw, servers),
+    }
+}
+
+/// An ipBlock around a server's address: the cluster's /16, its /24 or
+/// the address alone; a wider one sometimes excepts a server inside it.
+fn ip_block(draw: &mut Draw, servers: &[RunningServer]) -> serde_json::Value {
+    let addresses: Vec<Ipv4Addr> = servers.iter().map(|s| s.ip).collect();
+    let around = draw.pick(&addresses);
+    let prefix = draw.pick(&[16, 24, 32]);
+    let cidr = ipnet::Ipv4Net::new(around, prefix)
+        .expect("a prefix of at most 32")
+        .trunc();
+    let inside: Vec<Ipv4Addr> = addresses
+        .into_iter()
+        .filter(|ip| prefix < 32 && cidr.contains(ip))
+        .collect();
+    if inside.is_empty() || draw.below(2) == 0 {
+        serde_json::json!({ "ipBlock": { "cidr": cidr.to_string() } })
+    } else {
+        let hole = draw.pick(&inside);
+        serde_json::json!({ "ipBlock": { "cidr": cidr.to_string(), "except": [format!("{hole}/32")] } })
+    }
+}
+
+fn pod_selector(draw: &mut Draw) -> serde_json::Value {
+    match draw.below(5) {
+        0 => serde_json::json!({}),
+        1 => serde_json::json!({ "matchLabels": { "role": draw.pick(&ROLES) } }),
+        2 => serde_json::json!({ "matchLabels": { "tier": draw.pick(&TIERS) } }),
+        3 => {
+            let mut roles = ROLES;
+            draw.shuffle(&mut roles);
+            serde_json::json!({ "matchExpressions": [{
+                "key": "role",
+                "operator": draw.pick(&["In", "NotIn"]),
+                "values": &roles[..2],
+            }]})
+        }
+        _ => serde_json::json!({
+            "matchLabels": { "role": draw.pick(&ROLES), "tier": draw.pick(&TIERS) },
+        }),
+    }
+}
+
+fn namespace_selector(draw: &mut Draw) -> serde_json::Value {
+    match draw.below(4) {
+        0 => serde_json::json!({}),
+        1 | 2 => {
+            serde_json::json!({ "matchLabels": { "weft-trace": draw.pick(&TRACE_NAMESPACES).1 } })
+        }
+        // Also every namespace without the label, the cluster's own.
+        _ => serde_json::json!({ "matchExpressions": [{
+            "key": "zone",
+            "operator": "NotIn",
+            "values": [draw.pick(&TRACE_NAMESPACES).2],
+        }]}),
+    }
+}
+
+fn draw_port(draw: &mut Draw) -> serde_json::Value {
+    match draw.below(6) {
+        // Without a protocol: TCP.
+        0 => serde_json::json!({ "port": draw.pick(&TRACE_PORTS) }),
+        1 => serde_json::json!({ "protocol": "TCP", "port": draw.pick(&TRACE_PORTS) }),
+        2 => serde_json::json!({ "protocol": "TCP", "port": draw.pick(&PORT_NAMES) }),
+        3 => serde_json::json!({ "port": draw.pick(&PORT_NAMES) }),
+        4 => {
+            let first = draw.pick(&TRACE_PORTS[..2]);
+            serde_json::json!({ "protocol": "TCP", "port": first, "endPort": first + 1 })
+        }
+        _ => serde_json::json!({ "protocol": "UDP", "port": draw.pick(&TRACE_PORTS) }),
+    }
+}
+
+/// A `v1` List of `items`, for one `kubectl apply`.
+fn list(items: impl IntoIterator<Item = serde_json::Value>) -> String {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": items.into_iter().collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+/// `work` on each of `items`, [`AT_ONCE`] at a time, results in order.
+fn in_parallel<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    items
+        .chunks(AT_ONCE)
+        .flat_map(|chunk| {
+            std::thread::scope(|scope| {
+                let running: Vec<_> = chunk
+                    .iter()
+                    .map(|item| scope.spawn(|| work(item)))
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|thread| thread.join().expect("a check's thread panicked"))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect()
+}
+
+/// What one TCP connection attempt from a server's container did.
+struct Connection {
+    connected: bool,
+    /// nc's output (the answer, if any) and its exit status.
+    output: String,
+}
+
+/// One HTTP request with busybox nc from `from`'s container to `to`
+/// (busybox nc has no `-z`; an answer proves the connection); an error
+/// only when `kubectl exec` did not run it.
+fn connect_once(
+    kubectl: &Kubectl,
+    from: &RunningServer,
+    to: &RunningServer,
+    port: u16,
+) -> Result<Connection> {
+    let script = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w {CONNECT_TIMEOUT_SECONDS} {} {port}; echo nc-exit=$?",
+        to.ip
+    );
+    let output = kubectl
+        .command()
+        .args(["exec", "-n", from.server.namespace, &from.server.name])
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .context("running kubectl exec")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        text.contains("nc-exit="),
+        "kubectl exec into {} did not run nc: {}",
+        from.reference(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(Connection {
+        connected: text.contains("HTTP/1."),
+        output: text,
+    })
+}
+
+/// A connection from `from` to `to`: when trace allows it, attempts until
+/// one connects or [`ALLOWED_PATIENCE`] passes; when it denies it, one
+/// attempt (the agents already enforce the policies).
+fn connect(
+    kubectl: &Kubectl,
+    from: &RunningServer,
+    to: &RunningServer,
+    port: u16,
+    allowed: bool,
+) -> Result<Connection> {
+    let deadline = Instant::now() + ALLOWED_PATIENCE;
+    loop {
+        let attempt = connect_once(kubectl, from, to, port);
+        let settled = attempt
+            .as_ref()
+            .is_ok_and(|connection| connection.connected || !allowed);
+        if settled || Instant::now() > deadline {
+            return attempt;
+        }
+    }
+}
+
+/// Traces of every check once trace finds the policies enforced at both
+/// ends of each.
+async fn enforced_traces(
+    weft: &KubectlWeft,
+    servers: &[RunningServer],
+    checks: &[Check],
+) -> Result<Vec<PluginRun>> {
+    let mut stale = None;
+    eventually(
+        HANG_GUARD,
+        "trace to find the drawn policies enforced on every node",
+        || {
+            let runs = in_parallel(checks, |check| {
+                weft.trace(
+                    &servers[check.from].reference(),
+                    &servers[check.to].reference(),
+                    check.port,
+                )
+            });
+            let outcome = runs.into_iter().collect::<Result<Vec<_>>>().map(|runs| {
+                match runs.iter().find(|run| !run.enforced_at_both_ends()) {
+                    Some(run) => {
+                        stale = Some(run.report.clone());
+                        None
+                    }
+                    None => Some(runs),
+                }
+            });
+            std::future::ready(outcome)
+        },
+    )
+    .await
+    .with_context(|| format!("a trace not finding them enforced: {stale:#?}"))
+}
+
+/// What is wrong with one check, if anything: trace's verdict against the
+/// connection, and what trace says of the path and its own exit status.
+fn disagreement(
+    from: &RunningServer,
+    to: &RunningServer,
+    port: u16,
+    trace: &PluginRun,
+    allowed: bool,
+    connection: &Connection,
+) -> Option<String> {
+    let same_node = from.server.node == to.server.node;
+    let report = &trace.report;
+    let mut wrong = Vec::new();
+    if allowed != connection.connected {
+        wrong.push(format!(
+            "trace says {}, but the connection {}",
+            if allowed { "allowed" } else { "denied" },
+            if connection.connected {
+                "succeeded"
+            } else {
+                "failed"
+            }
+        ));
+    }
+    if connection.connected && !connection.output.contains(&to.server.name) {
+        wrong.push(format!("{} did not answer", to.server.name));
+    }
+    if report["path"]["sameNode"] != same_node || report["path"]["complete"] != true {
+        wrong.push(format!(
+            "the path should be complete and sameNode {same_node}"
+        ));
+    }
+    for (end, server) in [("source", from), ("destination", to)] {
+        if report[end]["ip"] != server.ip.to_string() || report[end]["node"] != server.server.node {
+            wrong.push(format!(
+                "the {end} should be {} on {}",
+                server.ip, server.server.node
+            ));
+        }
+    }
+    let exit = if allowed { 0 } else { 1 };
+    if trace.exit != Some(exit) {
+        wrong.push(format!("trace exited {:?}, not {exit}", trace.exit));
+    }
+    (!wrong.is_empty()).then(|| {
+        format!(
+            "{} ({}) -> {} ({}) port {port}/tcp: {}\ntrace: {report:#}\nconnection: {}",
+            from.reference(),
+            from.server.node,
+            to.reference(),
+            to.server.node,
+            wrong.join("; "),
+            connection.output
+        )
+    })
+}
+
+/// `kubectl weft trace` against real traffic: server pods on every node,
+/// random NetworkPolicies over them, and for pairs on one node and across
+/// nodes, in both directions, trace's verdict is what a TCP connection
+/// does. The namespaces stay, with their policies, for the bundle.
+async fn trace_agrees_with_traffic(
+    cluster: &Cluster,
+    kubectl: &Kubectl,
+    weft: &KubectlWeft,
+    phase: &Phases,
+) -> Result<()> {
+    let seed = trace_seed()?;
+    eprintln!(
+        "real-nodes: trace phase seed {seed} (WEFT_TRACE_SEED={seed} draws the same pods, policies and checks)"
+    );
+    let mut draw = Draw(seed);
+    let nodes: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    let servers = draw_servers(&mut draw, &nodes);
+    let namespaces = TRACE_NAMESPACES.iter().map(|(name, label, zone)| {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": name, "labels": { "weft-trace": label, "zone": zone } },
+        })
+    });
+    kubectl.apply_manifest(&list(namespaces))?;
+    kubectl.apply_manifest(&list(servers.iter().map(Server::manifest)))?;
+    let client = cluster.client().await?;
+    let addresses: BTreeMap<(String, String), Ipv4Addr> =
+        eventually(HANG_GUARD, "every trace server Running", || async {
+            let mut addresses = BTreeMap::new();
+            for (namespace, ..) in TRACE_NAMESPACES {
+                let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+                let listed = pods
+                    .list(&ListParams::default().labels(TRACE_SERVER_LABEL))
+                    .await?;
+                addresses.extend(
+                    listed
+                        .items
+                        .iter()
+                        .filter(|pod| pod_is_ready(pod))
+                        .filter_map(|pod| {
+                            let ip = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+                            Some(((namespace.to_owned(), pod.metadata.name.clone()?), ip))
+                        }),
+                );
+            }
+            Ok((addresses.len() == servers.len()).then_some(addresses))
+        })
+        .await?;
+    let servers: Vec<RunningServer> = servers
+        .into_iter()
+        .map(|server| RunningServer {
+            ip: addresses[&(server.namespace.to_owned(), server.name.clone())],
+            server,
+        })
+        .collect();
+    phase.done("trace: server pods Running, two per node");
+
+    let checks = draw_checks(&mut draw, &servers);
+    let mut kept = None;
+    for round in 1..=POLICY_DRAWS {
+        let policies = draw_policies(&mut draw, &servers, round);
+        for (namespace, ..) in TRACE_NAMESPACES {
+            kubectl.run(&["delete", "networkpolicy", "--all", "--namespace", namespace])?;
+        }
+        kubectl.apply_manifest(&list(policies.iter().cloned()))?;
+        let traces = enforced_traces(weft, &servers, &checks).await?;
+        let verdicts = traces
+            .iter()
+            .map(PluginRun::allowed)
+            .collect::<Result<Vec<bool>>>()?;
+        let allowed = verdicts.iter().filter(|allowed| **allowed).count();
+        eprintln!(
+            "real-nodes: trace: draw {round}: {} policies, {allowed} of {} checks allowed",
+            policies.len(),
+            checks.len()
+        );
+        if allowed.min(checks.len() - allowed) >= EACH_VERDICT_AT_LEAST {
+            kept = Some((policies, traces, verdicts));
+            break;
+        }
+    }
+    let (policies, traces, verdicts) = kept.with_context(|| {
+        format!("{POLICY_DRAWS} draws of policies from seed {seed} all allowed or denied nearly every check")
+    })?;
+    phase.done("trace: the drawn policies enforced on every node");
+
+    let judged: Vec<(&Check, (&PluginRun, bool))> =
+        checks.iter().zip(traces.iter().zip(verdicts)).collect();
+    let outcomes = in_parallel(&judged, |(check, (trace, allowed))| {
+        let (from, to) = (&servers[check.from], &servers[check.to]);
+        let connection = connect(kubectl, from, to, check.port, *allowed)?;
+        let same_node = from.server.node == to.server.node;
+        let wrong = disagreement(from, to, check.port, trace, *allowed, &connection);
+        Ok((same_node, *allowed, wrong))
+    });
+    let outcomes = outcomes.into_iter().collect::<Result<Vec<_>>>()?;
+    let count = |same: bool, allowed: bool| {
+        outcomes
+            .iter()
+            .filter(|(s, a, _)| *s == same && *a == allowed)
+            .count()
+    };
+    eprintln!(
+        "real-nodes: trace: {} checks: same node {} allowed, {} denied; across nodes {} allowed, {} denied",
+        outcomes.len(),
+        count(true, true),
+        count(true, false),
+        count(false, true),
+        count(false, false)
+    );
+    let wrong: Vec<&String> = outcomes.iter().filter_map(|(.., w)| w.as_ref()).collect();
+    ensure!(
+        wrong.is_empty(),
+        "kubectl weft trace disagrees with real traffic (seed {seed}) in {} of {} checks:\n{}\nthe policies:\n{:#}",
+        wrong.len(),
+        outcomes.len(),
+        wrong.iter().map(|w| w.as_str()).collect::<Vec<_>>().join("\n\n"),
+        serde_json::Value::from(policies)
+    );
+    phase.done("trace: every verdict is what a TCP connection does");
+    Ok(())
+}
+
+/// `kubectl weft bundle`: every node's status, dump, routes, agent log and
+/// nft tables, and no Secret's contents, though a Secret labelled as
+/// Weft's sits in Weft's namespace.
+fn bundle_has_every_node_and_no_secret(
+    kubectl: &Kubectl,
+    weft: &KubectlWeft,
+    cluster: &Cluster,
+) -> Result<()> {
+    kubectl.run(&[
+        "create",
+        "secret",
+        "generic",
+        CANARY_SECRET,
+        "--namespace",
+        weft.namespace,
+        &format!("--from-literal=token={CANARY_VALUE}"),
+    ])?;
+    kubectl.run(&[
+        "label",
+        "secret",
+        CANARY_SECRET,
+        "--namespace",
+        weft.namespace,
+        "app.kubernetes.io/name=weft",
+    ])?;
+    let dir = tempfile::tempdir()?;
+    let tarball = dir.path().join("b.tar.gz");
+    weft.bundle(&tarball)?;
+    weft_testing::run(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(dir.path()),
+    )?;
+    let tops: Vec<PathBuf> = std::fs::read_dir(dir.path())?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect();
+    let [top] = &tops[..] else {
+        bail!("the bundle holds {tops:?}, not one weft-bundle-* directory");
+    };
+    ensure!(
+        top.file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with("weft-bundle-")),
+        "the bundle's directory is {}, not weft-bundle-*",
+        top.display()
+    );
+    let non_empty = |path: &Path| -> Result<Vec<u8>> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("the bundle's {}", path.display()))?;
+        ensure!(
+            !bytes.is_empty(),
+            "the bundle's {} is empty",
+            path.display()
+        );
+        Ok(bytes)
+    };
+    let json = |path: &Path| -> Result<serde_json::Value> {
+        serde_json::from_slice(&non_empty(path)?)
+            .with_context(|| format!("the bundle's {} is not JSON", path.display()))
+    };
+    json(&top.join("status.json"))?;
+    non_empty(&top.join("versions.txt"))?;
+    for node in cluster.nodes() {
+        let files = top.join("nodes").join(&node.name);
+        for file in ["agent.log", "routes.txt"] {
+            non_empty(&files.join(file))?;
+        }
+        for file in ["status.json", "dump.json"] {
+            json(&files.join(file))?;
+        }
+        let tables: Vec<PathBuf> = std::fs::read_dir(&files)?
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.file_name().is_some_and(|name| {
+                    let name = name.to_string_lossy();
+                    name.starts_with("nft-") && name.ends_with(".txt")
+                })
+            })
+            .collect();
+        ensure!(
+            !tables.is_empty(),
+            "the bundle has no nft-*.txt for {}",
+            node.name
+        );
+        for table in &tables {
+            non_empty(table)?;
+        }
+    }
+    if let Ok(errors) = std::fs::read_to_string(top.join("errors.txt")) {
+        eprintln!("real-nodes: the bundle's errors.txt:\n{errors}");
+    }
+    let encoded = weft_testing::run(
+        Command::new("sh").args(["-c", &format!("printf %s {CANARY_VALUE} | base64 -w0")]),
+    )?;
+    let search = Command::new("grep")
+        .args(["-rlaF", "-e", CANARY_VALUE, "-e", encoded.trim()])
+        .arg(top)
+        .output()?;
+    ensure!(
+        search.status.code() == Some(1),
+        "the bundle carries the Secret's contents (grep exited {:?}) in: {}",
+        search.status.code(),
+        String::from_utf8_lossy(&search.stdout)
+    );
+    let listing = weft_testing::run(Command::new("tar").arg("-tzvf").arg(&tarball))?;
+    eprintln!("real-nodes: kubectl weft bundle:\n{listing}");
+    kubectl.run(&[
+        "delete",
+        "secret",
+        CANARY_SECRET,
+        "--namespace",
+        weft.namespace,
+    ])?;
+    Ok(())
+}
+
 /// After a run's teardown: none of its processes, network namespaces, mount
 /// namespaces (seen through any process's mounts), cgroups or files.
 fn assert_run_left_nothing(run: &RunTraces) -> Result<()> {
@@ -1181,62 +1992,5 @@ impl HostState {
             .collect::<Result<_>>()?;
         let ruleset = weft_testing::run(Command::new("nft").args(["list", "ruleset"]))?;
         Ok(Self { tunables, ruleset })
-    }
-}
-
-/// Whether `program` is on `PATH`.
-fn command_exists(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|output| output.status.success())
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|status| status.conditions.as_ref())
-        .is_some_and(|conditions| {
-            conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
-}
-
-fn node_is_ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|status| status.conditions.as_ref())
-        .is_some_and(|conditions| {
-            conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
-}
-
-/// Prints how long each phase of a flow took (figures for the report, not
-/// assertions).
-struct Phases {
-    started: Instant,
-    last: std::cell::Cell<Instant>,
-}
-
-impl Phases {
-    fn start() -> Self {
-        let now = Instant::now();
-        Self {
-            started: now,
-            last: std::cell::Cell::new(now),
-        }
-    }
-
-    fn done(&self, what: &str) {
-        let now = Instant::now();
-        eprintln!(
-            "real-nodes: {what}: +{:.1} s ({:.1} s since the start)",
-            (now - self.last.get()).as_secs_f64(),
-            (now - self.started).as_secs_f64()
-        );
-        self.last.set(now);
     }
 }

@@ -5,11 +5,19 @@
 //!
 //! Every image is the same root filesystem — agnhost, CoreDNS as
 //! `/coredns` (upstream's agnhost image has it, for the DNS tests that run
-//! a server of their own), Debian's static busybox for the coreutils, and
-//! the host's dash (as `sh`), bash, curl,
+//! a server of their own), the Conntrack test's server for kubernetes#74839
+//! (`/regression-issue-74839`, its own image upstream), Debian's static
+//! busybox for the coreutils with the harness's `wget` (see
+//! [`install_busybox`]), and the host's dash (as `sh`), bash, curl,
 //! dig, nslookup and OpenBSD nc with the shared libraries they load — under
 //! a configuration of its own (entrypoint, command). One layer for all means containerd stores
 //! it once per node.
+//!
+//! `distroless-iptables` (kube-proxy's base image upstream, which the
+//! KubeProxy CLOSE_WAIT test runs on the host network to read
+//! `/proc/net/nf_conntrack`) is this root filesystem too: the test runs
+//! `sleep`, `sh`, `test`, `cat` and `grep` in it, not the iptables and
+//! conntrack tools the real one ships.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,22 +50,38 @@ const PACKAGES: &str = "dash bash curl bind9-dnsutils netcat-openbsd";
 
 const PATH: &str = "PATH=/usr/local/bin:/usr/bin:/bin";
 
+/// Where the regression-issue-74839 image's server is, as in the real one.
+const REGRESSION_SERVER: &str = "/regression-issue-74839";
+
 /// Where the web-server images (`nginx`, `httpd`) serve from, on port 80 as
 /// the real ones do.
 const WEB_ROOT: &str = "srv/www";
 
+/// The Go binaries the images carry, from `e2e/k8s/build.sh`.
+pub(crate) struct ImageBinaries<'a> {
+    /// `agnhost`, the tests' server and client.
+    pub(crate) agnhost: &'a Path,
+    /// CoreDNS, as `/coredns`.
+    pub(crate) coredns: &'a Path,
+    /// `regression-issue-74839`, the server that sends an out-of-window
+    /// TCP segment.
+    pub(crate) regression_server: &'a Path,
+}
+
 /// Builds an OCI archive in `dir` for each `(name, reference)` the suite
-/// lists, with the binaries `agnhost` and `coredns` inside; returns the
-/// archives.
+/// lists, with `binaries` inside; returns the archives.
 pub(crate) fn build(
     dir: &Path,
-    agnhost: &Path,
-    coredns: &Path,
+    binaries: &ImageBinaries,
     images: &[(String, String)],
 ) -> Result<Vec<PathBuf>> {
     let rootfs = dir.join("rootfs");
-    assemble_rootfs(&rootfs, agnhost)?;
-    copy(coredns, &rootfs.join("coredns"))?;
+    assemble_rootfs(&rootfs, binaries.agnhost)?;
+    copy(binaries.coredns, &rootfs.join("coredns"))?;
+    copy(
+        binaries.regression_server,
+        &rootfs.join(REGRESSION_SERVER.trim_start_matches('/')),
+    )?;
     images
         .iter()
         .map(|(name, reference)| {
@@ -74,6 +98,7 @@ fn image_config(name: &str) -> serde_json::Value {
     match name {
         "agnhost" => json!({ "Entrypoint": ["/agnhost"], "Cmd": ["pause"], "Env": [PATH] }),
         "pause" => json!({ "Entrypoint": ["/agnhost", "pause"], "Env": [PATH] }),
+        "regression-issue-74839" => json!({ "Entrypoint": [REGRESSION_SERVER], "Env": [PATH] }),
         "nginx" | "httpd" => json!({
             "Cmd": ["httpd", "-f", "-p", "80", "-h", format!("/{WEB_ROOT}")],
             "Env": [PATH],
@@ -192,6 +217,11 @@ mod tests {
         );
         assert_eq!(image_config("nginx")["Cmd"][0], json!("httpd"));
         assert_eq!(image_config("busybox")["Cmd"], json!(["sh"]));
+        assert_eq!(
+            image_config("regression-issue-74839")["Entrypoint"],
+            json!(["/regression-issue-74839"])
+        );
+        assert_eq!(image_config("distroless-iptables")["Cmd"], json!(["sh"]));
     }
 
     #[test]
@@ -206,13 +236,29 @@ mod tests {
         let found = run(Command::new("chroot").arg(&rootfs).args([
             "/bin/sh",
             "-c",
-            "PATH=/usr/bin:/bin; for t in nc curl dig getent seq; do command -v $t; done",
+            "PATH=/usr/bin:/bin; for t in nc curl dig getent seq wget; do command -v $t; done",
         ]))
         .unwrap();
         assert_eq!(
             found.trim(),
-            "/usr/bin/nc\n/usr/bin/curl\n/usr/bin/dig\n/usr/bin/getent\n/bin/seq"
+            "/usr/bin/nc\n/usr/bin/curl\n/usr/bin/dig\n/usr/bin/getent\n/bin/seq\n/bin/wget"
         );
+        // Busybox's wget would crash on -T (status 139); this one reports
+        // the refused connection (nothing listens on the discard port).
+        let wget = Command::new("chroot")
+            .arg(&rootfs)
+            .args([
+                "/bin/wget",
+                "-q",
+                "-O",
+                "-",
+                "-T",
+                "1",
+                "http://127.0.0.1:9",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(wget.status.code(), Some(1), "{wget:?}");
         let usage = Command::new("chroot")
             .arg(&rootfs)
             .args([

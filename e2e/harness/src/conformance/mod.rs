@@ -98,7 +98,8 @@ pub async fn run(suite: &SuiteRun) -> Result<SuiteResults> {
     let date = weft_testing::run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?
         .trim()
         .to_owned();
-    let binaries = k8s_binaries(&["e2e.test", "agnhost", "coredns"]).await?;
+    let binaries =
+        k8s_binaries(&["e2e.test", "agnhost", "coredns", "regression-issue-74839"]).await?;
     let e2e_test = binaries.join("e2e.test");
     let kubernetes = weft_testing::run(Command::new(&e2e_test).arg("--version"))?
         .trim()
@@ -115,14 +116,20 @@ pub async fn run(suite: &SuiteRun) -> Result<SuiteResults> {
         .context("creating a directory for the test images")?;
     archives.extend(images::build(
         image_dir.path(),
-        &binaries.join("agnhost"),
-        &binaries.join("coredns"),
+        &images::ImageBinaries {
+            agnhost: &binaries.join("agnhost"),
+            coredns: &binaries.join("coredns"),
+            regression_server: &binaries.join("regression-issue-74839"),
+        },
         &network_images(&e2e_test)?,
     )?);
     tracing::info!(seconds = image_build.elapsed().as_secs(), "images built");
 
     let cluster = Cluster::start(ClusterSpec {
         routed_nodes: 1,
+        // A zone each: the most zones three nodes give, for the Topology
+        // Hints (two at least) and Traffic Distribution (three) tests.
+        zones: NODES,
         ..ClusterSpec::kubelet_nodes(NODES, archives)
     })
     .await?;
@@ -145,10 +152,11 @@ pub async fn run(suite: &SuiteRun) -> Result<SuiteResults> {
             kubernetes,
             machine: machine()?,
             cluster: format!(
-                "{} kubelet nodes ({} behind a router), containerd, kube-proxy in {} mode, \
+                "{} kubelet nodes ({} behind a router) in {} zones, containerd, kube-proxy in {} mode, \
                  the harness's CoreDNS, Weft from manifests/",
                 spec.nodes,
                 spec.routed_nodes,
+                spec.zones,
                 spec.proxy_mode.as_str()
             ),
             duration: started.elapsed(),

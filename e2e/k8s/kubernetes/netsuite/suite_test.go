@@ -40,12 +40,14 @@ import (
 // suiteImages are the images the network tests run, by the names the
 // harness builds them under (it has no registry to pull them from).
 var suiteImages = map[string]imageutils.ImageID{
-	"agnhost":         imageutils.Agnhost,
-	"busybox":         imageutils.BusyBox,
-	"httpd":           imageutils.Httpd,
-	"jessie-dnsutils": imageutils.JessieDnsutils,
-	"nginx":           imageutils.Nginx,
-	"pause":           imageutils.Pause,
+	"agnhost":                imageutils.Agnhost,
+	"busybox":                imageutils.BusyBox,
+	"distroless-iptables":    imageutils.DistrolessIptables,
+	"httpd":                  imageutils.Httpd,
+	"jessie-dnsutils":        imageutils.JessieDnsutils,
+	"nginx":                  imageutils.Nginx,
+	"pause":                  imageutils.Pause,
+	"regression-issue-74839": imageutils.RegressionIssue74839,
 }
 
 func TestMain(m *testing.M) {
