@@ -32,6 +32,33 @@ pub const PATIENCE: Duration = Duration::from_secs(180);
 /// Where each agent serves /healthz, /readyz, /status and /metrics, in its node's namespace.
 pub const METRICS_PORT: u16 = 9465;
 
+/// The agent `binary` as `node`'s agent: its state under the node's state
+/// directory, the plugin installed from `plugin`, metrics on loopback, the
+/// API through `kubeconfig`. Backend and cluster CIDR are the caller's.
+pub fn agent_command(
+    binary: &Path,
+    node: &ClusterNode,
+    plugin: &Path,
+    kubeconfig: &Path,
+) -> Command {
+    let state = &node.state_dir;
+    let mut command = Command::new(binary);
+    command
+        .arg("--cni-bin-dir")
+        .arg(state.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(state.join("net.d"))
+        .arg("--node-file")
+        .arg(state.join("node.json"))
+        .arg("--cni-plugin-source")
+        .arg(plugin)
+        .arg(format!("--metrics-address=127.0.0.1:{METRICS_PORT}"))
+        .env("NODE_NAME", &node.name)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info");
+    command
+}
+
 /// Builds (if needed) a binary of another workspace package into the same
 /// target directory and profile as this test, and returns its path.
 pub fn workspace_binary(package: &str, name: &str) -> Result<PathBuf> {
@@ -221,8 +248,7 @@ impl Overlay {
 
     /// Starts the agent on `node` with the spec's backend and cluster CIDR.
     pub fn start_agent(&mut self, node: &ClusterNode) -> Result<()> {
-        let state = &node.state_dir;
-        let mut command = Command::new(&self.agent);
+        let mut command = agent_command(&self.agent, node, &self.plugin, &self.agent_kubeconfig);
         command
             .args([
                 "--backend",
@@ -232,18 +258,6 @@ impl Overlay {
                 "--resync-seconds",
                 "5",
             ])
-            .arg("--cni-bin-dir")
-            .arg(state.join("bin"))
-            .arg("--cni-conf-dir")
-            .arg(state.join("net.d"))
-            .arg("--node-file")
-            .arg(state.join("node.json"))
-            .arg("--cni-plugin-source")
-            .arg(&self.plugin)
-            .arg(format!("--metrics-address=127.0.0.1:{METRICS_PORT}"))
-            .env("NODE_NAME", &node.name)
-            .env("KUBECONFIG", &self.agent_kubeconfig)
-            .env("RUST_LOG", "info")
             .envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         self.starts += 1;
         let name = format!("weft-agent-{}-{}", node.name, self.starts);

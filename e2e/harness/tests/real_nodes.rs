@@ -1815,6 +1815,29 @@ async fn trace_agrees_with_traffic(
         serde_json::Value::from(policies)
     );
     phase.done("trace: every verdict is what a TCP connection does");
+    // One allowed and one denied check across nodes as an operator reads
+    // them, for docs/troubleshooting.md.
+    for wanted in [true, false] {
+        let shown = outcomes
+            .iter()
+            .zip(&checks)
+            .find(|((same, allowed, _), _)| !*same && *allowed == wanted);
+        if let Some((_, check)) = shown {
+            let (from, to) = (&servers[check.from], &servers[check.to]);
+            let output = weft
+                .command("trace")
+                .args([from.reference(), to.reference(), "--port".into()])
+                .arg(format!("{}/tcp", check.port))
+                .output()?;
+            eprintln!(
+                "real-nodes: $ kubectl weft trace {} {} --port {}/tcp\n{}",
+                from.reference(),
+                to.reference(),
+                check.port,
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+    }
     Ok(())
 }
 
