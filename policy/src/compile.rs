@@ -472,9 +472,10 @@ fn compile_direction(
 ) -> DirectionPlan {
     // Pods selected by the same policies share an allow set, except that
     // ingress named ports resolve on the local pod: those resolutions are
-    // part of the key, each in its place, since two rules with different
-    // peers may resolve to the same number on different pods.
-    type Key = (Vec<usize>, Vec<Option<Traffic>>);
+    // part of the key, each in its place (one list per selecting policy),
+    // since two rules with different peers may resolve to the same number
+    // on different pods.
+    type Key = (Vec<usize>, Vec<Vec<Option<Traffic>>>);
     let mut ids: HashMap<Key, AllowSetId> = HashMap::new();
     let mut plan = DirectionPlan::default();
     // Peer addresses per (policy, rule), computed once for all local pods.
@@ -500,14 +501,18 @@ fn compile_direction(
         if selecting.is_empty() {
             continue;
         }
-        let named: Vec<_> = match direction {
-            Direction::Ingress => selecting
-                .iter()
-                .flat_map(|&p| direction.rules(&policies[p]).into_iter().flatten())
-                .flat_map(|rule| named_resolutions(rule, pod))
-                .collect(),
-            Direction::Egress => Vec::new(),
-        };
+        let named: Vec<Vec<_>> = selecting
+            .iter()
+            .map(|&p| match direction {
+                Direction::Ingress => direction
+                    .rules(&policies[p])
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|rule| named_resolutions(rule, pod))
+                    .collect(),
+                Direction::Egress => Vec::new(),
+            })
+            .collect();
         let key = (selecting, named);
         let id = match ids.get(&key) {
             Some(id) => *id,
@@ -661,21 +666,30 @@ fn next(ip: IpAddr) -> Option<IpAddr> {
     }
 }
 
-/// A name for the allow set of `key` (selecting policies, named ports)
-/// that depends on the policies' names, not their order, and is not yet
-/// taken in `taken`.
+/// A name for the allow set of `key` (selecting policies, each with its
+/// named ports' resolutions) that depends on the policies' names, not
+/// their order, and is not yet taken in `taken`.
 fn allow_set_id(
-    (selecting, named): &(Vec<usize>, Vec<Option<Traffic>>),
+    (selecting, named): &(Vec<usize>, Vec<Vec<Option<Traffic>>>),
     policies: &[PolicyRecord],
     taken: &BTreeMap<AllowSetId, BTreeSet<Allow>>,
 ) -> AllowSetId {
-    let mut names: Vec<(&str, &str)> = selecting
+    // Each policy keeps its own resolutions when the names are sorted.
+    let mut names: Vec<(&str, &str, &[Option<Traffic>])> = selecting
         .iter()
-        .map(|&p| (policies[p].namespace.as_str(), policies[p].name.as_str()))
+        .zip(named)
+        .map(|(&p, named)| {
+            let policy = &policies[p];
+            (
+                policy.namespace.as_str(),
+                policy.name.as_str(),
+                named.as_slice(),
+            )
+        })
         .collect();
-    names.sort_unstable();
+    names.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let mut hasher = DefaultHasher::new();
-    (names, named).hash(&mut hasher);
+    names.hash(&mut hasher);
     let mut id = hasher.finish();
     // Two keys with one hash: the later takes the next free name.
     while taken.contains_key(&AllowSetId(id)) {

@@ -188,6 +188,33 @@ fn an_address_two_pods_claim_selects_nothing_and_stays_isolated_denying_all() {
 }
 
 #[test]
+fn named_port_sets_are_named_alike_whatever_the_policy_order() {
+    // Two policies selecting one pod, each with a named port: the set's
+    // name keeps each policy's resolution with that policy when the names
+    // are sorted (found by the order property test).
+    let pods = [pod("x", "web", "node-0", &["10.244.0.2"], "web")];
+    let policy = |name: &str, port: &str| PolicyRecord {
+        namespace: "x".into(),
+        name: name.into(),
+        pod_selector: Selector::default(),
+        ingress: Some(vec![Rule {
+            peers: vec![],
+            ports: vec![PortRule {
+                protocol: Protocol::Tcp,
+                port: PortMatch::Named(port.into()),
+            }],
+        }]),
+        egress: None,
+    };
+    let forward = [policy("p0", "missing"), policy("p1", "http")];
+    let reversed = [forward[1].clone(), forward[0].clone()];
+    assert_eq!(
+        compile("node-0", &pods, &[], &forward),
+        compile("node-0", &pods, &[], &reversed)
+    );
+}
+
+#[test]
 fn named_ports_of_different_rules_that_resolve_alike_do_not_share_a_set() {
     // x resolves "http" to 8080, y resolves "web" to 8080: the same
     // numbers, through different rules with different peers.
