@@ -19,6 +19,14 @@
 //! for a pod address no pod holds stops here instead of following the
 //! default route out of the node. The plugin's pod routes (/32, /128) are
 //! more specific.
+//!
+//! With the tunnel, replies to a peer's own connections through it go back
+//! the same way (docs/host-traffic.md): the return routes of the overlay's
+//! plan live in [`RETURN_TABLE`], which one rule per own slice of the
+//! underlay's family ([`return_rule`]) has looked up for packets carrying
+//! [`HOST_RETURN_MARK`]. The table is Weft's alone: its routes are replaced
+//! in place. Rules, like routes, are Weft's when they carry
+//! [`ROUTE_PROTOCOL`], and only those are ever removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -29,22 +37,52 @@ use futures::StreamExt;
 use ipnet::IpNet;
 
 use super::config::AgentConfig;
+use super::masquerade::HOST_RETURN_MARK;
 use super::node::{check_own_slices, NodeAddress, OwnNode, OwnSliceError};
 use super::overlay::{
     plan, DesiredState, FdbEntry, KernelState, Neighbour, NextHop, Operation, OverlayRoute,
+    ReturnRoute,
 };
 use super::peer::Peer;
 use super::ROUTE_PROTOCOL;
 use weft_core::annotations::VtepMac;
 use weft_core::ip::IpFamily;
 use weft_core::netlink::{
-    FdbRemote, Link, Netlink, NetlinkError, Outcome, PermanentNeighbour, Removal, Route,
-    RouteProtocol, RouteType, VxlanChange, VxlanSettings,
+    FdbRemote, FwMark, Link, Netlink, NetlinkError, Outcome, PermanentNeighbour, Removal, Route,
+    RouteProtocol, RouteType, Rule, VxlanChange, VxlanSettings,
 };
 use weft_core::DEFAULT_BRIDGE;
 
 /// The name of Weft's VXLAN device.
 pub const VXLAN_DEVICE: &str = "weft.1";
+
+/// The routing table of the return routes: a peer's node address through
+/// the tunnel. Clear of `main`, `local` and `default` (254, 255, 253) and
+/// of the low numbers other network add-ons take (1 to 250 for Calico's
+/// and kube-router's, per-interface tables of cloud CNIs, 200 and 2004 to
+/// 2005 for Cilium's).
+pub const RETURN_TABLE: u32 = 8787;
+
+/// The priority of the return rules: after `local` (0), before `main`
+/// (32766), where the rule is asked for every packet that does not go to
+/// this node itself. It matches only packets with [`HOST_RETURN_MARK`].
+pub const RETURN_RULE_PRIORITY: u32 = 87;
+
+/// The rule that sends the replies from `slice` (one of this node's) that
+/// carry [`HOST_RETURN_MARK`] to [`RETURN_TABLE`].
+pub fn return_rule(slice: IpNet) -> Rule {
+    Rule {
+        family: IpFamily::of(&slice),
+        priority: RETURN_RULE_PRIORITY,
+        source: Some(slice.trunc()),
+        mark: Some(FwMark {
+            value: HOST_RETURN_MARK,
+            mask: HOST_RETURN_MARK,
+        }),
+        table: RETURN_TABLE,
+        protocol: RouteProtocol::from(ROUTE_PROTOCOL),
+    }
+}
 
 /// Requests one run of [`Dataplane::apply`] keeps awaiting their answers on
 /// the node's netlink socket. The kernel carries out each as it arrives;
@@ -107,6 +145,8 @@ pub struct ApplyReport {
     pub conflicts: Vec<RouteConflict>,
     /// The changes made to this node's `unreachable` slice routes.
     pub own_slices: Vec<OwnSliceChange>,
+    /// The changes made to the return rules.
+    pub rules: Vec<RuleChange>,
 }
 
 /// A route in the main table that is not Weft's.
@@ -195,6 +235,15 @@ pub enum OwnSliceChange {
     Delete(IpNet),
 }
 
+/// A change to one of Weft's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleChange {
+    /// Add it.
+    Add(Rule),
+    /// Remove it: not wanted, or not as wanted.
+    Delete(Rule),
+}
+
 /// What a dump of the main table and of `weft.1` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Dump {
@@ -208,6 +257,8 @@ pub struct Dump {
     pub owned_destinations: BTreeSet<IpNet>,
     /// Per destination, a route of another owner (the first the dump met).
     pub foreign: BTreeMap<IpNet, ForeignRoute>,
+    /// The rules with [`ROUTE_PROTOCOL`], of both families.
+    pub rules: Vec<Rule>,
 }
 
 /// Every change one reconcile makes, decided from a dump by
@@ -216,6 +267,10 @@ pub struct Dump {
 pub struct RoutePlan {
     /// This node's `unreachable` slice routes, changed first.
     pub own_slices: Vec<OwnSliceChange>,
+    /// The return rules, changed next: added ahead of the return routes
+    /// they lead to, removed ahead of them too (a rule whose table lacks a
+    /// route lets the lookup go on to `main`).
+    pub rules: Vec<RuleChange>,
     /// The overlay's operations, in the overlay's order, without routes to
     /// a conflicting destination.
     pub operations: Vec<Operation>,
@@ -228,9 +283,10 @@ pub struct RoutePlan {
 }
 
 /// The plan that takes the kernel from `dump` to `desired` and `own`: the
-/// overlay's operations ([`plan`]) and the own-slice routes, leaving out
-/// every route whose destination another owner's route holds (reported as
-/// [`RoutePlan::conflicts`]).
+/// overlay's operations ([`plan`]), the own-slice routes and the return
+/// rules ([`return_rule`] of each of [`DesiredState::return_sources`]),
+/// leaving out every route whose destination another owner's route holds
+/// (reported as [`RoutePlan::conflicts`]).
 ///
 /// A slice that changes hands between this node and a peer keeps one route
 /// throughout: Weft's route to it is replaced in place (unreachable to via
@@ -271,10 +327,30 @@ pub fn plan_routes(desired: &DesiredState, own: &OwnSlices, dump: &Dump) -> Rout
     );
     RoutePlan {
         own_slices,
+        rules: plan_rules(desired, dump),
         operations,
         conflicts,
         replaceable: dump.owned_destinations.clone(),
     }
+}
+
+/// The rule changes that leave exactly the return rules of `desired`.
+fn plan_rules(desired: &DesiredState, dump: &Dump) -> Vec<RuleChange> {
+    let wanted: Vec<Rule> = desired
+        .return_sources
+        .iter()
+        .map(|&slice| return_rule(slice))
+        .collect();
+    let add = wanted
+        .iter()
+        .filter(|rule| !dump.rules.contains(rule))
+        .map(|&rule| RuleChange::Add(rule));
+    let delete = dump
+        .rules
+        .iter()
+        .filter(|rule| !wanted.contains(rule))
+        .map(|&rule| RuleChange::Delete(rule));
+    add.chain(delete).collect()
 }
 
 /// What one route set found.
@@ -321,6 +397,9 @@ impl Dataplane {
         self.netlink
             .set_exact_addresses(link.index, &vtep.addresses)
             .await?;
+        // Replies routed back into the tunnel by their mark pass a strict
+        // reverse-path check only if it sees the mark too.
+        self.netlink.set_src_valid_mark(link.index).await?;
         self.vxlan_index = Some(link.index);
         Ok(change)
     }
@@ -377,8 +456,9 @@ impl Dataplane {
     }
 
     /// Dumps what bears on Weft's entries: permanent neighbours and FDB
-    /// remotes on `weft.1`, and the main table's routes, Weft's (those with
-    /// [`ROUTE_PROTOCOL`]) and the others'.
+    /// remotes on `weft.1`, the main table's routes, Weft's (those with
+    /// [`ROUTE_PROTOCOL`]) and the others', and Weft's routes of
+    /// [`RETURN_TABLE`] and rules.
     pub async fn dump(&self) -> Result<Dump, DataplaneError> {
         let mut dump = Dump::default();
         let state = &mut dump.owned;
@@ -435,6 +515,26 @@ impl Dataplane {
                     _ => {}
                 }
             }
+            dump.owned.return_routes.extend(
+                self.netlink
+                    .routes(family, RETURN_TABLE)
+                    .await?
+                    .into_iter()
+                    .filter(|route| route.protocol == RouteProtocol::from(ROUTE_PROTOCOL))
+                    .filter_map(|route| {
+                        Some(ReturnRoute {
+                            node_ip: route.destination.addr(),
+                            vtep: route.gateway?,
+                        })
+                    }),
+            );
+            dump.rules.extend(
+                self.netlink
+                    .rules(family)
+                    .await?
+                    .into_iter()
+                    .filter(|rule| rule.protocol == RouteProtocol::from(ROUTE_PROTOCOL)),
+            );
         }
         Ok(dump)
     }
@@ -484,10 +584,11 @@ impl Dataplane {
         Ok((dump, plan))
     }
 
-    /// Applies a plan: this node's slice routes (a failure there fails the
-    /// whole apply, as node set-up does), then the operations in order. A
-    /// failed operation does not stop the others, except that routes
-    /// through a VTEP whose neighbour or FDB entry failed are held back.
+    /// Applies a plan: this node's slice routes and the return rules (a
+    /// failure there fails the whole apply, as node set-up does), then the
+    /// operations in order. A failed operation does not stop the others,
+    /// except that routes through a VTEP whose neighbour or FDB entry
+    /// failed are held back.
     ///
     /// Consecutive operations of one kind (as [`plan`] groups them: set
     /// neighbours, FDB entries, routes, then delete routes, FDB entries,
@@ -509,17 +610,28 @@ impl Dataplane {
                 }),
             }
         }
+        for &change in &plan.rules {
+            match change {
+                RuleChange::Add(rule) => self.netlink.add_rule(&rule).await.map(drop)?,
+                RuleChange::Delete(rule) => self.netlink.delete_rule(&rule).await.map(drop)?,
+            }
+            report.rules.push(change);
+        }
         let operations = plan.operations.as_slice();
         // VTEP addresses whose neighbour, or whose MAC's FDB entry, could
         // not be set: a route through them would lead nowhere.
         let mut broken_vteps: HashSet<IpAddr> = HashSet::new();
         for run in operations.chunk_by(|a, b| mem::discriminant(a) == mem::discriminant(b)) {
             let (held_back, ready): (Vec<Operation>, Vec<Operation>) =
-                run.iter().partition(|operation| {
-                    matches!(operation, Operation::SetRoute(OverlayRoute {
+                run.iter().partition(|operation| match operation {
+                    Operation::SetRoute(OverlayRoute {
                         next_hop: NextHop::Vtep(vtep),
                         ..
-                    }) if broken_vteps.contains(vtep))
+                    })
+                    | Operation::SetReturnRoute(ReturnRoute { vtep, .. }) => {
+                        broken_vteps.contains(vtep)
+                    }
+                    _ => false,
                 });
             report.held_back.extend(held_back);
             let outcomes: Vec<_> = futures::stream::iter(ready)
@@ -622,6 +734,20 @@ impl Dataplane {
             Operation::SetRoute(r) => {
                 return Ok(self.set_route(&self.kernel_route(r)?, replaceable).await?);
             }
+            Operation::SetReturnRoute(r) => {
+                let route = Route {
+                    output_interface: Some(vxlan()?),
+                    // As a peer route: the VTEP address is on no subnet.
+                    onlink: true,
+                    ..return_route(r)
+                };
+                self.netlink.replace_route(&route).await?;
+            }
+            Operation::DeleteReturnRoute(r) => {
+                // Without the device: a route left after it went is Weft's
+                // all the same, and the gateway tells it apart.
+                self.netlink.delete_route(&return_route(r)).await?;
+            }
             Operation::DeleteRoute(r) => {
                 self.netlink.delete_route(&self.kernel_route(r)?).await?;
             }
@@ -664,6 +790,16 @@ impl Dataplane {
 fn own_slice(change: OwnSliceChange) -> IpNet {
     match change {
         OwnSliceChange::Set(slice) | OwnSliceChange::Delete(slice) => slice,
+    }
+}
+
+/// `route`'s destination, next hop, table and protocol.
+fn return_route(route: ReturnRoute) -> Route {
+    Route {
+        gateway: Some(route.vtep),
+        table: RETURN_TABLE,
+        protocol: RouteProtocol::from(ROUTE_PROTOCOL),
+        ..Route::new(IpNet::from(route.node_ip))
     }
 }
 
@@ -861,6 +997,32 @@ mod tests {
                 OwnSliceChange::Delete(net("10.244.0.0/24")),
                 OwnSliceChange::Delete(net("fd00:10:244::/64")),
             ]
+        );
+    }
+
+    #[test]
+    fn return_rules_are_added_for_own_slices_and_only_weft_s_removed() {
+        let desired = desired();
+        let plan = plan_routes(&desired, &own(), &Dump::default());
+        let rule = return_rule(net("10.244.0.0/24"));
+        assert_eq!(plan.rules, vec![RuleChange::Add(rule)]);
+        assert_eq!(
+            rule.to_string(),
+            "ipv4 rule pref 87 from 10.244.0.0/24 fwmark 0x10000000/0x10000000 lookup 8787 proto 87"
+        );
+        // Present as wanted: nothing to do. A stale one of Weft's goes.
+        let stale = return_rule(net("10.244.9.0/24"));
+        let dump = Dump {
+            rules: vec![rule, stale],
+            ..Dump::default()
+        };
+        let plan = plan_routes(&desired, &own(), &dump);
+        assert_eq!(plan.rules, vec![RuleChange::Delete(stale)]);
+        // Nothing wanted (uninstall, host-gw): every rule of Weft's goes.
+        let plan = plan_routes(&DesiredState::default(), &OwnSlices::default(), &dump);
+        assert_eq!(
+            plan.rules,
+            vec![RuleChange::Delete(rule), RuleChange::Delete(stale)]
         );
     }
 }

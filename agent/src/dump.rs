@@ -10,6 +10,8 @@
 //!             veth3f1a9c2b7d0 veth mtu 1450 up lladdr 62:0c:… inet 169.254.1.1/32 alias weft:weft:<container>:eth0
 //! routes      10.244.1.0/24 via 10.244.1.0 dev weft.1 proto 87 onlink
 //!             unreachable 10.244.0.0/24 proto 87
+//!             172.31.0.11/32 via 10.244.1.0 dev weft.1 table 8787 proto 87 onlink
+//! rules       from 10.244.0.0/24 fwmark 0x10000000/0x10000000 lookup 8787 pref 87 proto 87
 //! neighbours  10.244.1.0 dev weft.1 lladdr 0a:58:0a:f4:01:00 permanent
 //! fdb         0a:58:0a:f4:01:00 dev weft.1 dst 172.31.0.11 self permanent
 //! ```
@@ -18,7 +20,8 @@
 //! the host ends of pod veths (the plugin marks them with an owner alias
 //! `weft:…`). Routes are every route of the main table in both families,
 //! Weft's (`proto 87`) and the others', since a foreign route is often
-//! what holds a peer back. Neighbours are the permanent entries (the only
+//! what holds a peer back, then the return table's. Rules are Weft's
+//! (`proto 87`). Neighbours are the permanent entries (the only
 //! kind Weft and its plugin make) on Weft's links; FDB entries are those
 //! with a remote on `weft.1`. Tables are Weft's nftables tables
 //! ([`TABLES`]) as `nft list table` prints them; a table that is not
@@ -35,13 +38,13 @@ use std::fmt::Write;
 use weft_core::ip::IpFamily;
 use weft_core::netlink::{
     Address, FdbRemote, Link, Netlink, PermanentNeighbour, Route, RouteProtocol, RouteScope,
-    RouteType, VxlanAttributes,
+    RouteType, Rule, VxlanAttributes, ROUTE_PROTOCOL,
 };
 use weft_core::nft::{self, HOSTPORT_TABLE};
 use weft_core::status::KernelDump;
 use weft_core::DEFAULT_BRIDGE;
 
-use super::dataplane::VXLAN_DEVICE;
+use super::dataplane::{RETURN_TABLE, VXLAN_DEVICE};
 use super::{guard, masquerade, policy};
 
 /// Weft's nftables tables, as nft spells them: the agent's masquerade,
@@ -110,11 +113,24 @@ async fn read_netlink(dump: &mut KernelDump) {
         let vxlan = vxlan.as_ref().filter(|_| link.name == VXLAN_DEVICE);
         dump.links.push(link_line(link, &names, &addresses, vxlan));
     }
+    for table in [Route::MAIN_TABLE, RETURN_TABLE] {
+        for family in [IpFamily::V4, IpFamily::V6] {
+            match netlink.routes(family, table).await {
+                Ok(routes) => dump
+                    .routes
+                    .extend(routes.iter().map(|route| route_line(route, &names))),
+                Err(error) => errors.push(error.to_string()),
+            }
+        }
+    }
     for family in [IpFamily::V4, IpFamily::V6] {
-        match netlink.routes(family, Route::MAIN_TABLE).await {
-            Ok(routes) => dump
-                .routes
-                .extend(routes.iter().map(|route| route_line(route, &names))),
+        match netlink.rules(family).await {
+            Ok(rules) => dump.rules.extend(
+                rules
+                    .iter()
+                    .filter(|rule| rule.protocol == RouteProtocol::from(ROUTE_PROTOCOL))
+                    .map(rule_line),
+            ),
             Err(error) => errors.push(error.to_string()),
         }
     }
@@ -215,9 +231,9 @@ fn link_line(
     line
 }
 
-/// `[type ]destination [via G] [dev D] proto P [scope S] [onlink]`; the
-/// type only when not unicast, the protocol by number when it has no
-/// name (Weft's is 87).
+/// `[type ]destination [via G] [dev D] [table T] proto P [scope S]
+/// [onlink]`; the type only when not unicast, the table only when not
+/// `main`, the protocol by number when it has no name (Weft's is 87).
 fn route_line(route: &Route, names: &BTreeMap<u32, &str>) -> String {
     let mut line = String::new();
     if route.kind != RouteType::Unicast {
@@ -231,20 +247,43 @@ fn route_line(route: &Route, names: &BTreeMap<u32, &str>) -> String {
     if let Some(device) = route.output_interface {
         let _ = write!(line, " dev {}", device_name(device, names));
     }
-    match route.protocol {
-        RouteProtocol::Other(number) => {
-            let _ = write!(line, " proto {number}");
-        }
-        named => {
-            let _ = write!(line, " proto {named}");
-        }
+    if route.table != Route::MAIN_TABLE {
+        let _ = write!(line, " table {}", route.table);
     }
+    let _ = write!(line, " proto {}", protocol_word(route.protocol));
     if route.scope != RouteScope::Universe {
         let _ = write!(line, " scope {}", route.scope);
     }
     if route.onlink {
         line.push_str(" onlink");
     }
+    line
+}
+
+/// The protocol as `ip` words it: by name, by number when it has none.
+fn protocol_word(protocol: RouteProtocol) -> String {
+    match protocol {
+        RouteProtocol::Other(number) => number.to_string(),
+        named => named.to_string(),
+    }
+}
+
+/// `[from S] [fwmark V/M] lookup T pref P proto P`.
+fn rule_line(rule: &Rule) -> String {
+    let mut line = String::new();
+    if let Some(source) = rule.source {
+        let _ = write!(line, "from {source} ");
+    }
+    if let Some(mark) = rule.mark {
+        let _ = write!(line, "fwmark {:#x}/{:#x} ", mark.value, mark.mask);
+    }
+    let _ = write!(
+        line,
+        "lookup {} pref {} proto {}",
+        rule.table,
+        rule.priority,
+        protocol_word(rule.protocol)
+    );
     line
 }
 
@@ -384,6 +423,25 @@ mod tests {
         assert_eq!(
             route_line(&connected, &names()),
             "172.31.0.0/24 dev eth0 proto kernel scope link"
+        );
+        let mut back = Route::new("172.31.0.11/32".parse().unwrap());
+        back.gateway = Some("10.244.1.0".parse().unwrap());
+        back.output_interface = Some(5);
+        back.table = RETURN_TABLE;
+        back.protocol = RouteProtocol::Other(87);
+        back.onlink = true;
+        assert_eq!(
+            route_line(&back, &names()),
+            "172.31.0.11/32 via 10.244.1.0 dev weft.1 table 8787 proto 87 onlink"
+        );
+    }
+
+    #[test]
+    fn a_rule_line_reads_like_ip_rule() {
+        let rule = crate::dataplane::return_rule("10.244.0.0/24".parse().unwrap());
+        assert_eq!(
+            rule_line(&rule),
+            "from 10.244.0.0/24 fwmark 0x10000000/0x10000000 lookup 8787 pref 87 proto 87"
         );
     }
 

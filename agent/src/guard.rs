@@ -19,9 +19,12 @@
 //!   addressed to the node, with no route lookup per packet): accepted only
 //!   when the outer
 //!   source is an accepted peer's public IP and the inner source lies in
-//!   that peer's slices, looked up in concatenated interval sets (outer
-//!   source . inner source). Anything else to the port, inner frames that
-//!   are neither IPv4 nor IPv6 included, is dropped as `vxlan-stranger`.
+//!   that peer's slices or is that same public IP (a peer's own traffic
+//!   into the tunnel carries its node IP), looked up in concatenated
+//!   interval sets (outer source . inner source). A peer may so send as
+//!   itself, never as another node: the outer source decides, and two
+//!   peers claiming one address share its elements. Anything else to the port, inner frames that are neither
+//!   IPv4 nor IPv6 included, is dropped as `vxlan-stranger`.
 //!   Backends without a VXLAN device (host-gw) get no VXLAN chain: the port
 //!   is not Weft's to police there.
 //!
@@ -59,7 +62,7 @@ pub enum DropReason {
     /// neighbour discovery or MLD.
     LinkLocal,
     /// A VXLAN datagram from no accepted peer, or carrying an inner source
-    /// outside the sender's slices.
+    /// that is neither in the sender's slices nor the sender's public IP.
     VxlanStranger,
 }
 
@@ -114,7 +117,7 @@ pub struct VxlanGuard {
     /// This node's VXLAN UDP port.
     pub port: u16,
     /// (outer source, inner sources) pairs allowed: each accepted peer's
-    /// public IP with each of its slices.
+    /// public IP with each of its slices and with itself (a /32 or /128).
     pub senders: BTreeSet<(IpAddr, IpNet)>,
 }
 
@@ -129,7 +132,10 @@ pub struct GuardState {
 
 impl GuardState {
     /// The state for a node listening for VXLAN on `port` (`None` for
-    /// host-gw) with `accepted` peers.
+    /// host-gw) with `accepted` peers, as screening accepts them: slices
+    /// never overlap and no public IP lies inside a cluster CIDR, so no two
+    /// elements of a set overlap (two peers claiming one public IP give one
+    /// `<IP> . <IP>` element, a set).
     pub fn of<'p>(port: Option<u16>, accepted: impl IntoIterator<Item = &'p Peer>) -> Self {
         GuardState {
             vxlan: port.map(|port| VxlanGuard {
@@ -137,9 +143,15 @@ impl GuardState {
                 senders: accepted
                     .into_iter()
                     .flat_map(|peer| {
+                        // A peer's own traffic into the tunnel carries its
+                        // public IP (it SNATs to it when that is its
+                        // underlay address).
+                        let itself = IpNet::from(peer.public_ip);
                         peer.pod_cidrs
                             .iter()
-                            .map(|slice| (peer.public_ip, slice.trunc()))
+                            .map(IpNet::trunc)
+                            .chain([itself])
+                            .map(|inner| (peer.public_ip, inner))
                     })
                     .collect(),
             }),
@@ -638,7 +650,7 @@ mod tests {
         let peers = dual_stack_peers();
         let state = GuardState::of(Some(8472), &peers);
         let senders = &state.vxlan.as_ref().unwrap().senders;
-        assert_eq!(senders.len(), 4);
+        assert_eq!(senders.len(), 6);
         let text = render(&state);
         assert!(
             text.contains("type filter hook input priority raw - 10; policy accept;\n\t\tudp dport 8472 jump vxlan-source")
@@ -646,7 +658,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("typeof ip saddr . @th,336,32\n\t\tflags interval\n\t\telements = { 192.168.1.2 . 0x0af40200-0x0af402ff }"),
+            text.contains("typeof ip saddr . @th,336,32\n\t\tflags interval\n\t\telements = { 192.168.1.2 . 0x0af40200-0x0af402ff, 192.168.1.2 . 0xc0a80102 }"),
             "{text}"
         );
         assert!(
@@ -658,7 +670,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("typeof ip6 saddr . @th,304,128\n\t\tflags interval\n\t\telements = { fd50::3 . 0xfd000010024400030000000000000000-0xfd00001002440003ffffffffffffffff }"),
+            text.contains("typeof ip6 saddr . @th,304,128\n\t\tflags interval\n\t\telements = { fd50::3 . 0xfd000010024400030000000000000000-0xfd00001002440003ffffffffffffffff, fd50::3 . 0xfd500000000000000000000000000003 }"),
             "{text}"
         );
         for rule in [
@@ -675,6 +687,82 @@ mod tests {
             chain.contains("@vxlan-v6-v6 return\n\t\tcounter name \"vxlan-stranger\" drop\n\t}"),
             "{chain}"
         );
+    }
+
+    #[test]
+    fn each_peer_may_send_as_itself_and_no_other_node() {
+        let peers = dual_stack_peers();
+        let state = GuardState::of(Some(8472), &peers);
+        let senders = &state.vxlan.as_ref().unwrap().senders;
+        let own = |ip: &str| -> (IpAddr, IpNet) {
+            let ip: IpAddr = ip.parse().unwrap();
+            (ip, ip.into())
+        };
+        // Each public IP is an inner source from that IP alone.
+        let b = own("192.168.1.2");
+        let c = own("fd50::3");
+        assert!(senders.contains(&b) && senders.contains(&c), "{senders:?}");
+        assert!(!senders.contains(&(b.0, c.1)) && !senders.contains(&(c.0, b.1)));
+        assert_eq!(
+            (element(&b), set_of(&b)),
+            ("192.168.1.2 . 0xc0a80102".into(), "vxlan-v4-v4".into())
+        );
+        assert_eq!(
+            (element(&c), set_of(&c)),
+            (
+                "fd50::3 . 0xfd500000000000000000000000000003".into(),
+                "vxlan-v6-v6".into()
+            )
+        );
+        // A peer without slices yet may still send as itself.
+        let bare = peer("d", "192.168.1.4", &[]);
+        let state = GuardState::of(Some(8472), [&bare]);
+        assert_eq!(
+            state.vxlan.unwrap().senders,
+            BTreeSet::from([own("192.168.1.4")])
+        );
+    }
+
+    #[test]
+    fn a_copied_public_ip_lets_the_copier_send_as_nobody() {
+        // Two peers publishing one address share its own element; when the
+        // copier leaves, the owner's element stays.
+        let owner = peer("b", "192.168.1.2", &["10.244.2.0/24"]);
+        let copier = peer("m", "192.168.1.2", &["10.244.9.0/24"]);
+        let both = GuardState::of(Some(8472), [&owner, &copier]);
+        let senders = &both.vxlan.as_ref().unwrap().senders;
+        let ip: IpAddr = "192.168.1.2".parse().unwrap();
+        assert_eq!(
+            senders
+                .iter()
+                .filter(|(_, inner)| *inner == IpNet::from(ip))
+                .count(),
+            1
+        );
+        let script = update_script(&both, &GuardState::of(Some(8472), [&owner])).unwrap();
+        assert!(script.contains("0x0af40900-0x0af409ff"), "{script}");
+        assert!(!script.contains("0xc0a80102"), "{script}");
+    }
+
+    #[test]
+    fn a_new_public_ip_moves_the_peers_own_element() {
+        let mut peers = dual_stack_peers();
+        peers.truncate(1);
+        let mut moved = peers.clone();
+        moved[0].public_ip = "192.168.1.9".parse().unwrap();
+        let script = update_script(
+            &GuardState::of(Some(8472), &peers),
+            &GuardState::of(Some(8472), &moved),
+        )
+        .unwrap();
+        assert!(
+            script.contains(
+                "delete element inet weft-guard vxlan-v4-v4 { 192.168.1.2 . 0xc0a80102 }"
+            ) && script
+                .contains("add element inet weft-guard vxlan-v4-v4 { 192.168.1.9 . 0xc0a80109 }"),
+            "{script}"
+        );
+        assert!(!script.contains("192.168.1.9 . 0xc0a80102"), "{script}");
     }
 
     #[test]
@@ -711,6 +799,7 @@ mod tests {
                 "delete element inet weft-guard vxlan-v4-v4 { 192.168.1.2 . 0x0af40200-0x0af402ff }",
                 "delete element inet weft-guard vxlan-v6-v4 { fd50::3 . 0x0af40300-0x0af403ff }",
                 "delete element inet weft-guard vxlan-v6-v6 { fd50::3 . 0xfd000010024400030000000000000000-0xfd00001002440003ffffffffffffffff }",
+                "delete element inet weft-guard vxlan-v6-v6 { fd50::3 . 0xfd500000000000000000000000000003 }",
                 "add element inet weft-guard vxlan-v4-v4 { 192.168.1.2 . 0x0af40200-0x0af403ff }",
             ]
         );

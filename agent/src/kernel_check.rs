@@ -15,6 +15,8 @@
 //! route 10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink
 //! route 10.244.1.0/24 via 172.31.0.11
 //! route unreachable 10.244.0.0/24
+//! route 172.31.0.12 via 10.244.2.0 dev weft.1 onlink table 8787
+//! rule from 10.244.0.0/24 fwmark 0x10000000/0x10000000 lookup 8787 pref 87
 //! neighbour 10.244.2.0 lladdr 0a:58:0a:f4:02:00 dev weft.1
 //! fdb 0a:58:0a:f4:02:00 dst 172.31.0.12 dev weft.1
 //! ```
@@ -45,18 +47,19 @@ use super::cache::NodeCache;
 use super::config::AgentConfig;
 use super::dataplane::{
     Dataplane, DataplaneError, Dump, OwnSliceChange, OwnSlices, RouteConflict, RoutePlan,
-    VXLAN_DEVICE,
+    RuleChange, RETURN_TABLE, VXLAN_DEVICE,
 };
 use super::nft_watch::TableRegistry;
 use super::overlay::{
     desired_state, DesiredState, EntryOwners, FdbEntry, Neighbour, NextHop, Operation,
-    OverlayRoute, SkipReason,
+    OverlayRoute, ReturnRoute, SkipReason,
 };
 use super::peer::{Peer, PeerSet};
 use super::retry::held_peers;
 use super::screen::{screen, Rules, Screened};
 use super::setup::AppliedSetup;
 use super::status::conflict_reason;
+use weft_core::netlink::Rule;
 
 /// Why a kernel check could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -110,8 +113,9 @@ fn tables_changed(tables: Option<&TableRegistry>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The entries `desired` holds for `peer` (its neighbours, its FDB entry
-/// and the routes to its slices, in the order a reconcile adds them), in
+/// The entries `desired` holds for `peer` (its neighbours, its FDB entry,
+/// the routes to its slices and its return route, in the order a
+/// reconcile adds them), in
 /// the words of [`drift`], each with whether `dump` holds it exactly. A
 /// slice the desired state leaves out (see [`DesiredState::skipped`]) has
 /// no entries.
@@ -139,9 +143,16 @@ pub fn peer_entries(peer: &Peer, desired: &DesiredState, dump: &Dump) -> Vec<Ent
         })
         .filter(|r| owners.owner(&Operation::SetRoute(*r)).is_some())
         .map(|r| (route_line(&r), owned.routes.contains(&r)));
+    let returns = desired
+        .return_routes
+        .iter()
+        .map(|(&node_ip, &vtep)| ReturnRoute { node_ip, vtep })
+        .filter(|r| owners.owner(&Operation::SetReturnRoute(*r)).is_some())
+        .map(|r| (return_route_line(&r), owned.return_routes.contains(&r)));
     neighbours
         .chain(fdb)
         .chain(routes)
+        .chain(returns)
         .map(|(entry, held)| EntryCheck { entry, held })
         .collect()
 }
@@ -219,6 +230,12 @@ pub fn drift(dump: &Dump, plan: &RoutePlan) -> KernelCheck {
             OwnSliceChange::Delete(slice) => excess.insert(format!("route unreachable {slice}")),
         };
     }
+    for change in &plan.rules {
+        match change {
+            RuleChange::Add(rule) => missing.insert(rule_line(rule)),
+            RuleChange::Delete(rule) => excess.insert(rule_line(rule)),
+        };
+    }
     for operation in &plan.operations {
         match operation {
             Operation::SetNeighbour(wanted) => {
@@ -243,6 +260,19 @@ pub fn drift(dump: &Dump, plan: &RoutePlan) -> KernelCheck {
                         .filter(|r| r.destination == wanted.destination && r != &wanted)
                         .map(route_line),
                 );
+            }
+            Operation::SetReturnRoute(wanted) => {
+                missing.insert(return_route_line(wanted));
+                excess.extend(
+                    dump.owned
+                        .return_routes
+                        .iter()
+                        .filter(|r| r.node_ip == wanted.node_ip && r != &wanted)
+                        .map(return_route_line),
+                );
+            }
+            Operation::DeleteReturnRoute(stale) => {
+                excess.insert(return_route_line(stale));
             }
             Operation::DeleteRoute(stale) => {
                 excess.insert(route_line(stale));
@@ -282,6 +312,25 @@ fn route_line(route: &OverlayRoute) -> String {
         ),
         NextHop::Underlay(gateway) => format!("route {} via {gateway}", route.destination),
     }
+}
+
+fn return_route_line(route: &ReturnRoute) -> String {
+    format!(
+        "route {} via {} dev {VXLAN_DEVICE} onlink table {RETURN_TABLE}",
+        route.node_ip, route.vtep
+    )
+}
+
+/// `rule [from S] [fwmark V/M] lookup T pref P`, as `ip rule` words it.
+fn rule_line(rule: &Rule) -> String {
+    let mut line = "rule".to_owned();
+    if let Some(source) = rule.source {
+        line.push_str(&format!(" from {source}"));
+    }
+    if let Some(mark) = rule.mark {
+        line.push_str(&format!(" fwmark {:#x}/{:#x}", mark.value, mark.mask));
+    }
+    format!("{line} lookup {} pref {}", rule.table, rule.priority)
 }
 
 /// The peers the screen accepts among `peers` and the entries the node
@@ -430,7 +479,7 @@ impl KernelCheckHandle {
 mod tests {
     use super::*;
     use crate::config::Backend;
-    use crate::dataplane::plan_routes;
+    use crate::dataplane::{plan_routes, return_rule};
     use crate::overlay::tests::{ip, mac, net};
     use crate::overlay::KernelState;
     use crate::peer::LocalNode;
@@ -464,6 +513,11 @@ mod tests {
 
     /// A dump holding exactly `desired`, and this node's unreachable route.
     fn dump_of(desired: &DesiredState) -> Dump {
+        let rules = desired
+            .return_sources
+            .iter()
+            .map(|&slice| return_rule(slice))
+            .collect();
         let owned = KernelState::matching(desired);
         let own_slices = BTreeSet::from([net("10.244.0.0/24")]);
         let owned_destinations = owned
@@ -476,6 +530,7 @@ mod tests {
             owned,
             own_slices,
             owned_destinations,
+            rules,
             ..Dump::default()
         }
     }
@@ -505,7 +560,10 @@ mod tests {
                 "neighbour 10.244.2.0 lladdr 0a:58:00:00:00:02 dev weft.1",
                 "route 10.244.1.0/24 via 172.31.0.11",
                 "route 10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink",
+                // node-c rides the tunnel, node-b the underlay.
+                "route 172.31.1.12 via 10.244.2.0 dev weft.1 onlink table 8787",
                 "route unreachable 10.244.0.0/24",
+                "rule from 10.244.0.0/24 fwmark 0x10000000/0x10000000 lookup 8787 pref 87",
             ]
         );
         assert!(found.excess.is_empty(), "{:?}", found.excess);
@@ -577,6 +635,7 @@ mod tests {
             Operation::SetNeighbour(n) => n.mac != mac(2),
             Operation::SetFdb(f) => f.mac != mac(2),
             Operation::SetRoute(r) => r.destination != net("10.244.2.0/24"),
+            Operation::SetReturnRoute(r) => r.vtep != ip("10.244.2.0"),
             _ => true,
         });
         let found = drift(&Dump::default(), &plan);
@@ -585,7 +644,8 @@ mod tests {
             "{:?}",
             found.missing
         );
-        assert_eq!(found.missing.len(), 4, "{:?}", found.missing);
+        // node-b's four entries, the unreachable route and the rule.
+        assert_eq!(found.missing.len(), 6, "{:?}", found.missing);
     }
 
     /// The standing of `name` among [`peers`] (both accepted) and a
@@ -637,6 +697,10 @@ mod tests {
                 ),
                 ("fdb 0a:58:00:00:00:02 dst 172.31.1.12 dev weft.1", true),
                 ("route 10.244.2.0/24 via 10.244.2.0 dev weft.1 onlink", true),
+                (
+                    "route 172.31.1.12 via 10.244.2.0 dev weft.1 onlink table 8787",
+                    true
+                ),
             ]
         );
         dump.owned
@@ -663,7 +727,7 @@ mod tests {
             (held.state.as_str(), held.reason.as_deref()),
             ("held", Some("route conflict: …"))
         );
-        assert_eq!(held.entries.len(), 3);
+        assert_eq!(held.entries.len(), 4);
         assert!(held.entries.iter().all(|entry| !entry.held));
         let rejected = standing("node-d", &desired, &dump, None);
         assert_eq!(rejected.state, "rejected");
@@ -693,6 +757,36 @@ mod tests {
         assert_eq!(
             lines(&direct),
             vec![("route 10.244.1.0/24 via 172.31.0.11", true)]
+        );
+    }
+
+    #[test]
+    fn return_routes_and_rules_report_drift_in_ip_words() {
+        let desired = desired(Backend::Vxlan);
+        let mut dump = dump_of(&desired);
+        // A return route moved to another VTEP, and a rule of Weft's of an
+        // older shape.
+        for route in &mut dump.owned.return_routes {
+            if route.node_ip == ip("172.31.0.11") {
+                route.vtep = ip("10.244.7.0");
+            }
+        }
+        let stale = weft_core::netlink::Rule {
+            priority: 1000,
+            ..return_rule(net("10.244.0.0/24"))
+        };
+        dump.rules.push(stale);
+        let found = check(&desired, &dump);
+        assert_eq!(
+            found.missing,
+            vec!["route 172.31.0.11 via 10.244.1.0 dev weft.1 onlink table 8787"]
+        );
+        assert_eq!(
+            found.excess,
+            vec![
+                "route 172.31.0.11 via 10.244.7.0 dev weft.1 onlink table 8787",
+                "rule from 10.244.0.0/24 fwmark 0x10000000/0x10000000 lookup 8787 pref 1000",
+            ]
         );
     }
 }

@@ -302,6 +302,8 @@ fn operation_name(operation: &Operation) -> &'static str {
         Operation::SetNeighbour(_) => "set_neighbour",
         Operation::SetFdb(_) => "set_fdb",
         Operation::SetRoute(_) => "set_route",
+        Operation::SetReturnRoute(_) => "set_return_route",
+        Operation::DeleteReturnRoute(_) => "delete_return_route",
         Operation::DeleteRoute(_) => "delete_route",
         Operation::DeleteFdb(_) => "delete_fdb",
         Operation::DeleteNeighbour(_) => "delete_neighbour",

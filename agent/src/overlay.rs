@@ -4,6 +4,12 @@
 //! Pure: the agent fills a [`KernelState`] from netlink dumps of what Weft
 //! owns (entries on `weft.1`, routes with [`crate::ROUTE_PROTOCOL`]),
 //! asks [`plan`] for the difference, and applies it in the order given.
+//!
+//! Besides the routes to peer slices, a node with the tunnel holds a
+//! return route per tunnelled peer: the peer's node address via its VTEP,
+//! in the return table ([`crate::dataplane::RETURN_TABLE`]) that only
+//! replies to the peer's own connections through the tunnel look up (see
+//! docs/host-traffic.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -51,6 +57,16 @@ pub struct OverlayRoute {
     pub next_hop: NextHop,
 }
 
+/// A route Weft owns in the return table: a peer's node address through
+/// the tunnel, for replies to the connections it made through the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReturnRoute {
+    /// The peer's node (public) address, the destination.
+    pub node_ip: IpAddr,
+    /// The VTEP address of the peer's slice of that family, the next hop.
+    pub vtep: IpAddr,
+}
+
 /// Why a peer (or one of its slices) gets no entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipReason {
@@ -84,6 +100,13 @@ pub struct DesiredState {
     pub fdb: BTreeMap<VtepMac, IpAddr>,
     /// Slice → next hop.
     pub routes: BTreeMap<IpNet, NextHop>,
+    /// Tunnelled peer's node address → its VTEP address, in the return
+    /// table.
+    pub return_routes: BTreeMap<IpAddr, IpAddr>,
+    /// This node's slices whose replies to peers' node addresses return
+    /// through the tunnel: one return rule each. Those of the underlay's
+    /// family, on backends with the tunnel.
+    pub return_sources: BTreeSet<IpNet>,
     /// Peer slices left out, with the reason.
     pub skipped: Vec<SkippedPeer>,
 }
@@ -99,6 +122,8 @@ pub struct KernelState {
     pub fdb: Vec<FdbEntry>,
     /// Routes carrying Weft's protocol number.
     pub routes: Vec<OverlayRoute>,
+    /// Routes of the return table carrying Weft's protocol number.
+    pub return_routes: Vec<ReturnRoute>,
 }
 
 #[cfg(test)]
@@ -125,6 +150,11 @@ impl KernelState {
                     next_hop,
                 })
                 .collect(),
+            return_routes: desired
+                .return_routes
+                .iter()
+                .map(|(&node_ip, &vtep)| ReturnRoute { node_ip, vtep })
+                .collect(),
         }
     }
 }
@@ -139,6 +169,10 @@ pub enum Operation {
     SetFdb(FdbEntry),
     /// Create or update a route.
     SetRoute(OverlayRoute),
+    /// Create or update a return route.
+    SetReturnRoute(ReturnRoute),
+    /// Remove a return route.
+    DeleteReturnRoute(ReturnRoute),
     /// Remove a route.
     DeleteRoute(OverlayRoute),
     /// Remove an FDB entry.
@@ -153,19 +187,42 @@ pub enum Operation {
 /// that VTEP address onlink on `weft.1`, plus one FDB entry (MAC → public IP)
 /// per peer. host-gw: a route via the peer's public IP, for peers on this
 /// node's underlay subnet and slices of the public IP's family. direct:
-/// host-gw where host-gw works, vxlan otherwise.
+/// host-gw where host-gw works, vxlan otherwise. Each peer reached through
+/// the tunnel gets a return route to its public IP via its VTEP address of
+/// that family; with the tunnel, this node's slices of the underlay's
+/// family are return sources.
 ///
 /// `peers` are taken as given: [`crate::screen`] has rejected those whose
-/// slices or MACs are unsound or claimed twice.
+/// slices or MACs are unsound or claimed twice. A public IP two peers
+/// publish is not rejected (copying one draws nothing), but it gets no
+/// return route: which VTEP answers for it is not knowable, and a reply
+/// sent to the copier's VTEP would be lost.
 pub fn desired_state<'a>(
     backend: Backend,
     local: &LocalNode,
     peers: impl IntoIterator<Item = &'a Peer>,
 ) -> DesiredState {
     let mut state = DesiredState::default();
+    if backend.uses_vxlan() {
+        state.return_sources = local
+            .pod_cidrs
+            .iter()
+            .filter(|slice| same_family(&slice.addr(), &local.underlay.addr()))
+            .map(IpNet::trunc)
+            .collect();
+    }
+    let mut claimed_by: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    let mut contested = BTreeSet::new();
     for peer in peers {
         if peer.node_name == local.name {
             continue;
+        }
+        if *claimed_by
+            .entry(peer.public_ip)
+            .or_insert(peer.node_name.as_str())
+            != peer.node_name
+        {
+            contested.insert(peer.public_ip);
         }
         let same_subnet = local.shares_underlay_subnet(peer.public_ip);
         for slice in &peer.pod_cidrs {
@@ -191,6 +248,7 @@ pub fn desired_state<'a>(
             }
         }
     }
+    state.return_routes.retain(|ip, _| !contested.contains(ip));
     state
 }
 
@@ -209,6 +267,10 @@ fn tunnel_to(
     let vtep = vtep_address(slice);
     state.fdb.insert(mac, peer.public_ip);
     state.neighbours.insert(vtep, mac);
+    if same_family(&vtep, &peer.public_ip) {
+        // A peer with two slices of the family answers on the first.
+        state.return_routes.entry(peer.public_ip).or_insert(vtep);
+    }
     Ok(NextHop::Vtep(vtep))
 }
 
@@ -217,7 +279,8 @@ fn same_family(a: &IpAddr, b: &IpAddr) -> bool {
 }
 
 /// Which peer each overlay entry belongs to: a slice's route, the
-/// neighbour of its VTEP address, and the FDB entry of a MAC. It tells which
+/// neighbour of its VTEP address, the FDB entry of a MAC and the return
+/// route to a node address. It tells which
 /// peer an [`Operation`] concerns, to hold back the entries of a peer the
 /// kernel keeps refusing and to name it in logs.
 #[derive(Debug, Default)]
@@ -225,6 +288,7 @@ pub struct EntryOwners<'p> {
     slices: HashMap<IpNet, &'p str>,
     vteps: HashMap<IpAddr, &'p str>,
     macs: HashMap<VtepMac, &'p str>,
+    node_ips: HashMap<IpAddr, &'p str>,
 }
 
 impl<'p> EntryOwners<'p> {
@@ -241,6 +305,7 @@ impl<'p> EntryOwners<'p> {
             if let Some(mac) = peer.vtep_mac {
                 owners.macs.insert(mac, name);
             }
+            owners.node_ips.insert(peer.public_ip, name);
         }
         owners
     }
@@ -257,15 +322,20 @@ impl<'p> EntryOwners<'p> {
             Operation::SetRoute(r) | Operation::DeleteRoute(r) => {
                 self.slices.get(&r.destination).copied()
             }
+            Operation::SetReturnRoute(r) | Operation::DeleteReturnRoute(r) => self
+                .node_ips
+                .get(&r.node_ip)
+                .or_else(|| self.vteps.get(&r.vtep))
+                .copied(),
         }
     }
 }
 
 /// The operations that take `current` to `desired`, in a safe order:
 /// creations and in-place updates first (neighbours, then FDB entries, then
-/// routes, so a route never points at a VTEP the kernel cannot resolve), then
-/// removals in reverse (routes, FDB entries, neighbours). An empty plan means
-/// the kernel already matches.
+/// routes, then return routes, so a route never points at a VTEP the kernel
+/// cannot resolve), then removals in reverse (return routes, routes, FDB
+/// entries, neighbours). An empty plan means the kernel already matches.
 pub fn plan(desired: &DesiredState, current: &KernelState) -> Vec<Operation> {
     let mut operations = Vec::new();
 
@@ -290,6 +360,12 @@ pub fn plan(desired: &DesiredState, current: &KernelState) -> Vec<Operation> {
     let present_neighbours: BTreeSet<Neighbour> = current.neighbours.iter().copied().collect();
     let present_fdb: BTreeSet<FdbEntry> = current.fdb.iter().copied().collect();
     let present_routes: BTreeSet<OverlayRoute> = current.routes.iter().copied().collect();
+    let wanted_returns: BTreeSet<ReturnRoute> = desired
+        .return_routes
+        .iter()
+        .map(|(&node_ip, &vtep)| ReturnRoute { node_ip, vtep })
+        .collect();
+    let present_returns: BTreeSet<ReturnRoute> = current.return_routes.iter().copied().collect();
 
     operations.extend(
         wanted_neighbours
@@ -306,13 +382,32 @@ pub fn plan(desired: &DesiredState, current: &KernelState) -> Vec<Operation> {
             .difference(&present_routes)
             .map(|&r| Operation::SetRoute(r)),
     );
+    operations.extend(
+        wanted_returns
+            .difference(&present_returns)
+            .map(|&r| Operation::SetReturnRoute(r)),
+    );
     // A stale entry whose key is still wanted was just replaced in place;
     // deleting it by its old value then finds nothing, or removes a
     // duplicate the kernel held beside the replaced one.
     operations.extend(
+        present_returns
+            .difference(&wanted_returns)
+            .filter(|r| {
+                !replaced_in_place(desired.return_routes.get(&r.node_ip), |&vtep| {
+                    present_returns.contains(&ReturnRoute { vtep, ..**r })
+                })
+            })
+            .map(|&r| Operation::DeleteReturnRoute(r)),
+    );
+    operations.extend(
         present_routes
             .difference(&wanted_routes)
-            .filter(|r| !replaced_in_place(desired, &present_routes, r))
+            .filter(|r| {
+                !replaced_in_place(desired.routes.get(&r.destination), |&next_hop| {
+                    present_routes.contains(&OverlayRoute { next_hop, ..**r })
+                })
+            })
             .map(|&r| Operation::DeleteRoute(r)),
     );
     operations.extend(
@@ -329,23 +424,15 @@ pub fn plan(desired: &DesiredState, current: &KernelState) -> Vec<Operation> {
     operations
 }
 
-/// Whether the plan's `SetRoute` for the same destination turns the stale
-/// route `stale` into the wanted one. A route replace rewrites the route with
-/// the same destination and metric, and a later delete by the old next hop
-/// would find nothing; a stale duplicate beside an already correct route
-/// must go, though.
-fn replaced_in_place(
-    desired: &DesiredState,
-    present: &BTreeSet<OverlayRoute>,
-    stale: &OverlayRoute,
-) -> bool {
-    match desired.routes.get(&stale.destination) {
-        Some(&next_hop) => !present.contains(&OverlayRoute {
-            destination: stale.destination,
-            next_hop,
-        }),
-        None => false,
-    }
+/// Whether the plan's set for a stale route's destination turns that
+/// route into the wanted one: `wanted` is what is wanted at the
+/// destination, `present` whether the kernel already holds a route there
+/// with a given next hop. A route replace rewrites the route with the same
+/// destination and metric, and a later delete by the old next hop would
+/// find nothing; a stale duplicate beside an already correct route must
+/// go, though.
+fn replaced_in_place<V>(wanted: Option<&V>, present: impl Fn(&V) -> bool) -> bool {
+    wanted.is_some_and(|next_hop| !present(next_hop))
 }
 
 #[cfg(test)]
@@ -489,8 +576,9 @@ pub(crate) mod tests {
         let state = desired_state(Backend::Vxlan, &local(), &peers);
         let ops = plan(&state, &KernelState::default());
         let owned: Vec<_> = ops.iter().filter_map(|op| owners.owner(op)).collect();
-        // node-c's neighbour, FDB entry and route; nothing of node-b's.
-        assert_eq!(owned, vec!["node-c"; 3]);
+        // node-c's neighbour, FDB entry, route and return route; nothing
+        // of node-b's.
+        assert_eq!(owned, vec!["node-c"; 4]);
     }
 
     #[test]
@@ -502,16 +590,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn empty_kernel_gets_neighbours_then_fdb_then_routes() {
+    fn empty_kernel_gets_neighbours_then_fdb_then_routes_then_return_routes() {
         let desired = desired_state(Backend::Vxlan, &local(), &peers());
         let ops = plan(&desired, &KernelState::default());
-        assert_eq!(ops.len(), 3 + 2 + 3);
+        assert_eq!(ops.len(), 3 + 2 + 3 + 2);
         let kinds: Vec<u8> = ops
             .iter()
             .map(|op| match op {
                 Operation::SetNeighbour(_) => 0,
                 Operation::SetFdb(_) => 1,
                 Operation::SetRoute(_) => 2,
+                Operation::SetReturnRoute(_) => 3,
                 _ => 9,
             })
             .collect();
@@ -533,6 +622,10 @@ pub(crate) mod tests {
         assert_eq!(
             ops,
             vec![
+                Operation::DeleteReturnRoute(ReturnRoute {
+                    node_ip: ip("172.31.1.12"),
+                    vtep: ip("10.244.2.0"),
+                }),
                 Operation::DeleteRoute(OverlayRoute {
                     destination: net("10.244.2.0/24"),
                     next_hop: NextHop::Vtep(ip("10.244.2.0")),
@@ -568,6 +661,15 @@ pub(crate) mod tests {
                 Operation::SetFdb(FdbEntry {
                     mac: mac(7),
                     remote: ip("172.31.1.99")
+                }),
+                // A new node address is a new return route; the old goes.
+                Operation::SetReturnRoute(ReturnRoute {
+                    node_ip: ip("172.31.1.99"),
+                    vtep: ip("10.244.2.0"),
+                }),
+                Operation::DeleteReturnRoute(ReturnRoute {
+                    node_ip: ip("172.31.1.12"),
+                    vtep: ip("10.244.2.0"),
                 }),
                 Operation::DeleteFdb(FdbEntry {
                     mac: mac(2),
@@ -619,6 +721,101 @@ pub(crate) mod tests {
                 Operation::SetRoute(lost),
                 Operation::DeleteRoute(duplicate),
                 Operation::DeleteFdb(stray)
+            ]
+        );
+    }
+
+    #[test]
+    fn return_routes_are_for_tunnelled_peers_in_the_underlay_family() {
+        let state = desired_state(Backend::Vxlan, &local(), &peers());
+        // The IPv4 node addresses via the IPv4 VTEP addresses; node-b's
+        // IPv6 slice gives none (its node address is IPv4).
+        assert_eq!(
+            state.return_routes,
+            BTreeMap::from([
+                (ip("172.31.0.11"), ip("10.244.1.0")),
+                (ip("172.31.1.12"), ip("10.244.2.0")),
+            ])
+        );
+        // The own IPv4 slice is a return source; the IPv6 one is not.
+        assert_eq!(state.return_sources, BTreeSet::from([net("10.244.0.0/24")]));
+        // direct: node-b is reached on the underlay, so no return route.
+        let direct = desired_state(Backend::Direct, &local(), &peers());
+        assert_eq!(
+            direct.return_routes,
+            BTreeMap::from([(ip("172.31.1.12"), ip("10.244.2.0"))])
+        );
+        assert_eq!(direct.return_sources, state.return_sources);
+        // host-gw has no tunnel and nothing returns through it.
+        let host_gw = desired_state(Backend::HostGw, &local(), &peers());
+        assert!(host_gw.return_routes.is_empty());
+        assert!(host_gw.return_sources.is_empty());
+    }
+
+    #[test]
+    fn skipped_peers_get_no_return_route() {
+        let peers = vec![
+            peer("node-b", &["10.244.1.0/24"], "172.31.0.11", None),
+            peer("node-e", &["10.244.5.0/24"], "fd00:31::15", Some(5)),
+            peer(
+                "node-f",
+                &["fd00:10:244:6::/64", "10.244.6.0/24"],
+                "172.31.0.16",
+                Some(6),
+            ),
+        ];
+        let state = desired_state(Backend::Vxlan, &local(), &peers);
+        assert_eq!(state.skipped.len(), 2, "{:?}", state.skipped);
+        // node-f answers on its IPv4 VTEP address, whatever the order of
+        // its slices.
+        assert_eq!(
+            state.return_routes,
+            BTreeMap::from([(ip("172.31.0.16"), ip("10.244.6.0"))])
+        );
+    }
+
+    #[test]
+    fn a_public_ip_two_peers_publish_gets_no_return_route() {
+        let owner = peer("node-b", &["10.244.1.0/24"], "172.31.0.11", Some(1));
+        let copier = peer("node-m", &["10.244.9.0/24"], "172.31.0.11", Some(9));
+        let other = peer("node-c", &["10.244.2.0/24"], "172.31.0.12", Some(2));
+        for peers in [
+            vec![owner.clone(), copier.clone(), other.clone()],
+            vec![copier, other, owner],
+        ] {
+            let state = desired_state(Backend::Vxlan, &local(), &peers);
+            assert_eq!(
+                state.return_routes,
+                BTreeMap::from([(ip("172.31.0.12"), ip("10.244.2.0"))])
+            );
+            // Both keep their routes: the copier only hurts itself.
+            assert_eq!(state.routes.len(), 3);
+        }
+    }
+
+    #[test]
+    fn a_return_route_to_a_new_vtep_is_replaced_in_place() {
+        let desired = desired_state(Backend::Vxlan, &local(), &peers());
+        let mut kernel = KernelState::matching(&desired);
+        let moved = ReturnRoute {
+            node_ip: ip("172.31.0.11"),
+            vtep: ip("10.244.7.0"),
+        };
+        kernel.return_routes.retain(|r| r.node_ip != moved.node_ip);
+        kernel.return_routes.push(moved);
+        let stray = ReturnRoute {
+            node_ip: ip("172.31.0.99"),
+            vtep: ip("10.244.9.0"),
+        };
+        kernel.return_routes.push(stray);
+        assert_eq!(
+            plan(&desired, &kernel),
+            vec![
+                Operation::SetReturnRoute(ReturnRoute {
+                    node_ip: ip("172.31.0.11"),
+                    vtep: ip("10.244.1.0"),
+                }),
+                Operation::DeleteReturnRoute(stray),
             ]
         );
     }

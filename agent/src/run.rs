@@ -31,9 +31,8 @@ use super::dataplane::{ApplyReport, Dataplane, RouteConflict};
 use super::error::AgentError;
 use super::guard::{Guard, GuardChange, GuardState, TABLE as GUARD_TABLE};
 use super::kernel_check::{desired_for_peers, KernelCheckHandle};
-use super::masquerade::{MasqueradeTable, TABLE as MASQUERADE_TABLE};
 use super::metrics::AgentMetrics;
-use super::nft_watch::{Registration, TableRegistry, TableWatch};
+use super::nft_watch::{TableRegistry, TableWatch};
 use super::overlay::{EntryOwners, Operation, SkippedPeer};
 use super::policy::enforce::enforce;
 use super::policy::nft::{remove_table, TABLE as POLICY_TABLE};
@@ -113,14 +112,14 @@ async fn run_inner(
     };
     let nodes: Api<Node> = Api::all(client.clone());
     let (cache, watch) = watch_nodes(nodes.clone(), node_name.clone(), metrics.clone());
-    let table_watch = start_table_watch(&config, &metrics);
+    let table_watch = start_table_watch(&metrics);
     let (stop_policy, policy_stop) = tokio::sync::watch::channel(false);
     let policy = start_policy(
         &config,
         &client,
         &node_name,
         &cache,
-        table_watch.as_ref().map(|(watch, _)| watch.registry()),
+        table_watch.as_ref().map(TableWatch::registry),
         &metrics,
         status.policy_recorder(),
         policy_stop,
@@ -129,14 +128,17 @@ async fn run_inner(
     let kernel = KernelCheckHandle::new(
         config.clone(),
         cache.clone(),
-        table_watch.as_ref().map(|(watch, _)| watch.registry()),
+        table_watch.as_ref().map(TableWatch::registry),
     );
     status.attach_checks(kernel.clone(), client.clone());
     let mut reconciler =
         Reconciler::new(config, node_name, nodes, metrics, health, status, kernel)?;
     let guard_watch = table_watch
         .as_ref()
-        .map(|(watch, _)| reconciler.guard.register(&watch.registry()));
+        .map(|watch| reconciler.guard.register(&watch.registry()));
+    let masquerade_watch = table_watch
+        .as_ref()
+        .map(|watch| reconciler.setup.register_masquerade(&watch.registry()));
     reconciler.run_until(&cache, shutdown).await;
     watch.abort();
     // Policy stops before a teardown could remove its table.
@@ -148,6 +150,7 @@ async fn run_inner(
     }
     // Nothing is restored once a teardown may remove the tables.
     drop(guard_watch);
+    drop(masquerade_watch);
     drop(table_watch);
     let removed = match daemonset_watch {
         Some((watch, own)) => remove_if_uninstalled(&own, watch, client, &reconciler).await,
@@ -167,25 +170,17 @@ async fn run_inner(
 }
 
 /// Starts the watch that restores Weft's nftables tables moments after a
-/// change made behind the agent's back, with the masquerade table
-/// registered (the policy task registers its own). `None`, logged, when
-/// the notifications cannot be had: resync still repairs the tables.
-fn start_table_watch(
-    config: &AgentConfig,
-    metrics: &AgentMetrics,
-) -> Option<(TableWatch, Registration)> {
-    let watch = match TableWatch::start(metrics.clone()) {
-        Ok(watch) => watch,
+/// change made behind the agent's back (node set-up, the guard and the
+/// policy task register their tables). `None`, logged, when the
+/// notifications cannot be had: resync still repairs the tables.
+fn start_table_watch(metrics: &AgentMetrics) -> Option<TableWatch> {
+    match TableWatch::start(metrics.clone()) {
+        Ok(watch) => Some(watch),
         Err(error) => {
             tracing::warn!(%error, "not watching Weft's nftables tables");
-            return None;
+            None
         }
-    };
-    let mut masquerade = MasqueradeTable::new(&config.cluster_cidrs, &config.no_masquerade_cidrs);
-    let registration = watch
-        .registry()
-        .register(MASQUERADE_TABLE, move || masquerade.restore_if_changed());
-    Some((watch, registration))
+    }
 }
 
 /// Starts enforcing NetworkPolicy when the configuration asks for it; when

@@ -657,6 +657,23 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_claiming_this_nodes_address_is_refused_as_own_whatever_its_age() {
+        // This node publishes an overwrite; its underlay address stays its
+        // own too. Its own Node's age never enters the decision.
+        let (config, local) = (config(), local());
+        let rules = Rules {
+            public_ip: "203.0.113.10".parse().unwrap(),
+            ..rules(&config, &local)
+        };
+        for ip in ["203.0.113.10", "172.31.0.10"] {
+            let older = peer("node-0", "10.244.1.0/24", ip, 1, -100);
+            let screened = screen(&rules, [&older]);
+            assert!(screened.accepted.is_empty(), "{ip}");
+            assert_eq!(screened.rejected[0].reason.label(), "public_ip_own", "{ip}");
+        }
+    }
+
+    #[test]
     fn claimants_created_in_the_same_second_are_all_refused() {
         let peers = [
             peer("node-b", "10.244.1.0/24", "172.31.0.11", 1, 100),

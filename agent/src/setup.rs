@@ -1,13 +1,17 @@
 //! Node set-up: what the node needs before any peer can be programmed. The
 //! underlay interface, the VTEP device `weft.1` with its tx checksum
-//! offload (or no device for host-gw), forwarding, the node file the CNI
-//! plugin reads, the plugin and its conflist, and the masquerade table.
+//! offload and `src_valid_mark` (or no device for host-gw), forwarding, the
+//! node file the CNI plugin reads, the plugin and its conflist, and the
+//! masquerade table with the chains for the node's own traffic into the
+//! tunnel ([`HostTraffic`]; the return rules and routes are the
+//! reconcile's, see [`super::dataplane`]).
 //!
 //! Every step compares before it changes anything, so a set-up that finds
 //! the node as it should be changes nothing. It runs when this node's own
 //! fields change and on every resync; in between the last result is reused.
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ipnet::IpNet;
 
@@ -15,7 +19,8 @@ use super::config::AgentConfig;
 use super::dataplane::{Dataplane, Vtep, VXLAN_DEVICE};
 use super::error::AgentError;
 use super::install::{install_conflist, install_plugin, render_conflist, Installed};
-use super::masquerade::{MasqueradeTable, TableChange};
+use super::masquerade::{HostTraffic, MasqueradeTable, TableChange, TABLE as MASQUERADE_TABLE};
+use super::nft_watch::{Registration, TableRegistry};
 use super::node::OwnNode;
 use super::offload::{kernel_release, set_tx_checksum, tx_checksum, wanted_tx_checksum};
 use super::peer::LocalNode;
@@ -44,8 +49,11 @@ pub(crate) struct AppliedSetup {
 /// The set-up of the node this agent runs on, and what it last applied.
 #[derive(Debug)]
 pub(crate) struct NodeSetup {
-    /// Taken while `nft` runs off the async workers, put back after.
-    masquerade: Option<MasqueradeTable>,
+    /// Shared with the table watch, which restores the table as set-up
+    /// last rendered it; `nft` runs on a blocking thread.
+    masquerade: Arc<Mutex<MasqueradeTable>>,
+    /// The host traffic the table was last rendered for.
+    host_traffic: Option<HostTraffic>,
     /// The own-node fields the last successful set-up ran for, and what it
     /// applied.
     applied: Option<(OwnNode, AppliedSetup)>,
@@ -55,12 +63,21 @@ impl NodeSetup {
     /// Nothing applied yet.
     pub(crate) fn new(config: &AgentConfig) -> Self {
         NodeSetup {
-            masquerade: Some(MasqueradeTable::new(
+            masquerade: Arc::new(Mutex::new(MasqueradeTable::new(
                 &config.cluster_cidrs,
                 &config.no_masquerade_cidrs,
-            )),
+                None,
+            ))),
+            host_traffic: None,
             applied: None,
         }
+    }
+
+    /// Has the table watch restore the masquerade table after a change
+    /// made behind the agent's back, until the registration is dropped.
+    pub(crate) fn register_masquerade(&self, tables: &TableRegistry) -> Registration {
+        let table = self.masquerade.clone();
+        tables.register(MASQUERADE_TABLE, move || lock(&table).restore_if_changed())
     }
 
     /// The node's settings for `own`: the last set-up's when `own` is what
@@ -139,7 +156,8 @@ impl NodeSetup {
         }
         write_node_file(config, node_name, own, mtu)?;
         install_cni(config)?;
-        self.ensure_masquerade().await?;
+        let host = vxlan.then(|| host_traffic(underlay.address.addr(), public_ip));
+        self.ensure_masquerade(host).await?;
 
         Ok(AppliedSetup {
             local: LocalNode {
@@ -154,23 +172,43 @@ impl NodeSetup {
         })
     }
 
-    async fn ensure_masquerade(&mut self) -> Result<(), AgentError> {
-        let Some(mut table) = self.masquerade.take() else {
-            return Ok(());
-        };
+    /// Renders the table for `host` traffic (logging once why the node's
+    /// own traffic is not given its address, when it is not) and applies
+    /// it if the kernel's differs.
+    async fn ensure_masquerade(&mut self, host: Option<HostTraffic>) -> Result<(), AgentError> {
+        if host != self.host_traffic {
+            if let Some(HostTraffic { snat: None, .. }) = &host {
+                tracing::info!("the node's own traffic into {VXLAN_DEVICE} keeps the tunnel address as its source: weft.dev/public-ip-overwrite publishes another address than the underlay's, which peers would neither take as this node's nor route replies to");
+            }
+            lock(&self.masquerade).set_host_traffic(host.as_ref());
+            self.host_traffic = host;
+        }
+        let table = self.masquerade.clone();
         // nft is a child process: run it off the async workers.
-        let (table, result) = tokio::task::spawn_blocking(move || {
-            let result = table.ensure();
-            (table, result)
-        })
-        .await
-        .expect("the masquerade task does not panic");
-        self.masquerade = Some(table);
+        let result = tokio::task::spawn_blocking(move || lock(&table).ensure())
+            .await
+            .expect("the masquerade task does not panic");
         if result? == TableChange::Replaced {
             tracing::info!("masquerade table inet weft applied");
         }
         Ok(())
     }
+}
+
+/// The host traffic of a node with the tunnel, on the underlay address
+/// `underlay` and published as `public_ip`: given the underlay address
+/// when that is what peers know this node by (see docs/host-traffic.md).
+fn host_traffic(underlay: IpAddr, public_ip: IpAddr) -> HostTraffic {
+    HostTraffic {
+        family: IpFamily::of_addr(underlay),
+        snat: (public_ip == underlay).then_some(underlay),
+    }
+}
+
+fn lock(table: &Mutex<MasqueradeTable>) -> MutexGuard<'_, MasqueradeTable> {
+    // A panic while the lock was held leaves the table as a failed write
+    // does: the next ensure compares it with the kernel's again.
+    table.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The underlay the configuration names, else the interface holding the
@@ -252,4 +290,30 @@ fn install_cni(config: &AgentConfig) -> Result<(), AgentError> {
         tracing::info!(dir = %config.cni_conf_dir.display(), "CNI conflist installed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_traffic_is_given_the_underlay_address_only_when_published() {
+        let underlay: IpAddr = "172.31.0.10".parse().unwrap();
+        assert_eq!(
+            host_traffic(underlay, underlay),
+            HostTraffic {
+                family: IpFamily::V4,
+                snat: Some(underlay),
+            }
+        );
+        // A public-IP overwrite (a NAT address) keeps the return path for
+        // peers' traffic, without SNAT of this node's own.
+        assert_eq!(
+            host_traffic(underlay, "203.0.113.7".parse().unwrap()),
+            HostTraffic {
+                family: IpFamily::V4,
+                snat: None,
+            }
+        );
+    }
 }

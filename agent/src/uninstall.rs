@@ -19,16 +19,17 @@
 //!
 //! The teardown is netavark's: every step is idempotent, runs whatever the
 //! earlier steps did, and its error is collected, not returned early.
-//! Routes, neighbours and FDB entries are not hunted down here: the agent's
-//! own dump, plan and apply ([`super::dataplane`]) reconcile them to an
-//! empty desired state, so uninstall removes exactly what a reconcile
-//! counts as Weft's, in the order a removed peer's entries go.
+//! Routes, return routes, rules, neighbours and FDB entries are not hunted
+//! down here: the agent's own dump, plan and apply ([`super::dataplane`])
+//! reconcile them to an empty desired state, so uninstall removes exactly
+//! what a reconcile counts as Weft's, in the order a removed peer's entries
+//! go.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use super::config::AgentConfig;
-use super::dataplane::{Dataplane, DataplaneError, VXLAN_DEVICE};
+use super::dataplane::{Dataplane, DataplaneError, RuleChange, RETURN_TABLE, VXLAN_DEVICE};
 use super::guard::TABLE as GUARD_TABLE;
 use super::install::{CONFLIST_NAME, PLUGIN_NAME};
 use super::masquerade::TABLE;
@@ -161,8 +162,8 @@ pub struct TeardownReport {
 /// Removes everything Weft put on the node, in the network namespace of
 /// `netlink` (and of the calling thread, for `nft`): the conflist first so
 /// the runtime stops wiring new pods to a network going away, then the
-/// protocol-87 routes, FDB entries and neighbours on `weft.1` (reconciled
-/// to nothing), `weft.1` itself, `weft0`, the `inet weft`,
+/// protocol-87 rules and routes (the return table's too), FDB entries and
+/// neighbours on `weft.1` (reconciled to nothing), `weft.1` itself, `weft0`, the `inet weft`,
 /// `inet weft-hostport`, `inet weft-policy` and `inet weft-guard` tables, the
 /// plugin binary (only if it is the agent's copy) and the node file.
 /// Running it again finds nothing to do.
@@ -235,6 +236,12 @@ impl TeardownReport {
                 // An entry gone between dump and delete counts as applied:
                 // a race with nothing left behind either way.
                 self.removed
+                    .extend(applied.rules.iter().map(|change| match change {
+                        RuleChange::Delete(rule) => rule.to_string(),
+                        // As for operations: named, should one ever be added.
+                        RuleChange::Add(_) => format!("{change:?}"),
+                    }));
+                self.removed
                     .extend(applied.applied.iter().map(removed_entry));
                 self.errors
                     .extend(applied.failed.into_iter().map(|(operation, source)| {
@@ -281,6 +288,10 @@ fn removed_entry(operation: &Operation) -> String {
         Operation::DeleteRoute(route) => {
             format!("route {} proto {ROUTE_PROTOCOL}", route.destination)
         }
+        Operation::DeleteReturnRoute(route) => format!(
+            "route {} via {} table {RETURN_TABLE} proto {ROUTE_PROTOCOL}",
+            route.node_ip, route.vtep
+        ),
         Operation::DeleteFdb(entry) => format!(
             "FDB entry {} dst {} on {VXLAN_DEVICE}",
             entry.mac, entry.remote
@@ -291,9 +302,10 @@ fn removed_entry(operation: &Operation) -> String {
         ),
         // A plan towards nothing sets nothing; should one ever, it is
         // still named rather than lost.
-        Operation::SetNeighbour(_) | Operation::SetFdb(_) | Operation::SetRoute(_) => {
-            format!("{operation:?}")
-        }
+        Operation::SetNeighbour(_)
+        | Operation::SetFdb(_)
+        | Operation::SetRoute(_)
+        | Operation::SetReturnRoute(_) => format!("{operation:?}"),
     }
 }
 

@@ -6,7 +6,6 @@
 //! Needs root (see `weft_testing::root_available`). Every namespace is
 //! removed on success and on failure (drop guards).
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -28,131 +27,18 @@ use weft_agent::overlay::{
 };
 use weft_agent::peer::{LocalNode, Peer};
 use weft_agent::uninstall::{tear_down, TeardownReport};
-use weft_core::annotations::VtepMac;
 use weft_core::netlink::{Netlink, RouteProtocol, RouteType, VxlanChange};
 use weft_core::netns::Netns;
 use weft_core::DEFAULT_BRIDGE;
 use weft_testing::{require_root, wait_for, TestNetns};
 
-/// A namespace for `role` with its loopback up.
-fn namespace(role: &str) -> Result<TestNetns> {
-    let namespace = TestNetns::create(role);
-    namespace.run(&["ip", "link", "set", "lo", "up"])?;
-    Ok(namespace)
-}
+#[path = "testbed/fabric.rs"]
+mod fabric;
 
-/// An underlay: a fabric namespace with a bridge, and node namespaces with
-/// `eth0` on it at 172.31.0.(10+i)/24.
-struct Fabric {
-    nodes: Vec<TestNetns>,
-    // Dropped last: the veths' fabric ends vanish with the node namespaces.
-    _fabric: TestNetns,
-}
-
-impl Fabric {
-    fn new(test: &str, nodes: usize) -> Result<Self> {
-        let fabric = namespace(&format!("{test}-f"))?;
-        fabric.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
-        fabric.run(&["ip", "link", "set", "br0", "up"])?;
-        let mut namespaces = Vec::new();
-        for i in 0..nodes {
-            let node = namespace(&format!("{test}-{i}"))?;
-            let port = format!("p{i}");
-            fabric.run(&[
-                "ip",
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                node.name(),
-            ])?;
-            fabric.run(&["ip", "link", "set", &port, "master", "br0", "up"])?;
-            node.run(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", underlay_ip(i)),
-                "dev",
-                "eth0",
-            ])?;
-            node.run(&["ip", "link", "set", "eth0", "up"])?;
-            namespaces.push(node);
-        }
-        Ok(Fabric {
-            nodes: namespaces,
-            _fabric: fabric,
-        })
-    }
-}
-
-fn underlay_ip(node: usize) -> IpAddr {
-    format!("172.31.0.{}", 10 + node).parse().unwrap()
-}
-
-fn slice(node: usize) -> IpNet {
-    format!("10.244.{node}.0/24").parse().unwrap()
-}
-
-fn mac(node: usize) -> VtepMac {
-    VtepMac::new([0x0a, 0x58, 0, 0, 0, node as u8 + 1])
-}
-
-fn peer(node: usize) -> Peer {
-    Peer {
-        node_name: format!("node-{node}"),
-        pod_cidrs: vec![slice(node)],
-        public_ip: underlay_ip(node),
-        vtep_mac: Some(mac(node)),
-        created: 0,
-        malformed: None,
-    }
-}
-
-fn local(node: usize) -> LocalNode {
-    LocalNode {
-        name: format!("node-{node}"),
-        pod_cidrs: vec![slice(node)],
-        underlay: IpNet::new(underlay_ip(node), 24).unwrap(),
-    }
-}
-
-fn vtep(node: usize, vni: u32) -> Vtep {
-    Vtep {
-        vni,
-        port: 8472,
-        local: underlay_ip(node),
-        underlay_index: 0,
-        mac: mac(node),
-        mtu: 1450,
-        addresses: vec![IpNet::new(slice(node).network(), 32).unwrap()],
-    }
-}
-
-/// Opens the node's data plane and sets up its VTEP on `eth0`.
-async fn vtep_dataplane(
-    namespace: &TestNetns,
-    node: usize,
-    vni: u32,
-) -> Result<(Dataplane, VxlanChange)> {
-    let netlink = Netlink::in_netns(&Netns::open(namespace.path())?)?;
-    let eth0 = netlink
-        .link_by_name("eth0")
-        .await?
-        .context("eth0 missing")?;
-    let mut dataplane = Dataplane::new(netlink);
-    let change = dataplane
-        .ensure_vtep(&Vtep {
-            underlay_index: eth0.index,
-            ..vtep(node, vni)
-        })
-        .await?;
-    Ok((dataplane, change))
-}
+use fabric::{
+    local, mac, namespace, peer, return_path, routed_pod, slice, underlay_ip, vtep, vtep_dataplane,
+    Fabric,
+};
 
 fn desired(backend: Backend, node: usize, peers: &[usize]) -> DesiredState {
     let peers: Vec<Peer> = peers.iter().map(|&p| peer(p)).collect();
@@ -253,8 +139,8 @@ async fn vxlan_peers_are_programmed_in_order_and_carry_traffic() -> Result<()> {
             .await?;
         ensure!(report.failed.is_empty(), "{:?}", report.failed);
         ensure!(
-            report.applied.len() == 6,
-            "2 peers x (neighbour, fdb, route): {:?}",
+            report.applied.len() == 8,
+            "2 peers x (neighbour, fdb, route, return route): {:?}",
             report.applied
         );
     }
@@ -497,7 +383,7 @@ async fn masquerade_table_is_applied_kept_and_restored() -> Result<()> {
     let netns = Netns::open(node.path())?;
     let cluster: Vec<IpNet> = vec!["10.244.0.0/16".parse()?, "fd00:10:244::/56".parse()?];
     let exempt: Vec<IpNet> = vec!["192.168.0.0/16".parse()?];
-    let mut table = MasqueradeTable::new(&cluster, &exempt);
+    let mut table = MasqueradeTable::new(&cluster, &exempt, None);
 
     assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Replaced);
     assert_eq!(netns.run_in(|| table.ensure())??, TableChange::Unchanged);
@@ -769,7 +655,7 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
         "87",
     ])?;
     node.run(&["ip", "link", "add", DEFAULT_BRIDGE, "type", "bridge"])?;
-    let mut table = MasqueradeTable::new(&config.cluster_cidrs, &[]);
+    let mut table = MasqueradeTable::new(&config.cluster_cidrs, &[], None);
     Netns::open(node.path())?.run_in(|| table.ensure())??;
     install_plugin(&config.cni_plugin_source, &config.cni_bin_dir)?;
     install_conflist(&config.cni_conf_dir, &render_conflist(&config.node_file))?;
@@ -791,6 +677,7 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
     let other_conflist = config.cni_conf_dir.join("20-other.conflist");
     std::fs::write(&other_conflist, "{}")?;
     ensure!(!weft_routes(node)?.is_empty() && !weft_fdb(node)?.is_empty());
+    ensure!(return_path(node)?.len() == 2, "{:?}", return_path(node)?);
 
     let report = tear_down_in(node, &config)?;
     ensure!(report.errors.is_empty(), "{:?}", report.errors);
@@ -812,6 +699,9 @@ async fn uninstall_teardown_removes_only_what_weft_owns() -> Result<()> {
                 .is_empty(),
         "proto 87 routes left"
     );
+    // The peer's return route and the own slice's rule went with them.
+    let left = return_path(node)?;
+    ensure!(left.is_empty(), "return path left: {left:?}");
     let tables = node.run(&["nft", "list", "tables"])?;
     ensure!(!tables.contains("inet weft"), "nft table left: {tables}");
     for path in [
@@ -1234,88 +1124,6 @@ async fn agent_pass(node: &TestNetns, i: usize, slices: &[IpNet]) -> Result<Appl
         "node {i}: {report:?}"
     );
     Ok(report)
-}
-
-/// A pod at `address` on `node`, attached as the plugin attaches pods: a
-/// veth pair not enslaved to anything, the pod's /32 routed to the host
-/// end, permanent neighbours both ways and the pod's gateway 169.254.1.1.
-fn routed_pod(node: &TestNetns, role: &str, address: &str) -> Result<TestNetns> {
-    let pod = namespace(role)?;
-    let (host_mac, pod_mac) = ("0a:58:0a:00:00:01", "0a:58:0a:00:00:02");
-    node.run(&[
-        "ip",
-        "link",
-        "add",
-        "vethpod",
-        "address",
-        host_mac,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "address",
-        pod_mac,
-        "netns",
-        pod.name(),
-    ])?;
-    node.run(&["ip", "link", "set", "vethpod", "up"])?;
-    node.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-    node.run(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{address}/32"),
-        "dev",
-        "vethpod",
-    ])?;
-    node.run(&[
-        "ip",
-        "neigh",
-        "add",
-        address,
-        "lladdr",
-        pod_mac,
-        "dev",
-        "vethpod",
-        "nud",
-        "permanent",
-    ])?;
-    pod.run(&["ip", "addr", "add", &format!("{address}/32"), "dev", "eth0"])?;
-    pod.run(&["ip", "link", "set", "eth0", "up"])?;
-    pod.run(&[
-        "ip",
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ])?;
-    pod.run(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ])?;
-    pod.run(&[
-        "ip",
-        "neigh",
-        "add",
-        "169.254.1.1",
-        "lladdr",
-        host_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ])?;
-    Ok(pod)
 }
 
 /// A node whose slice moves away and back is reachable again after one

@@ -5,7 +5,8 @@
 //! link to a namespace holding an accepted peer's public IPs and a
 //! stranger's. Pods that forge a source (an address added to their
 //! interface, as a pod with NET_RAW could send from) and datagrams forged
-//! for the VXLAN port are sent at the node; the table's counters show each
+//! for the VXLAN port (inner sources outside the sender's slices, another
+//! node's IP) are sent at the node; the table's counters show each
 //! was dropped there, and the legitimate traffic sent after it arrives
 //! alone. Needs root (see `weft_testing::root_available`); every namespace
 //! is removed on success and on failure.
@@ -435,6 +436,29 @@ fn vxlan(frame: Vec<u8>) -> Vec<u8> {
     datagram
 }
 
+/// Sends each VXLAN datagram `(outer source, to, inner frame)` from the
+/// underlay namespace and checks that exactly these reach the node's port
+/// at `at_port`.
+fn delivered_alone(
+    testbed: &Testbed,
+    at_port: &UdpSocket,
+    datagrams: &[(&str, SocketAddr, Vec<u8>)],
+) -> Result<()> {
+    let ip = |text: &str| text.parse::<IpAddr>();
+    let mut sent = Vec::new();
+    for (from, to, frame) in datagrams {
+        let datagram = vxlan(frame.clone());
+        send(&testbed.underlay, ip(from)?, *to, &datagram)?;
+        sent.push((ip(from)?, datagram));
+    }
+    let mut got = receive(at_port, datagrams.len())?;
+    got.sort();
+    sent.sort();
+    ensure!(got == sent, "received {got:?}, expected {sent:?}");
+    ensure!(nothing_queued(at_port)?, "more arrived than was accepted");
+    Ok(())
+}
+
 #[test]
 fn vxlan_is_taken_only_from_accepted_peers_for_their_own_slices() -> Result<()> {
     require_root!("network namespaces and nftables");
@@ -517,18 +541,7 @@ fn vxlan_is_taken_only_from_accepted_peers_for_their_own_slices() -> Result<()> 
             inner_frame(ip("fd00:10:244:3::5"), None, 13),
         ),
     ];
-    for (from, to, frame) in &accepted {
-        send(&testbed.underlay, ip(from), *to, &vxlan(frame.clone()))?;
-    }
-    let mut got = receive(&at_port, accepted.len())?;
-    got.sort();
-    let mut sent: Vec<_> = accepted
-        .iter()
-        .map(|(from, _, frame)| (ip(from), vxlan(frame.clone())))
-        .collect();
-    sent.sort();
-    assert_eq!(got, sent);
-    assert!(nothing_queued(&at_port)?);
+    delivered_alone(&testbed, &at_port, &accepted)?;
     assert_eq!(testbed.dropped(DropReason::VxlanStranger)?, strangers);
 
     // p6 leaves: its senders are deleted in place, and it is a stranger.
@@ -543,6 +556,94 @@ fn vxlan_is_taken_only_from_accepted_peers_for_their_own_slices() -> Result<()> 
     let (from, to, frame) = &accepted[0];
     send(&testbed.underlay, ip(from), *to, &vxlan(frame.clone()))?;
     assert_eq!(receive(&at_port, 1)?, [(ip(from), vxlan(frame.clone()))]);
+    Ok(())
+}
+
+/// Each peer may send into the tunnel as its own node IP (host traffic the
+/// peer SNATs to it), never as another node's: not as a third peer's, not
+/// as the receiving node's, and a stranger not even as itself. A pod cannot
+/// borrow its node's IP to pass as it either.
+#[test]
+fn a_peer_may_send_as_its_own_node_ip_never_as_another() -> Result<()> {
+    require_root!("network namespaces and nftables");
+    let testbed = Testbed::start("gself")?;
+    // A third peer p4 could pretend to be.
+    let mut peers = accepted_peers();
+    peers.push(Peer {
+        node_name: "q".into(),
+        pod_cidrs: vec!["10.244.4.0/24".parse()?],
+        public_ip: "192.168.50.4".parse()?,
+        vtep_mac: None,
+        created: 0,
+        malformed: None,
+    });
+    let mut table = GuardTable::default();
+    let state = GuardState::of(Some(VXLAN_PORT), &peers);
+    testbed.in_node(|| table.ensure(&state))??;
+    let at_port = udp(
+        &testbed.node,
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), VXLAN_PORT),
+    )?;
+    let to_v4: SocketAddr = "192.168.50.1:8472".parse()?;
+    let to_v6: SocketAddr = "[fd50::1]:8472".parse()?;
+    let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+
+    let rejected = [
+        // p4 as the third peer q, as p6, as the receiving node.
+        ("192.168.50.2", to_v4, "192.168.50.4"),
+        ("192.168.50.2", to_v4, "fd50::2"),
+        ("192.168.50.2", to_v4, "192.168.50.1"),
+        ("192.168.50.2", to_v4, "fd50::1"),
+        // p6 as p4 and as the receiving node.
+        ("fd50::2", to_v6, "192.168.50.2"),
+        ("fd50::2", to_v6, "fd50::1"),
+        // A stranger as itself and as p4.
+        ("192.168.50.3", to_v4, "192.168.50.3"),
+        ("192.168.50.3", to_v4, "192.168.50.2"),
+    ];
+    for (tag, (from, to, inner)) in (1..).zip(rejected) {
+        let frame = inner_frame(ip(inner), None, tag);
+        send(&testbed.underlay, ip(from), to, &vxlan(frame))?;
+    }
+    let strangers = rejected.len() as u64;
+    testbed.wait_dropped(DropReason::VxlanStranger, strangers)?;
+
+    // Sent after the forged ones, each peer as itself arrives alone.
+    let accepted = [
+        (
+            "192.168.50.2",
+            to_v4,
+            inner_frame(ip("192.168.50.2"), None, 20),
+        ),
+        ("fd50::2", to_v6, inner_frame(ip("fd50::2"), None, 21)),
+    ];
+    delivered_alone(&testbed, &at_port, &accepted)?;
+    assert_eq!(testbed.dropped(DropReason::VxlanStranger)?, strangers);
+
+    // Peers trust this node's IP from this node alone, so a pod must not
+    // send as it: towards a pod beside it and towards a peer's pod.
+    let (a, b) = (testbed.pod("a"), testbed.pod("b"));
+    let at_b = udp(&b.netns, "[::]:7000".parse()?)?;
+    a.netns
+        .run(&words("ip addr add 192.168.50.1/32 dev eth0"))?;
+    let node_ip = ip("192.168.50.1");
+    send(
+        &a.netns,
+        node_ip,
+        SocketAddr::new(b.v4.into(), 7000),
+        b"forged",
+    )?;
+    send(&a.netns, node_ip, "10.244.2.5:7000".parse()?, b"forged")?;
+    testbed.wait_dropped(DropReason::Spoofed, 2)?;
+    send(
+        &a.netns,
+        a.v4.into(),
+        SocketAddr::new(b.v4.into(), 7000),
+        b"own",
+    )?;
+    assert_eq!(receive(&at_b, 1)?, [(IpAddr::V4(a.v4), b"own".to_vec())]);
+    assert!(nothing_queued(&at_b)?);
+    assert_eq!(testbed.dropped(DropReason::Spoofed)?, 2);
     Ok(())
 }
 

@@ -201,7 +201,7 @@ async fn entries_the_reconcile_holds_are_not_reported() -> Result<()> {
     ensure!(weft_routes(&node)? == vec!["10.244.1.0/24"]);
     let found = check_kernel(&plane, &wanted, &own, hold, None).await?;
     ensure!(found.is_clean(), "held entries reported: {found:?}");
-    // Without the hold, the same kernel lacks node-2's three entries.
+    // Without the hold, the same kernel lacks node-2's four entries.
     let found = check(&plane, &wanted, &own).await?;
     assert_eq!(
         found.missing,
@@ -209,6 +209,7 @@ async fn entries_the_reconcile_holds_are_not_reported() -> Result<()> {
             format!("fdb 0a:58:00:00:00:03 dst 172.31.0.12 dev {VXLAN_DEVICE}"),
             format!("neighbour 10.244.2.0 lladdr 0a:58:00:00:00:03 dev {VXLAN_DEVICE}"),
             format!("route 10.244.2.0/24 via 10.244.2.0 dev {VXLAN_DEVICE} onlink"),
+            format!("route 172.31.0.12 via 10.244.2.0 dev {VXLAN_DEVICE} onlink table 8787"),
         ]
     );
     Ok(())
@@ -237,6 +238,10 @@ async fn a_peers_entries_show_what_the_kernel_holds_of_each() -> Result<()> {
                 true,
             ),
             entry(route.clone(), route_held),
+            entry(
+                format!("route 172.31.0.11 via 10.244.1.0 dev {VXLAN_DEVICE} onlink table 8787"),
+                true,
+            ),
         ]
     };
     let dump = plane.dump().await?;
@@ -250,7 +255,7 @@ async fn a_peers_entries_show_what_the_kernel_holds_of_each() -> Result<()> {
     // node-2's entries are untouched.
     let other = peer_entries(&peers[1], &wanted, &dump);
     assert!(
-        other.len() == 3 && other.iter().all(|e| e.held),
+        other.len() == 4 && other.iter().all(|e| e.held),
         "{other:?}"
     );
     Ok(())
@@ -284,6 +289,7 @@ async fn the_dump_reads_weft_s_links_routes_neighbours_fdb_and_tables() -> Resul
         "10.244.1.0/24 via 10.244.1.0 dev weft.1 proto 87 onlink",
         "unreachable 10.244.0.0/24 proto 87",
         "172.31.0.0/24 dev eth0 proto kernel scope link",
+        "172.31.0.11/32 via 10.244.1.0 dev weft.1 table 8787 proto 87 onlink",
     ] {
         assert!(
             dump.routes.iter().any(|r| r.starts_with(route)),
@@ -291,6 +297,10 @@ async fn the_dump_reads_weft_s_links_routes_neighbours_fdb_and_tables() -> Resul
             dump.routes
         );
     }
+    assert_eq!(
+        dump.rules,
+        vec!["from 10.244.0.0/24 fwmark 0x10000000/0x10000000 lookup 8787 pref 87 proto 87"]
+    );
     assert_eq!(
         dump.neighbours,
         vec!["10.244.1.0 dev weft.1 lladdr 0a:58:00:00:00:02 permanent"]

@@ -246,9 +246,14 @@ async fn a_node_lists_its_entries_for_a_peer_and_dumps_its_kernel() -> Result<()
         format!("neighbour {vtep} lladdr {peer_mac} dev weft.1"),
         format!("fdb {peer_mac} dst {} dev weft.1", node1.underlay_ip()),
         route.clone(),
+        // Replies to node 1's own traffic through the tunnel go back in it.
+        format!(
+            "route {} via {vtep} dev weft.1 onlink table 8787",
+            node1.underlay_ip()
+        ),
     ];
 
-    // A healthy pair: node 0 holds all three entries for node 1.
+    // A healthy pair: node 0 holds all four entries for node 1.
     let healthy = wait_for(PATIENCE, "node 0 to hold node 1's entries", || {
         let found = peer_entries(&node0, &node1.name)?;
         let held: Vec<&str> = found
@@ -341,6 +346,12 @@ async fn a_node_lists_its_entries_for_a_peer_and_dumps_its_kernel() -> Result<()
         node1.underlay_ip()
     );
     assert!(dump.fdb.contains(&fdb), "{fdb} not in {:?}", dump.fdb);
+    // The return rule for node 0's own slice.
+    assert!(
+        dump.rules.iter().any(|r| r.contains("lookup 8787")),
+        "no return rule in {:?}",
+        dump.rules
+    );
     for table in ["inet weft", "inet weft-policy", "inet weft-guard"] {
         let listing = dump
             .tables

@@ -52,6 +52,23 @@ fn weft_leftovers(node: &ClusterNode) -> Result<Vec<String>> {
             .command("ip")
             .args([family, "route", "show", "proto", "87"]))?;
         found.extend(routes.lines().map(|r| format!("route {r}")));
+        // Every table: the return table's routes are Weft's too.
+        let routes = run(node
+            .command("ip")
+            .args([family, "route", "show", "table", "all", "proto", "87"]))?;
+        found.extend(
+            routes
+                .lines()
+                .filter(|r| r.contains("table "))
+                .map(|r| format!("route {r}")),
+        );
+        let rules = run(node.command("ip").args([family, "rule", "show"]))?;
+        found.extend(
+            rules
+                .lines()
+                .filter(|rule| rule.contains("proto 87"))
+                .map(|rule| format!("rule {rule}")),
+        );
     }
     let tables = run(node.command("nft").args(["list", "tables"]))?;
     found.extend(

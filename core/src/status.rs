@@ -268,9 +268,14 @@ pub struct KernelDump {
     /// Weft's links (overlay device, bridge, pod veths), one line each.
     #[serde(default)]
     pub links: Vec<String>,
-    /// Every route in the main table of both families, one line each.
+    /// Every route in the main table of both families, and Weft's return
+    /// routes (`table 8787`), one line each.
     #[serde(default)]
     pub routes: Vec<String>,
+    /// Weft's policy-routing rules (`proto 87`) of both families, one
+    /// line each.
+    #[serde(default)]
+    pub rules: Vec<String>,
     /// The neighbour entries on Weft's devices.
     #[serde(default)]
     pub neighbours: Vec<String>,

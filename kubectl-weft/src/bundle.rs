@@ -7,7 +7,7 @@
 //! - `versions.txt`: the API server's, each Node's (kubelet, kernel, OS,
 //!   runtime), the workloads' images, the daemons' builds and this plugin's;
 //! - `nodes/<node>/`: the agent's `/status?check=kernel` (`status.json`),
-//!   its kernel dump (`dump.json` and readable `routes.txt`,
+//!   its kernel dump (`dump.json` and readable `routes.txt`, `rules.txt`,
 //!   `neighbours.txt`, `fdb.txt`, `links.txt`, `nft-<table>.txt`) and its
 //!   recent log (`agent.log`, and `agent.previous.log` after a restart);
 //! - `controller/<pod>/`: each replica's `/status` and recent log;
@@ -702,6 +702,7 @@ pub fn dump_files(dump: &KernelDump) -> Vec<(String, String)> {
     let mut files = vec![
         ("links.txt".to_string(), lines(&dump.links)),
         ("routes.txt".to_string(), lines(&dump.routes)),
+        ("rules.txt".to_string(), lines(&dump.rules)),
         ("neighbours.txt".to_string(), lines(&dump.neighbours)),
         ("fdb.txt".to_string(), lines(&dump.fdb)),
     ];
@@ -1030,6 +1031,7 @@ mod tests {
                 "10.244.2.0/24 via 10.244.2.0".into(),
                 "10.244.3.0/24".into(),
             ],
+            rules: vec![],
             neighbours: vec![],
             fdb: vec!["aa:bb dst 192.0.2.2".into()],
             tables: [("inet weft".to_string(), "table inet weft {}\n".to_string())].into(),
@@ -1042,14 +1044,15 @@ mod tests {
             [
                 "links.txt",
                 "routes.txt",
+                "rules.txt",
                 "neighbours.txt",
                 "fdb.txt",
                 "nft-inet_weft.txt"
             ]
         );
         assert_eq!(files[1].1, "10.244.2.0/24 via 10.244.2.0\n10.244.3.0/24\n");
-        assert_eq!(files[2].1, "");
-        assert_eq!(files[4].1, "table inet weft {}\n");
+        assert_eq!(files[3].1, "");
+        assert_eq!(files[5].1, "table inet weft {}\n");
     }
 
     #[test]

@@ -229,6 +229,7 @@ async fn the_bundle_holds_each_agents_files_names_what_failed_and_no_secret() ->
                 "dump.json",
                 "links.txt",
                 "routes.txt",
+                "rules.txt",
                 "neighbours.txt",
                 "fdb.txt",
                 "nft-weft.txt",

@@ -4,7 +4,8 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet, AfSpecUnspec, InetDevConf, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags,
+    LinkInfo, LinkMessage,
 };
 use nix::errno::Errno;
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
@@ -207,6 +208,43 @@ impl Netlink {
             .push(LinkAttribute::IfAlias(alias.to_string()));
         self.set_link(change, "setting the alias of link index", index)
             .await
+    }
+
+    /// Turns on IPv4 `src_valid_mark` for one link: the reverse-path check
+    /// of a packet arriving on it then carries the packet's firewall mark,
+    /// so it meets policy-routing rules that match on the mark. Set over
+    /// netlink (`IFLA_AF_SPEC`) rather than through `/proc/sys`, which a container that is
+    /// not privileged sees read-only; only this one setting is sent.
+    pub async fn set_src_valid_mark(&self, index: u32) -> Result<(), NetlinkError> {
+        let mut conf = InetDevConf::default();
+        conf.src_vmark = 1;
+        let mut change = LinkUnspec::new_with_index(index).build();
+        change
+            .attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                AfSpecInet::DevConfRequest(conf),
+            ])]));
+        self.set_link(change, "turning on src_valid_mark of link index", index)
+            .await
+    }
+
+    /// Whether IPv4 `src_valid_mark` is on for a link, as its dump says.
+    pub async fn src_valid_mark(&self, index: u32) -> Result<bool, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let message = links
+            .try_next()
+            .await
+            .map_err(|error| self.error("reading link index", index, error))?;
+        Ok(message
+            .into_iter()
+            .flat_map(|m| m.attributes)
+            .any(|attribute| {
+                matches!(attribute, LinkAttribute::AfSpecUnspec(specs) if specs.iter().any(|spec| {
+                    matches!(spec, AfSpecUnspec::Inet(inet) if inet.iter().any(|conf| {
+                        matches!(conf, AfSpecInet::DevConf(conf) if conf.src_vmark == 1)
+                    }))
+                }))
+            }))
     }
 
     async fn set_link(

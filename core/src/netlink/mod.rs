@@ -11,13 +11,14 @@
 //! (EEXIST) and "already gone" (ENODEV, ENOENT, ESRCH) are returned as
 //! [`Outcome`] / [`Removal`] values, decided on the errno, never on message
 //! text. Each object kind lives in its own file (`link`, `address`, `route`,
-//! `vxlan`, `neigh`, `fdb`), each adding an `impl Netlink` block.
+//! `rule`, `vxlan`, `neigh`, `fdb`), each adding an `impl Netlink` block.
 
 mod address;
 mod fdb;
 mod link;
 mod neigh;
 mod route;
+mod rule;
 #[cfg(test)]
 mod tests;
 mod vxlan;
@@ -36,10 +37,11 @@ pub use link::{Link, VethPair};
 pub use neigh::PermanentNeighbour;
 pub use netlink_packet_route::route::{RouteProtocol, RouteScope, RouteType};
 pub use route::Route;
+pub use rule::{FwMark, Rule};
 pub use vxlan::{VxlanAttributes, VxlanChange, VxlanLink, VxlanSettings};
 
-/// The routing protocol number on every route Weft installs (`proto 87` in
-/// `ip route`; 87 is ASCII `W`). It is how the agent tells its routes from
+/// The routing protocol number on every route and rule Weft installs
+/// (`proto 87` in `ip route` and `ip rule`; 87 is ASCII `W`). It is how the agent tells its routes from
 /// everyone else's: a dump filtered on it is exactly what Weft owns, so
 /// stale routes of an earlier run are found and foreign routes are never
 /// touched. Not assigned in iproute2's `rt_protos` list.

@@ -2,6 +2,7 @@
 //! need root (see `weft_testing::root_available`).
 
 use ipnet::IpNet;
+use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute};
 use weft_testing::TestNetns;
 
 use super::*;
@@ -42,6 +43,16 @@ async fn veth_addresses_neighbours_routes_in_namespaces() {
     on_node.set_alias(host.index, "weft test").await.unwrap();
     let host = on_node.link_by_index(host.index).await.unwrap().unwrap();
     assert_eq!(host.alias.as_deref(), Some("weft test"));
+    // src_valid_mark alone changes, and twice is no error.
+    let before = inet_conf(&on_node, host.index).await;
+    assert!(!on_node.src_valid_mark(host.index).await.unwrap());
+    for _ in 0..2 {
+        on_node.set_src_valid_mark(host.index).await.unwrap();
+    }
+    assert!(on_node.src_valid_mark(host.index).await.unwrap());
+    let mut expected = before;
+    expected.src_vmark = 1;
+    assert_eq!(inet_conf(&on_node, host.index).await, expected);
     let eth0 = in_pod.link_by_name("eth0").await.unwrap().unwrap();
     assert!(!eth0.up);
     in_pod.set_up(eth0.index).await.unwrap();
@@ -169,6 +180,35 @@ async fn veth_addresses_neighbours_routes_in_namespaces() {
     assert!(in_pod.link_by_name("eth0").await.unwrap().is_none());
 }
 
+/// A link's IPv4 settings as the kernel dumps them.
+async fn inet_conf(netlink: &Netlink, index: u32) -> InetDevConf {
+    use futures::TryStreamExt;
+    let message = netlink
+        .handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .unwrap()
+        .unwrap();
+    message
+        .attributes
+        .into_iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::AfSpecUnspec(specs) => specs.into_iter().find_map(|spec| match spec {
+                AfSpecUnspec::Inet(inet) => inet.into_iter().find_map(|conf| match conf {
+                    AfSpecInet::DevConf(conf) => Some(conf),
+                    _ => None,
+                }),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .expect("an IPv4 device configuration in the dump")
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_missing_link_is_enodev() {
     if !weft_testing::root_available("netlink tests create network namespaces") {
@@ -180,4 +220,78 @@ async fn a_missing_link_is_enodev() {
     assert_eq!(missing.errno(), Some(Errno::ENODEV), "{missing}");
     let missing = on_node.set_alias(4242, "weft test").await.unwrap_err();
     assert_eq!(missing.errno(), Some(Errno::ENODEV), "{missing}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn rules_are_added_dumped_and_deleted_idempotently() {
+    if !weft_testing::root_available("netlink tests create network namespaces") {
+        return;
+    }
+    let node = TestNetns::create("nl-rule");
+    let on_node = Netlink::in_netns(&open(&node)).unwrap();
+    let rule = Rule {
+        family: IpFamily::V4,
+        priority: 87,
+        source: Some("10.99.1.0/24".parse().unwrap()),
+        mark: Some(FwMark {
+            value: 0x1000_0000,
+            mask: 0x1000_0000,
+        }),
+        table: 8787,
+        protocol: RouteProtocol::Other(99),
+    };
+    let v6 = Rule {
+        family: IpFamily::V6,
+        source: Some("fd99:1::/64".parse().unwrap()),
+        ..rule
+    };
+    for wanted in [rule, v6] {
+        assert_eq!(on_node.add_rule(&wanted).await.unwrap(), Outcome::Created);
+        assert_eq!(
+            on_node.add_rule(&wanted).await.unwrap(),
+            Outcome::AlreadyPresent
+        );
+    }
+    // Each family's dump holds the rule once, beside the kernel's own
+    // (local, main, default), which have no protocol of ours.
+    let found = on_node.rules(IpFamily::V4).await.unwrap();
+    assert_eq!(
+        found
+            .iter()
+            .filter(|r| r.protocol == RouteProtocol::Other(99))
+            .collect::<Vec<_>>(),
+        vec![&rule],
+        "{found:?}"
+    );
+    assert!(found.iter().any(|r| r.table == Route::MAIN_TABLE));
+    let found = on_node.rules(IpFamily::V6).await.unwrap();
+    assert!(found.contains(&v6), "{found:?}");
+    // A rule that differs only in its mark is another rule.
+    let other_mark = Rule {
+        mark: Some(FwMark {
+            value: 0x2000,
+            mask: 0x2000,
+        }),
+        ..rule
+    };
+    assert_eq!(
+        on_node.delete_rule(&other_mark).await.unwrap(),
+        Removal::AlreadyGone
+    );
+    for wanted in [rule, v6] {
+        assert_eq!(
+            on_node.delete_rule(&wanted).await.unwrap(),
+            Removal::Removed
+        );
+        assert_eq!(
+            on_node.delete_rule(&wanted).await.unwrap(),
+            Removal::AlreadyGone
+        );
+    }
+    assert!(!on_node
+        .rules(IpFamily::V4)
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.protocol == RouteProtocol::Other(99)));
 }
