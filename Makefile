@@ -18,10 +18,12 @@ test:
 bench:
 	scripts/bench
 
-## Kubernetes' network e2e tests against Weft on kubelet nodes (needs root):
-## the table goes to e2e/conformance/RESULTS.md.
+## Kubernetes' network e2e tests against Weft on a kubeadm-like dual-stack
+## cluster of kubelet nodes (needs root): the table goes to
+## e2e/conformance/RESULTS.md. Options through CONFORMANCE_ARGS, e.g.
+## `make conformance CONFORMANCE_ARGS='--proxy-mode iptables'`.
 conformance:
-	cargo run -q -p weft-e2e --bin weft-e2e -- conformance
+	cargo run -q -p weft-e2e --bin weft-e2e -- conformance $(CONFORMANCE_ARGS)
 
 ## Remove what a crashed test or demo run left behind.
 cleanup:

@@ -69,6 +69,13 @@ pub struct ClusterSpec {
     /// Weft installed with that as `clusterCidrV6` by
     /// [`crate::install_from_manifests`].
     pub dual_stack: bool,
+    /// Taint the first kubelet node, the control-plane one,
+    /// `node-role.kubernetes.io/control-plane:NoSchedule` as kubeadm does:
+    /// only pods that tolerate it (Weft's, CoreDNS) run there, and
+    /// kube-controller-manager's topology cache, which leaves control-plane
+    /// nodes out, then agrees with where endpoints are. Off by default, so
+    /// tests may place pods on every node.
+    pub control_plane_taint: bool,
 }
 
 /// What a node of the cluster is.
@@ -82,8 +89,9 @@ pub enum NodeKind {
     /// runs containerd and a kubelet, which registers the Node and runs the
     /// pods scheduled to it. The control plane gains kube-controller-manager
     /// and kube-scheduler. The first node is labelled
-    /// `node-role.kubernetes.io/control-plane` (untainted), where Weft's
-    /// controller runs. See [`crate::NodeMachine`].
+    /// `node-role.kubernetes.io/control-plane`, where Weft's controller
+    /// runs (tainted only with [`ClusterSpec::control_plane_taint`]). See
+    /// [`crate::NodeMachine`].
     Kubelet,
 }
 
@@ -100,6 +108,7 @@ impl Default for ClusterSpec {
             proxy_mode: ProxyMode::default(),
             zones: 0,
             dual_stack: false,
+            control_plane_taint: false,
         }
     }
 }
@@ -135,6 +144,9 @@ impl ClusterSpec {
                 "ClusterSpec.images: {} is not a file; build it first (e.g. packaging/build-image.sh)",
                 missing.display()
             );
+        }
+        if self.control_plane_taint && self.node_kind != NodeKind::Kubelet {
+            bail!("ClusterSpec.control_plane_taint needs NodeKind::Kubelet: only kubelet nodes have a control-plane node to taint; set it to false");
         }
         if self.zones > 0 && self.node_kind != NodeKind::Kubelet {
             bail!("ClusterSpec.zones needs NodeKind::Kubelet: the kubelets label their Nodes with the zone; set zones to 0");
@@ -525,7 +537,11 @@ impl Cluster {
         // The node's bridge port in the fabric namespace (15 characters at most).
         let port = format!("n{index}");
         let zone = self.spec.zone_of(index);
-        let plumbed = self.plumb_node(&mut node, &port, zone.as_deref()).await;
+        // The first node is the control-plane one (see `mark_control_plane`).
+        let tainted = self.spec.control_plane_taint && index == 0;
+        let plumbed = self
+            .plumb_node(&mut node, &port, zone.as_deref(), tainted)
+            .await;
         if let Err(e) = plumbed {
             if let Err(undo) = self.dismantle_node(&node) {
                 tracing::warn!("undoing the half-added node {name}: {undo:#}");
@@ -541,6 +557,7 @@ impl Cluster {
         node: &mut ClusterNode,
         port: &str,
         zone: Option<&str>,
+        control_plane_taint: bool,
     ) -> Result<()> {
         let addressing = node.segment.addressing();
         let node_addresses: Vec<ipnet::IpNet> = std::iter::once(node.underlay_address.into())
@@ -626,6 +643,7 @@ impl Cluster {
                 kubelet::KubeletSetup {
                     binary: &support.kubelet,
                     zone,
+                    control_plane_taint,
                 },
             )
             .await?;
@@ -700,14 +718,16 @@ impl Cluster {
     }
 }
 
-/// The label of a control-plane node, where Weft's controller runs.
-const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+/// The label of a control-plane node, where Weft's controller runs, and
+/// the key of its taint.
+pub(crate) const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
 
 /// Labels `node` a control-plane node, with the admin's credentials as
 /// kubeadm does (NodeRestriction keeps a kubelet from setting a
-/// `node-role.kubernetes.io` label on itself). No NoSchedule taint: like a
-/// kubeadm cluster whose control-plane taint was removed, test pods still
-/// run on every node.
+/// `node-role.kubernetes.io` label on itself). Its kubelet registered it
+/// with the control-plane taint if [`ClusterSpec::control_plane_taint`]
+/// asks for it; without, it is like a kubeadm cluster whose taint was
+/// removed: test pods run on every node.
 async fn mark_control_plane(client: &kube::Client, node: &str) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let patch = serde_json::json!({ "metadata": { "labels": { CONTROL_PLANE_LABEL: "" } } });
@@ -779,6 +799,12 @@ mod tests {
         };
         let message = zoned_namespaces.validate().unwrap_err().to_string();
         assert!(message.contains("ClusterSpec.zones"), "{message}");
+        let tainted_namespaces = ClusterSpec {
+            control_plane_taint: true,
+            ..ClusterSpec::default()
+        };
+        let message = tainted_namespaces.validate().unwrap_err().to_string();
+        assert!(message.contains("control_plane_taint"), "{message}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use serde_json::json;
 
+use crate::cluster::CONTROL_PLANE_LABEL;
 use crate::control_plane::{write_kubeconfig, Credentials, Pki};
 use crate::exec::tail;
 use crate::machine::NodeMachine;
@@ -80,6 +81,9 @@ pub(crate) struct KubeletSetup<'a> {
     pub(crate) binary: &'a Path,
     /// The node's zone label ([`crate::ClusterSpec::zones`]), if any.
     pub(crate) zone: Option<&'a str>,
+    /// Register the Node with the control-plane taint
+    /// ([`crate::ClusterSpec::control_plane_taint`]).
+    pub(crate) control_plane_taint: bool,
 }
 
 /// Starts the node's kubelet (`<node>-kubelet`) with a client certificate
@@ -112,8 +116,17 @@ pub(crate) async fn start(
         },
     )?;
     let config_file = node.state_dir.join("kubelet-config.json");
-    let text = serde_json::to_string_pretty(&config(node, machine, &pki.ca_cert))
-        .context("encoding the kubelet configuration")?;
+    let mut config = config(node, machine, &pki.ca_cert);
+    if setup.control_plane_taint {
+        // As kubeadm's `nodeRegistration.taints` reaches the kubelet: set at
+        // registration, so no pod is ever placed before it (a patch after
+        // registration would race the scheduler and the node lifecycle
+        // controller's own taints).
+        config["registerWithTaints"] =
+            json!([{ "key": CONTROL_PLANE_LABEL, "effect": "NoSchedule" }]);
+    }
+    let text =
+        serde_json::to_string_pretty(&config).context("encoding the kubelet configuration")?;
     std::fs::write(&config_file, text)
         .with_context(|| format!("writing {}", config_file.display()))?;
 

@@ -62,6 +62,11 @@ enum Action {
         /// dual-stack cluster (Weft still to be installed with clusterCidrV6).
         #[arg(long)]
         dual_stack: bool,
+        /// Register the first kubelet node with the control-plane taint
+        /// (`node-role.kubernetes.io/control-plane:NoSchedule`), as kubeadm
+        /// does: only pods that tolerate it run there.
+        #[arg(long, requires = "kubelet")]
+        control_plane_taint: bool,
         /// Return once the cluster is up, leaving it running in the background
         /// until `weft-e2e down`; its messages go to the file named on stderr.
         #[arg(long)]
@@ -72,15 +77,30 @@ enum Action {
     /// Remove namespaces, processes and run directories left by crashed runs.
     Cleanup,
     /// Run Kubernetes' own network e2e tests (e2e/conformance/focus.txt
-    /// less skip.txt) against Weft on three kubelet nodes, building what is
-    /// missing; print the results table and write it to
-    /// e2e/conformance/RESULTS.md. Fails if a test failed.
+    /// less skip.txt) against Weft on a kubeadm-like dual-stack cluster of
+    /// four kubelet nodes, building what is missing; print the results table
+    /// and write it to e2e/conformance/RESULTS.md. Fails if a test failed.
     Conformance {
         /// Run only the tests matching this regular expression (repeatable)
         /// instead of focus.txt; the table then goes to
         /// target/conformance/RESULTS.md.
         #[arg(long = "focus", value_name = "REGEX")]
         focus: Vec<String>,
+        /// kube-proxy's mode on the nodes.
+        #[arg(long, value_enum, default_value_t = ProxyMode::Nftables)]
+        proxy_mode: ProxyMode,
+        /// An IPv4-only cluster, without the [Feature:IPv6DualStack] tests.
+        #[arg(long)]
+        single_stack: bool,
+        /// How many tests run at once (Ginkgo processes); [Serial] ones run
+        /// alone after the rest.
+        #[arg(long, default_value_t = conformance::DEFAULT_PROCESSES as u16,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        procs: u16,
+        /// Weft's image archive, already built (e.g. target/image/weft.oci.tar),
+        /// instead of building it with packaging/build-image.sh.
+        #[arg(long, value_name = "ARCHIVE")]
+        weft_image: Option<PathBuf>,
     },
 }
 
@@ -105,6 +125,7 @@ async fn main() -> Result<()> {
             proxy_mode,
             zones,
             dual_stack,
+            control_plane_taint,
             detach: false,
         } => {
             up(ClusterSpec {
@@ -120,6 +141,7 @@ async fn main() -> Result<()> {
                 proxy_mode,
                 zones,
                 dual_stack,
+                control_plane_taint,
             })
             .await
         }
@@ -129,7 +151,22 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Action::Cleanup => cleanup_leftovers(),
-        Action::Conformance { focus } => run_conformance(focus).await,
+        Action::Conformance {
+            focus,
+            proxy_mode,
+            single_stack,
+            procs,
+            weft_image,
+        } => {
+            let mut suite = SuiteRun::from_selection_files()?;
+            if single_stack {
+                suite = suite.single_stack();
+            }
+            suite.proxy_mode = proxy_mode;
+            suite.processes = procs.into();
+            suite.weft_image = weft_image;
+            run_conformance(suite, focus).await
+        }
     }
 }
 
@@ -222,8 +259,7 @@ async fn up(spec: ClusterSpec) -> Result<()> {
     cluster.stop().await
 }
 
-async fn run_conformance(focus: Vec<String>) -> Result<()> {
-    let mut suite = SuiteRun::from_selection_files()?;
+async fn run_conformance(mut suite: SuiteRun, focus: Vec<String>) -> Result<()> {
     let page = if focus.is_empty() {
         selection_dir().join("RESULTS.md")
     } else {

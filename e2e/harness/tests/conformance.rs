@@ -1,7 +1,9 @@
 //! A slice of Kubernetes' own network e2e tests, run through the upstream
 //! binary exactly as `make conformance` runs the full selection: pod to pod
-//! across nodes, pod to Service, cluster DNS, hostPort and NetworkPolicy, on three kubelet
-//! nodes (one behind a router) with Weft installed from `manifests/`.
+//! across nodes on both IP families, pod to Service, cluster DNS, hostPort
+//! and NetworkPolicy, on the same kubeadm-like dual-stack cluster (four
+//! kubelet nodes, the control-plane one tainted, one behind a router) with
+//! Weft installed from `manifests/`.
 //! Needs root (through `weft_testing::require_root!`: under `CI=true` it
 //! never skips), containerd, runc and kubectl; builds e2e.test and agnhost
 //! on a cold cache.
@@ -11,10 +13,14 @@ use weft_e2e::conformance::{self, Outcome, Selector, SuiteRun};
 use weft_testing::require_root;
 
 /// One test per path Weft carries, named in full so each selects one test.
-const SLICE: [(&str, &str); 5] = [
+const SLICE: [(&str, &str); 6] = [
     (
         r"\[sig-network\] Networking Granular Checks: Pods should function for intra-pod communication: http \[",
         "pod to pod, on one node and across nodes",
+    ),
+    (
+        r"\[sig-network\] \[Feature:IPv6DualStack\] should be able to reach pod on ipv4 and ipv6 ip",
+        "pod to pod over IPv4 and IPv6",
     ),
     (
         r"\[sig-network\] Networking Granular Checks: Services should function for pod-Service: http$",

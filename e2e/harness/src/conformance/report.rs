@@ -162,6 +162,8 @@ pub struct RunFacts {
     pub machine: String,
     /// The cluster the tests ran against.
     pub cluster: String,
+    /// What ran the tests: the Ginkgo CLI, how many at once.
+    pub runner: String,
     /// The whole run: builds, cluster, install, tests, teardown.
     pub duration: Duration,
     /// The tests alone (the e2e.test process).
@@ -192,6 +194,7 @@ pub fn markdown(
     );
     let _ = writeln!(page, "- Machine: {}", facts.machine);
     let _ = writeln!(page, "- Cluster: {}", facts.cluster);
+    let _ = writeln!(page, "- Runner: {}", facts.runner);
     let _ = writeln!(
         page,
         "- Duration: {} in all, {} of it the tests",
@@ -207,7 +210,11 @@ pub fn markdown(
         tests.len()
     );
     let _ = writeln!(page, "| Test | Result | Time (s) |\n| --- | --- | ---: |");
-    for test in tests {
+    // By name, so a group's tests sit together and runs compare line by
+    // line (parallel processes finish them in no set order).
+    let mut by_name: Vec<&TestResult> = tests.iter().collect();
+    by_name.sort_by(|a, b| a.name.cmp(&b.name));
+    for test in by_name {
         let result = match test.outcome {
             Outcome::Passed => "pass",
             Outcome::Failed => "**FAIL**",
@@ -358,6 +365,7 @@ mod tests {
             kubernetes: "v1.33.13".into(),
             machine: "2 cores".into(),
             cluster: "3 kubelet nodes".into(),
+            runner: "Ginkgo Version 2.21.0, 3 processes".into(),
             duration: Duration::from_secs(600),
             suite_duration: Duration::from_secs(300),
         };
@@ -371,6 +379,15 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("| **FAIL** | 30 |"), "{page}");
+        assert!(
+            page.contains("- Runner: Ginkgo Version 2.21.0, 3 processes"),
+            "{page}"
+        );
+        // Sorted by name: DNS, then HostPort, then Networking.
+        let dns = page.find("| [sig-network] DNS").unwrap();
+        let host_port = page.find("| [sig-network] HostPort").unwrap();
+        let networking = page.find("| [sig-network] Networking").unwrap();
+        assert!(dns < host_port && host_port < networking, "{page}");
         assert!(
             page.contains("### [sig-network] Networking Granular Checks"),
             "{page}"
