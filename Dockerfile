@@ -18,6 +18,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# The commit the binaries report; the build context carries no .git:
+# docker build --build-arg WEFT_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG WEFT_COMMIT=unknown
 # The caches keep the crates and the target directory between builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -13,6 +13,16 @@ set -euo pipefail
 dest="$1"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# The commit every binary reports (`/status`, `weft_build_info`, `weft
+# --version`): given by the caller (the Dockerfile's WEFT_COMMIT build
+# argument, whose context has no .git), else read from git, marked -dirty
+# when the tree has uncommitted changes.
+if [[ -z "${WEFT_COMMIT:-}" ]] && commit="$(git rev-parse --short=12 HEAD 2>/dev/null)"; then
+  [[ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]] || commit="$commit-dirty"
+  WEFT_COMMIT="$commit"
+fi
+export WEFT_COMMIT="${WEFT_COMMIT:-unknown}"
+
 cargo build --release --locked -q -p weft-controller -p weft-agent
 plugin="$(packaging/build-plugin.sh)"
 kubectl_weft="$(packaging/build-static.sh kubectl-weft kubectl-weft)"

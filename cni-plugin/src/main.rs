@@ -2,7 +2,8 @@
 //! environment and the network config on stdin; it prints the result or
 //! error JSON on stdout and nothing else. Logs go to stderr, or appended to
 //! the file named by `WEFT_LOG_FILE`, filtered by `WEFT_LOG` (default
-//! `warn`).
+//! `warn`). Run by hand as `weft --version` it prints its version and
+//! the CNI versions it speaks, and nothing else.
 
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Read, Write};
@@ -14,6 +15,16 @@ use tracing_subscriber::EnvFilter;
 use weft_cni::cni::{CniError, CniVersion, ErrorCode};
 
 fn main() -> ExitCode {
+    // A runtime passes no arguments; a person asking what is installed does.
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!(
+            "weft {} (commit {}; CNI versions {})",
+            weft_core::status::VERSION,
+            weft_core::status::COMMIT,
+            weft_cni::cni::supported_versions_list()
+        );
+        return ExitCode::SUCCESS;
+    }
     init_logging();
     let mut stdin = Vec::new();
     let reply = match std::io::stdin().read_to_end(&mut stdin) {

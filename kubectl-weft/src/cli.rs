@@ -51,6 +51,13 @@ pub enum Command {
     /// rules, and whether both nodes hold the path; exits 0 when allowed
     /// and complete, 1 otherwise, 2 when it could not look.
     Trace(crate::trace::TraceArgs),
+    /// End-to-end checks with pods of its own on every node (`connectivity
+    /// test`); exits 0 when all pass, 1 when one fails, 2 when it could
+    /// not run.
+    Connectivity(crate::connectivity::ConnectivityArgs),
+    /// The probe server and client the connectivity test's pods run.
+    #[command(hide = true)]
+    Probe(crate::probe::ProbeArgs),
 }
 
 /// Flags of `bundle`.
@@ -119,6 +126,12 @@ pub async fn client(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<
 
 /// Runs the command, writes its output to `out`, and returns the exit status.
 pub async fn run(cli: &Cli, out: &mut impl Write) -> Result<u8> {
+    // The probe runs in a test pod: no kubeconfig there, and none needed.
+    if let Command::Probe(args) = &cli.command {
+        return crate::probe::run(args, out)
+            .await
+            .map_err(|e| Error::Connectivity(format!("probe: {e}")));
+    }
     let client = client(cli.kubeconfig.as_deref(), cli.context.as_deref()).await?;
     let options = StatusOptions {
         namespace: cli.namespace.clone(),
@@ -152,6 +165,8 @@ pub async fn run(cli: &Cli, out: &mut impl Write) -> Result<u8> {
             Ok(0)
         }
         Command::Trace(args) => crate::trace::run(&client, &options, args, out).await,
+        Command::Connectivity(args) => crate::connectivity::run(&client, &options, args, out).await,
+        Command::Probe(_) => unreachable!("the probe ran above, without a client"),
     }
 }
 

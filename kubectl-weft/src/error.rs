@@ -54,6 +54,20 @@ pub enum Error {
     /// `trace` cannot work out its two ends or the port from the cluster.
     #[error("{0}")]
     Trace(String),
+
+    /// A change `connectivity test` makes was refused or not answered.
+    #[error("{what}: {source} (check that you may {what}: docs/connectivity.md lists the permissions the test needs)")]
+    Change {
+        /// What was changed, e.g. `create pods`.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+
+    /// `connectivity test` (or its probe) could not run.
+    #[error("{0}")]
+    Connectivity(String),
 }
 
 /// `Result` with this crate's [`Error`].

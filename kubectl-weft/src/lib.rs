@@ -12,13 +12,20 @@
 //! reach another pod or an address, by which rules, and whether the two
 //! nodes hold the path.
 //!
+//! `kubectl weft connectivity test` ([`connectivity`]) runs pods of its
+//! own on every node and checks pod, node, Service, hostPort, DNS, outside
+//! and NetworkPolicy traffic end to end; its pods run the hidden `probe`
+//! subcommand ([`probe`]) from Weft's image.
+//!
 //! Tests and other tools call [`status`] with a [`kube::Client`] of their own.
 
 pub mod assess;
 pub mod bundle;
 pub mod cli;
+pub mod connectivity;
 pub mod error;
 pub mod observe;
+pub mod probe;
 pub mod report;
 pub mod trace;
 

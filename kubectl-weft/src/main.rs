@@ -1,5 +1,5 @@
-//! kubectl-weft: `kubectl weft status`, `trace` and `bundle` once the
-//! binary is on PATH.
+//! kubectl-weft: `kubectl weft status`, `trace`, `bundle` and
+//! `connectivity test` once the binary is on PATH.
 //!
 //! Parses the command line and runs [`kubectl_weft::cli::run`]. Exit
 //! status: 0 healthy (or allowed, or written), 1 with warnings (or denied, or

@@ -97,6 +97,10 @@ fn bad_values_are_refused_naming_the_value() -> Result<()> {
         ("clusterCidr=fd00:10::/48", "/clusterCidr"),
         ("controller.sliceSizeV4=31", "/controller/sliceSizeV4"),
         ("agent.metricsAddress=9465", "/agent/metricsAddress"),
+        // A misspelt switch would otherwise leave the feature at its default.
+        ("networkPolicy.enabeld=false", "/networkPolicy"),
+        ("nodeWritePolicy.enabled=no", "/nodeWritePolicy/enabled"),
+        ("operatorRole.create=yes", "/operatorRole/create"),
     ];
     for (setting, field) in cases {
         let output = helm_command(&helm, home.path())

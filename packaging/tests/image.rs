@@ -15,7 +15,8 @@ use ipnet::IpNet;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::Value;
-use weft_agent::masquerade::render_ruleset;
+use weft_agent::masquerade::{render_ruleset, HostTraffic};
+use weft_core::ip::IpFamily;
 use weft_packaging::{plain_manifests, Rendered};
 use weft_testing::{printed_path, require_root, run};
 
@@ -143,6 +144,15 @@ fn offline_image_runs_what_the_chart_asks_of_it() -> Result<()> {
     let bare = work.path().join("bare");
     std::fs::create_dir(&bare)?;
     std::fs::copy(rootfs.join("usr/local/bin/weft"), bare.join("weft"))?;
+    // Built from this checkout: the commit is known, so every binary's
+    // /status and weft_build_info name it.
+    let printed = run(&mut in_image(&bare, &["/weft", "--version"]))?;
+    ensure!(
+        printed.starts_with(&format!("weft {version} (commit "))
+            && !printed.contains("commit unknown")
+            && printed.contains("1.1.0"),
+        "weft --version printed {printed}"
+    );
     let mut plugin = in_image(&bare, &["/weft"]);
     plugin
         .env("CNI_COMMAND", "VERSION")
@@ -176,12 +186,17 @@ fn offline_image_runs_what_the_chart_asks_of_it() -> Result<()> {
         "kubectl-weft printed {printed}"
     );
 
-    // The agent's own masquerade table, dual-stack, through the image's nft.
+    // The agent's own masquerade table, dual-stack and with the chains for
+    // the node's own traffic into the tunnel, through the image's nft.
     let cidrs: Vec<IpNet> = vec!["10.244.0.0/16".parse()?, "fd00:10:244::/56".parse()?];
     let no_masquerade: Vec<IpNet> = vec!["192.168.0.0/16".parse()?];
+    let host = HostTraffic {
+        family: IpFamily::V4,
+        snat: Some("172.31.0.10".parse()?),
+    };
     std::fs::write(
         rootfs.join("ruleset.nft"),
-        render_ruleset(&cidrs, &no_masquerade),
+        render_ruleset(&cidrs, &no_masquerade, Some(&host)),
     )?;
     let listed = run(&mut in_image(
         &rootfs,
@@ -192,7 +207,10 @@ fn offline_image_runs_what_the_chart_asks_of_it() -> Result<()> {
         ],
     ))?;
     ensure!(
-        listed.contains("table inet weft") && listed.contains("masquerade"),
+        listed.contains("table inet weft")
+            && listed.contains("masquerade")
+            && listed.contains("snat ip to 172.31.0.10")
+            && listed.contains("chain return-path-local"),
         "nft listed: {listed}"
     );
 

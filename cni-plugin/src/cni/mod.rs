@@ -84,14 +84,16 @@ impl FromStr for CniVersion {
                     ErrorCode::IncompatibleVersion,
                     format!(
                         "cniVersion {s:?} is not supported by weft: set \"cniVersion\" to one of {}",
-                        supported_list()
+                        supported_versions_list()
                     ),
                 )
             })
     }
 }
 
-fn supported_list() -> String {
+/// The supported versions, oldest first, comma-separated: for messages and
+/// `weft --version`.
+pub fn supported_versions_list() -> String {
     SUPPORTED_VERSIONS
         .iter()
         .map(|v| v.as_str())

@@ -7,7 +7,8 @@
 //! node and across nodes (the routed one included) and node to pod, a
 //! `RequireDualStack` Service answering on both ClusterIPs with the
 //! client's own address, CoreDNS answering AAAA for it, and pods reaching
-//! the outside over IPv6 with their node's address. One cluster, torn down
+//! the outside over IPv6 with their node's address, and `kubectl weft
+//! connectivity test` passing every check, IPv6 ones among them. One cluster, torn down
 //! on failure too (keeping its logs).
 //! Needs root (through `weft_testing::require_root!`: under `CI=true` it
 //! never skips), containerd, runc and kubectl.
@@ -129,6 +130,83 @@ async fn checks(cluster: &Cluster, phase: &Phases) -> Result<()> {
 
     outside_sees_nodes(cluster, &kubectl, &pods)?;
     phase.done("pods reach the outside over IPv6 with their node's address");
+
+    connectivity_test_covers_ipv6(cluster)?;
+    phase.done("kubectl weft connectivity test: every check passes, IPv6 ones too");
+    Ok(())
+}
+
+/// The checks of `kubectl weft connectivity test` that must run over IPv6
+/// on this cluster.
+const IPV6_CHECKS: [&str; 7] = [
+    "pod-to-pod",
+    "pod-to-node",
+    "node-to-pod",
+    "pod-to-service",
+    "pod-to-nodeport",
+    "pod-to-hostport",
+    "pod-to-external",
+];
+
+/// `kubectl weft connectivity test -o json` (the shipped static binary),
+/// with the outside's IPv6 server (still answering from
+/// [`outside_sees_nodes`]) as `--external`: every check passes, and each
+/// of [`IPV6_CHECKS`] has IPv6 rows.
+fn connectivity_test_covers_ipv6(cluster: &Cluster) -> Result<()> {
+    let binary = weft_testing::printed_path(
+        Command::new("bash")
+            .arg(weft_testing::repository().join("packaging/build-static.sh"))
+            .args(["kubectl-weft", "kubectl-weft"]),
+    )?;
+    let outside_v6 = cluster
+        .outside()
+        .ip_v6()
+        .context("the outside namespace of a dual-stack cluster has no IPv6 address")?;
+    let external = std::net::SocketAddr::from((outside_v6, OUTSIDE_PORT)).to_string();
+    let started = std::time::Instant::now();
+    let output = Command::new(&binary)
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig())
+        .args([
+            "connectivity",
+            "test",
+            "--external",
+            &external,
+            "-o",
+            "json",
+        ])
+        .output()
+        .context("running kubectl weft connectivity test")?;
+    let took = started.elapsed();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "connectivity test printed no report (exit {:?}): {}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    let rows = report["rows"].as_array().cloned().unwrap_or_default();
+    let not_passed: Vec<&serde_json::Value> =
+        rows.iter().filter(|row| row["result"] != "pass").collect();
+    ensure!(
+        output.status.code() == Some(0) && not_passed.is_empty(),
+        "connectivity test exited {:?}; checks that did not pass: {not_passed:#?}",
+        output.status.code()
+    );
+    for check in IPV6_CHECKS {
+        ensure!(
+            rows.iter()
+                .any(|row| row["check"] == check && row["family"] == "IPv6"),
+            "no IPv6 {check} row among {} rows",
+            rows.len()
+        );
+    }
+    let ipv6 = rows.iter().filter(|row| row["family"] == "IPv6").count();
+    eprintln!(
+        "dual-stack: kubectl weft connectivity test: {} checks ({ipv6} over IPv6) passed in {:.1} s",
+        rows.len(),
+        took.as_secs_f64()
+    );
     Ok(())
 }
 

@@ -10,7 +10,8 @@
 //! cluster DNS (CoreDNS, which the harness deploys) answering every pod for
 //! Services, and pods reaching the outside with their node's;
 //! `kubectl weft status` (the shipped static binary) healthy, then, after
-//! the manifests install: `kubectl weft trace` agreeing with real TCP
+//! the manifests install: `kubectl weft connectivity test` passing every
+//! check and naming the pair of a fault injected, `kubectl weft trace` agreeing with real TCP
 //! connections over random NetworkPolicies (pairs on one node and across
 //! nodes, both directions), `kubectl weft bundle` holding every node and no
 //! Secret's contents, and `status` naming the node and cause of each fault
@@ -25,13 +26,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams};
 use tokio::sync::Mutex;
 use weft_core::netns::Netns;
@@ -594,6 +595,9 @@ async fn flow(repo: &Path, image: &Path, install: &Install) -> Result<RunTraces>
     status.healthy()?;
     phase.done("kubectl weft status: healthy");
     if matches!(install, Install::Manifests) {
+        let external = SocketAddr::from((outside.ip(), OUTSIDE_PORT));
+        connectivity_test_passes_then_names_a_fault(&cluster, &status, external).await?;
+        phase.done("kubectl weft connectivity test: every check passes; a fault is named");
         trace_agrees_with_traffic(&cluster, &kubectl, &status, &phase).await?;
         bundle_has_every_node_and_no_secret(&kubectl, &status, &cluster)?;
         phase.done("kubectl weft bundle: every node, no Secret's contents");
@@ -1032,6 +1036,134 @@ impl KubectlWeft {
         );
         Ok(())
     }
+}
+
+/// The connectivity test's checks: every kind must be among the rows, and
+/// pass.
+const CONNECTIVITY_CHECKS: [&str; 12] = [
+    "pod-to-pod",
+    "pod-to-node",
+    "node-to-pod",
+    "pod-to-service",
+    "pod-to-nodeport",
+    "pod-to-hostport",
+    "pod-to-service-dns",
+    "pod-to-external",
+    "policy-deny",
+    "policy-allow",
+    "policy-allow-others-denied",
+    "policy-removed",
+];
+/// The nftables table of the connectivity test's fault, in the first node.
+const FAULT_TABLE: &str = "weft-e2e-fault";
+
+/// `kubectl weft connectivity test -o json`, the shipped binary, with the
+/// outside server as `--external`: every check passes (the time printed).
+/// Then with the second node's pods' traffic to the first node's pods
+/// dropped on the first node (a table of the test's own, removed after):
+/// it exits 1 and names the pair, with what trace says.
+async fn connectivity_test_passes_then_names_a_fault(
+    cluster: &Cluster,
+    weft: &KubectlWeft,
+    external: SocketAddr,
+) -> Result<()> {
+    let started = Instant::now();
+    let run = PluginRun::of(weft.command("connectivity").args([
+        "test",
+        "--external",
+        &external.to_string(),
+        "-o",
+        "json",
+    ]))?;
+    let took = started.elapsed();
+    let rows = run.report["rows"].as_array().cloned().unwrap_or_default();
+    let not_passed: Vec<&serde_json::Value> =
+        rows.iter().filter(|row| row["result"] != "pass").collect();
+    ensure!(
+        run.exit == Some(0) && not_passed.is_empty(),
+        "connectivity test exited {:?}; checks that did not pass: {not_passed:#?}",
+        run.exit
+    );
+    for check in CONNECTIVITY_CHECKS {
+        ensure!(
+            rows.iter().any(|row| row["check"] == check),
+            "no {check} row among {} rows",
+            rows.len()
+        );
+    }
+    eprintln!(
+        "real-nodes: kubectl weft connectivity test: {} checks passed in {:.1} s (pods ready after {:.1} s)",
+        rows.len(),
+        took.as_secs_f64(),
+        run.report["setupSeconds"].as_f64().unwrap_or_default()
+    );
+
+    let [victim, other, ..] = cluster.nodes() else {
+        bail!("the connectivity fault needs two nodes");
+    };
+    let client = cluster.client().await?;
+    // The first run's pods hold the node ports until its namespace is gone.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let labelled = ListParams::default().labels("weft.dev/connectivity-test=true");
+    eventually(HANG_GUARD, "the first run's namespace gone", || async {
+        Ok(namespaces
+            .list_metadata(&labelled)
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut slices = Vec::new();
+    for node in [other, victim] {
+        let object = nodes.get(&node.name).await?;
+        let annotations = object.metadata.annotations.unwrap_or_default();
+        slices.push(
+            annotations
+                .get(weft_core::annotations::POD_CIDR)
+                .with_context(|| format!("{} has no slice", node.name))?
+                .clone(),
+        );
+    }
+    let rules = format!(
+        "table inet {FAULT_TABLE} {{ chain forward {{ type filter hook forward priority -5; ip saddr {} ip daddr {} drop; }}; }}",
+        slices[0], slices[1]
+    );
+    weft_testing::run(victim.command("nft").arg(&rules))?;
+    let faulty = weft
+        .command("connectivity")
+        .args(["test", "--check-timeout", "5s"])
+        .output();
+    weft_testing::run(
+        victim
+            .command("nft")
+            .args(["delete", "table", "inet", FAULT_TABLE]),
+    )?;
+    let faulty = faulty.context("running connectivity test with the fault")?;
+    let table = String::from_utf8_lossy(&faulty.stdout);
+    eprintln!(
+        "real-nodes: kubectl weft connectivity test, {} dropping {}'s pods' traffic:\n{table}",
+        victim.name, other.name
+    );
+    let failures = table
+        .split_once("Failures")
+        .map(|(_, rest)| rest)
+        .unwrap_or("");
+    let named = failures.lines().any(|line| {
+        line.starts_with("- pod-to-pod TCP/IPv4:")
+            && line.contains(&format!("({}) -> server-", other.name))
+            && line.contains(&format!("({})", victim.name))
+    });
+    ensure!(
+        faulty.status.code() == Some(1) && named && failures.contains("  trace: "),
+        "with the fault, connectivity test exited {:?} without naming {} -> {} with a trace:\n{table}\n{}",
+        faulty.status.code(),
+        other.name,
+        victim.name,
+        String::from_utf8_lossy(&faulty.stderr)
+    );
+    Ok(())
 }
 
 /// Each fault in turn, undone before the next: `kubectl weft status`
