@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ipnet::IpNet;
 
+use super::masquerade::POD_VETHS;
 use super::nft_watch::{fingerprint, Registration, TableCheck, TableRegistry};
 use super::peer::Peer;
 use weft_core::ip::{addr_bits, IpFamily};
@@ -272,14 +273,14 @@ pub fn render(state: &GuardState) -> String {
     out.push_str(
         "\tchain prerouting {\n\t\ttype filter hook prerouting priority raw - 10; policy accept;\n",
     );
-    out.push_str("\t\tiifname \"veth*\" jump pod-source\n");
+    out.push_str(&format!("\t\tiifname \"{POD_VETHS}\" jump pod-source\n"));
     if let Some(vxlan) = &state.vxlan {
         // A pod never speaks VXLAN: its datagram to a peer would leave
         // masqueraded as this node, which the peer accepts, so a pod could
         // pass as any pod of its node. Dropped whatever the destination.
         let _ = writeln!(
             out,
-            "\t\tiifname \"veth*\" udp dport {} counter name \"{}\" drop comment \"pods never send VXLAN\"",
+            "\t\tiifname \"{POD_VETHS}\" udp dport {} counter name \"{}\" drop comment \"pods never send VXLAN\"",
             vxlan.port,
             DropReason::VxlanStranger.counter(),
         );

@@ -160,8 +160,9 @@ fn multicast(family: IpFamily) -> IpNet {
     }
 }
 
-/// The host ends of pod veths, as the plugin names them.
-const POD_VETHS: &str = "veth*";
+/// The host ends of pod veths, as the plugin names them (shared with the
+/// guard table).
+pub(crate) const POD_VETHS: &str = "veth*";
 
 /// Keeps the table equal to one rendered ruleset, in the network namespace
 /// of the calling thread (child processes inherit it).

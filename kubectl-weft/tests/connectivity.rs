@@ -27,7 +27,7 @@ use weft_testing::{eventually, require_root};
 
 use kubectl_weft::connectivity::objects::{Role, TEST_LABEL};
 
-use common::{create_workloads, plugin, PATIENCE};
+use common::{create_workloads, plugin, running_at, PATIENCE};
 
 /// The one node, as a kubelet would have registered it.
 const NODE: &str = "node-a";
@@ -86,12 +86,7 @@ async fn stand_in_for_the_cluster(client: &Client, namespace: &str, ip: &str) ->
         Ok((list.items.len() == Role::ALL.len()).then_some(list.items))
     })
     .await?;
-    let status = json!({"status": {
-        "phase": "Running",
-        "podIP": ip,
-        "podIPs": [{"ip": ip}],
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }});
+    let status = running_at(ip);
     for pod in &made {
         let name = pod
             .metadata

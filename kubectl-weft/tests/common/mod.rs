@@ -232,14 +232,12 @@ pub async fn fake_daemon(
         },
     )
     .await?;
-    let status = json!({"status": {
-        "phase": "Running",
-        "podIP": ip,
-        "podIPs": [{"ip": ip}],
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }});
-    pods.patch_status(pod_name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
+    pods.patch_status(
+        pod_name,
+        &PatchParams::default(),
+        &Patch::Merge(&running_at(&ip)),
+    )
+    .await?;
     if let Some(document) = document {
         let dir = serve_document(cluster, pod_name, &document)?;
         // Serves /status (and /status?check=kernel: the query is ignored).
@@ -419,4 +417,15 @@ pub async fn operator_kubeconfig(
         )
         .await?;
     Ok(kubeconfig)
+}
+
+/// The status a kubelet reports for a pod Running and Ready at `ip`: the
+/// tests stand in for the kubelet, which this control plane lacks.
+pub fn running_at(ip: &str) -> serde_json::Value {
+    json!({"status": {
+        "phase": "Running",
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }})
 }
